@@ -1,0 +1,223 @@
+"""`lol`: the front door. Every subcommand is a thin call into library functions.
+
+`main(argv)` returns the exit code instead of exiting, so tests call it directly.
+Exit codes: 0 ok, 1 the command ran and found problems (e.g. `verify`), 2 bad input,
+3 a stage that is not built yet.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.data.base import DataSourceError
+from pipeline.jobs import Job, expand
+from pipeline.manifest import Manifest, ManifestError
+from pipeline.stages import STAGES, planned_ids, population_status, prepare, stage
+from storage import Store, StoreError
+
+app = typer.Typer(
+    name="lol",
+    help="Populations of finetuned LoRAs: finetune, score, publish, and learn on them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+USER_ERRORS = (ManifestError, StoreError, DataSourceError, ValueError, FileNotFoundError)
+EXIT_PROBLEMS, EXIT_BAD_INPUT, EXIT_NOT_BUILT = 1, 2, 3
+
+ManifestArg = Annotated[Path, typer.Argument(help="Manifest YAML file.", show_default=False)]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. count=10 lora.rank=8.", show_default=False)]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store URL or path; default $LOL_STORE, else ./lol-store.")]
+
+
+def load(manifest_path: Path, overrides: list[str] | None) -> Manifest:
+    return Manifest.from_yaml(manifest_path, overrides=overrides or [])
+
+
+@app.command()
+def validate(manifest: ManifestArg, overrides: OverridesArg = None) -> int:
+    """Check a manifest; print every problem with its YAML path and line."""
+    loaded = load(manifest, overrides)
+    out.print(f"[green]✓[/] {manifest}: population [bold]{loaded.population.name}[/] "
+              f"({loaded.count} LoRAs of {loaded.base.ref}, {loaded.base.kind})")
+    return 0
+
+
+@app.command()
+def plan(manifest: ManifestArg, overrides: OverridesArg = None,
+         show: Annotated[int, typer.Option(help="How many jobs to list.")] = 5) -> int:
+    """Expand a manifest into jobs: the first few, and the distribution of each hyperparameter."""
+    loaded = load(manifest, overrides)
+    jobs = list(expand(loaded))
+    table = Table(title=f"{loaded.population.name}: first {min(show, len(jobs))} of {len(jobs)} jobs")
+    for column in ("k", "job id", "rank", "data", "hyperparameters"):
+        table.add_column(column)
+    for job in jobs[:show]:
+        table.add_row(str(job.index), job.job_id, str(job.spec.rank), _data_text(job), _hyper_text(job))
+    out.print(table)
+    out.print(_distribution_table(jobs))
+    return 0
+
+
+@app.command()
+def status(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
+    """Done / failed / claimed / pending jobs of the population, failures by reason."""
+    loaded = load(manifest, overrides)
+    report = population_status(loaded, Store(store, create=False))
+    table = Table(title=f"{loaded.population.name} in {Store(store, create=False).url}")
+    table.add_column("state")
+    table.add_column("jobs", justify="right")
+    for state, count in (("done", len(report.done)), ("failed", len(report.failed)),
+                         ("claimed", len(report.claimed)), ("pending", len(report.pending))):
+        table.add_row(state, str(count))
+    if report.unplanned:
+        table.add_row("done, not in this plan", str(len(report.unplanned)))
+    out.print(table)
+    for reason, count in report.failures_by_reason.most_common():
+        out.print(f"  failed × {count}: {reason}")
+    return 0
+
+
+@app.command()
+def verify(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
+    """Re-hash every stored LoRA; list corrupt or missing files; exit 1 if any."""
+    loaded = load(manifest, overrides)
+    population = Store(store, create=False).population(loaded.population.name)
+    ids = [j for j in population.job_ids() if population.store.exists(population.job_rel(j, "record.json"))]
+    problems = []
+    with _progress() as progress:
+        task = progress.add_task("verifying", total=len(ids))
+        for _job_id, found in population.verify(ids):
+            problems.extend(found)
+            progress.advance(task)
+    for problem in problems:
+        out.print(Text.assemble(("✗ ", "red"), str(problem)))
+    bad_jobs = len({p.job_id for p in problems})
+    out.print(f"{len(ids) - bad_jobs} of {len(ids)} stored LoRAs verify; {len(problems)} problem(s).")
+    return EXIT_PROBLEMS if problems else 0
+
+
+@app.command()
+def run(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
+    """Run every stage of the population, skipping what the store already holds."""
+    loaded = load(manifest, overrides)
+    target = Store(store)
+    population = prepare(loaded, target, manifest.read_text(encoding="utf-8"))
+    out.print(f"population [bold]{loaded.population.name}[/]: {loaded.count} jobs planned, "
+              f"store {target.url} ({population.prefix})")
+    missing = []
+    for each in STAGES:
+        if each.run is None:
+            out.print(f"  [yellow]–[/] {each.name}: not built yet ({each.summary}; comes with {each.built_by})")
+            missing.append(each.name)
+        else:
+            each.run(loaded, target)
+            out.print(f"  [green]✓[/] {each.name}")
+    if missing:
+        out.print(f"{len(missing)} of {len(STAGES)} stages are not built yet: {', '.join(missing)}.")
+    return 0
+
+
+def _stage_command(name: str):
+    def command(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
+        loaded = load(manifest, overrides)
+        chosen = stage(name)
+        if chosen.run is None:
+            err.print(f"error: the {name} stage is not built yet ({chosen.summary}; comes with {chosen.built_by}).")
+            return EXIT_NOT_BUILT
+        chosen.run(loaded, Store(store))
+        return 0
+
+    command.__doc__ = f"Run the {name} stage: {stage(name).summary}."
+    return command
+
+
+for _stage in STAGES:
+    app.command(name=_stage.name)(_stage_command(_stage.name))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True)
+
+
+def _data_text(job: Job) -> str:
+    data = job.spec.data
+    detail = {"identity_groups": lambda: f"group {data.get('group')}",
+              "class_subsets": lambda: ", ".join(data.get("classes", [])),
+              "source_subsets": lambda: ", ".join(data.get("sources", []))}[data["kind"]]()
+    return f"{data['source']}: {detail}"
+
+
+def _hyper_text(job: Job) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(job.spec.hyperparameters.items()))
+
+
+def _distribution_table(jobs: list[Job]) -> Table:
+    table = Table(title=f"distribution over {len(jobs)} jobs")
+    table.add_column("hyperparameter")
+    table.add_column("values")
+    columns: dict[str, list] = {"rank": [j.spec.rank for j in jobs], "lora_dropout": [j.spec.lora_dropout for j in jobs]}
+    for job in jobs:
+        for key, value in job.spec.hyperparameters.items():
+            columns.setdefault(key, []).append(value)
+    for key in sorted(columns):
+        values = columns[key]
+        counts = Counter(values)
+        if len(counts) <= 12 or not all(isinstance(v, (int, float)) for v in values):
+            text = "  ".join(f"{v}: {n}" for v, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
+        else:
+            text = (f"min {min(values):.4g}  median {statistics.median(values):.4g}  max {max(values):.4g}  "
+                    f"({len(counts)} distinct)")
+        table.add_row(key, text)
+    return table
+
+
+def _hint(exc: Exception) -> str | None:
+    if isinstance(exc, ManifestError):
+        return "fix the lines above; `lol validate FILE` re-checks without running anything"
+    if isinstance(exc, StoreError):
+        return "pass --store PATH_OR_URL or set LOL_STORE"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 problems found, 2 bad input, 3 not built)."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="lol", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_BAD_INPUT
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    except USER_ERRORS as exc:
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        if (hint := _hint(exc)) is not None:
+            err.print(f"hint: {hint}")
+        return EXIT_BAD_INPUT
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The one interface every data source implements.
+
+A source yields examples of one of two kinds: images with captions, classes and
+attributes (diffusion populations), or multiple-choice questions (LM populations).
+Sources are looked up by the manifest's `data.source` string through `get_source`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence, Union, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ImageExample:
+    """One training image. `attributes` are per-example labels (strings or 0/1 ints)."""
+
+    id: str
+    image_path: Path
+    caption: str
+    label: str  # the class (tiny world: the shape; Imagenette: the class name)
+    attributes: dict[str, Union[str, int]] = field(default_factory=dict)
+
+    def load_image(self):
+        """The image as an RGB `PIL.Image.Image`."""
+        from PIL import Image
+
+        with Image.open(self.image_path) as image:
+            return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One multiple-choice question; `answer` indexes `choices`."""
+
+    id: str
+    source: str  # e.g. "arc_easy", or for ARC by provenance "MCAS", "TIMSS", …
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+Example = Union[ImageExample, QAExample]
+
+
+class DataSourceError(ValueError):
+    """A data source that cannot be used: missing package, unknown split or name."""
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """A named, deterministic collection of examples, partitioned into splits."""
+
+    name: str
+
+    def splits(self) -> tuple[str, ...]:
+        """Names of the splits this source has (e.g. ("train", "holdout"))."""
+        ...
+
+    def examples(self, split: str) -> Sequence[Example]:
+        """Every example of `split`, in a fixed order; raise DataSourceError for unknown splits."""
+        ...

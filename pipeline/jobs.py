@@ -1,0 +1,181 @@
+"""Deterministic expansion of a manifest into job specs.
+
+Job k depends only on the job-relevant content of the manifest (base, data, lora,
+hyperparameters), the root seed and k: every random draw is a hash of
+(seed, k, what is being drawn), so growing `count` from N to M leaves the first N jobs
+byte-identical, and adding a hyperparameter does not shift the draws of the others.
+No numpy/torch RNG is involved, so the expansion is stable across library versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.manifest import (
+    Choice,
+    ClassSubsets,
+    IdentityGroups,
+    IntRange,
+    LogUniform,
+    Manifest,
+    SourceSubsets,
+    Uniform,
+)
+
+# Bump when a trainer's recipe changes what a spec produces; it is part of every job id.
+RECIPE_VERSIONS = {"diffusion": "dreambooth-lora/1", "causal_lm": "qa-lora/1"}
+JOB_ID_LENGTH = 16
+
+
+class JobSpec(BaseModel):
+    """Everything that determines one LoRA. Its canonical JSON names the job (`job_id`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: dict[str, Any] = Field(description="{ref, revision, kind} of the base model.")
+    data: dict[str, Any] = Field(description="Data source and the subset this job trains on.")
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    lora_dropout: float
+    hyperparameters: dict[str, Any] = Field(description="Concrete values drawn for this job.")
+    seed: int = Field(description="The job's own seed (data order, init, noise).")
+    recipe_version: str
+
+    def canonical_json(self) -> str:
+        return canonical_json(self.model_dump(mode="json"))
+
+    @property
+    def job_id(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:JOB_ID_LENGTH]
+
+
+class Job(BaseModel):
+    """A spec plus where it sits in its population (not part of the id)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    population: str
+    index: int
+    spec: JobSpec
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.job_id
+
+    def to_json(self) -> str:
+        return json.dumps({"job_id": self.job_id, "population": self.population, "index": self.index,
+                           "spec": self.spec.model_dump(mode="json")}, indent=2, sort_keys=True)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def unit_draw(seed: int, index: int, name: str, draw: int = 0) -> float:
+    """A uniform number in [0, 1) that depends only on its arguments."""
+    digest = hashlib.sha256(f"{seed}\x1f{index}\x1f{name}\x1f{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _pick(seq: list | tuple, u: float):
+    return seq[min(int(u * len(seq)), len(seq) - 1)]
+
+
+def _tidy(x: float) -> float:
+    """Round to 6 significant digits so specs stay readable; done identically for every job."""
+    return float(f"{x:.6g}")
+
+
+def draw_value(value: Any, seed: int, index: int, name: str) -> Any:
+    """Draw one hyperparameter value for job `index`."""
+    u = unit_draw(seed, index, f"hp:{name}")
+    if isinstance(value, Choice):
+        return _pick(value.choice, u)
+    if isinstance(value, Uniform):
+        low, high = value.uniform
+        return _tidy(low + u * (high - low))
+    if isinstance(value, LogUniform):
+        low, high = value.loguniform
+        return _tidy(math.exp(math.log(low) + u * (math.log(high) - math.log(low))))
+    if isinstance(value, IntRange):
+        low, high = value.int_range
+        return low + min(int(u * (high - low + 1)), high - low)
+    return value
+
+
+def _sample_subset(items: list[str], size: int, seed: int, index: int, name: str) -> list[str]:
+    """`size` distinct items, in the manifest's order, chosen by a hash-seeded shuffle."""
+    keyed = sorted(range(len(items)), key=lambda i: unit_draw(seed, index, f"{name}:{items[i]}"))
+    chosen = set(keyed[:size])
+    return [items[i] for i in range(len(items)) if i in chosen]
+
+
+def draw_data(manifest: Manifest, index: int) -> dict[str, Any]:
+    data, seed = manifest.data, manifest.seed
+    subsets = data.subsets
+    descriptor: dict[str, Any] = {"source": data.source, "revision": data.revision, "split": data.split}
+    if isinstance(subsets, IdentityGroups):
+        group = min(int(unit_draw(seed, index, "data:group") * subsets.num_groups), subsets.num_groups - 1)
+        descriptor.update(kind="identity_groups", group=group, num_groups=subsets.num_groups, group_size=subsets.group_size)
+    elif isinstance(subsets, ClassSubsets):
+        top = subsets.max_classes or len(subsets.classes)
+        size = subsets.min_classes + min(int(unit_draw(seed, index, "data:size") * (top - subsets.min_classes + 1)), top - subsets.min_classes)
+        descriptor.update(kind="class_subsets", classes=_sample_subset(subsets.classes, size, seed, index, "data:class"),
+                          images_per_class=subsets.images_per_class)
+    elif isinstance(subsets, SourceSubsets):
+        # As in the paper: leave out a random subset whose size is uniform in [0, n-1].
+        n = len(subsets.sources)
+        left_out = min(int(unit_draw(seed, index, "data:left_out") * n), n - 1)
+        kept = _sample_subset(subsets.sources, n - left_out, seed, index, "data:source")
+        descriptor.update(kind="source_subsets", sources=kept, examples_per_source=subsets.examples_per_source)
+    else:  # pragma: no cover - the schema admits only the kinds above
+        raise AssertionError(f"unhandled subset kind {subsets!r}")
+    return descriptor
+
+
+def job_at(manifest: Manifest, index: int) -> Job:
+    """Job `index` of the population (0-based); independent of `manifest.count`."""
+    seed = manifest.seed
+    ranks = manifest.lora.rank
+    hyper = {name: draw_value(value, seed, index, name)
+             for name, value in manifest.hyperparameters if value is not None}
+    lora_dropout = float(hyper.pop("lora_dropout", manifest.lora.dropout))
+    spec = JobSpec(
+        base=manifest.base.model_dump(mode="json"),
+        data=draw_data(manifest, index),
+        rank=int(_pick(ranks, unit_draw(seed, index, "lora:rank"))),
+        alpha=manifest.lora.alpha,
+        target_modules=tuple(manifest.lora.target_modules),
+        lora_dropout=lora_dropout,
+        hyperparameters=hyper,
+        seed=int(unit_draw(seed, index, "job:seed") * 2**31),
+        recipe_version=RECIPE_VERSIONS[manifest.base.kind],
+    )
+    return Job(population=manifest.population.name, index=index, spec=spec)
+
+
+def expand(manifest: Manifest, limit: int | None = None) -> Iterator[Job]:
+    """Jobs 0..count-1 (or the first `limit` of them), in order."""
+    stop = manifest.count if limit is None else min(limit, manifest.count)
+    for index in range(stop):
+        yield job_at(manifest, index)
+
+
+def shard(jobs: list[Job], shard_spec: str | None) -> list[Job]:
+    """Jobs of shard `i/n` (1-based i): every n-th job starting at i-1."""
+    if not shard_spec:
+        return jobs
+    try:
+        i, n = (int(x) for x in shard_spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n with 1 ≤ i ≤ n (e.g. 2/4), got {shard_spec!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard must look like i/n with 1 ≤ i ≤ n (e.g. 2/4), got {shard_spec!r}")
+    return jobs[i - 1 :: n]

@@ -1,0 +1,555 @@
+"""The manifest: one YAML file that fully determines a LoRA population.
+
+Pydantic v2, no torch, so `lol validate` is instant. `Manifest.from_yaml(path)` raises
+`ManifestError` listing *every* problem with its YAML path and line number::
+
+    manifests/x.yaml: 2 problems
+      lora.rank[2] (line 12): Input should be greater than or equal to 1 (got -3)
+      hyperparamters (line 20): unknown key; did you mean 'hyperparameters'?
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.yaml_source import Loc, YamlSource, YamlSyntaxError, load_yaml
+
+ModelKind = Literal["diffusion", "causal_lm"]
+
+# Built-in bases of the tiny world (DESIGN §6) and the kind of model each is.
+TINY_BASES: dict[str, str] = {
+    "shapes-sd": "diffusion",
+    "shapes-sd-continued": "diffusion",
+    "shapes-clip": "clip",
+    "qa-lm": "causal_lm",
+}
+BUILTIN_DATA_SOURCES = ("shapes", "qa")
+PREDICTORS = ("mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; `problems` holds one line per error."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        noun = "problem" if len(problems) == 1 else "problems"
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} {noun}\n{lines}")
+
+
+class StrictModel(BaseModel):
+    """Base of every manifest section: unknown keys are errors, instances are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- hyperparameter values
+
+Scalar = Union[StrictBool, int, float, str]
+
+
+class Choice(StrictModel):
+    choice: list[Scalar] = Field(min_length=1, description="Pick one of these, uniformly.")
+
+
+class Uniform(StrictModel):
+    uniform: tuple[float, float] = Field(description="[low, high], drawn uniformly.")
+
+    @field_validator("uniform")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] <= value[1]:
+            raise ValueError(f"low must be ≤ high, got {list(value)}")
+        return value
+
+
+class LogUniform(StrictModel):
+    loguniform: tuple[float, float] = Field(description="[low, high], both > 0, log-uniform.")
+
+    @field_validator("loguniform")
+    @classmethod
+    def _positive_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"needs 0 < low ≤ high, got {list(value)}")
+        return value
+
+
+class IntRange(StrictModel):
+    int_range: tuple[int, int] = Field(description="[low, high], integers, both ends included.")
+
+    @field_validator("int_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not value[0] <= value[1]:
+            raise ValueError(f"low must be ≤ high, got {list(value)}")
+        return value
+
+
+DISTRIBUTIONS = {"choice": Choice, "uniform": Uniform, "loguniform": LogUniform, "int_range": IntRange}
+_VALUE_HELP = (
+    "expected a fixed value or one of {choice: [a, b, ...]}, {uniform: [low, high]}, "
+    "{loguniform: [low, high]}, {int_range: [low, high]}"
+)
+
+
+def _value_tag(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return next(k for k in DISTRIBUTIONS if isinstance(value, DISTRIBUTIONS[k]))
+    if isinstance(value, dict):
+        return next(iter(value)) if len(value) == 1 and next(iter(value)) in DISTRIBUTIONS else None
+    if isinstance(value, (bool, int, float, str)):
+        return "fixed"
+    return None
+
+
+HyperValue = Annotated[
+    Union[
+        Annotated[Scalar, Tag("fixed")],
+        Annotated[Choice, Tag("choice")],
+        Annotated[Uniform, Tag("uniform")],
+        Annotated[LogUniform, Tag("loguniform")],
+        Annotated[IntRange, Tag("int_range")],
+    ],
+    Discriminator(_value_tag, custom_error_type="hyperparameter_value", custom_error_message=_VALUE_HELP),
+]
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, (int, float, str)) and not isinstance(value, bool) else value
+
+
+class PopulationSection(StrictModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Lower-case slug naming the population in the store.")
+    version: int = Field(1, ge=1, description="Bump when the population's meaning changes.")
+    description: str = Field("", description="One line for humans and the dataset card.")
+
+
+class BaseSection(StrictModel):
+    ref: str = Field(min_length=1, description="HF model id, local path, or built-in `tiny:NAME`.")
+    revision: str | None = Field(None, description="Git revision of an HF id; pins the base.")
+    kind: ModelKind = Field(description="What the base is: a diffusion pipeline or a causal LM.")
+
+    @model_validator(mode="after")
+    def _tiny_name_matches_kind(self) -> BaseSection:
+        if self.ref.startswith("tiny:"):
+            name = self.ref.removeprefix("tiny:")
+            known = [n for n, k in TINY_BASES.items() if k == self.kind]
+            if name not in TINY_BASES:
+                raise ValueError(f"unknown built-in base {self.ref!r}; known {self.kind} bases: {', '.join('tiny:' + n for n in known)}")
+            if TINY_BASES[name] != self.kind:
+                raise ValueError(f"{self.ref!r} is a {TINY_BASES[name]} model, not {self.kind}; use one of {', '.join('tiny:' + n for n in known)}")
+        return self
+
+
+class IdentityGroups(StrictModel):
+    """Each LoRA trains on one group of images (CelebA: one identity)."""
+
+    kind: Literal["identity_groups"]
+    num_groups: int = Field(ge=1, description="How many distinct groups jobs are drawn from.")
+    group_size: int = Field(20, ge=1, description="Images per group (tiny world; CelebA uses the identity's images).")
+
+
+class ClassSubsets(StrictModel):
+    """Each LoRA trains on images of a random non-empty subset of the classes."""
+
+    kind: Literal["class_subsets"]
+    classes: list[str] = Field(min_length=1, description="Class names jobs draw subsets of.")
+    min_classes: int = Field(1, ge=1)
+    max_classes: int | None = Field(None, ge=1, description="Default: all classes.")
+    images_per_class: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ClassSubsets:
+        top = self.max_classes or len(self.classes)
+        if not self.min_classes <= top <= len(self.classes):
+            raise ValueError(f"need min_classes ≤ max_classes ≤ {len(self.classes)} (the number of classes), got {self.min_classes}..{top}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct")
+        return self
+
+
+class SourceSubsets(StrictModel):
+    """Each LoRA trains on the union of the sources left after leaving out a random subset."""
+
+    kind: Literal["source_subsets"]
+    sources: list[str] = Field(min_length=2, description="Source names (ARC: id prefixes such as MCAS, TIMSS).")
+    examples_per_source: int | None = Field(None, ge=1, description="Cap per source; default: all.")
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("sources must be distinct")
+        return value
+
+
+SubsetSpec = Annotated[Union[IdentityGroups, ClassSubsets, SourceSubsets], Field(discriminator="kind")]
+
+
+class DataSection(StrictModel):
+    source: str = Field(description="`shapes`, `qa` (built in), `hf:<dataset id>` or `folder:<path>`.")
+    revision: str | None = Field(None, description="Revision of an `hf:` dataset.")
+    split: str = Field("train", description="Split of the source that jobs draw from.")
+    subsets: SubsetSpec
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value in BUILTIN_DATA_SOURCES or (value.startswith(("hf:", "folder:")) and len(value.split(":", 1)[1]) > 0):
+            return value
+        raise ValueError(f"unknown data source {value!r}; valid: {', '.join(BUILTIN_DATA_SOURCES)}, hf:<dataset id>, folder:<path>")
+
+
+class LoraSection(StrictModel):
+    rank: Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_as_list)] = Field(
+        min_length=1, description="LoRA rank, or a list of ranks each job draws one of."
+    )
+    alpha: float = Field(gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] = Field(min_length=1, description="Module names (suffixes) that get LoRA layers.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout unless hyperparameters.lora_dropout sets it.")
+
+
+class Hyperparameters(StrictModel):
+    """Each entry is a fixed value or a distribution; job k draws its own values."""
+
+    learning_rate: HyperValue | None = None
+    steps: HyperValue | None = None
+    epochs: HyperValue | None = None
+    batch_size: HyperValue | None = None
+    gradient_accumulation: HyperValue | None = None
+    weight_decay: HyperValue | None = None
+    lora_dropout: HyperValue | None = None
+    instance_prompt: HyperValue | None = None
+    resolution: HyperValue | None = None
+    max_length: HyperValue | None = None
+    mixed_precision: HyperValue | None = None
+
+
+HYPERPARAMETERS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "diffusion": ("learning_rate", "steps", "batch_size", "gradient_accumulation", "weight_decay",
+                  "lora_dropout", "instance_prompt", "resolution", "mixed_precision"),
+    "causal_lm": ("learning_rate", "steps", "epochs", "batch_size", "gradient_accumulation",
+                  "weight_decay", "lora_dropout", "max_length", "mixed_precision"),
+}
+REQUIRED_HYPERPARAMETERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "diffusion": (("learning_rate",), ("steps",)),
+    "causal_lm": (("learning_rate",), ("epochs", "steps")),
+}
+
+
+class ClipScoreScorer(StrictModel):
+    name: Literal["clip_score"]
+    model: str = Field("tiny:shapes-clip", description="open_clip model name, or `tiny:shapes-clip`.")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. `openai`).")
+    prompts: str | list[str] = Field(description="A prompt list, or a preset: `paper33`, `shapes-captions`.")
+    seed: int = 0
+    steps: int = Field(25, ge=1, description="Denoising steps per image.")
+    guidance_scale: float = Field(7.5, ge=0)
+    images_per_prompt: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("prompts")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or any(not p.strip() for p in value)):
+            raise ValueError("the prompt list must hold at least one non-empty prompt")
+        return value
+
+
+class AttributesScorer(StrictModel):
+    name: Literal["attributes"]
+    attributes: list[str] = Field(min_length=1, description="Per-example attributes to majority-vote.")
+
+
+class MembershipScorer(StrictModel):
+    name: Literal["membership"]
+
+
+class McAccuracyScorer(StrictModel):
+    name: Literal["mc_accuracy"]
+    benchmark: str = Field(description="`qa:<set>` (tiny world) or `hf:<dataset id>`.")
+    split: str = "test"
+    limit: int | None = Field(None, ge=1, description="Score the first N questions only.")
+    batch_size: int = Field(16, ge=1)
+
+
+class EvalLossScorer(StrictModel):
+    name: Literal["eval_loss"]
+    dataset: str = Field(description="Held-out text set, named as for mc_accuracy.")
+    split: str = "validation"
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class SourcesScorer(StrictModel):
+    name: Literal["sources"]
+
+
+ScorerSpec = Annotated[
+    Union[ClipScoreScorer, AttributesScorer, MembershipScorer, McAccuracyScorer, EvalLossScorer, SourcesScorer],
+    Field(discriminator="name"),
+]
+SCORERS_BY_KIND = {
+    "diffusion": ("clip_score", "attributes", "membership"),
+    "causal_lm": ("mc_accuracy", "eval_loss", "sources"),
+}
+
+
+class PublishSection(StrictModel):
+    repo_id: str | None = Field(None, description="Hub dataset repo; unset publishes locally only.")
+    splits: dict[Literal["train", "validation", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
+        description="Fraction of groups per split; fractions sum to 1.",
+    )
+    split_seed: int = 0
+    license: str = "cc-by-4.0"
+    private: bool = False
+
+    @field_validator("splits")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        if "train" not in value:
+            raise ValueError("a train split is required")
+        if any(f < 0 for f in value.values()) or not math.isclose(sum(value.values()), 1.0, abs_tol=1e-6):
+            raise ValueError(f"split fractions must be ≥ 0 and sum to 1, got {dict(value)}")
+        return value
+
+
+class LearnSection(StrictModel):
+    predictors: list[Literal["mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet"]] = Field(
+        default_factory=lambda: list(PREDICTORS), min_length=1
+    )
+    targets: list[str] = Field(default_factory=list, description="Label names; default: every label.")
+    seeds: int = Field(3, ge=1)
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    hidden: int = Field(64, ge=1)
+
+
+class Manifest(StrictModel):
+    population: PopulationSection
+    base: BaseSection
+    data: DataSection
+    lora: LoraSection
+    hyperparameters: Hyperparameters
+    count: int = Field(ge=1, description="How many LoRAs the population holds.")
+    seed: int = Field(0, ge=0, description="Root seed; job k depends only on (job content, seed, k).")
+    scorers: list[ScorerSpec] = Field(default_factory=list)
+    publish: PublishSection = Field(default_factory=PublishSection)
+    learn: LearnSection = Field(default_factory=LearnSection)
+
+    @model_validator(mode="after")
+    def _consistent_with_kind(self, info: ValidationInfo) -> Manifest:
+        problems = self.cross_section_problems()
+        collected = (info.context or {}).get("cross_section_problems")
+        if collected is not None:  # from_text reports them with their own YAML paths
+            collected.extend(problems)
+        elif problems:
+            raise ValueError("; ".join(f"{_path_text(loc)}: {message}" for loc, message in problems))
+        return self
+
+    def cross_section_problems(self) -> list[tuple[Loc, str]]:
+        """Checks that span sections: hyperparameters and scorers must fit the base's kind."""
+        kind = self.base.kind
+        problems: list[tuple[Loc, str]] = []
+        given = [k for k, v in self.hyperparameters if v is not None]
+        allowed = HYPERPARAMETERS_BY_KIND[kind]
+        for name in given:
+            if name not in allowed:
+                problems.append((("hyperparameters", name), f"does not apply to {kind} bases (valid: {', '.join(allowed)})"))
+        for options in REQUIRED_HYPERPARAMETERS[kind]:
+            if not any(o in given for o in options):
+                problems.append((("hyperparameters",), f"needs {' or '.join(options)} for {kind} bases"))
+        for i, scorer in enumerate(self.scorers):
+            if scorer.name not in SCORERS_BY_KIND[kind]:
+                problems.append((("scorers", i, "name"), f"scorer {scorer.name!r} does not apply to {kind} bases (valid: {', '.join(SCORERS_BY_KIND[kind])})"))
+        names = [s.name for s in self.scorers]
+        if len(set(names)) != len(names):
+            problems.append((("scorers",), f"each scorer may appear once, got {names}"))
+        return problems
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Manifest:
+        """Load and validate a manifest file, applying `key=value` overrides."""
+        path = Path(path)
+        if not path.is_file():
+            siblings = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+            hint = f"; YAML files in {path.parent}/: {', '.join(siblings)}" if siblings else ""
+            raise ManifestError(str(path), [f"no such manifest file{hint}"])
+        return cls.from_text(path.read_text(encoding="utf-8"), source=str(path), overrides=overrides)
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<manifest>", overrides: list[str] | None = None) -> Manifest:
+        try:
+            data, yaml_source = load_yaml(text)
+        except YamlSyntaxError as exc:
+            raise ManifestError(source, [f"not valid YAML: {exc}"]) from None
+        if not isinstance(data, dict):
+            raise ManifestError(source, [f"the top level must be a mapping of sections ({', '.join(cls.model_fields)}), got {type(data).__name__}"])
+        problems: list[str] = []
+        for override in overrides or []:
+            try:
+                apply_override(data, override)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ManifestError(source, problems)
+        cross: list[tuple[Loc, str]] = []
+        try:
+            manifest = cls.model_validate(data, context={"cross_section_problems": cross})
+        except ValidationError as exc:
+            raise ManifestError(source, format_errors(exc, yaml_source)) from None
+        if cross:
+            raise ManifestError(source, [f"{_path_text(loc)} (line {yaml_source.line_of(loc)}): {msg}" for loc, msg in cross])
+        return manifest
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set `a.b.c=value` in nested `data`; the value is parsed as YAML (`count=10` is an int)."""
+    import yaml
+
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key.path=value (e.g. count=10, lora.rank=8)")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"override {override!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ValueError(f"override {override!r}: the value is not valid YAML") from None
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part) if isinstance(node, dict) else None
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"override {override!r}: {part!r} holds a {type(child).__name__}, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- error formatting
+
+
+def format_errors(exc: ValidationError, source: YamlSource) -> list[str]:
+    """One line per pydantic error: display path, YAML line, message, suggestion."""
+    lines: list[tuple[int, str]] = []
+    for error in exc.errors(include_url=False):
+        loc, model = _display_loc(error["loc"])
+        path = _path_text(loc)
+        line = source.line_of(loc)
+        where = f"{path} (line {line})" if line else path
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1]) if loc else ""
+            valid = list(model.model_fields) if model else []
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            lines.append((line or 0, f"{where}: unknown key; {hint}"))
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        if kind == "missing":
+            message = "required key is missing"
+        elif kind not in ("value_error",) and "input" in error and not isinstance(error["input"], (dict, list)):
+            message = f"{message} (got {error['input']!r})"
+        lines.append((line or 0, f"{where or '<top level>'}: {message}"))
+    return [text for _, text in sorted(lines, key=lambda item: item[0])]
+
+
+def _path_text(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _display_loc(loc: tuple) -> tuple[Loc, type[BaseModel] | None]:
+    """Drop the union tags pydantic adds to locations, and find the model owning the last key.
+
+    Walks the schema from `Manifest` alongside the location. Returns the location as the user
+    wrote it and the model class whose fields are the siblings of the last element.
+    """
+    shown: list[str | int] = []
+    annotation: Any = Manifest
+    owner: type[BaseModel] | None = None
+    for part in loc:
+        options = _unwrap(annotation)
+        models = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+        if isinstance(part, str) and part not in {f for m in models for f in m.model_fields}:
+            tagged = _tag_target(models, part)
+            if tagged is not None:  # a union tag, not a key the user wrote
+                annotation = tagged
+                continue
+        shown.append(part)
+        if isinstance(part, int):
+            annotation = next((typing.get_args(o)[0] for o in options if typing.get_origin(o) in (list, tuple) and typing.get_args(o)), Any)
+            continue
+        owner = next((m for m in models if part in m.model_fields), models[0] if models else None)
+        if owner is not None and part in owner.model_fields:
+            annotation = owner.model_fields[part].annotation
+        else:
+            dicts = [o for o in options if typing.get_origin(o) is dict]
+            annotation = typing.get_args(dicts[0])[1] if dicts else Any
+    return tuple(shown), owner
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """Flatten Annotated / Optional / Union into the list of concrete options."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is Union or isinstance(annotation, types.UnionType):
+        return [o for a in typing.get_args(annotation) for o in _unwrap(a)]
+    return [annotation]
+
+
+def _tag_target(models: list[type[BaseModel]], tag: str) -> Any:
+    """The union member a pydantic tag names: a scorer's `name`, a subset's `kind`, a distribution."""
+    if tag in DISTRIBUTIONS:
+        return DISTRIBUTIONS[tag]
+    if tag == "fixed":
+        return Any
+    for model in _all_tagged_models():
+        for field in ("name", "kind"):
+            info = model.model_fields.get(field)
+            if info is not None and typing.get_origin(info.annotation) is Literal and tag in typing.get_args(info.annotation):
+                return model
+    return None
+
+
+def _all_tagged_models() -> list[type[BaseModel]]:
+    return [ClipScoreScorer, AttributesScorer, MembershipScorer, McAccuracyScorer, EvalLossScorer,
+            SourcesScorer, IdentityGroups, ClassSubsets, SourceSubsets]

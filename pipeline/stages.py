@@ -1,0 +1,56 @@
+"""The stages of a population run, and which of them this build provides.
+
+`lol run` walks `STAGES` in order. A stage whose `run` is None is not built yet: the run
+says so plainly and goes on to report the stages that are, never producing fake output.
+Each stage's `run(manifest, store, **options)` is idempotent: storage decides what is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.jobs import expand
+from pipeline.manifest import Manifest
+from storage import PopulationStore, StatusReport, Store
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    run: Callable[..., Any] | None  # None: not built yet
+    built_by: str  # the capability that provides it, for the "not built yet" message
+
+
+def prepare(manifest: Manifest, store: Store, manifest_text: str) -> PopulationStore:
+    """Record the manifest as run under the population's folder; return that folder."""
+    population = store.population(manifest.population.name)
+    population.write_manifest(manifest_text)
+    return population
+
+
+def planned_ids(manifest: Manifest, limit: int | None = None) -> list[str]:
+    return [job.job_id for job in expand(manifest, limit=limit)]
+
+
+def population_status(manifest: Manifest, store: Store) -> StatusReport:
+    return store.population(manifest.population.name).status(planned_ids(manifest))
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("finetune", "train one LoRA per job", None, "the diffusion and language-model population issues"),
+    Stage("score", "label every LoRA (CLIP score, accuracy, attributes…)", None, "the diffusion and language-model population issues"),
+    Stage("publish", "write the population as a Hugging Face dataset", None, "the publish issue"),
+    Stage("train", "train the LoL predictors on the published dataset", None, "the Learning-on-LoRAs issue"),
+    Stage("evaluate", "evaluate the predictors, write results.json", None, "the Learning-on-LoRAs issue"),
+    Stage("report", "write report.md with tables and figures", None, "the Learning-on-LoRAs issue"),
+)
+
+
+def stage(name: str) -> Stage:
+    for candidate in STAGES:
+        if candidate.name == name:
+            return candidate
+    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(s.name for s in STAGES)}")

@@ -1,0 +1,7 @@
+"""Where artifacts and records live: a local directory or any fsspec URL (DESIGN §4)."""
+
+from storage.population import Claim, PopulationStore, Problem, StatusReport
+from storage.store import LAYOUT_VERSION, Store, StoreError, check_name, resolve_store_url
+
+__all__ = ["Claim", "LAYOUT_VERSION", "PopulationStore", "Problem", "StatusReport", "Store", "StoreError",
+           "check_name", "resolve_store_url"]

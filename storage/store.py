@@ -1,0 +1,196 @@
+"""The store: where populations, base models and published datasets live.
+
+One `Store` over a local directory or any fsspec URL (`memory://`, `s3://bucket/prefix`).
+Layout (DESIGN §4)::
+
+    {root}/LAYOUT.json                              # {"layout_version": 1}
+    {root}/populations/{population}/manifest.yaml
+    {root}/populations/{population}/jobs/{job_id}/spec.json
+    {root}/populations/{population}/jobs/{job_id}/adapter/...
+    {root}/populations/{population}/jobs/{job_id}/record.json     # written last
+    {root}/populations/{population}/jobs/{job_id}/failed.json
+    {root}/populations/{population}/jobs/{job_id}/scores/{scorer_id}.json
+    {root}/populations/{population}/claims/{job_id}
+    {root}/bases/…   {root}/published/{population}/…
+
+Every write is atomic: a temporary name then a rename on local disks, one put on object
+stores. A LoRA exists iff its `record.json` exists and the checksums in it verify.
+Imports only the standard library and fsspec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+LAYOUT_VERSION = 1
+LAYOUT_FILE = "LAYOUT.json"
+DEFAULT_STORE = "./lol-store"
+_TMP_MARK = ".tmp-"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class StoreError(ValueError):
+    """The store cannot be used as asked: unreachable, newer layout, unsafe name…"""
+
+
+def resolve_store_url(url: str | None = None) -> str:
+    """`--store URL`, else `$LOL_STORE`, else `./lol-store`."""
+    return url or os.environ.get("LOL_STORE") or DEFAULT_STORE
+
+
+def check_name(name: str, what: str) -> str:
+    """A path component we create: no separators, no `..`, no leading dot."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise StoreError(f"{what} {name!r} is not a safe name: use letters, digits, '.', '_' and '-' (not starting with '.' and without '..')")
+    return name
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Store:
+    """A store rooted at a local path or fsspec URL."""
+
+    def __init__(self, url: str | None = None, create: bool = True):
+        self.url = resolve_store_url(url)
+        self.fs, self.root = _filesystem(self.url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._check_layout(create)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # ------------------------------------------------------------ layout
+
+    def _check_layout(self, create: bool) -> None:
+        path = self.path(LAYOUT_FILE)
+        try:
+            exists = self.fs.exists(path)
+            if exists:
+                layout = json.loads(self.fs.cat_file(path))
+                version = int(layout.get("layout_version", 0))
+                if version > LAYOUT_VERSION:
+                    raise StoreError(
+                        f"store {self.url} was written with layout version {version}, but this lol-pipeline "
+                        f"reads versions ≤ {LAYOUT_VERSION}; upgrade lol-pipeline, or use another --store"
+                    )
+            elif create:
+                self.fs.makedirs(self.root, exist_ok=True)
+                self.write_json(LAYOUT_FILE, {"layout_version": LAYOUT_VERSION})
+        except StoreError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"store {self.url} is not reachable or not writable: {exc}") from None
+
+    # ------------------------------------------------------------ primitives
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write atomically: readers see the old content or the new, never a prefix."""
+        target = self.path(rel)
+        if self.is_local:
+            directory = os.path.dirname(target)
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f"{os.path.basename(target)}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            self.fs.pipe_file(target, data)  # one PUT: an object is whole or absent
+
+    def write_json(self, rel: str, value: Any) -> None:
+        self.write_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def upload_file(self, local_path: str | Path, rel: str) -> str:
+        """Copy a local file into the store atomically; returns its sha256."""
+        data = Path(local_path).read_bytes()
+        self.write_bytes(rel, data)
+        return sha256_bytes(data)
+
+    def download_dir(self, rel: str, local_dir: str | Path) -> Path:
+        """Copy a store folder to a local folder (a no-op copy for local stores is still a copy)."""
+        local_dir = Path(local_dir)
+        for path in self.list_files(rel):
+            target = local_dir / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.read_bytes(f"{rel}/{path}"))
+        return local_dir
+
+    def delete(self, rel: str) -> None:
+        path = self.path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def list_dir(self, rel: str) -> list[str]:
+        """Names directly under `rel` (files and folders), sorted; [] if it does not exist."""
+        path = self.path(rel)
+        if not self.fs.exists(path):
+            return []
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(path, detail=False)]
+        return sorted(n for n in names if n)
+
+    def list_files(self, rel: str) -> list[str]:
+        """Every file under `rel`, as paths relative to it, sorted."""
+        base = self.path(rel).rstrip("/")
+        if not self.fs.exists(base):
+            return []
+        found = self.fs.find(base)
+        prefix_len = len(self.fs._strip_protocol(base).rstrip("/")) + 1
+        return sorted(self.fs._strip_protocol(f)[prefix_len:] for f in found)
+
+    def local_path(self, rel: str) -> Path:
+        """The on-disk path of `rel`; only for local stores."""
+        assert self.is_local, "local_path() needs a local store"
+        return Path(self.path(rel))
+
+    # ------------------------------------------------------------ areas
+
+    def population(self, name: str) -> PopulationStore:
+        from storage.population import PopulationStore
+
+        return PopulationStore(self, check_name(name, "population name"))
+
+    def list_populations(self) -> list[str]:
+        return self.list_dir("populations")
+
+
+def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        protocol = url.split("://", 1)[0]
+        extra = " (pip install 'lol-pipeline[s3]')" if protocol in ("s3", "s3a") else ""
+        raise StoreError(f"store URL {url!r} needs a filesystem package that is not installed{extra}: {exc}") from None
+    except ValueError as exc:
+        known = ", ".join(sorted(p for p in fsspec.available_protocols() if p in ("file", "memory", "s3", "gcs", "az", "abfs")))
+        raise StoreError(f"store URL {url!r} is not usable: {exc}; use a local path or a URL with one of: {known}") from None
+    if fs.protocol in ("http", "https") or "http" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        raise StoreError(f"store URL {url!r} is read-only (http); use a local path or an object store URL such as s3://bucket/prefix")
+    return fs, root

@@ -1,0 +1,37 @@
+"""Shared fixtures: paths of the shipped manifests and a way to call the CLI in-process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = sorted((ROOT / "manifests").glob("*.yaml"))
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def tiny_manifest_text() -> str:
+    return (ROOT / "manifests" / "tiny-shapes.yaml").read_text()
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Call `lol` in-process: returns (exit code, stdout, stderr)."""
+    from pipeline.cli import main
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call

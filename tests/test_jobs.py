@@ -1,0 +1,101 @@
+"""Job expansion: deterministic, prefix-stable, content-addressed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import ROOT
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.jobs import expand, job_at, shard, unit_draw
+from pipeline.manifest import Manifest
+
+TINY = (ROOT / "manifests" / "tiny-shapes.yaml").read_text()
+ARC = (ROOT / "manifests" / "tiny-arc.yaml").read_text()
+MEMBERSHIP = (ROOT / "manifests" / "tiny-shapes-membership.yaml").read_text()
+
+
+def manifest(text: str = TINY, **overrides) -> Manifest:
+    return Manifest.from_text(text, overrides=[f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 20), extra=st.integers(0, 20),
+       text=st.sampled_from([TINY, ARC, MEMBERSHIP]))
+def test_growing_count_keeps_the_first_jobs_identical(seed, n, extra, text):
+    small = [j.spec.canonical_json() for j in expand(manifest(text, seed=seed, count=n))]
+    large = [j.spec.canonical_json() for j in expand(manifest(text, seed=seed, count=n + extra))]
+    assert large[:n] == small
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(0, 10_000))
+def test_job_k_is_a_function_of_content_seed_and_k(seed, k):
+    a = job_at(manifest(seed=seed), k)
+    b = job_at(manifest(seed=seed, count=1, publish={"split_seed": 9}, scorers=[]), k)
+    assert a.spec == b.spec and a.job_id == b.job_id
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(0, 10_000))
+def test_drawn_values_lie_in_their_distributions(seed, k):
+    spec = job_at(manifest(ARC, seed=seed), k).spec
+    hp = spec.hyperparameters
+    assert 1e-4 <= hp["learning_rate"] <= 1e-2 and 1e-6 <= hp["weight_decay"] <= 1e-2
+    assert hp["epochs"] in (1, 2, 3) and hp["batch_size"] in (8, 16, 32)
+    assert 0.0 <= spec.lora_dropout <= 0.1
+    sources = spec.data["sources"]
+    assert 1 <= len(sources) <= 6 and len(set(sources)) == len(sources)
+
+
+def test_different_seeds_give_different_populations():
+    a = [j.job_id for j in expand(manifest(count=20, seed=0))]
+    b = [j.job_id for j in expand(manifest(count=20, seed=1))]
+    assert len(set(a)) == 20 and not set(a) & set(b)
+
+
+def test_job_id_changes_with_any_job_relevant_field():
+    base = job_at(manifest(), 3).job_id
+    assert job_at(manifest(**{"lora.alpha": 8}), 3).job_id != base
+    assert job_at(manifest(**{"lora.target_modules": ["to_q"]}), 3).job_id != base
+    assert job_at(manifest(**{"base.revision": "abc"}), 3).job_id != base
+    assert job_at(manifest(**{"hyperparameters.batch_size": 2}), 3).job_id != base
+    assert job_at(manifest(**{"population.description": "other words"}), 3).job_id == base
+
+
+def test_adding_a_hyperparameter_does_not_shift_the_others():
+    before = job_at(manifest(), 5).spec.hyperparameters
+    after = job_at(manifest(**{"hyperparameters.weight_decay": {"uniform": [0, 0.1]}}), 5).spec.hyperparameters
+    assert {k: after[k] for k in before} == before
+
+
+def test_distributions_cover_their_support():
+    jobs = list(expand(manifest(count=400)))
+    lrs = {j.spec.hyperparameters["learning_rate"] for j in jobs}
+    assert lrs == {1e-4, 3e-4, 1e-3, 3e-3}
+    groups = {j.spec.data["group"] for j in jobs}
+    assert len(groups) > 120 and max(groups) < 160
+    sizes = [len(j.spec.data["classes"]) for j in expand(manifest(MEMBERSHIP, count=400))]
+    assert min(sizes) == 1 and max(sizes) == 10
+
+
+def test_unit_draw_is_uniform_enough():
+    draws = [unit_draw(0, k, "x") for k in range(4000)]
+    assert all(0 <= d < 1 for d in draws)
+    assert math.isclose(sum(draws) / len(draws), 0.5, abs_tol=0.02)
+
+
+def test_mixed_ranks_are_drawn_per_job():
+    ranks = {j.spec.rank for j in expand(manifest(count=60, **{"lora.rank": [2, 4, 8]}))}
+    assert ranks == {2, 4, 8}
+
+
+def test_shard_partitions_jobs():
+    jobs = list(expand(manifest(count=10)))
+    parts = [shard(jobs, f"{i}/3") for i in (1, 2, 3)]
+    assert sorted(j.index for p in parts for j in p) == list(range(10))
+    with pytest.raises(ValueError, match="i/n"):
+        shard(jobs, "4/3")
