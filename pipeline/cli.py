@@ -23,7 +23,7 @@ from rich.text import Text
 from pipeline.data.base import DataSourceError
 from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.stages import STAGES, planned_ids, population_status, prepare, stage
+from pipeline.stages import STAGES, population_status, prepare, stage
 from storage import Store, StoreError
 
 app = typer.Typer(

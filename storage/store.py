@@ -26,10 +26,13 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+if TYPE_CHECKING:
+    from storage.population import PopulationStore
 
 LAYOUT_VERSION = 1
 LAYOUT_FILE = "LAYOUT.json"

@@ -7,9 +7,10 @@ Sources are looked up by the manifest's `data.source` string through `get_source
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import Protocol, Union, runtime_checkable
 
 
 @dataclass(frozen=True)

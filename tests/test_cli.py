@@ -1,0 +1,96 @@
+"""The `lol` CLI, called in-process through main(argv) and once as a real console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from pipeline.jobs import expand
+from pipeline.manifest import Manifest
+from storage import Store
+
+TINY = ROOT / "manifests" / "tiny-shapes.yaml"
+
+
+def test_validate_ok(run_cli):
+    code, out, _ = run_cli("validate", TINY)
+    assert code == 0 and "tiny-shapes" in out and "320 LoRAs" in out
+
+
+def test_validate_bad_manifest_exits_2_with_every_error_and_no_traceback(run_cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("rank: 4", "rank: -1").replace("count: 320", "cont: 320"))
+    code, _, err = run_cli("validate", bad)
+    assert code == 2
+    assert "lora.rank[0] (line" in err and "cont (line" in err and "did you mean 'count'" in err
+    assert "count (line" not in err or "required key is missing" in err
+    assert "Traceback" not in err and "hint:" in err
+
+
+def test_validate_accepts_overrides(run_cli):
+    code, out, _ = run_cli("validate", TINY, "count=12")
+    assert code == 0 and "12 LoRAs" in out
+
+
+def test_plan_lists_jobs_and_distributions(run_cli):
+    code, out, _ = run_cli("plan", TINY, "--show", "2")
+    first = next(expand(Manifest.from_yaml(TINY)))
+    assert code == 0 and first.job_id in out
+    assert "learning_rate" in out and "0.003: " in out.replace("0.0030", "0.003")
+
+
+def test_run_records_the_manifest_and_says_which_stages_are_not_built(run_cli, tmp_path):
+    store = tmp_path / "store"
+    code, out, _ = run_cli("run", TINY, "--store", store)
+    assert code == 0
+    assert (store / "populations" / "tiny-shapes" / "manifest.yaml").read_text() == TINY.read_text()
+    assert "not built yet" in out
+
+
+def test_a_stage_that_is_not_built_says_so(run_cli, tmp_path):
+    code, _, err = run_cli("publish", TINY, "--store", tmp_path / "s")
+    assert code == 3 and "not built yet" in err
+
+
+def test_status_and_verify_see_stored_jobs(run_cli, tmp_path):
+    store_dir = tmp_path / "store"
+    manifest = Manifest.from_yaml(TINY, overrides=["count=3"])
+    population = Store(str(store_dir)).population("tiny-shapes")
+    jobs = list(expand(manifest))
+    staged = tmp_path / "staged" / "adapter"
+    staged.mkdir(parents=True)
+    (staged / "adapter_model.safetensors").write_bytes(b"weights" * 100)
+    population.write_spec(jobs[0].job_id, jobs[0].to_json())
+    population.commit(jobs[0].job_id, staged.parent, {})
+    population.write_failed(jobs[1].job_id, "non-finite loss")
+
+    code, out, _ = run_cli("status", TINY, "count=3", "--store", store_dir)
+    assert code == 0
+    assert "done" in out and "failed × 1: non-finite loss" in out
+
+    code, out, _ = run_cli("verify", TINY, "count=3", "--store", store_dir)
+    assert code == 0 and "1 of 1 stored LoRAs verify" in out
+    weights = store_dir / "populations" / "tiny-shapes" / "jobs" / jobs[0].job_id / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(b"Weights" + weights.read_bytes()[7:])
+    code, out, _ = run_cli("verify", TINY, "count=3", "--store", store_dir)
+    assert code == 1 and "corrupt" in out and jobs[0].job_id in out
+
+
+def test_store_with_newer_layout_exits_2(run_cli, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "LAYOUT.json").write_text('{"layout_version": 999}')
+    code, _, err = run_cli("run", TINY, "--store", store)
+    assert code == 2 and "layout version 999" in err
+    assert sorted(p.name for p in store.iterdir()) == ["LAYOUT.json"]
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(TINY)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lol = ROOT / ".venv" / "bin" / "lol"
+    if lol.exists():
+        result = subprocess.run([str(lol), "validate", str(TINY), "count=0"], capture_output=True, text=True)
+        assert result.returncode == 2 and "count" in result.stderr and "Traceback" not in result.stderr
