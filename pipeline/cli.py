@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.bases import BaseModelError
 from pipeline.data.base import DataSourceError
 from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest, ManifestError
@@ -36,7 +37,7 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-USER_ERRORS = (ManifestError, StoreError, DataSourceError, ValueError, FileNotFoundError)
+USER_ERRORS = (ManifestError, StoreError, DataSourceError, BaseModelError, ValueError, FileNotFoundError)
 EXIT_PROBLEMS, EXIT_BAD_INPUT, EXIT_NOT_BUILT = 1, 2, 3
 
 ManifestArg = Annotated[Path, typer.Argument(help="Manifest YAML file.", show_default=False)]
@@ -129,6 +130,50 @@ def run(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt =
             out.print(f"  [green]✓[/] {each.name}")
     if missing:
         out.print(f"{len(missing)} of {len(STAGES)} stages are not built yet: {', '.join(missing)}.")
+    return 0
+
+
+bases_app = typer.Typer(help="Build and list the built-in tiny bases (tiny:shapes-sd, tiny:shapes-clip, tiny:qa-lm).",
+                        no_args_is_help=True)
+app.add_typer(bases_app, name="bases")
+
+
+@bases_app.command("build")
+def bases_build(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Bases to build (default: all).", show_default=False)] = None,
+    size: Annotated[str, typer.Option(help="full, or smoke (seconds; for tests).")] = "full",
+    force: Annotated[bool, typer.Option(help="Rebuild even if the cache holds it.")] = False,
+    store: StoreOpt = None,
+) -> int:
+    """Pretrain each base once and cache it under {store}/bases/, keyed by its recipe hash."""
+    from pipeline.bases import TINY_MODULES
+    from pipeline.bases.cache import ensure_base
+
+    target = Store(store)
+    table = Table(title=f"tiny bases in {target.url}")
+    for column in ("base", "recipe", "from", "metrics"):
+        table.add_column(column)
+    for name in names or list(TINY_MODULES):
+        with _progress() as progress:
+            task = progress.add_task(f"tiny:{name.removeprefix('tiny:')}", total=None)
+            built = ensure_base(name, target, size=size, force=force,
+                                progress=lambda done, total, task=task: progress.update(task, completed=done, total=total),
+                                log=lambda message: err.print(message, highlight=False))
+        metrics = " ".join(f"{k}={v}" for k, v in sorted(built.metrics.items()) if not isinstance(v, (dict, list)))
+        table.add_row(f"tiny:{built.name}", built.recipe.folder, built.source, metrics)
+    out.print(table)
+    return 0
+
+
+@bases_app.command("list")
+def bases_list(store: StoreOpt = None) -> int:
+    """The built bases the store holds."""
+    target = Store(store, create=False)
+    entries = target.list_dir("bases")
+    for entry in entries:
+        out.print(entry)
+    if not entries:
+        out.print(f"no built bases in {target.url}; `lol bases build` makes them")
     return 0
 
 
