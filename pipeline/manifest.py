@@ -151,9 +151,12 @@ class BaseSection(StrictModel):
     ref: str = Field(min_length=1, description="HF model id, local path, or built-in `tiny:NAME`.")
     revision: str | None = Field(None, description="Git revision of an HF id; pins the base.")
     kind: ModelKind = Field(description="What the base is: a diffusion pipeline or a causal LM.")
+    size: Literal["full", "smoke"] = Field("full", description="Built-in `tiny:` bases only: `smoke` builds in seconds, for tests.")
 
     @model_validator(mode="after")
     def _tiny_name_matches_kind(self) -> BaseSection:
+        if self.size != "full" and not self.ref.startswith("tiny:"):
+            raise ValueError(f"size {self.size!r} applies to built-in tiny: bases only, not {self.ref!r}")
         if self.ref.startswith("tiny:"):
             name = self.ref.removeprefix("tiny:")
             known = [n for n, k in TINY_BASES.items() if k == self.kind]
