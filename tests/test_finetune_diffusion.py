@@ -1,0 +1,74 @@
+"""The DreamBooth-style LoRA trainer on an SD-shaped pipeline: real training, real peft files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ROOT
+from peft import PeftModel
+from random_sd import build_random_sd
+from safetensors.torch import load_file
+
+from pipeline.finetune.diffusion import DiffusionTrainer
+from pipeline.finetune.runner import finetune_population
+from pipeline.manifest import Manifest
+from storage import Store
+
+
+@pytest.fixture(scope="module")
+def random_sd(tmp_path_factory):
+    return build_random_sd(tmp_path_factory.mktemp("random-sd"))
+
+
+def manifest(base, *extra) -> Manifest:
+    return Manifest.from_yaml(ROOT / "manifests" / "tiny-shapes.yaml",
+                              overrides=[f"base.ref={base}", "count=2", "hyperparameters.steps=2",
+                                         "hyperparameters.batch_size=2", *extra])
+
+
+def test_trains_peft_adapters_that_load_and_change_the_unet(random_sd, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    store = Store(str(tmp_path / "store"))
+    m = manifest(random_sd)
+    summary = finetune_population(m, store, DiffusionTrainer)
+    assert len(summary.trained) == 2 and not summary.failed
+    population = store.population("tiny-shapes")
+    job_id = summary.trained[0]
+    adapter_dir = store.local_path(population.job_rel(job_id, "adapter"))
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    a_keys = sorted(k for k in weights if k.endswith("lora_A.weight"))
+    assert a_keys and all(("to_q" in k or "to_v" in k) for k in weights)
+    assert all(weights[k].shape[0] == 4 for k in a_keys)  # rank 4: A is (r, in)
+    assert all(weights[k.replace("lora_A", "lora_B")].shape[1] == 4 for k in a_keys)  # B is (out, r)
+    record = population.record(job_id)
+    assert record["metrics"]["optimizer_steps"] == 2 and record["metrics"]["num_images"] == 20
+
+    unet = UNet2DConditionModel.from_pretrained(random_sd, subfolder="unet")
+    x, t, text = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before = unet(x, t, text).sample
+        adapted = PeftModel.from_pretrained(unet, adapter_dir)
+        after = adapted(x, t, text).sample
+    assert not torch.allclose(before, after)
+
+
+def test_missing_target_module_fails_before_training_and_lists_candidates(random_sd, tmp_path):
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(ValueError, match=r"do not exist in the UNet; candidates: .*to_k"):
+        finetune_population(manifest(random_sd, "lora.target_modules=[to_qq]"), store, DiffusionTrainer)
+    assert store.population("tiny-shapes").job_ids() == []
+
+
+def test_non_finite_loss_fails_the_job_and_the_population_goes_on(random_sd, tmp_path):
+    store = Store(str(tmp_path / "store"))
+    summary = finetune_population(manifest(random_sd, "hyperparameters.learning_rate={choice: [1.0e+30, 1.0e-4]}", "count=4",
+                                           "hyperparameters.steps=3"), store, DiffusionTrainer)
+    assert summary.trained and set(summary.failed.values()) == {"non-finite loss"}
+
+
+def test_a_base_that_is_not_a_diffusion_pipeline_is_refused(tmp_path):
+    not_a_pipeline = tmp_path / "empty"
+    not_a_pipeline.mkdir()
+    with pytest.raises(ValueError, match="not a StableDiffusionPipeline-compatible"):
+        finetune_population(manifest(not_a_pipeline), Store(str(tmp_path / "store")), DiffusionTrainer)
