@@ -24,7 +24,7 @@ from pipeline.bases import BaseModelError
 from pipeline.data.base import DataSourceError
 from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.stages import STAGES, population_status, prepare, stage
+from pipeline.stages import STAGES, StageNotBuilt, population_status, prepare, stage
 from storage import Store, StoreError
 
 app = typer.Typer(
@@ -125,6 +125,15 @@ def run(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt =
         if each.run is None:
             out.print(f"  [yellow]–[/] {each.name}: not built yet ({each.summary}; comes with {each.built_by})")
             missing.append(each.name)
+        elif each.name == "finetune":
+            try:
+                summary = _run_finetune(loaded, target)
+            except StageNotBuilt as exc:
+                out.print(f"  [yellow]–[/] {each.name}: {exc}")
+                missing.append(each.name)
+                continue
+            out.print(f"  [green]✓[/] finetune: {len(summary.trained)} trained, {summary.skipped} already done, "
+                      f"{len(summary.failed)} failed")
         else:
             each.run(loaded, target)
             out.print(f"  [green]✓[/] {each.name}")
@@ -191,8 +200,41 @@ def _stage_command(name: str):
     return command
 
 
+@app.command("finetune")
+def finetune_command(
+    manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N jobs of the population.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="Run shard i/n of the jobs (e.g. 2/4).")] = None,
+) -> int:
+    """Train one LoRA per job the store lacks (resumable), with a summary table."""
+    loaded = load(manifest, overrides)
+    summary = _run_finetune(loaded, Store(store), limit, shard)
+    return EXIT_PROBLEMS if summary.failed else 0
+
+
+def _run_finetune(loaded: Manifest, target: Store, limit: int | None = None, shard_spec: str | None = None):
+    from pipeline.stages import finetune
+
+    total = min(limit or loaded.count, loaded.count)
+    with _progress() as progress:
+        task = progress.add_task(f"finetuning {loaded.population.name}", total=total)
+        summary = finetune(loaded, target, limit=limit, shard_spec=shard_spec,
+                           on_job=lambda job, outcome: progress.advance(task))
+        progress.update(task, completed=total)
+    table = Table(title=f"finetune {loaded.population.name}")
+    for column in ("planned", "trained", "already done", "claimed elsewhere", "failed", "LoRAs/minute"):
+        table.add_column(column, justify="right")
+    table.add_row(str(summary.planned), str(len(summary.trained)), str(summary.skipped), str(summary.busy),
+                  str(len(summary.failed)), f"{summary.loras_per_minute:.1f}")
+    out.print(table)
+    for reason, count in Counter(summary.failed.values()).most_common():
+        out.print(f"  failed × {count}: {reason}")
+    return summary
+
+
 for _stage in STAGES:
-    app.command(name=_stage.name)(_stage_command(_stage.name))
+    if _stage.name != "finetune":
+        app.command(name=_stage.name)(_stage_command(_stage.name))
 
 
 # ---------------------------------------------------------------- helpers
@@ -256,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         err.print("aborted")
         return 130
+    except StageNotBuilt as exc:
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        return EXIT_NOT_BUILT
     except USER_ERRORS as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
         if (hint := _hint(exc)) is not None:

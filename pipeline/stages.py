@@ -39,8 +39,30 @@ def population_status(manifest: Manifest, store: Store) -> StatusReport:
     return store.population(manifest.population.name).status(planned_ids(manifest))
 
 
+class StageNotBuilt(RuntimeError):
+    """The stage exists for some model kinds, not for this manifest's."""
+
+
+def trainer_factory(kind: str):
+    """The Trainer class for a base kind."""
+    if kind == "diffusion":
+        from pipeline.finetune.diffusion import DiffusionTrainer
+
+        return DiffusionTrainer
+    raise StageNotBuilt(f"finetuning {kind} bases is not built yet (comes with the language-model population issue)")
+
+
+def finetune(manifest: Manifest, store: Store, limit: int | None = None, shard_spec: str | None = None,
+             on_job=None):
+    """Train every planned LoRA the store lacks; returns a FinetuneSummary."""
+    from pipeline.finetune.runner import finetune_population
+
+    return finetune_population(manifest, store, trainer_factory(manifest.base.kind), limit=limit,
+                               shard_spec=shard_spec, on_job=on_job)
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("finetune", "train one LoRA per job", None, "the diffusion and language-model population issues"),
+    Stage("finetune", "train one LoRA per job", finetune, "the diffusion and language-model population issues"),
     Stage("score", "label every LoRA (CLIP score, accuracy, attributes…)", None, "the diffusion and language-model population issues"),
     Stage("publish", "write the population as a Hugging Face dataset", None, "the publish issue"),
     Stage("train", "train the LoL predictors on the published dataset", None, "the Learning-on-LoRAs issue"),

@@ -42,16 +42,18 @@ def test_plan_lists_jobs_and_distributions(run_cli):
 
 
 def test_run_records_the_manifest_and_says_which_stages_are_not_built(run_cli, tmp_path):
-    store = tmp_path / "store"
-    code, out, _ = run_cli("run", TINY, "--store", store)
+    store, arc = tmp_path / "store", ROOT / "manifests" / "tiny-arc.yaml"
+    code, out, _ = run_cli("run", arc, "--store", store)
     assert code == 0
-    assert (store / "populations" / "tiny-shapes" / "manifest.yaml").read_text() == TINY.read_text()
-    assert "not built yet" in out
+    assert (store / "populations" / "tiny-arc" / "manifest.yaml").read_text() == arc.read_text()
+    assert "finetune: finetuning causal_lm bases is not built yet" in out and "publish: not built yet" in out
 
 
 def test_a_stage_that_is_not_built_says_so(run_cli, tmp_path):
     code, _, err = run_cli("publish", TINY, "--store", tmp_path / "s")
     assert code == 3 and "not built yet" in err
+    code, _, err = run_cli("finetune", ROOT / "manifests" / "tiny-arc.yaml", "--store", tmp_path / "s")
+    assert code == 3 and "finetuning causal_lm bases is not built yet" in err
 
 
 def test_status_and_verify_see_stored_jobs(run_cli, tmp_path):
