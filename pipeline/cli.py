@@ -24,6 +24,7 @@ from pipeline.bases import BaseModelError
 from pipeline.data.base import DataSourceError
 from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest, ManifestError
+from pipeline.score import ScorerNotBuilt
 from pipeline.stages import STAGES, StageNotBuilt, population_status, prepare, stage
 from storage import Store, StoreError
 
@@ -128,12 +129,15 @@ def run(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt =
         elif each.name == "finetune":
             try:
                 summary = _run_finetune(loaded, target)
-            except StageNotBuilt as exc:
+            except (StageNotBuilt, ScorerNotBuilt) as exc:
                 out.print(f"  [yellow]–[/] {each.name}: {exc}")
                 missing.append(each.name)
                 continue
             out.print(f"  [green]✓[/] finetune: {len(summary.trained)} trained, {summary.skipped} already done, "
                       f"{len(summary.failed)} failed")
+        elif each.name == "score":
+            summary = _run_score(loaded, target)
+            out.print(f"  [green]✓[/] score: {sum(summary.scored.values())} scores written, {len(summary.failed)} failed")
         else:
             each.run(loaded, target)
             out.print(f"  [green]✓[/] {each.name}")
@@ -232,8 +236,48 @@ def _run_finetune(loaded: Manifest, target: Store, limit: int | None = None, sha
     return summary
 
 
+@app.command("score")
+def score_command(
+    manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
+    scorer: Annotated[Optional[list[str]], typer.Option(help="Only these scorers (by name); repeatable.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N jobs of the population.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="Score shard i/n of the jobs (e.g. 2/4).")] = None,
+) -> int:
+    """Label every finetuned LoRA lacking a score (resumable), with label statistics."""
+    loaded = load(manifest, overrides)
+    summary = _run_score(loaded, Store(store), scorer, limit, shard)
+    return EXIT_PROBLEMS if summary.failed else 0
+
+
+def _run_score(loaded: Manifest, target: Store, only=None, limit=None, shard_spec=None):
+    from pipeline.stages import score
+
+    total = min(limit or loaded.count, loaded.count) * len(only or loaded.scorers)
+    with _progress() as progress:
+        task = progress.add_task(f"scoring {loaded.population.name}", total=total)
+        summary = score(loaded, target, only=only, limit=limit, shard_spec=shard_spec,
+                        on_job=lambda job, sid, outcome: progress.advance(task))
+    table = Table(title=f"score {loaded.population.name}")
+    for column in ("scorer id", "scored now", "already scored"):
+        table.add_column(column, justify="right")
+    for sid in summary.scored:
+        table.add_row(sid, str(summary.scored[sid]), str(summary.skipped[sid]))
+    out.print(table)
+    stats = Table(title="labels over scored LoRAs")
+    for column in ("label", "mean", "std", "n"):
+        stats.add_column(column, justify="right")
+    for name, (mean, std, n) in summary.label_stats().items():
+        stats.add_row(name, f"{mean:.4g}", f"{std:.4g}", str(n))
+    out.print(stats)
+    if summary.unfinished:
+        out.print(f"{summary.unfinished} planned job(s) have no finetuned LoRA yet; `lol finetune` first.")
+    for (job_id, sid), reason in sorted(summary.failed.items()):
+        out.print(f"  failed {job_id} / {sid}: {reason}")
+    return summary
+
+
 for _stage in STAGES:
-    if _stage.name != "finetune":
+    if _stage.name not in ("finetune", "score"):
         app.command(name=_stage.name)(_stage_command(_stage.name))
 
 
@@ -298,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         err.print("aborted")
         return 130
-    except StageNotBuilt as exc:
+    except (StageNotBuilt, ScorerNotBuilt) as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
         return EXIT_NOT_BUILT
     except USER_ERRORS as exc:

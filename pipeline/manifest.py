@@ -267,6 +267,7 @@ class ClipScoreScorer(StrictModel):
     name: Literal["clip_score"]
     model: str = Field("tiny:shapes-clip", description="open_clip model name, or `tiny:shapes-clip`.")
     pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. `openai`).")
+    size: Literal["full", "smoke"] = Field("full", description="For `tiny:` CLIP models: `smoke` builds in seconds (tests).")
     prompts: str | list[str] = Field(description="A prompt list, or a preset: `paper33`, `shapes-captions`.")
     seed: int = 0
     steps: int = Field(25, ge=1, description="Denoising steps per image.")

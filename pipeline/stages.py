@@ -61,9 +61,17 @@ def finetune(manifest: Manifest, store: Store, limit: int | None = None, shard_s
                                shard_spec=shard_spec, on_job=on_job)
 
 
+def score(manifest: Manifest, store: Store, only: list[str] | None = None, limit: int | None = None,
+          shard_spec: str | None = None, on_job=None):
+    """Label every completed LoRA lacking a score; returns a ScoreSummary."""
+    from pipeline.score.runner import score_population
+
+    return score_population(manifest, store, only=only, limit=limit, shard_spec=shard_spec, on_job=on_job)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("finetune", "train one LoRA per job", finetune, "the diffusion and language-model population issues"),
-    Stage("score", "label every LoRA (CLIP score, accuracy, attributes…)", None, "the diffusion and language-model population issues"),
+    Stage("score", "label every LoRA (CLIP score, accuracy, attributes…)", score, "the diffusion and language-model population issues"),
     Stage("publish", "write the population as a Hugging Face dataset", None, "the publish issue"),
     Stage("train", "train the LoL predictors on the published dataset", None, "the Learning-on-LoRAs issue"),
     Stage("evaluate", "evaluate the predictors, write results.json", None, "the Learning-on-LoRAs issue"),

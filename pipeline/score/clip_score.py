@@ -1,0 +1,99 @@
+"""`clip_score`: how well a LoRA-adapted diffusion model still follows prompts.
+
+For a fixed prompt list, seed, number of steps and guidance, generate images with the
+LoRA loaded on the base UNet and score each against its prompt with an open_clip model:
+100·max(cos(image, text), 0), as torchmetrics' CLIPScore defines it; a LoRA's score is the
+mean over its images. The base pipeline, the CLIP model and the prompt embeddings are set
+up once per population; adapters are loaded into the shared UNet and removed again.
+Image i gets its own generator seeded with `seed + i`, so an image does not depend on
+which other images share its batch.
+
+Shapes: P prompts, I images (P × images_per_prompt), D CLIP embedding width.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.bases.loading import load_diffusion_pipeline
+from pipeline.jobs import Job
+from pipeline.manifest import Manifest
+from pipeline.score.prompts import resolve_prompts
+from storage import Store
+
+ADAPTER_NAME = "lol_scored_adapter"
+PEFT_PREFIX = "base_model.model"  # how peft's save_pretrained prefixes the UNet's module names
+
+
+def load_clip(model: str, pretrained: str | None, store: Store, size: str = "full", device: torch.device | None = None):
+    """(model, preprocess, tokenizer) from open_clip, or from the tiny cache for `tiny:shapes-clip`."""
+    if model.startswith("tiny:"):
+        from pipeline.bases import tiny_module
+        from pipeline.bases.cache import ensure_base
+
+        built = ensure_base(model, store, size=size)
+        return tiny_module(model).load(built.path, device=device or "cpu")
+    import open_clip
+
+    clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
+    return clip_model.eval(), preprocess, open_clip.get_tokenizer(model)
+
+
+class ClipScoreScorer:
+    def __init__(self, spec: Any, device: str | torch.device | None = None):
+        self.spec = spec
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def setup(self, manifest: Manifest, store: Store) -> None:
+        spec = self.spec
+        self.prompts = resolve_prompts(spec.prompts)
+        self.pipe = load_diffusion_pipeline(manifest.base.model_dump(), store).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.clip, self.preprocess, self.tokenizer = load_clip(spec.model, spec.pretrained, store, spec.size, self.device)
+        with torch.no_grad():
+            text = self.clip.encode_text(self.tokenizer(self.prompts).to(self.device)).float()
+        self.text_features = text / text.norm(dim=-1, keepdim=True)  # (P, D)
+
+    def generate(self, adapter_dir: Path | None = None) -> np.ndarray:
+        """(I, H, W, 3) float images in [0, 1]: every prompt × images_per_prompt, in order."""
+        spec = self.spec
+        prompts = [p for p in self.prompts for _ in range(spec.images_per_prompt)]
+        unet = self.pipe.unet
+        if adapter_dir is not None:
+            unet.load_lora_adapter(str(adapter_dir), weight_name="adapter_model.safetensors",
+                                   adapter_name=ADAPTER_NAME, prefix=PEFT_PREFIX)
+        try:
+            batches = []
+            for start in range(0, len(prompts), spec.batch_size):
+                chunk = prompts[start:start + spec.batch_size]
+                generators = [torch.Generator(device="cpu").manual_seed(spec.seed + start + i) for i in range(len(chunk))]
+                out = self.pipe(chunk, num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
+                                generator=generators, output_type="np")
+                batches.append(out.images)
+        finally:
+            if adapter_dir is not None:
+                unet.delete_adapters(ADAPTER_NAME)
+        return np.concatenate(batches)
+
+    @torch.no_grad()
+    def clip_scores(self, images: np.ndarray) -> np.ndarray:
+        """(I,) 100·max(cos, 0) of each image against its prompt."""
+        pixels = torch.stack([self.preprocess(Image.fromarray((im * 255).round().astype(np.uint8))) for im in images])
+        features = self.clip.encode_image(pixels.to(self.device)).float()
+        features = features / features.norm(dim=-1, keepdim=True)  # (I, D)
+        prompt_index = torch.arange(len(images), device=self.device) // self.spec.images_per_prompt
+        cosine = (features * self.text_features[prompt_index]).sum(dim=-1)
+        return (100 * cosine.clamp(min=0)).cpu().numpy()
+
+    def score(self, job: Job, adapter_dir: Path) -> dict[str, float]:
+        scores = self.clip_scores(self.generate(adapter_dir))
+        return {"clip_score": float(scores.mean())}
+
+    def provenance(self) -> dict[str, str]:
+        return {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "open_clip_torch", "peft")}

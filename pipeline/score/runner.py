@@ -1,0 +1,110 @@
+"""Score every completed LoRA of a population with every scorer of its manifest (resumable)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.jobs import Job, expand, shard
+from pipeline.manifest import Manifest
+from pipeline.score import make_scorer, scorer_id, scorer_settings
+from storage import PopulationStore, Store
+
+
+@dataclass
+class ScoreSummary:
+    scored: dict[str, int] = field(default_factory=dict)  # scorer_id -> LoRAs scored now
+    skipped: dict[str, int] = field(default_factory=dict)  # already scored
+    unfinished: int = 0  # planned jobs without a completed LoRA (nothing to score)
+    failed: dict[tuple[str, str], str] = field(default_factory=dict)  # (job_id, scorer_id) -> reason
+    labels: dict[str, list[float]] = field(default_factory=dict)  # label -> values over all scored LoRAs
+    seconds: float = 0.0
+
+    def label_stats(self) -> dict[str, tuple[float, float, int]]:
+        """label -> (mean, std, count)."""
+        return {k: (statistics.fmean(v), statistics.pstdev(v), len(v)) for k, v in sorted(self.labels.items()) if v}
+
+
+def _versions() -> dict[str, str]:
+    return {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "transformers", "open_clip_torch", "peft")}
+
+
+def score_population(
+    manifest: Manifest,
+    store: Store,
+    only: list[str] | None = None,
+    limit: int | None = None,
+    shard_spec: str | None = None,
+    on_job: Callable[[Job, str, str], None] | None = None,
+) -> ScoreSummary:
+    """Label every completed LoRA that lacks a score from each scorer (or the scorers named in `only`)."""
+    started = time.perf_counter()
+    population = store.population(manifest.population.name)
+    jobs = shard(list(expand(manifest, limit=limit)), shard_spec)
+    done = [job for job in jobs if population.record(job.job_id) is not None]
+    summary = ScoreSummary(unfinished=len(jobs) - len(done))
+    specs = [s for s in manifest.scorers if only is None or s.name in only]
+    unknown = sorted(set(only or []) - {s.name for s in manifest.scorers})
+    if unknown:
+        raise ValueError(f"scorer(s) {unknown} are not in the manifest; its scorers: {', '.join(s.name for s in manifest.scorers) or 'none'}")
+    for spec in specs:
+        sid = scorer_id(spec)
+        todo = [job for job in done if not population.has_score(job.job_id, sid)]
+        summary.skipped[sid] = len(done) - len(todo)
+        summary.scored[sid] = 0
+        for job in done:
+            if job not in todo:
+                _collect(summary, population.read_score(job.job_id, sid))
+        if not todo:
+            continue
+        scorer = make_scorer(spec)
+        scorer.setup(manifest, store)
+        for job in todo:
+            try:
+                with _adapter_dir(population, job.job_id) as adapter_dir:
+                    labels = scorer.score(job, adapter_dir)
+            except Exception as exc:  # one LoRA's failure must not stop the population
+                summary.failed[(job.job_id, sid)] = f"{type(exc).__name__}: {exc}"[:300]
+                _report(on_job, job, sid, "failed")
+                continue
+            payload = {"job_id": job.job_id, "scorer": spec.name, "scorer_id": sid, "settings": scorer_settings(spec),
+                       "labels": labels, "versions": _versions(), "scored_at": time.time()}
+            population.write_score(job.job_id, sid, payload)
+            summary.scored[sid] += 1
+            _collect(summary, payload)
+            _report(on_job, job, sid, "scored")
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _collect(summary: ScoreSummary, payload: dict | None) -> None:
+    for name, value in (payload or {}).get("labels", {}).items():
+        summary.labels.setdefault(name, []).append(float(value))
+
+
+class _adapter_dir:
+    """The job's adapter folder on local disk (the store itself, or a temporary copy)."""
+
+    def __init__(self, population: PopulationStore, job_id: str):
+        self.population, self.job_id, self._tmp = population, job_id, None
+
+    def __enter__(self) -> Path:
+        rel = self.population.job_rel(self.job_id, "adapter")
+        if self.population.store.is_local:
+            return self.population.store.local_path(rel)
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"lol-adapter-{self.job_id}-")
+        return self.population.store.download_dir(rel, Path(self._tmp.name))
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _report(on_job, job: Job, sid: str, outcome: str) -> None:
+    if on_job is not None:
+        on_job(job, sid, outcome)

@@ -1,0 +1,113 @@
+"""Scorers on real LoRAs: data-derived labels, CLIP score, provenance, resumption, scorer ids."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT
+from random_sd import build_random_sd
+
+from pipeline.finetune.diffusion import DiffusionTrainer
+from pipeline.finetune.runner import finetune_population
+from pipeline.jobs import expand
+from pipeline.manifest import Manifest
+from pipeline.score import scorer_id
+from pipeline.score.data_labels import parse_attribute_test
+from pipeline.score.runner import score_population
+from storage import Store
+
+SHAPES = ROOT / "manifests" / "tiny-shapes.yaml"
+MEMBERSHIP = ROOT / "manifests" / "tiny-shapes-membership.yaml"
+
+
+@pytest.fixture(scope="module")
+def random_sd(tmp_path_factory):
+    return build_random_sd(tmp_path_factory.mktemp("random-sd"))
+
+
+@pytest.fixture(scope="module")
+def trained(random_sd, tmp_path_factory):
+    """A store with 3 finetuned LoRAs of the random SD base (1 step each)."""
+    store = Store(str(tmp_path_factory.mktemp("store")))
+    overrides = [f"base.ref={random_sd}", "count=3", "hyperparameters.steps=1", "hyperparameters.batch_size=1",
+                 "scorers[0]=null"]
+    manifest = Manifest.from_yaml(SHAPES, overrides=overrides[:-1])
+    summary = finetune_population(manifest, store, DiffusionTrainer)
+    assert len(summary.trained) == 3
+    return store, overrides[:-1]
+
+
+def clip_overrides(settings: str) -> list[str]:
+    return [f"scorers=[{{name: clip_score, model: 'tiny:shapes-clip', prompts: ['a red circle', 'a blue square'], "
+            f"steps: 2, guidance_scale: 2.0, batch_size: 2, size: smoke, {settings}}}, "
+            "{name: attributes, attributes: [shape=circle, color=red|yellow|brown]}]"]
+
+
+def test_attribute_tests_parse():
+    assert parse_attribute_test("color=red|blue") == ("color", frozenset({"red", "blue"}))
+    assert parse_attribute_test("Male") == ("Male", None)
+    with pytest.raises(ValueError, match="NAME=V1"):
+        parse_attribute_test("color=")
+
+
+def test_attributes_and_clip_score_are_written_with_provenance_and_resume(trained):
+    store, overrides = trained
+    manifest = Manifest.from_yaml(SHAPES, overrides=overrides + clip_overrides("seed: 0"))
+    summary = score_population(manifest, store)
+    assert not summary.failed, summary.failed
+    population = store.population("tiny-shapes")
+    clip_id, attr_id = (scorer_id(s) for s in manifest.scorers)
+    for job in expand(manifest):
+        clip = population.read_score(job.job_id, clip_id)
+        assert clip["scorer_id"] == clip_id and clip["settings"]["steps"] == 2 and "torch" in clip["versions"]
+        assert 0.0 <= clip["labels"]["clip_score"] <= 100.0
+        attrs = population.read_score(job.job_id, attr_id)["labels"]
+        assert set(attrs) == {"shape=circle", "color=red|yellow|brown"} and set(attrs.values()) <= {0, 1}
+    again = score_population(manifest, store)
+    assert again.scored == {clip_id: 0, attr_id: 0} and again.skipped == {clip_id: 3, attr_id: 3}
+
+
+def test_new_settings_score_into_a_new_id_and_keep_the_old(trained):
+    store, overrides = trained
+    first = Manifest.from_yaml(SHAPES, overrides=overrides + clip_overrides("seed: 0"))
+    second = Manifest.from_yaml(SHAPES, overrides=overrides + clip_overrides("seed: 1"))
+    assert scorer_id(first.scorers[0]) != scorer_id(second.scorers[0])
+    assert scorer_id(first.scorers[1]) == scorer_id(second.scorers[1])
+    score_population(first, store, only=["clip_score"])
+    score_population(second, store, only=["clip_score"])
+    population = store.population("tiny-shapes")
+    job_id = next(expand(first)).job_id
+    assert population.has_score(job_id, scorer_id(first.scorers[0])) and population.has_score(job_id, scorer_id(second.scorers[0]))
+
+
+def test_clip_score_of_a_lora_is_reproducible_and_differs_from_the_base(trained):
+    from pipeline.score.clip_score import ClipScoreScorer
+
+    store, overrides = trained
+    manifest = Manifest.from_yaml(SHAPES, overrides=overrides + clip_overrides("seed: 0"))
+    scorer = ClipScoreScorer(manifest.scorers[0])
+    scorer.setup(manifest, store)
+    job = next(expand(manifest))
+    adapter = store.local_path(store.population("tiny-shapes").job_rel(job.job_id, "adapter"))
+    with_lora = scorer.generate(adapter)
+    assert (scorer.generate(adapter) == with_lora).all()
+    assert abs(scorer.generate(None) - with_lora).max() > 0
+
+
+def test_membership_labels_are_the_job_classes():
+    from pipeline.score import make_scorer
+
+    manifest = Manifest.from_yaml(MEMBERSHIP, overrides=["count=5"])
+    scorer = make_scorer(manifest.scorers[0])
+    scorer.setup(manifest, None)
+    for job in expand(manifest):
+        labels = scorer.score(job)
+        assert len(labels) == 10 and {c for c, v in labels.items() if v} == set(job.spec.data["classes"])
+
+
+def test_unknown_attribute_is_refused_before_scoring(trained):
+    from pipeline.data.base import DataSourceError
+    from pipeline.score import make_scorer
+
+    manifest = Manifest.from_yaml(SHAPES, overrides=["scorers=[{name: attributes, attributes: [hue=red]}]"])
+    with pytest.raises(DataSourceError, match="known: .*color"):
+        make_scorer(manifest.scorers[0]).setup(manifest, None)
