@@ -24,6 +24,7 @@ from pipeline.bases import BaseModelError
 from pipeline.data.base import DataSourceError
 from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest, ManifestError
+from pipeline.publish import PublishError
 from pipeline.score import ScorerNotBuilt
 from pipeline.stages import STAGES, StageNotBuilt, population_status, prepare, stage
 from storage import Store, StoreError
@@ -38,7 +39,7 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-USER_ERRORS = (ManifestError, StoreError, DataSourceError, BaseModelError, ValueError, FileNotFoundError)
+USER_ERRORS = (ManifestError, StoreError, DataSourceError, BaseModelError, PublishError, ValueError, FileNotFoundError)
 EXIT_PROBLEMS, EXIT_BAD_INPUT, EXIT_NOT_BUILT = 1, 2, 3
 
 ManifestArg = Annotated[Path, typer.Argument(help="Manifest YAML file.", show_default=False)]
@@ -135,6 +136,9 @@ def run(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt =
                 continue
             out.print(f"  [green]✓[/] finetune: {len(summary.trained)} trained, {summary.skipped} already done, "
                       f"{len(summary.failed)} failed")
+        elif each.name == "publish":
+            summary = _run_publish(loaded, target)
+            out.print(f"  [green]✓[/] publish: {sum(summary.rows.values())} LoRAs in {summary.folder}")
         elif each.name == "score":
             summary = _run_score(loaded, target)
             out.print(f"  [green]✓[/] score: {sum(summary.scored.values())} scores written, {len(summary.failed)} failed")
@@ -276,8 +280,35 @@ def _run_score(loaded: Manifest, target: Store, only=None, limit=None, shard_spe
     return summary
 
 
+@app.command("publish")
+def publish_command(
+    manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
+    push: Annotated[bool, typer.Option(help="Push to publish.repo_id when HF_TOKEN is set.")] = True,
+) -> int:
+    """Write the population as a Hugging Face dataset folder; push it when a token is set."""
+    loaded = load(manifest, overrides)
+    _run_publish(loaded, Store(store), push)
+    return 0
+
+
+def _run_publish(loaded: Manifest, target: Store, push: bool = True):
+    from pipeline.stages import publish
+
+    summary = publish(loaded, target, push=push)
+    table = Table(title=f"published {loaded.population.name}")
+    for column in ("split", "LoRAs"):
+        table.add_column(column, justify="right")
+    for name, count in summary.rows.items():
+        table.add_row(name, str(count))
+    out.print(table)
+    for reason, count in Counter(summary.excluded.values()).most_common():
+        out.print(f"  not published × {count}: {reason}")
+    out.print(summary.message)
+    return summary
+
+
 for _stage in STAGES:
-    if _stage.name not in ("finetune", "score"):
+    if _stage.name not in ("finetune", "score", "publish"):
         app.command(name=_stage.name)(_stage_command(_stage.name))
 
 

@@ -69,10 +69,17 @@ def score(manifest: Manifest, store: Store, only: list[str] | None = None, limit
     return score_population(manifest, store, only=only, limit=limit, shard_spec=shard_spec, on_job=on_job)
 
 
+def publish(manifest: Manifest, store: Store, push: bool | None = None):
+    """Write the population as a Hugging Face dataset folder (and push it when a token is set)."""
+    from pipeline.publish import publish_population
+
+    return publish_population(manifest, store, push=push)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("finetune", "train one LoRA per job", finetune, "the diffusion and language-model population issues"),
     Stage("score", "label every LoRA (CLIP score, accuracy, attributes…)", score, "the diffusion and language-model population issues"),
-    Stage("publish", "write the population as a Hugging Face dataset", None, "the publish issue"),
+    Stage("publish", "write the population as a Hugging Face dataset", publish, "the publish issue"),
     Stage("train", "train the LoL predictors on the published dataset", None, "the Learning-on-LoRAs issue"),
     Stage("evaluate", "evaluate the predictors, write results.json", None, "the Learning-on-LoRAs issue"),
     Stage("report", "write report.md with tables and figures", None, "the Learning-on-LoRAs issue"),

@@ -35,3 +35,11 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return call
+
+
+@pytest.fixture(scope="session")
+def random_sd(tmp_path_factory):
+    """A randomly initialised SD-shaped pipeline folder (see random_sd.py), built once per session."""
+    from random_sd import build_random_sd
+
+    return build_random_sd(tmp_path_factory.mktemp("random-sd"))

@@ -6,18 +6,12 @@ import pytest
 import torch
 from conftest import ROOT
 from peft import PeftModel
-from random_sd import build_random_sd
 from safetensors.torch import load_file
 
 from pipeline.finetune.diffusion import DiffusionTrainer
 from pipeline.finetune.runner import finetune_population
 from pipeline.manifest import Manifest
 from storage import Store
-
-
-@pytest.fixture(scope="module")
-def random_sd(tmp_path_factory):
-    return build_random_sd(tmp_path_factory.mktemp("random-sd"))
 
 
 def manifest(base, *extra) -> Manifest:

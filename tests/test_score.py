@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from conftest import ROOT
-from random_sd import build_random_sd
 
 from pipeline.finetune.diffusion import DiffusionTrainer
 from pipeline.finetune.runner import finetune_population
@@ -17,11 +16,6 @@ from storage import Store
 
 SHAPES = ROOT / "manifests" / "tiny-shapes.yaml"
 MEMBERSHIP = ROOT / "manifests" / "tiny-shapes-membership.yaml"
-
-
-@pytest.fixture(scope="module")
-def random_sd(tmp_path_factory):
-    return build_random_sd(tmp_path_factory.mktemp("random-sd"))
 
 
 @pytest.fixture(scope="module")

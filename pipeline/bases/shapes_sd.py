@@ -1,0 +1,599 @@
+"""`tiny:shapes-sd`: the tiny world's Stable-Diffusion-compatible base, pretrained here.
+
+A real `StableDiffusionPipeline` — `UNet2DConditionModel`, `AutoencoderKL`, `CLIPTextModel`,
+`CLIPTokenizer`, a scheduler — small enough to pretrain on two CPU cores in minutes, on the
+easy-vqa shapes ("a {color} {shape}" → 32×32 image). The same finetuning and scoring code
+that drives SD-1.4 by HF id drives this one: `load()` is `StableDiffusionPipeline.from_pretrained`.
+
+Shape legend: B batch, C channels (3 = RGB = latent), H = W = R resolution (32),
+T tokens (77), D text hidden size.
+
+Components
+----------
+- tokenizer: open_clip's CLIP BPE as a transformers `CLIPTokenizer` (ids equal open_clip's,
+  pad id 0; see `clip_tokenizer.py`).
+- text encoder: `CLIPTextModel` with a small hidden size (the 49408-row token table is most
+  of its parameters), trained jointly with the UNet.
+- autoencoder: an `AutoencoderKL` with one level (no downsampling) whose weights are *set*, not
+  trained, to the identity: latents are pixels in [-1, 1] (scaling factor 1). Each colour
+  channel u travels in a GroupNorm group [u, -u, +k, -k] with constant channels k ≫ 1, so the
+  group's mean is 0 and its variance ≈ k²/2 whatever the image; the norm's affine restores u
+  and adds an offset that keeps SiLU in its linear range; every residual branch is zero.
+  Round trip error ≈ 1e-4 (well under one 8-bit level). So diffusion runs in pixel space
+  through SD's interface, and all compute goes to the UNet.
+- UNet: `UNet2DConditionModel` at 32 px, 3 levels, cross-attention transformer blocks at
+  16 and 8 px and in the middle (modules `...attentions.N.transformer_blocks.0.attn1.to_q`,
+  `...attn2.to_v` as in SD). Text reaches the UNet only through `attn2` (cross-attention),
+  so a LoRA on `to_q`/`to_v` (attn2.to_v maps text tokens to values) can move colour and shape.
+- schedulers: DDPM (cosine schedule, v-prediction) for training; the pipeline is saved with
+  a `DPMSolverMultistepScheduler` built from the same config (20 steps sample well).
+
+Training: v-prediction MSE with min-SNR-γ weighting, classifier-free guidance by dropping
+captions to "" (what the pipeline feeds as the negative prompt), AdamW with warmup and
+cosine decay, EMA weights saved. Everything draws from one seeded generator, so a build is
+a function of (config, data).
+
+`judge_images` reads (colour, shape) off generated images with the pixel logic of
+`pipeline.data.shapes`, made robust to tinted/noisy backgrounds; `evaluate` scores a
+pipeline with it on every caption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.bases.clip_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_clip_tokenizer
+from pipeline.data.shapes import COLORS, PALETTE, SHAPES, ShapesSource
+
+NAME = "shapes-sd"
+KIND = "diffusion"
+SIZES = ("smoke", "full")
+RECIPE_VERSION = 1
+
+CAPTIONS: tuple[str, ...] = tuple(f"a {c} {s}" for c in COLORS for s in SHAPES)
+_IDENTITY_K = 64.0  # constant channels of the identity autoencoder's GroupNorm groups
+_SILU_SHIFT = 12.0  # offset that keeps SiLU linear (error ≤ 13·e⁻¹¹ ≈ 2e-4)
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def recipe_config(size: str) -> dict:
+    """The build recipe for `size` ("smoke": seconds, for tests; "full": the real base)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r} for base {NAME!r}; valid sizes: {list(SIZES)}")
+    full = size == "full"
+    return {
+        "name": NAME,
+        "size": size,
+        "recipe_version": RECIPE_VERSION,
+        "seed": 0,
+        "resolution": 32,
+        "text_encoder": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+        },
+        "unet": {
+            "block_out_channels": [16, 32, 64] if full else [8, 16, 16],
+            "layers_per_block": 1,
+            "attention_levels": [1, 2],  # levels with cross-attention (0 = full resolution)
+            "attention_heads": 2,
+            "norm_num_groups": 8 if full else 4,
+        },
+        "scheduler": {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "squaredcos_cap_v2",
+            "prediction_type": "v_prediction",
+        },
+        "train": {
+            "steps": 3000 if full else 4,
+            "batch_size": 64 if full else 8,
+            "lr": 2e-3,
+            "warmup_steps": 100 if full else 1,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "ema_decay": 0.999,
+            "caption_dropout": 0.1,
+            "min_snr_gamma": 5.0,
+            "hflip": True,
+        },
+        "eval": {
+            "samples_per_caption": 8 if full else 1,
+            "num_inference_steps": 20 if full else 2,
+            "guidance_scale": 4.0,
+            "seed": 1234,
+        },
+    }
+
+
+def _check_config(config: dict) -> None:
+    expected = recipe_config("smoke")
+    missing = sorted(set(expected) - set(config))
+    if missing:
+        raise ValueError(f"{NAME} config lacks {missing}; start from recipe_config('full')")
+    for section in ("text_encoder", "unet", "scheduler", "train", "eval"):
+        lacking = sorted(set(expected[section]) - set(config[section]))
+        if lacking:
+            raise ValueError(f"{NAME} config section {section!r} lacks {lacking}")
+
+
+def data_fingerprint() -> str:
+    """Hash of the training data: the shapes package fingerprint plus the train split's ids and captions."""
+    source = ShapesSource()
+    h = hashlib.sha256(f"{NAME}-data-v1".encode())
+    h.update(f"holdout={source.holdout_fraction}".encode())
+    for e in source.examples("train"):
+        h.update(f"{e.id}\t{e.caption}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def make_unet(config: dict):
+    """A freshly initialised `UNet2DConditionModel` (uses the global torch RNG)."""
+    from diffusers import UNet2DConditionModel
+
+    u = config["unet"]
+    n = len(u["block_out_channels"])
+    attn = set(u["attention_levels"])
+    down = tuple("CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n))
+    up = tuple("CrossAttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n)))
+    return UNet2DConditionModel(
+        sample_size=config["resolution"],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=tuple(u["block_out_channels"]),
+        layers_per_block=u["layers_per_block"],
+        cross_attention_dim=config["text_encoder"]["hidden_size"],
+        attention_head_dim=u["attention_heads"],  # diffusers: this is the number of heads
+        norm_num_groups=u["norm_num_groups"],
+    )
+
+
+def make_text_encoder(config: dict):
+    """A freshly initialised `CLIPTextModel` over open_clip's 49408 ids (global torch RNG)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    t = config["text_encoder"]
+    text_config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["num_hidden_layers"],
+        num_attention_heads=t["num_attention_heads"],
+        max_position_embeddings=t["max_position_embeddings"],
+        hidden_act="quick_gelu",
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    return CLIPTextModel(text_config)
+
+
+def make_identity_vae(resolution: int):
+    """An `AutoencoderKL` (one level, 3 latent channels) whose encode/decode is the identity.
+
+    Channel group c of the 12 inner channels carries [u_c, -u_c, +k, -k]: GroupNorm then sees
+    mean 0 and variance (E[u²] + k²)/2 ≈ k²/2 for any image, so its affine (scale k/√2, shift s)
+    returns u_c + s, and SiLU(u + s) ≈ u + s; convolutions take the shift back off. Every
+    residual branch (conv2 of each resnet) is zero. The latent log-variance is -30 (std 3e-7).
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(12,),
+        layers_per_block=1,
+        latent_channels=3,
+        norm_num_groups=3,
+        sample_size=resolution,
+        scaling_factor=1.0,
+        force_upcast=False,
+        mid_block_add_attention=False,
+    )
+    k, s = _IDENTITY_K, _SILU_SHIFT
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for module in vae.modules():  # GroupNorm weights default to 1; keep them harmless
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.fill_(1.0)
+        for coder in (vae.encoder, vae.decoder):
+            conv_in = coder.conv_in  # 3 → 12 channels
+            for c in range(3):
+                conv_in.weight[4 * c, c, 1, 1] = 1.0
+                conv_in.weight[4 * c + 1, c, 1, 1] = -1.0
+                conv_in.bias[4 * c + 2] = k
+                conv_in.bias[4 * c + 3] = -k
+            norm = coder.conv_norm_out
+            norm.weight.zero_()
+            norm.bias.zero_()
+            for c in range(3):
+                norm.weight[4 * c] = k / math.sqrt(2.0)
+                norm.bias[4 * c] = s
+            for c in range(3):
+                coder.conv_out.weight[c, 4 * c, 1, 1] = 1.0
+                coder.conv_out.bias[c] = -s
+        vae.encoder.conv_out.bias[3:] = -30.0  # log-variance channels
+        for conv in (vae.quant_conv, vae.post_quant_conv):
+            n = conv.weight.shape[0]
+            conv.weight[:, :, 0, 0] = torch.eye(n)
+    return vae
+
+
+def make_schedulers(config: dict):
+    """(training DDPM scheduler, DPM-Solver++ sampler) sharing one noise schedule."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    s = config["scheduler"]
+    train = DDPMScheduler(
+        num_train_timesteps=s["num_train_timesteps"],
+        beta_schedule=s["beta_schedule"],
+        prediction_type=s["prediction_type"],
+        clip_sample=False,
+    )
+    sample = DPMSolverMultistepScheduler.from_config(train.config)
+    return train, sample
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_training_data(resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """The train split as a uint8 stack (N, 3, R, R) (box-filtered from 64 px) and its captions."""
+    from PIL import Image
+
+    examples = ShapesSource().examples("train")
+    images = []
+    for e in examples:
+        with Image.open(e.image_path) as im:
+            im = im.convert("RGB")
+            if im.size != (resolution, resolution):
+                im = im.resize((resolution, resolution), Image.BOX)
+            images.append(np.asarray(im))
+    stack = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, R, R)
+    return stack, [e.caption for e in examples]
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, R, R) → float in [-1, 1]."""
+    return images_u8.float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """(P, T) ids exactly as StableDiffusionPipeline tokenizes prompts."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def _lr_at(step: int, train: dict) -> float:
+    """Linear warmup then cosine decay to 10% of the peak."""
+    peak, warm, total = train["lr"], train["warmup_steps"], train["steps"]
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build(
+    config: dict,
+    out_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Pretrain the base from scratch (seeded, deterministic), save it to `out_dir`, return metrics.
+
+    `out_dir` gets a `StableDiffusionPipeline.save_pretrained(..., safe_serialization=True)`
+    folder plus `shapes_sd_build.json` (config and metrics). `progress(step, total)` is
+    called after every training step.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    _check_config(config)
+    out_dir = Path(out_dir)
+    started = time.time()
+    train_cfg = config["train"]
+    seed = int(config["seed"])
+    R = config["resolution"]
+
+    images_u8, captions = load_training_data(R)
+    N = images_u8.shape[0]
+    prompts = ["", *CAPTIONS]  # index 0: the unconditional prompt
+    prompt_index = {p: i for i, p in enumerate(prompts)}
+    unknown = sorted({c for c in captions} - set(prompts))
+    assert not unknown, unknown
+    caption_ids = torch.tensor([prompt_index[c] for c in captions])  # (N,)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_clip_tokenizer(out_dir / "tokenizer")
+        vae = make_identity_vae(R)
+        text_encoder = make_text_encoder(config)
+        unet = make_unet(config)
+    noise_scheduler, sample_scheduler = make_schedulers(config)
+    vae.requires_grad_(False)
+    prompt_tokens = _tokenize(tokenizer, prompts)  # (P, T)
+
+    with torch.no_grad():  # the identity VAE, run once: latents are what the pipeline decodes
+        latents_all = torch.cat(
+            [
+                vae.encode(to_model_range(images_u8[i : i + 512])).latent_dist.mode()
+                * vae.config.scaling_factor
+                for i in range(0, N, 512)
+            ]
+        )  # (N, 3, R, R)
+
+    params = [p for p in unet.parameters()] + [p for p in text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+    ema = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    snr_all = alphas_cumprod / (1.0 - alphas_cumprod)  # (num_train_timesteps,)
+    prediction_type = noise_scheduler.config.prediction_type
+    steps, B = train_cfg["steps"], train_cfg["batch_size"]
+    losses: list[float] = []
+    unet.train()
+    text_encoder.train()
+    for step in range(steps):
+        idx = torch.randint(0, N, (B,), generator=gen)
+        x0 = latents_all[idx]  # (B, 3, R, R)
+        if train_cfg["hflip"]:
+            flip = torch.rand(B, generator=gen) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        cap = caption_ids[idx]
+        drop = torch.rand(B, generator=gen) < train_cfg["caption_dropout"]
+        cap = torch.where(drop, torch.zeros_like(cap), cap)  # (B,) prompt indices
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=gen)
+
+        used, inverse = torch.unique(cap, return_inverse=True)  # encode each prompt once
+        hidden = text_encoder(prompt_tokens[used])[0][inverse]  # (B, T, D)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, hidden).sample
+        if prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(x0, noise, t)
+            snr = snr_all[t]
+            weight = torch.clamp(snr, max=train_cfg["min_snr_gamma"]) / (snr + 1.0)
+        elif prediction_type == "epsilon":
+            target = noise
+            snr = snr_all[t]
+            weight = torch.clamp(snr, max=train_cfg["min_snr_gamma"]) / snr
+        else:  # "sample"
+            target = x0
+            weight = torch.clamp(snr_all[t], max=train_cfg["min_snr_gamma"])
+        per_example = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        loss = (weight * per_example).mean()
+
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, train_cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, train_cfg["grad_clip"])
+        optimizer.step()
+        decay = min(train_cfg["ema_decay"], (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, steps)
+    train_seconds = time.time() - started
+
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sample_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+    ev = config["eval"]
+    eval_started = time.time()
+    quality = evaluate(
+        pipe,
+        samples_per_caption=ev["samples_per_caption"],
+        num_inference_steps=ev["num_inference_steps"],
+        guidance_scale=ev["guidance_scale"],
+        seed=ev["seed"],
+    )
+    tail = losses[-min(100, len(losses)) :]
+    metrics = {
+        "name": NAME,
+        "size": config["size"],
+        "steps": steps,
+        "loss_first": losses[0] if losses else None,
+        "loss_last100": float(np.mean(tail)) if tail else None,
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(time.time() - eval_started, 2),
+        "build_seconds": round(time.time() - started, 2),
+        "params": {
+            "unet": sum(p.numel() for p in unet.parameters()),
+            "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+            "vae": sum(p.numel() for p in vae.parameters()),
+        },
+        "file_bytes": _weight_bytes(out_dir),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "data_examples": int(N),
+        "eval": {k: v for k, v in quality.items() if k != "per_caption"},
+        "eval_per_caption": quality["per_caption"],
+    }
+    (out_dir / "shapes_sd_build.json").write_text(
+        json.dumps({"config": config, "metrics": metrics}, indent=2)
+    )
+    return metrics
+
+
+def _weight_bytes(out_dir: Path) -> dict[str, int]:
+    sizes = {str(p.relative_to(out_dir)): p.stat().st_size for p in sorted(out_dir.rglob("*.safetensors"))}
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def load(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The saved base as a `StableDiffusionPipeline` (the same call that loads SD-1.4 by id)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").exists():
+        present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        raise ValueError(f"{path} is not a saved {NAME} pipeline (no model_index.json; it holds {present})")
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ----------------------------------------------------------------------------- judging
+
+
+_FILL_RECTANGLE = 0.92  # fill ratio above: rectangle (real data: 1.0)
+_FILL_CIRCLE = 0.76  # above: circle (real 32 px: 0.787..0.87); below: triangle (0.55..0.74)
+
+
+def _as_stack(images) -> np.ndarray:
+    """PIL images, a list of (H, W, 3) arrays, or an (N, H, W, 3) array → uint8 (N, H, W, 3)."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        arr = images
+    else:
+        arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.round(arr * 255.0 if arr.max() <= 1.0 else arr), 0, 255).astype(np.uint8)
+    return arr
+
+
+def judge_measurements(images) -> dict[str, np.ndarray]:
+    """Colour (palette index) and fill ratio of the one shape in each image, robustly.
+
+    Same geometry as `pipeline.data.shapes.pixel_measurements` (background = per-image median,
+    colour = palette colour nearest the purest shape pixels, coverage = projection on the
+    background→colour line, fill = area / (width × height) from per-column/row maximum
+    coverage), hardened for generated images: the reference distance is the 3rd largest (one
+    or two stray pixels cannot set it), and coverage below 0.2 is treated as background noise
+    (a linear ramp from 0.2 to 0.8), so speckle does not widen the bounding box.
+    """
+    x = _as_stack(images).astype(np.float32)
+    N, H, W, _ = x.shape
+    bg = np.median(x.reshape(N, H * W, 3), axis=1)  # (N, 3)
+    diff = x - bg[:, None, None, :]  # (N, H, W, 3)
+    dist = np.linalg.norm(diff, axis=-1).reshape(N, H * W)  # (N, HW)
+    ref = np.sort(dist, axis=1)[:, -3]  # (N,) robust max
+    core = dist >= 0.8 * ref[:, None]  # (N, HW)
+    flat = x.reshape(N, H * W, 3)
+    core_rgb = (flat * core[..., None]).sum(axis=1) / np.maximum(core.sum(axis=1), 1)[:, None]
+    palette = np.array(list(PALETTE.values()), dtype=np.float32)  # (C, 3)
+    color = np.linalg.norm(core_rgb[:, None, :] - palette[None], axis=-1).argmin(axis=1)  # (N,)
+
+    direction = palette[color] - bg  # (N, 3)
+    norm2 = np.maximum((direction**2).sum(axis=1), 1.0)
+    alpha = np.einsum("nhwc,nc->nhw", diff, direction) / norm2[:, None, None]  # (N, H, W)
+    alpha = np.clip((alpha - 0.2) / 0.6, 0.0, 1.0)
+    mass = alpha.sum(axis=(1, 2))
+    width = alpha.max(axis=1).sum(axis=1)
+    height = alpha.max(axis=2).sum(axis=1)
+    fill = mass / np.maximum(width * height, 1e-6)
+    return {"color": color, "fill": fill, "area": mass / (H * W)}
+
+
+def shape_of_fill(fill: float) -> str:
+    """Rectangle ≈ 1, circle ≈ π/4, triangle ≈ 1/2 (thresholds set on 32 and 64 px real images)."""
+    if fill > _FILL_RECTANGLE:
+        return "rectangle"
+    return "circle" if fill > _FILL_CIRCLE else "triangle"
+
+
+def judge_images(images) -> list[tuple[str, str]]:
+    """(colour, shape) of each image — PIL images or uint8 (N, H, W, 3) — by pixels alone."""
+    m = judge_measurements(images)
+    return [(COLORS[int(c)], shape_of_fill(float(f))) for c, f in zip(m["color"], m["fill"])]
+
+
+@torch.no_grad()
+def sample_captions(
+    pipe,
+    captions: Sequence[str] = CAPTIONS,
+    samples_per_caption: int = 1,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+) -> list:
+    """PIL images, caption-major (`samples_per_caption` consecutive images per caption)."""
+    images = []
+    for i, caption in enumerate(captions):
+        gen = torch.Generator().manual_seed(seed + i)
+        out = pipe(
+            caption,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=samples_per_caption,
+            generator=gen,
+        )
+        images += out.images
+    return images
+
+
+def evaluate(
+    pipe,
+    samples_per_caption: int = 4,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How often generated images show the prompted colour and shape, over all 24 captions."""
+    images = sample_captions(pipe, CAPTIONS, samples_per_caption, num_inference_steps, guidance_scale, seed)
+    judged = judge_images(images)
+    per_caption = {}
+    color_hits = shape_hits = both_hits = 0
+    for i, caption in enumerate(CAPTIONS):
+        _, color, shape = caption.split(" ")
+        got = judged[i * samples_per_caption : (i + 1) * samples_per_caption]
+        c = sum(g[0] == color for g in got)
+        s = sum(g[1] == shape for g in got)
+        b = sum(g == (color, shape) for g in got)
+        color_hits, shape_hits, both_hits = color_hits + c, shape_hits + s, both_hits + b
+        per_caption[caption] = {"color": c / len(got), "shape": s / len(got)}
+    total = len(judged)
+    return {
+        "color_accuracy": color_hits / total,
+        "shape_accuracy": shape_hits / total,
+        "both_accuracy": both_hits / total,
+        "samples": total,
+        "samples_per_caption": samples_per_caption,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "per_caption": per_caption,
+    }

@@ -1,0 +1,91 @@
+"""The dataset card (README.md with the YAML header the hub reads) of a published population."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.manifest import Manifest
+from pipeline.score import scorer_id
+
+COLUMN_MEANINGS = {
+    "job_id": "content hash of the job spec (names the LoRA)",
+    "population": "population name", "index": "job index k in the population",
+    "base_ref": "base model (HF id or tiny:NAME)", "base_revision": "revision of the base",
+    "rank": "LoRA rank r", "alpha": "LoRA alpha (update scaled by alpha / r)",
+    "target_modules": "module names that carry LoRA layers", "lora_dropout": "LoRA dropout",
+    "seed": "the job's own seed", "hyperparameters": "JSON of the drawn hyperparameters",
+    "data": "JSON of the job's data subset (group / classes / sources)",
+    "group": "finetuning group; splits never share a group", "adapter_config": "peft adapter_config.json",
+    "split": "train / validation / test", "weights": "flat float32 LoRA factors, see layout.json",
+}
+
+
+def code_version() -> str:
+    version = importlib.metadata.version("lol-pipeline")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def dataset_card(manifest: Manifest, dataset, shards: dict[str, list[str]], layout: dict[str, Any],
+                 label_names: dict[str, dict[str, str]]) -> str:
+    first = next(iter(dataset.values()))
+    header = {
+        "license": manifest.publish.license,
+        "pretty_name": f"{manifest.population.name} LoRA population",
+        "tags": ["lora", "learning-on-loras", "weight-space", manifest.base.kind],
+        "configs": [{"config_name": "default",
+                     "data_files": [{"split": name, "path": f"data/{name}-*.parquet"} for name in shards]}],
+        "dataset_info": {"features": first.features._to_yaml_list(),
+                         "splits": [{"name": name, "num_examples": len(split)} for name, split in dataset.items()]},
+    }
+    lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
+             f"# {manifest.population.name}", "",
+             manifest.population.description or "A population of LoRA finetunes.", "",
+             f"{sum(len(s) for s in dataset.values())} LoRAs of `{manifest.base.ref}` "
+             f"({manifest.base.kind}), rank {sorted({int(r) for s in dataset.values() for r in s['rank']})}, "
+             f"targets {', '.join(manifest.lora.target_modules)}. One row per LoRA, with its weights, "
+             "hyperparameters, training-data descriptor and labels.", "",
+             "## Load it", "", "```python", "import datasets",
+             "ds = datasets.load_dataset(PATH_OR_REPO)            # plain Hugging Face datasets",
+             "# or, as tensors for Learning-on-LoRAs models:",
+             "from lol_models.data import pull",
+             "train = pull(PATH_OR_REPO, split='train')", "```", "",
+             "`weights` holds each LoRA's factors as one float32 vector; `layout.json` gives, per module, the",
+             f"offsets of `lora_A` (r_max × in) and `lora_B` (out × r_max), r_max = {layout['max_rank']}, "
+             f"{layout['size']} floats per row; rows of lower rank are zero-padded.", "",
+             "## Schema", "", "| column | type | meaning |", "|---|---|---|"]
+    for feature in first.features._to_yaml_list():
+        name = feature["name"]
+        kind = feature.get("dtype") or f"list<{feature.get('list')}>" + (f"[{feature['length']}]" if "length" in feature else "")
+        meaning = COLUMN_MEANINGS.get(name) or (
+            f"label `{label_names[name]['label']}` from scorer `{label_names[name]['scorer_id']}`" if name in label_names else "")
+        lines.append(f"| `{name}` | {kind} | {meaning} |")
+    lines += ["", "## Label statistics", "", "| label | split | mean | std | n |", "|---|---|---|---|---|"]
+    for column in sorted(label_names):
+        for name, split in dataset.items():
+            values = np.asarray(split[column], dtype=float)
+            lines.append(f"| `{column}` | {name} | {values.mean():.4g} | {values.std():.4g} | {len(values)} |")
+    manifest_hash = hashlib.sha256(manifest.canonical_json().encode()).hexdigest()[:12]
+    lines += ["", "## Provenance", "",
+              f"- manifest: `{manifest.population.name}` v{manifest.population.version}, canonical hash `{manifest_hash}` (copy in `manifest.yaml`)",
+              f"- base: `{manifest.base.ref}` revision `{manifest.base.revision or 'n/a'}`",
+              f"- splits: group-disjoint, fractions {dict(manifest.publish.splits)}, seed {manifest.publish.split_seed}",
+              f"- code: lol-pipeline {code_version()}",
+              "- libraries: " + ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "diffusers", "transformers", "peft", "datasets")),
+              "- scorers:"]
+    for spec in manifest.scorers:
+        lines.append(f"  - `{scorer_id(spec)}`: `{json.dumps(spec.model_dump(mode='json'), sort_keys=True)}`")
+    lines += ["", f"License: {manifest.publish.license}.", ""]
+    return "\n".join(lines)

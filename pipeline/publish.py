@@ -1,0 +1,342 @@
+"""Publish a population as a Hugging Face dataset: one row per verified, scored LoRA.
+
+The published folder is laid out as a hub dataset repo::
+
+    {store}/published/{population}/
+        README.md                          # dataset card: YAML header (configs, splits, features, license)
+        data/{split}-{sha12}.parquet       # parquet shards, named by content (so pushes append)
+        arrow/                             # the same splits, `save_to_disk` (memory-mapped on load)
+        layout.json                        # how the flat weight vector maps to peft tensors
+        labels.json                        # label column -> scorer id, scorer, original label name
+        manifest.yaml                      # the manifest as run
+
+Weights: every row holds one fixed-size float32 vector `weights` (an Arrow FixedSizeList),
+so a split loads as an (N, D) array without per-row parsing. `layout.json` lists, for each
+LoRA module in order, `in`/`out` sizes and the offsets of its `lora_A` (r_max × in) and
+`lora_B` (out × r_max) blocks; rows of rank r < r_max are zero-padded (which leaves every
+B·A unchanged) and the `rank` column says how much to keep. `row_to_adapter` rebuilds the
+exact peft adapter files from a row.
+
+Splits are group-disjoint: a LoRA's group is its identity group, its set of classes or its
+set of sources; each group goes to a split by a hash of (split_seed, group) against the
+manifest's fractions, so adding LoRAs never moves old ones between splits. The folder is
+written under `published/.versions/` and `published/{population}` is a symlink swapped
+atomically: readers see the old version or the new, and a killed publish leaves the old.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.jobs import Job, canonical_json, expand, unit_draw
+from pipeline.manifest import Manifest
+from pipeline.score import scorer_id
+from storage import Store
+
+LAYOUT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+ROWS_PER_SHARD = 1000
+
+
+class PublishError(ValueError):
+    """The population cannot be published as asked; names the rows or files at fault."""
+
+
+@dataclass
+class PublishSummary:
+    folder: str
+    rows: dict[str, int]
+    excluded: dict[str, str] = field(default_factory=dict)  # job_id -> why it is not published
+    pushed: bool = False
+    message: str = ""
+
+
+# ---------------------------------------------------------------- groups and splits
+
+
+def group_key(job: Job) -> str:
+    """The finetuning group of a job: no group ever appears in two splits."""
+    data = job.spec.data
+    if data["kind"] == "identity_groups":
+        return f"group:{data['group']}"
+    if data["kind"] == "class_subsets":
+        return "classes:" + "|".join(sorted(data["classes"]))
+    if data["kind"] == "source_subsets":
+        return "sources:" + "|".join(sorted(data["sources"]))
+    raise PublishError(f"job {job.job_id} has an unknown data kind {data['kind']!r}")
+
+
+def split_of(group: str, fractions: dict[str, float], seed: int) -> str:
+    u = unit_draw(seed, 0, f"split:{group}")
+    edge = 0.0
+    for name in ("train", "validation", "test"):
+        edge += fractions.get(name, 0.0)
+        if u < edge:
+            return name
+    return "train" if fractions.get("train") else next(n for n, f in fractions.items() if f > 0)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def read_adapter(store: Store, rel: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors, adapter_config) of a stored peft adapter folder; safetensors only."""
+    from safetensors.numpy import load as load_safetensors
+
+    tensors = load_safetensors(store.read_bytes(f"{rel}/adapter_model.safetensors"))
+    config = json.loads(store.read_bytes(f"{rel}/adapter_config.json"))
+    return tensors, config
+
+
+def module_factors(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """module name -> (lora_A (r, in), lora_B (out, r)) from peft's saved keys."""
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        if match is None:
+            raise PublishError(f"unexpected tensor {key!r} in a LoRA adapter (expected …lora_A.weight / …lora_B.weight)")
+        modules.setdefault(match.group(1), {})[match.group(2)] = value
+    incomplete = [name for name, parts in modules.items() if set(parts) != {"A", "B"}]
+    if incomplete:
+        raise PublishError(f"modules without both lora_A and lora_B: {incomplete[:5]}")
+    return {name: (parts["A"], parts["B"]) for name, parts in sorted(modules.items())}
+
+
+def make_layout(factors: dict[str, tuple[np.ndarray, np.ndarray]], max_rank: int) -> dict[str, Any]:
+    modules, offset = [], 0
+    for name, (a, b) in factors.items():
+        n_in, n_out = a.shape[1], b.shape[0]
+        modules.append({"name": name, "in": int(n_in), "out": int(n_out), "a_offset": offset,
+                        "b_offset": offset + max_rank * n_in})
+        offset += max_rank * (n_in + n_out)
+    return {"layout_version": LAYOUT_VERSION, "max_rank": max_rank, "size": offset, "modules": modules,
+            "scale": "U = lora_B * alpha / rank; V = lora_A^T", "peft_prefix": PEFT_PREFIX}
+
+
+def flatten(factors: dict[str, tuple[np.ndarray, np.ndarray]], layout: dict[str, Any]) -> np.ndarray:
+    """One LoRA's tensors as the layout's (D,) float32 vector, rank zero-padded."""
+    vector = np.zeros(layout["size"], dtype=np.float32)
+    r_max = layout["max_rank"]
+    names = [m["name"] for m in layout["modules"]]
+    if list(factors) != names:
+        raise PublishError(f"LoRA modules {list(factors)[:3]}… differ from the population's layout {names[:3]}…")
+    for module in layout["modules"]:
+        a, b = factors[module["name"]]
+        rank = a.shape[0]
+        if a.shape[1] != module["in"] or b.shape[0] != module["out"]:
+            raise PublishError(f"module {module['name']}: shapes {a.shape}/{b.shape} differ from the layout")
+        block_a = np.zeros((r_max, module["in"]), np.float32)
+        block_a[:rank] = a
+        block_b = np.zeros((module["out"], r_max), np.float32)
+        block_b[:, :rank] = b
+        vector[module["a_offset"]:module["a_offset"] + block_a.size] = block_a.ravel()
+        vector[module["b_offset"]:module["b_offset"] + block_b.size] = block_b.ravel()
+    return vector
+
+
+def unflatten(vector: np.ndarray, layout: dict[str, Any], rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    r_max = layout["max_rank"]
+    out = {}
+    for module in layout["modules"]:
+        a = vector[module["a_offset"]:module["a_offset"] + r_max * module["in"]].reshape(r_max, module["in"])
+        b = vector[module["b_offset"]:module["b_offset"] + module["out"] * r_max].reshape(module["out"], r_max)
+        out[module["name"]] = (a[:rank].copy(), b[:, :rank].copy())
+    return out
+
+
+def row_to_adapter(row: dict[str, Any], layout: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write the peft adapter (adapter_config.json + adapter_model.safetensors) a row holds."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (a, b) in unflatten(np.asarray(row["weights"], dtype=np.float32), layout, int(row["rank"])).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(row["adapter_config"])
+    return out_dir
+
+
+# ---------------------------------------------------------------- assembling rows
+
+
+def label_column(scorer: str, label: str) -> str:
+    return f"{scorer}.{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}"
+
+
+def assemble(manifest: Manifest, store: Store) -> tuple[list[dict[str, Any]], np.ndarray, dict, dict, dict[str, str]]:
+    """(rows, weights (N, D), layout, label columns, excluded) for every publishable LoRA."""
+    population = store.population(manifest.population.name)
+    scorers = [(spec.name, scorer_id(spec)) for spec in manifest.scorers]
+    excluded: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    factors_by_row: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
+    label_names: dict[str, dict[str, str]] = {}
+    for job in expand(manifest):
+        record = population.record(job.job_id)
+        if record is None:
+            failure = population.failure(job.job_id)
+            excluded[job.job_id] = f"failed: {failure['reason']}" if failure else "not finetuned yet"
+            continue
+        problems = population.verify_job(job.job_id)
+        if problems:
+            excluded[job.job_id] = "does not verify: " + "; ".join(str(p) for p in problems[:2])
+            continue
+        labels, missing = {}, []
+        for name, sid in scorers:
+            score = population.read_score(job.job_id, sid)
+            if score is None:
+                missing.append(sid)
+                continue
+            for label, value in score["labels"].items():
+                column = label_column(name, label)
+                label_names.setdefault(column, {"scorer": name, "scorer_id": sid, "label": label})
+                labels[column] = value
+        if missing:
+            excluded[job.job_id] = f"not scored by {', '.join(missing)}"
+            continue
+        tensors, config = read_adapter(store, population.job_rel(job.job_id, "adapter"))
+        factors_by_row.append(module_factors(tensors))
+        spec = job.spec
+        rows.append({
+            "job_id": job.job_id, "population": job.population, "index": job.index,
+            "base_ref": spec.base["ref"], "base_revision": spec.base.get("revision") or "",
+            "rank": spec.rank, "alpha": spec.alpha, "target_modules": list(spec.target_modules),
+            "lora_dropout": spec.lora_dropout, "seed": spec.seed,
+            "hyperparameters": canonical_json(spec.hyperparameters), "data": canonical_json(spec.data),
+            "group": group_key(job), "adapter_config": json.dumps(config, sort_keys=True),
+            **labels,
+        })
+    if not rows:
+        reasons = sorted(set(excluded.values()))[:5]
+        raise PublishError(f"population {manifest.population.name!r} has no verified, scored LoRA to publish "
+                           f"({len(excluded)} planned; e.g. {'; '.join(reasons)}); run `lol finetune` and `lol score` first")
+    gaps = {column: [r["job_id"] for r in rows if column not in r] for column in label_names}
+    gaps = {c: ids for c, ids in gaps.items() if ids}
+    if gaps:
+        column, ids = next(iter(gaps.items()))
+        raise PublishError(f"label {column!r} is missing from {len(ids)} row(s), e.g. {ids[:5]}; rescore those LoRAs")
+    max_rank = max(a.shape[0] for factors in factors_by_row for a, _ in factors.values())
+    layout = make_layout(factors_by_row[0], max_rank)
+    weights = np.stack([flatten(factors, layout) for factors in factors_by_row])
+    fractions = dict(manifest.publish.splits)
+    for row in rows:
+        row["split"] = split_of(row["group"], fractions, manifest.publish.split_seed)
+    return rows, weights, layout, label_names, excluded
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _dataset(rows: list[dict[str, Any]], weights: np.ndarray):
+    import datasets
+    import pyarrow as pa
+
+    columns = {key: [row[key] for row in rows] for key in rows[0]}
+    table = pa.table(columns)
+    flat = pa.array(weights.reshape(-1), type=pa.float32())
+    table = table.append_column("weights", pa.FixedSizeListArray.from_arrays(flat, weights.shape[1]))
+    return datasets.Dataset(table)
+
+
+def write_folder(manifest: Manifest, store: Store, folder: Path, rows, weights, layout, label_names) -> dict[str, int]:
+    import datasets
+
+    splits: dict[str, Any] = {}
+    for name in ("train", "validation", "test"):
+        index = [i for i, row in enumerate(rows) if row["split"] == name]
+        if index:
+            splits[name] = _dataset([rows[i] for i in index], weights[index])
+    dataset = datasets.DatasetDict(splits)
+    dataset.save_to_disk(str(folder / "arrow"))
+    shards: dict[str, list[str]] = {}
+    (folder / "data").mkdir()
+    for name, split in dataset.items():
+        for start in range(0, len(split), ROWS_PER_SHARD):
+            buffer = io.BytesIO()
+            split.select(range(start, min(start + ROWS_PER_SHARD, len(split)))).to_parquet(buffer)
+            digest = hashlib.sha256(buffer.getvalue()).hexdigest()[:12]
+            path = f"data/{name}-{digest}.parquet"
+            (folder / path).write_bytes(buffer.getvalue())
+            shards.setdefault(name, []).append(path)
+    (folder / "layout.json").write_text(json.dumps(layout, indent=1) + "\n")
+    (folder / "labels.json").write_text(json.dumps(label_names, indent=1, sort_keys=True) + "\n")
+    manifest_rel = store.population(manifest.population.name).rel("manifest.yaml")
+    if store.exists(manifest_rel):
+        (folder / "manifest.yaml").write_bytes(store.read_bytes(manifest_rel))
+    from pipeline.card import dataset_card
+
+    (folder / "README.md").write_text(dataset_card(manifest, dataset, shards, layout, label_names))
+    return {name: len(split) for name, split in dataset.items()}
+
+
+def published_rel(manifest: Manifest) -> str:
+    return f"published/{manifest.population.name}"
+
+
+def publish_population(manifest: Manifest, store: Store, push: bool | None = None) -> PublishSummary:
+    """Assemble, write the folder atomically, and push when a token is set (and `push` allows)."""
+    rows, weights, layout, label_names, excluded = assemble(manifest, store)
+    rel = published_rel(manifest)
+    with tempfile.TemporaryDirectory(prefix="lol-publish-") as tmp:
+        staging = Path(tmp) / "folder"
+        staging.mkdir()
+        counts = write_folder(manifest, store, staging, rows, weights, layout, label_names)
+        _install(store, staging, rel)
+    summary = PublishSummary(folder=store.path(rel), rows=counts, excluded=excluded)
+    from pipeline.hub import push_folder, token_from_env
+
+    token = token_from_env()
+    if manifest.publish.repo_id and token and push is not False:
+        push_folder(store.local_path(rel) if store.is_local else store.path(rel), manifest.publish.repo_id, token,
+                    private=manifest.publish.private)
+        summary.pushed, summary.message = True, f"pushed to the hub as {manifest.publish.repo_id}"
+    elif manifest.publish.repo_id and not token:
+        summary.message = f"wrote {summary.folder} locally; did not push to {manifest.publish.repo_id}: no HF_TOKEN set"
+    else:
+        summary.message = f"wrote {summary.folder} locally (no publish.repo_id in the manifest, so nothing to push)"
+    return summary
+
+
+def _install(store: Store, staging: Path, rel: str) -> None:
+    """Put the staged folder at `rel` atomically.
+
+    Local disks: the folder is copied to `published/.versions/{name}-{id}` and `published/{name}`
+    is a symlink swapped with one `os.replace`, so a reader (or a crash) sees the old version or
+    the new, never a mix; the previous version is removed only after the swap.
+    """
+    if store.is_local:
+        link = store.local_path(rel)
+        versions = link.parent / ".versions"
+        versions.mkdir(parents=True, exist_ok=True)
+        version = versions / f"{link.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(staging, version)
+        previous = link.resolve() if link.is_symlink() else None
+        if link.exists() and not link.is_symlink():  # a plain folder from elsewhere: keep it aside
+            os.rename(link, versions / f"{link.name}-replaced-{uuid.uuid4().hex[:8]}")
+        temporary_link = link.parent / f".link-{link.name}-{uuid.uuid4().hex[:8]}"
+        os.symlink(os.path.relpath(version, link.parent), temporary_link)
+        os.replace(temporary_link, link)
+        if previous is not None and previous != version.resolve():
+            shutil.rmtree(previous, ignore_errors=True)
+        return
+    # Object stores: upload every file, the card last (a reader that finds the card finds the data).
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "README.md")
+    for path in files:
+        store.write_bytes(f"{rel}/{path.relative_to(staging).as_posix()}", path.read_bytes())
+    store.write_bytes(f"{rel}/README.md", (staging / "README.md").read_bytes())

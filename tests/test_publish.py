@@ -1,0 +1,177 @@
+"""Publishing a population as a Hugging Face dataset, and reading it back with plain `datasets`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+from safetensors.numpy import load_file
+
+from pipeline.finetune.diffusion import DiffusionTrainer
+from pipeline.finetune.runner import finetune_population
+from pipeline.hub import local_files, plan_push
+from pipeline.manifest import Manifest
+from pipeline.publish import PublishError, publish_population, row_to_adapter
+from pipeline.score.runner import score_population
+from storage import Store
+
+SHAPES = ROOT / "manifests" / "tiny-shapes.yaml"
+
+
+def overrides(base, *extra):
+    return [f"base.ref={base}", "count=8", "hyperparameters.steps=1", "hyperparameters.batch_size=1",
+            "lora.rank=[2, 4]", "data.subsets.num_groups=4",
+            "scorers=[{name: attributes, attributes: [shape=circle, color=red|yellow|brown]}]", *extra]
+
+
+@pytest.fixture(scope="module")
+def population(random_sd, tmp_path_factory):
+    """A store holding 8 finetuned, scored LoRAs of mixed rank (2 and 4) in 4 identity groups."""
+    store = Store(str(tmp_path_factory.mktemp("store")))
+    manifest = Manifest.from_yaml(SHAPES, overrides=overrides(random_sd))
+    assert len(finetune_population(manifest, store, DiffusionTrainer).trained) == 8
+    assert not score_population(manifest, store).failed
+    return store, manifest
+
+
+@pytest.fixture(scope="module")
+def published(population):
+    store, manifest = population
+    summary = publish_population(manifest, store)
+    return store, manifest, summary
+
+
+def test_plain_load_dataset_in_a_fresh_process_sees_rows_columns_and_splits(published):
+    store, _, summary = published
+    code = textwrap.dedent(f"""
+        import datasets, json
+        ds = datasets.load_dataset({summary.folder!r})
+        print(json.dumps({{name: [len(split), split.column_names, len(split[0]["weights"])] for name, split in ds.items()}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                 "HOME": str(store.local_path("."))})
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sum(n for n, _, _ in seen.values()) == 8 == sum(summary.rows.values())
+    assert {name: n for name, (n, _, _) in seen.items()} == summary.rows
+    columns = next(iter(seen.values()))[1]
+    assert {"job_id", "rank", "weights", "attributes.shape_circle", "attributes.color_red_yellow_brown", "group"} <= set(columns)
+
+
+def test_a_row_rebuilds_the_exact_peft_adapter(published, tmp_path, random_sd):
+    import datasets
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    store, manifest, summary = published
+    folder = store.local_path(f"published/{manifest.population.name}")
+    layout = json.loads((folder / "layout.json").read_text())
+    ds = datasets.load_from_disk(str(folder / "arrow"))
+    population = store.population(manifest.population.name)
+    for split in ds.values():
+        for row in split:
+            rebuilt = row_to_adapter(row, layout, tmp_path / row["job_id"])
+            stored_dir = store.local_path(population.job_rel(row["job_id"], "adapter"))
+            original, copy = load_file(str(stored_dir / "adapter_model.safetensors")), load_file(str(rebuilt / "adapter_model.safetensors"))
+            assert original.keys() == copy.keys()
+            assert all(np.array_equal(original[k], copy[k]) for k in original)
+    row = next(iter(ds.values()))[0]
+    rebuilt = row_to_adapter(row, layout, tmp_path / "peft-check")
+    x, t, text = torch.randn(1, 4, 16, 16), torch.tensor([5]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        a = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(random_sd, subfolder="unet"), rebuilt)(x, t, text).sample
+        b = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(random_sd, subfolder="unet"),
+                                      store.local_path(population.job_rel(row["job_id"], "adapter")))(x, t, text).sample
+    assert torch.equal(a, b)
+
+
+def test_splits_are_group_disjoint_and_stable(published):
+    import datasets
+
+    store, manifest, _ = published
+    ds = datasets.load_from_disk(str(store.local_path(f"published/{manifest.population.name}/arrow")))
+    groups = {name: set(split["group"]) for name, split in ds.items()}
+    names = list(groups)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not groups[a] & groups[b]
+
+
+def test_card_yaml_parses_and_describes_the_dataset(published):
+    store, manifest, summary = published
+    text = (store.local_path(f"published/{manifest.population.name}") / "README.md").read_text()
+    _, header, body = text.split("---", 2)
+    meta = yaml.safe_load(header)
+    assert meta["license"] == "cc-by-4.0"
+    assert {s["split"] for s in meta["configs"][0]["data_files"]} == set(summary.rows)
+    assert sum(s["num_examples"] for s in meta["dataset_info"]["splits"]) == 8
+    assert "## Provenance" in body and "attributes-" in body and "## Label statistics" in body
+
+
+def test_republish_swaps_versions_and_a_failed_publish_keeps_the_old(population, monkeypatch):
+    import pipeline.card as card
+
+    store, manifest = population
+    publish_population(manifest, store)
+    link = store.local_path(f"published/{manifest.population.name}")
+    before = link.resolve()
+    card_text = (link / "README.md").read_text()
+    with monkeypatch.context() as patch:
+        patch.setattr(card, "dataset_card", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
+        with pytest.raises(RuntimeError, match="disk full"):
+            publish_population(manifest, store)
+    assert link.resolve() == before and (link / "README.md").read_text() == card_text
+    publish_population(manifest, store)
+    assert link.resolve() != before and not before.exists()  # the new version replaced the old one
+    assert len(list((link.parent / ".versions").iterdir())) == 1
+
+
+def test_push_plan_adds_only_missing_shards_and_removes_stale_ones(published):
+    store, manifest, _ = published
+    folder = store.local_path(f"published/{manifest.population.name}")
+    files = local_files(folder)
+    shards = [f for f in files if f.startswith("data/")]
+    assert shards and "README.md" in files and not any(f.startswith("arrow/") for f in files)
+    upload, delete = plan_push(folder, [])
+    assert sorted(upload) == sorted(files) and delete == []
+    upload, delete = plan_push(folder, [shards[0], "data/train-000000000000.parquet", "README.md"])
+    assert shards[0] not in upload and "README.md" in upload and delete == ["data/train-000000000000.parquet"]
+
+
+def test_offline_publish_says_it_did_not_push(population, monkeypatch):
+    store, manifest = population
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    with_repo = Manifest.from_yaml(SHAPES, overrides=overrides(manifest.base.ref, "publish.repo_id=me/tiny"))
+    summary = publish_population(with_repo, store)
+    assert not summary.pushed and "did not push to me/tiny: no HF_TOKEN set" in summary.message
+
+
+def test_corrupt_and_unscored_loras_are_listed_not_published(population, tmp_path):
+    store, manifest = population
+    import shutil
+
+    copy = Store(str(tmp_path / "copy"))
+    shutil.copytree(store.local_path("populations"), copy.local_path("populations"))
+    population_store = copy.population(manifest.population.name)
+    jobs = sorted(population_store.job_ids())
+    weights = copy.local_path(population_store.job_rel(jobs[0], "adapter/adapter_model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    for score in copy.local_path(population_store.job_rel(jobs[1], "scores")).iterdir():
+        score.unlink()
+    summary = publish_population(manifest, copy)
+    assert sum(summary.rows.values()) == 6
+    assert summary.excluded[jobs[0]].startswith("does not verify") and summary.excluded[jobs[1]].startswith("not scored")
+
+
+def test_nothing_to_publish_is_a_clear_error(tmp_path, random_sd):
+    manifest = Manifest.from_yaml(SHAPES, overrides=overrides(random_sd))
+    with pytest.raises(PublishError, match="no verified, scored LoRA to publish"):
+        publish_population(manifest, Store(str(tmp_path / "empty")))
