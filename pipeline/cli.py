@@ -307,6 +307,32 @@ def _run_publish(loaded: Manifest, target: Store, push: bool = True):
     return summary
 
 
+@app.command("pull")
+def pull_command(
+    repo_or_path: Annotated[str, typer.Argument(help="Hub dataset id or published folder.", show_default=False)],
+    split: Annotated[str, typer.Option(help="Split to load.")] = "train",
+) -> int:
+    """Load a published population as tensors and describe what the LoL models will see."""
+    import time
+
+    from lol_models.data import PulledDataError, pull
+
+    started = time.perf_counter()
+    try:
+        dataset = pull(repo_or_path, split=split)
+    except PulledDataError as exc:
+        raise ValueError(str(exc)) from None
+    seconds = time.perf_counter() - started
+    table = Table(title=f"{repo_or_path} [{split}]: {len(dataset)} LoRAs, loaded in {seconds:.2f} s")
+    for column in ("layer group", "layers", "U (n×r)", "V (m×r)"):
+        table.add_column(column)
+    for i, group in enumerate(dataset.weights.groups):
+        table.add_row(str(i), str(len(group.names)), f"{group.u.shape[2]}×{group.u.shape[3]}", f"{group.v.shape[2]}×{group.v.shape[3]}")
+    out.print(table)
+    out.print("labels: " + ", ".join(dataset.label_names))
+    return 0
+
+
 for _stage in STAGES:
     if _stage.name not in ("finetune", "score", "publish"):
         app.command(name=_stage.name)(_stage_command(_stage.name))

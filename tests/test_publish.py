@@ -175,3 +175,54 @@ def test_nothing_to_publish_is_a_clear_error(tmp_path, random_sd):
     manifest = Manifest.from_yaml(SHAPES, overrides=overrides(random_sd))
     with pytest.raises(PublishError, match="no verified, scored LoRA to publish"):
         publish_population(manifest, Store(str(tmp_path / "empty")))
+
+
+def test_pull_gives_factors_whose_products_are_the_stored_updates(published):
+    from lol_models.data import pull
+
+    store, manifest, summary = published
+    folder = store.local_path(f"published/{manifest.population.name}")
+    population = store.population(manifest.population.name)
+    total = 0
+    for split in summary.rows:
+        dataset = pull(folder, split=split)
+        total += len(dataset)
+        assert set(dataset.label_names) == {"attributes.shape_circle", "attributes.color_red_yellow_brown"}
+        for i, job_id in enumerate(dataset.job_ids):
+            stored = load_file(str(store.local_path(population.job_rel(job_id, "adapter/adapter_model.safetensors"))))
+            record = json.loads(store.read_bytes(population.job_rel(job_id, "spec.json")))["spec"]
+            scale = record["alpha"] / record["rank"]
+            for group in dataset.weights.groups:
+                for j, name in enumerate(group.names):
+                    a = stored[f"base_model.model.{name}.lora_A.weight"]
+                    b = stored[f"base_model.model.{name}.lora_B.weight"]
+                    delta = group.u[i, j] @ group.v[i, j].T
+                    assert torch.allclose(delta, torch.from_numpy(b @ a) * scale, atol=1e-6)
+    assert total == 8
+
+
+def test_pull_errors_name_the_problem(published, tmp_path):
+    import shutil
+
+    from lol_models.data import PulledDataError, pull, stream
+
+    store, manifest, _ = published
+    folder = store.local_path(f"published/{manifest.population.name}")
+    with pytest.raises(PulledDataError, match="unknown split 'dev'"):
+        pull(folder, split="dev")
+    with pytest.raises(PulledDataError, match="not a published LoRA dataset"):
+        pull(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    shard = sorted((copy / "data").glob("train-*.parquet"))[0]
+    shard.write_bytes(b"PAR1" + b"\x00" * 64)
+    with pytest.raises(PulledDataError, match="corrupt parquet shard"):
+        list(stream(copy, split="train"))
+    batches = list(stream(folder, split="train", batch_size=2))
+    assert all(len(b) <= 2 for b in batches) and sum(len(b) for b in batches) == pull(folder, "train").__len__()
+
+
+def test_lol_pull_cli(published, run_cli):
+    store, manifest, _ = published
+    code, out, _ = run_cli("pull", store.local_path(f"published/{manifest.population.name}"), "--split", "train")
+    assert code == 0 and "LoRAs, loaded in" in out and "attributes.shape_circle" in out
