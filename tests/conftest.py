@@ -43,3 +43,13 @@ def random_sd(tmp_path_factory):
     from random_sd import build_random_sd
 
     return build_random_sd(tmp_path_factory.mktemp("random-sd"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A temporary Prefect API (SQLite) for flow tests, started once per session."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

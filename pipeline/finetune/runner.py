@@ -75,32 +75,45 @@ def finetune_population(
     pending = [job for job in jobs if not population.is_done(job.job_id)]
     summary.skipped = len(jobs) - len(pending)
     trainer: Trainer | None = None
+
+    def get_trainer() -> Trainer:  # load the base only when there is work
+        nonlocal trainer
+        if trainer is None:
+            trainer = trainer_factory()
+            trainer.setup(manifest, store)
+        return trainer
+
     for job in pending:
-        claim = population.claim(job.job_id, worker, lease_s)
-        if claim is None:
+        outcome = run_job(population, job, get_trainer, worker, lease_s)
+        if outcome == "trained":
+            summary.trained.append(job.job_id)
+        elif outcome == "busy":
             summary.busy += 1
-            _report(on_job, job, "busy")
-            continue
-        try:
-            if population.is_done(job.job_id):  # finished by another worker meanwhile
-                summary.skipped += 1
-                _report(on_job, job, "skipped")
-                continue
-            if trainer is None:  # load the base only when there is work
-                trainer = trainer_factory()
-                trainer.setup(manifest, store)
-            population.write_spec(job.job_id, job.to_json())
-            population.clear_partial(job.job_id)
-            outcome = _train_one(trainer, job, population)
-            if outcome == "trained":
-                summary.trained.append(job.job_id)
-            else:
-                summary.failed[job.job_id] = outcome
-            _report(on_job, job, outcome)
-        finally:
-            population.release(claim)
+        elif outcome == "skipped":
+            summary.skipped += 1
+        else:
+            summary.failed[job.job_id] = outcome
+        _report(on_job, job, outcome)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def run_job(population, job: Job, get_trainer: Callable[[], Trainer], worker: str, lease_s: float = 6 * 3600) -> str:
+    """Claim one job and train it unless it is done: 'trained', 'skipped', 'busy' or a failure reason."""
+    if population.is_done(job.job_id):
+        return "skipped"
+    claim = population.claim(job.job_id, worker, lease_s)
+    if claim is None:
+        return "busy"
+    try:
+        if population.is_done(job.job_id):  # finished by another worker meanwhile
+            return "skipped"
+        trainer = get_trainer()
+        population.write_spec(job.job_id, job.to_json())
+        population.clear_partial(job.job_id)
+        return _train_one(trainer, job, population)
+    finally:
+        population.release(claim)
 
 
 def _train_one(trainer: Trainer, job: Job, population) -> str:

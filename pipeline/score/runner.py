@@ -65,21 +65,28 @@ def score_population(
         scorer = make_scorer(spec)
         scorer.setup(manifest, store)
         for job in todo:
-            try:
-                with _adapter_dir(population, job.job_id) as adapter_dir:
-                    labels = scorer.score(job, adapter_dir)
-            except Exception as exc:  # one LoRA's failure must not stop the population
-                summary.failed[(job.job_id, sid)] = f"{type(exc).__name__}: {exc}"[:300]
-                _report(on_job, job, sid, "failed")
-                continue
-            payload = {"job_id": job.job_id, "scorer": spec.name, "scorer_id": sid, "settings": scorer_settings(spec),
-                       "labels": labels, "versions": _versions(), "scored_at": time.time()}
-            population.write_score(job.job_id, sid, payload)
-            summary.scored[sid] += 1
-            _collect(summary, payload)
-            _report(on_job, job, sid, "scored")
+            outcome, payload = score_job(population, job, spec, sid, scorer)
+            if payload is None:
+                summary.failed[(job.job_id, sid)] = outcome
+            else:
+                summary.scored[sid] += 1
+                _collect(summary, payload)
+            _report(on_job, job, sid, "scored" if payload else "failed")
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def score_job(population: PopulationStore, job: Job, spec, sid: str, scorer) -> tuple[str, dict | None]:
+    """Score one LoRA with one (set-up) scorer and store it: ('scored', payload) or (reason, None)."""
+    try:
+        with _adapter_dir(population, job.job_id) as adapter_dir:
+            labels = scorer.score(job, adapter_dir)
+    except Exception as exc:  # one LoRA's failure must not stop the population
+        return f"{type(exc).__name__}: {exc}"[:300], None
+    payload = {"job_id": job.job_id, "scorer": spec.name, "scorer_id": sid, "settings": scorer_settings(spec),
+               "labels": labels, "versions": _versions(), "scored_at": time.time()}
+    population.write_score(job.job_id, sid, payload)
+    return "scored", payload
 
 
 def _collect(summary: ScoreSummary, payload: dict | None) -> None:

@@ -1,0 +1,188 @@
+"""Prefect flows for every stage of a population, and `run_population` composing them.
+
+Each flow is a thin composition of `pipeline` calls. One task per job, named by its job id,
+tagged `gpu`, with retries; tasks receive the manifest path, overrides, store URL and a job
+index — never tensors. Storage decides what is done, so a rerun after a crash runs only
+what is missing (Prefect's result cache is not used for resumption). A worker process loads
+each base / scorer once and reuses it for every task it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+from pipeline.finetune.runner import default_worker_name, run_job  # noqa: E402
+from pipeline.jobs import Job, expand, job_at, shard  # noqa: E402
+from pipeline.manifest import Manifest  # noqa: E402
+from pipeline.score import make_scorer, scorer_id  # noqa: E402
+from pipeline.score.runner import score_job  # noqa: E402
+from pipeline.stages import publish, trainer_factory  # noqa: E402
+from storage import Store  # noqa: E402
+
+DEFAULT_RETRIES = 2
+DEFAULT_RETRY_DELAY_S = 10
+
+# Per-process caches: a worker sets a base (or scorer) up once and reuses it across tasks.
+_cache: dict[tuple, Any] = {}
+_cache_lock = threading.Lock()
+
+
+def load_manifest(manifest: str, overrides: list[str] | None = None) -> tuple[Manifest, str]:
+    """(manifest, its text) from a local path or any fsspec URL."""
+    if "://" in manifest:
+        import fsspec
+
+        with fsspec.open(manifest, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+        return Manifest.from_text(text, source=manifest, overrides=overrides), text
+    with open(manifest, encoding="utf-8") as handle:
+        text = handle.read()
+    return Manifest.from_text(text, source=manifest, overrides=overrides), text
+
+
+def _cached(key: tuple, make):
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = make()
+        return _cache[key]
+
+
+def _trainer(manifest: Manifest, store: Store):
+    def make():
+        trainer = trainer_factory(manifest.base.kind)()
+        trainer.setup(manifest, store)
+        return trainer
+
+    return _cached(("trainer", manifest.base.model_dump_json(), tuple(manifest.lora.target_modules), manifest.data.model_dump_json(), store.url), make)
+
+
+def _scorer(manifest: Manifest, store: Store, spec):
+    def make():
+        scorer = make_scorer(spec)
+        scorer.setup(manifest, store)
+        return scorer
+
+    return _cached(("scorer", scorer_id(spec), manifest.base.model_dump_json(), manifest.data.model_dump_json(), store.url), make)
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@task(name="finetune-job", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
+def finetune_job(manifest: str, overrides: list[str], store: str | None, index: int) -> str:
+    """Train job `index` unless the store holds it; returns the outcome."""
+    loaded, _ = load_manifest(manifest, overrides)
+    target = Store(store)
+    job = job_at(loaded, index)
+    outcome = run_job(target.population(loaded.population.name), job, lambda: _trainer(loaded, target), default_worker_name())
+    get_run_logger().info("job %s: %s", job.job_id, outcome)
+    return outcome
+
+
+@task(name="score-job", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
+def score_job_task(manifest: str, overrides: list[str], store: str | None, index: int) -> dict[str, str]:
+    """Score job `index` with every scorer that has not scored it yet; returns scorer id -> outcome."""
+    loaded, _ = load_manifest(manifest, overrides)
+    target = Store(store)
+    population = target.population(loaded.population.name)
+    job = job_at(loaded, index)
+    outcomes = {}
+    for spec in loaded.scorers:
+        sid = scorer_id(spec)
+        if population.has_score(job.job_id, sid):
+            outcomes[sid] = "skipped"
+            continue
+        outcomes[sid], _ = score_job(population, job, spec, sid, _scorer(loaded, target, spec))
+    return outcomes
+
+
+# ---------------------------------------------------------------- flows
+
+
+def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[Job]:
+    return shard(list(expand(loaded, limit=limit)), shard_spec)
+
+
+@flow(name="finetune_population")
+def finetune_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
+                        limit: int | None = None, shard_spec: str | None = None,
+                        retries: int = DEFAULT_RETRIES) -> dict[str, int]:
+    """Finetune every planned LoRA the store lacks, one task per job."""
+    overrides = list(overrides or [])
+    loaded, text = load_manifest(manifest, overrides)
+    target = Store(store)
+    population = target.population(loaded.population.name)
+    population.write_manifest(text)
+    outcomes: Counter = Counter()
+    for job in _jobs(loaded, limit, shard_spec):
+        if population.is_done(job.job_id):
+            outcomes["already done"] += 1
+            continue
+        runner = finetune_job.with_options(task_run_name=f"finetune-{job.job_id}", retries=retries)
+        outcomes[runner(manifest, overrides, store, job.index)] += 1
+    _artifact("finetune", loaded, outcomes)
+    return dict(outcomes)
+
+
+@flow(name="score_population")
+def score_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
+                     limit: int | None = None, shard_spec: str | None = None,
+                     retries: int = DEFAULT_RETRIES) -> dict[str, int]:
+    """Score every finetuned LoRA lacking a score, one task per job."""
+    overrides = list(overrides or [])
+    loaded, _ = load_manifest(manifest, overrides)
+    population = Store(store).population(loaded.population.name)
+    sids = [scorer_id(s) for s in loaded.scorers]
+    outcomes: Counter = Counter()
+    for job in _jobs(loaded, limit, shard_spec):
+        if population.record(job.job_id) is None:
+            outcomes["not finetuned"] += 1
+        elif all(population.has_score(job.job_id, sid) for sid in sids):
+            outcomes["already scored"] += 1
+        else:
+            runner = score_job_task.with_options(task_run_name=f"score-{job.job_id}", retries=retries)
+            for outcome in runner(manifest, overrides, store, job.index).values():
+                outcomes[outcome] += 1
+    _artifact("score", loaded, outcomes)
+    return dict(outcomes)
+
+
+@flow(name="publish_population")
+def publish_population(manifest: str, overrides: list[str] | None = None, store: str | None = None) -> dict[str, Any]:
+    """Write the population as a Hugging Face dataset folder (pushed when a token is set)."""
+    loaded, _ = load_manifest(manifest, list(overrides or []))
+    summary = publish(loaded, Store(store))
+    rows = "\n".join(f"| {name} | {count} |" for name, count in summary.rows.items())
+    excluded = "\n".join(f"- {count} × {reason}" for reason, count in Counter(summary.excluded.values()).most_common())
+    create_markdown_artifact(key=f"publish-{_slug(loaded)}", description=f"publish {loaded.population.name}",
+                             markdown=f"# publish {loaded.population.name}\n\n| split | LoRAs |\n|---|---|\n{rows}\n\n"
+                                      f"{excluded or 'every planned LoRA was published'}\n\n{summary.message}\n")
+    return {"folder": summary.folder, "rows": summary.rows, "excluded": len(summary.excluded)}
+
+
+@flow(name="run_population")
+def run_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
+                   limit: int | None = None, retries: int = DEFAULT_RETRIES) -> dict[str, Any]:
+    """Every stage in order: finetune → score → publish (→ learn when built)."""
+    results: dict[str, Any] = {"finetune": finetune_population(manifest, overrides, store, limit, retries=retries)}
+    results["score"] = score_population(manifest, overrides, store, limit, retries=retries)
+    results["publish"] = publish_population(manifest, overrides, store)
+    return results
+
+
+def _slug(loaded: Manifest) -> str:
+    return "".join(c if c.isalnum() else "-" for c in loaded.population.name.lower())
+
+
+def _artifact(stage: str, loaded: Manifest, outcomes: Counter) -> None:
+    table = "\n".join(f"| {outcome} | {count} |" for outcome, count in outcomes.most_common())
+    create_markdown_artifact(key=f"{stage}-{_slug(loaded)}", description=f"{stage} {loaded.population.name}",
+                             markdown=f"# {stage} {loaded.population.name}\n\n| outcome | jobs |\n|---|---|\n{table}\n")
