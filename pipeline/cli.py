@@ -26,7 +26,7 @@ from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.publish import PublishError
 from pipeline.score import ScorerNotBuilt
-from pipeline.stages import STAGES, StageNotBuilt, population_status, prepare, stage
+from pipeline.stages import STAGES, StageNotBuilt, population_status, stage
 from storage import Store, StoreError
 
 app = typer.Typer(
@@ -115,38 +115,49 @@ def verify(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOp
 
 
 @app.command()
-def run(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
-    """Run every stage of the population, skipping what the store already holds."""
-    loaded = load(manifest, overrides)
-    target = Store(store)
-    population = prepare(loaded, target, manifest.read_text(encoding="utf-8"))
-    out.print(f"population [bold]{loaded.population.name}[/]: {loaded.count} jobs planned, "
-              f"store {target.url} ({population.prefix})")
-    missing = []
-    for each in STAGES:
-        if each.run is None:
-            out.print(f"  [yellow]–[/] {each.name}: not built yet ({each.summary}; comes with {each.built_by})")
-            missing.append(each.name)
-        elif each.name == "finetune":
-            try:
-                summary = _run_finetune(loaded, target)
-            except (StageNotBuilt, ScorerNotBuilt) as exc:
-                out.print(f"  [yellow]–[/] {each.name}: {exc}")
-                missing.append(each.name)
-                continue
-            out.print(f"  [green]✓[/] finetune: {len(summary.trained)} trained, {summary.skipped} already done, "
-                      f"{len(summary.failed)} failed")
-        elif each.name == "publish":
-            summary = _run_publish(loaded, target)
-            out.print(f"  [green]✓[/] publish: {sum(summary.rows.values())} LoRAs in {summary.folder}")
-        elif each.name == "score":
-            summary = _run_score(loaded, target)
-            out.print(f"  [green]✓[/] score: {sum(summary.scored.values())} scores written, {len(summary.failed)} failed")
-        else:
-            each.run(loaded, target)
-            out.print(f"  [green]✓[/] {each.name}")
-    if missing:
-        out.print(f"{len(missing)} of {len(STAGES)} stages are not built yet: {', '.join(missing)}.")
+def run(
+    manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
+    api_url: Annotated[Optional[str], typer.Option("--api-url", envvar="PREFECT_API_URL",
+                                                   help="Prefect API to run on; default: a local ephemeral one.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N jobs of the population.")] = None,
+) -> int:
+    """Run every stage through Prefect (run_population), skipping what the store already holds."""
+    import importlib
+
+    from pipeline.score import make_scorer
+    from pipeline.stages import trainer_factory
+
+    loaded = load(manifest, overrides)  # every check happens before a task is submitted
+    trainer_factory(loaded.base.kind)
+    for spec in loaded.scorers:
+        make_scorer(spec)
+    Store(store)
+    commands = importlib.import_module("flows.commands")  # the Prefect side lives in flows/
+    results = commands.run(str(manifest), list(overrides or []), store, api_url, limit)
+    table = Table(title=f"run {loaded.population.name}")
+    table.add_column("stage")
+    table.add_column("outcome")
+    for stage_name, outcome in results.items():
+        table.add_row(stage_name, ", ".join(f"{k}: {v}" for k, v in outcome.items()) if isinstance(outcome, dict) else str(outcome))
+    out.print(table)
+    missing = [s for s in STAGES if s.run is None]
+    for each in missing:
+        out.print(f"  [yellow]–[/] {each.name}: not built yet ({each.summary}; comes with {each.built_by})")
+    return 0
+
+
+@app.command()
+def deploy(
+    api_url: Annotated[Optional[str], typer.Option("--api-url", envvar="PREFECT_API_URL", help="Prefect server API.")] = None,
+    name: Annotated[Optional[list[str]], typer.Option(help="Deployment(s) of prefect.yaml; default all.")] = None,
+    work_pool: Annotated[str, typer.Option(help="Work pool the deployments use.")] = "gpu",
+) -> int:
+    """Apply prefect.yaml's deployments to a Prefect server."""
+    import importlib
+
+    commands = importlib.import_module("flows.commands")
+    for deployed in commands.deploy(api_url, name, work_pool):
+        out.print(f"[green]✓[/] deployment {deployed}")
     return 0
 
 

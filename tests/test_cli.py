@@ -41,17 +41,32 @@ def test_plan_lists_jobs_and_distributions(run_cli):
     assert "learning_rate" in out and "0.003: " in out.replace("0.0030", "0.003")
 
 
-def test_run_records_the_manifest_and_says_which_stages_are_not_built(run_cli, tmp_path):
-    store, arc = tmp_path / "store", ROOT / "manifests" / "tiny-arc.yaml"
-    code, out, _ = run_cli("run", arc, "--store", store)
-    assert code == 0
-    assert (store / "populations" / "tiny-arc" / "manifest.yaml").read_text() == arc.read_text()
-    assert "finetune: finetuning causal_lm bases is not built yet" in out and "publish: not built yet" in out
+def test_run_refuses_a_kind_that_is_not_built_before_any_task(run_cli, tmp_path):
+    code, _, err = run_cli("run", ROOT / "manifests" / "tiny-arc.yaml", "--store", tmp_path / "store")
+    assert code == 3 and "finetuning causal_lm bases is not built yet" in err
+    assert not (tmp_path / "store" / "populations").exists()
+
+
+def test_run_with_an_unreachable_api_says_so(run_cli, tmp_path, random_sd):
+    code, _, err = run_cli("run", TINY, f"base.ref={random_sd}", "--store", tmp_path / "store", "--api-url", "http://127.0.0.1:9/api")
+    assert code == 2 and "no Prefect API answers at http://127.0.0.1:9/api" in err
+
+
+def test_run_goes_through_prefect_end_to_end(run_cli, tmp_path, random_sd, prefect_harness):
+    args = ("run", TINY, f"base.ref={random_sd}", "count=2", "hyperparameters.steps=1", "hyperparameters.batch_size=1",
+            "data.subsets.num_groups=2", "scorers=[{name: attributes, attributes: [shape=circle]}]",
+            "publish.splits={train: 0.5, test: 0.5}", "--store", tmp_path / "store")
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert "trained: 2" in out and (tmp_path / "store" / "published" / "tiny-shapes" / "README.md").is_file()
+    assert "train: not built yet" in out
 
 
 def test_a_stage_that_is_not_built_says_so(run_cli, tmp_path):
-    code, _, err = run_cli("publish", TINY, "--store", tmp_path / "s")
+    code, _, err = run_cli("train", TINY, "--store", tmp_path / "s")
     assert code == 3 and "not built yet" in err
+    code, _, err = run_cli("publish", TINY, "--store", tmp_path / "s")
+    assert code == 2 and "no verified, scored LoRA to publish" in err
     code, _, err = run_cli("finetune", ROOT / "manifests" / "tiny-arc.yaml", "--store", tmp_path / "s")
     assert code == 3 and "finetuning causal_lm bases is not built yet" in err
 
