@@ -222,6 +222,39 @@ class PopulationStore:
                 return None
         return claim
 
+    def renew(self, claim: Claim, lease_s: float) -> bool:
+        """Extend our claim's lease; False if it is no longer ours (expired and taken over)."""
+        with self._claims_lock():
+            current = self._read_claim(claim.job_id)
+            if current is None or current.token != claim.token:
+                return False
+            claim.expires = time.time() + lease_s
+            self.store.write_json(self.rel("claims", claim.job_id), claim.__dict__)
+            return True
+
+    @contextlib.contextmanager
+    def holding(self, claim: Claim, lease_s: float) -> Iterator[None]:
+        """Renew `claim` in the background (every lease/3) while the body runs; release it after.
+
+        A worker that dies stops renewing, so its claim expires within `lease_s` and another
+        worker takes the job over.
+        """
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(lease_s / 3):
+                if not self.renew(claim, lease_s):
+                    return
+
+        beat = threading.Thread(target=heartbeat, name=f"claim-{claim.job_id}", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            self.release(claim)
+
     def release(self, claim: Claim) -> None:
         """Drop the claim if it is still ours."""
         with self._claims_lock():

@@ -171,3 +171,12 @@ def test_two_processes_racing_claim_each_job_exactly_once(tmp_path):
     won = [json.loads(out.read_text()) for out in outs]
     assert not set(won[0]) & set(won[1]), "a job was claimed by both workers"
     assert sorted(won[0] + won[1]) == [f"job{i:04d}" for i in range(count)]
+
+
+def test_a_held_claim_is_renewed_and_released(store):
+    population = store.population("pop")
+    claim = population.claim("j", "worker-a", lease_s=0.3)
+    with population.holding(claim, lease_s=0.3):
+        time.sleep(0.6)  # longer than the lease: only renewal keeps others out
+        assert population.claim("j", "worker-b", lease_s=10) is None
+    assert population.claim("j", "worker-b", lease_s=10) is not None

@@ -63,7 +63,7 @@ def finetune_population(
     limit: int | None = None,
     shard_spec: str | None = None,
     worker: str | None = None,
-    lease_s: float = 6 * 3600,
+    lease_s: float | None = None,
     on_job: Callable[[Job, str], None] | None = None,
 ) -> FinetuneSummary:
     """Train every planned job the store lacks. `on_job(job, outcome)` reports progress."""
@@ -98,22 +98,30 @@ def finetune_population(
     return summary
 
 
-def run_job(population, job: Job, get_trainer: Callable[[], Trainer], worker: str, lease_s: float = 6 * 3600) -> str:
-    """Claim one job and train it unless it is done: 'trained', 'skipped', 'busy' or a failure reason."""
+def default_lease_s() -> float:
+    """Claim lease: `$LOL_CLAIM_LEASE_S`, else 120 s (renewed every third of it while training)."""
+    return float(os.environ.get("LOL_CLAIM_LEASE_S", "120"))
+
+
+def run_job(population, job: Job, get_trainer: Callable[[], Trainer], worker: str, lease_s: float | None = None) -> str:
+    """Claim one job and train it unless it is done: 'trained', 'skipped', 'busy' or a failure reason.
+
+    The claim is renewed in the background while the job trains and released after, so a
+    worker that dies mid-job leaves a claim that expires within one lease.
+    """
+    lease_s = lease_s or default_lease_s()
     if population.is_done(job.job_id):
         return "skipped"
     claim = population.claim(job.job_id, worker, lease_s)
     if claim is None:
         return "busy"
-    try:
+    with population.holding(claim, lease_s):
         if population.is_done(job.job_id):  # finished by another worker meanwhile
             return "skipped"
         trainer = get_trainer()
         population.write_spec(job.job_id, job.to_json())
         population.clear_partial(job.job_id)
         return _train_one(trainer, job, population)
-    finally:
-        population.release(claim)
 
 
 def _train_one(trainer: Trainer, job: Job, population) -> str:
