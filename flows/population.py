@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -19,7 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from pipeline.finetune.runner import default_worker_name, run_job  # noqa: E402
+from pipeline.finetune.runner import default_lease_s, default_worker_name, run_job  # noqa: E402
 from pipeline.jobs import Job, expand, job_at, shard  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.score import make_scorer, scorer_id  # noqa: E402
@@ -114,20 +115,46 @@ def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[J
 @flow(name="finetune_population")
 def finetune_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
                         limit: int | None = None, shard_spec: str | None = None,
-                        retries: int = DEFAULT_RETRIES) -> dict[str, int]:
-    """Finetune every planned LoRA the store lacks, one task per job."""
+                        retries: int = DEFAULT_RETRIES, busy_wait_s: float | None = None) -> dict[str, int]:
+    """Finetune every planned LoRA the store lacks, one task per job.
+
+    A job claimed by another worker is retried until it is done there or the claim expires
+    (at most `busy_wait_s`, default three claim leases).
+    """
     overrides = list(overrides or [])
     loaded, text = load_manifest(manifest, overrides)
     target = Store(store)
     population = target.population(loaded.population.name)
     population.write_manifest(text)
     outcomes: Counter = Counter()
+    busy: list[Job] = []
     for job in _jobs(loaded, limit, shard_spec):
         if population.is_done(job.job_id):
             outcomes["already done"] += 1
             continue
         runner = finetune_job.with_options(task_run_name=f"finetune-{job.job_id}", retries=retries)
-        outcomes[runner(manifest, overrides, store, job.index)] += 1
+        outcome = runner(manifest, overrides, store, job.index)
+        if outcome == "busy":
+            busy.append(job)
+        else:
+            outcomes[outcome] += 1
+    # Jobs another worker holds: wait for them to finish there, or for a dead worker's claim
+    # to expire (claims are renewed while alive), then train them here.
+    deadline = time.monotonic() + (busy_wait_s if busy_wait_s is not None else 3 * default_lease_s())
+    while busy:
+        job = busy.pop(0)
+        if population.is_done(job.job_id):
+            outcomes["done by another worker"] += 1
+            continue
+        runner = finetune_job.with_options(task_run_name=f"finetune-{job.job_id}", retries=retries)
+        outcome = runner(manifest, overrides, store, job.index)
+        if outcome != "busy":
+            outcomes[outcome] += 1
+        elif time.monotonic() < deadline:
+            busy.append(job)
+            time.sleep(2.0)
+        else:
+            outcomes["claimed by another worker"] += 1
     _artifact("finetune", loaded, outcomes)
     return dict(outcomes)
 
