@@ -161,6 +161,68 @@ def deploy(
     return 0
 
 
+bench_app = typer.Typer(help="Benchmarks: results go to bench/results/ and a table.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+BenchManifest = Annotated[Path, typer.Option("--manifest", help="Population to measure.")]
+BenchCount = Annotated[int, typer.Option(help="LoRAs per mode.")]
+
+
+def _bench_table(title: str, measurements, path: Path) -> None:
+    table = Table(title=title)
+    for column in ("benchmark", "mode", "LoRAs", "seconds", "LoRAs/hour", "peak RSS MB", "processes"):
+        table.add_column(column, justify="right")
+    for m in measurements:
+        table.add_row(m.benchmark, m.mode, str(m.loras), f"{m.seconds:.1f}", f"{m.loras_per_hour:.0f}", f"{m.peak_rss_mb:.0f}", str(m.processes))
+    out.print(table)
+    out.print(f"results: {path}")
+
+
+@bench_app.command("finetune")
+def bench_finetune_command(
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 8,
+    modes: Annotated[str, typer.Option(help="Comma-separated: sequential, process.")] = "process,sequential",
+) -> int:
+    """LoRAs per hour and peak memory of finetuning, per mode, each in fresh processes."""
+    from pipeline.bench import bench_finetune, write_results
+
+    load(manifest, overrides)
+    results = bench_finetune(str(manifest), list(overrides or []), count, [m.strip() for m in modes.split(",")])
+    _bench_table("lol bench finetune", results, write_results("finetune", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
+    return 0
+
+
+@bench_app.command("score")
+def bench_score_command(
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 8,
+    modes: Annotated[str, typer.Option(help="Comma-separated: sequential, process.")] = "process,sequential",
+) -> int:
+    """LoRAs per hour and peak memory of scoring, per mode (finetuning first, untimed)."""
+    from pipeline.bench import bench_score, write_results
+
+    load(manifest, overrides)
+    results = bench_score(str(manifest), list(overrides or []), count, [m.strip() for m in modes.split(",")])
+    _bench_table("lol bench score", results, write_results("score", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
+    return 0
+
+
+@bench_app.command("orchestration")
+def bench_orchestration_command(
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 8,
+) -> int:
+    """The same population through the library and through the Prefect flows: the overhead."""
+    from pipeline.bench import bench_orchestration, write_results
+
+    load(manifest, overrides)
+    results = bench_orchestration(str(manifest), list(overrides or []), count)
+    direct, flows = results
+    _bench_table("lol bench orchestration", results, write_results("orchestration", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
+    overhead = flows.seconds - direct.seconds
+    server = flows.extra.get("ephemeral_server_start_s")
+    out.print(f"orchestration overhead: {overhead:+.1f} s ({100 * overhead / direct.seconds:+.0f}% of the library run)"
+              + (f"; the ephemeral server start took {server:.1f} s of it" if server else ""))
+    return 0
+
+
 bases_app = typer.Typer(help="Build and list the built-in tiny bases (tiny:shapes-sd, tiny:shapes-clip, tiny:qa-lm).",
                         no_args_is_help=True)
 app.add_typer(bases_app, name="bases")

@@ -1,0 +1,221 @@
+"""GL-net: a GL(r)-invariant network on LoRA weights, built from GL-equivariant layers.
+
+Shape legend
+    B batch, L layers, L_g layers in a group, n/m rows of U/V (input), h hidden rows,
+    r rank, c cross-layer context width, d head width, out output dimension.
+
+Symmetry: every layer i has its own g_i ∈ GL(r) acting as (U_i, V_i) ↦ (U_i g_i, V_i g_i⁻ᵀ).
+Hidden states are themselves `LoraWeights` (each "layer" now has U_i, V_i ∈ ℝ^{h×r}), so every
+equivariant piece maps LoraWeights → LoraWeights and commutes with that action:
+
+- `GLLinear`   U_i ↦ W_i U_i, V_i ↦ W'_i V_i (W_i ∈ ℝ^{h×n_i}, separate per layer; no bias). Acting on the
+               left commutes with acting on the right; U never mixes with V, nor layer i with j.
+- `GLGate`     rows scaled by positive gates computed from invariants: d_i = diag(U_i V_iᵀ) ∈ ℝ^h
+               (⟨u_k, v_k⟩ = ⟨u_k g, v_k g⁻ᵀ⟩) plus, optionally, a context pooled from every layer's d_j.
+               Scaling rows commutes with right multiplication. Cost O(h r) per layer.
+- `RowDropout` drops whole rows of U_i and of V_i (equivariant for the same reason).
+- head         P_i = U_i V_iᵀ ∈ ℝ^{h×h} per layer (invariant), Σ_i Linear_i(vec P_i) [+ Linear'_i(vec P_i ⊙ P_i)]
+               → MLP → out.
+
+Information crosses layers only through invariants (gate context, head). Cost is linear in n_i, m_i:
+no n×m matrix is ever formed (ΔW's scale for input normalisation uses tr((UᵀU)(VᵀV)), r×r).
+Zero-padding the rank is exact: padded columns stay zero through every layer and never reach P.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lol_models.common import (
+    MLP,
+    LoLModel,
+    check_positive_ints,
+    check_probability,
+    opt,
+)
+from lol_models.weights import LayerGroup, Layout, LoraWeights
+
+__all__ = ["GLGate", "GLLinear", "GLNet", "GLNetConfig", "RowDropout", "frobenius_sq"]
+
+
+@dataclass(frozen=True)
+class GLNetConfig:
+    """GL-net (`glnet`)."""
+
+    hidden: tuple[int, ...] = opt((16, 16), "rows h of each equivariant linear layer; gates follow all but the last")
+    head: tuple[int, ...] = opt((64,), "widths of the invariant head: first = readout of Σ_i vec(P_i), then MLP")
+    dropout: float = opt(0.0, "equivariant dropout: probability of dropping a whole row of U_i / V_i")
+    head_dropout: float = opt(0.0, "dropout in the invariant MLP head")
+    cross_layer: bool = opt(True, "gates also see a context pooled from every layer's invariants")
+    context: int = opt(8, "width c of the cross-layer context")
+    quadratic_readout: bool = opt(True, "the head also reads P_i ⊙ P_i (invariant; energies like ‖ΔW‖² become linear)")
+    normalize_input: bool = opt(True, "rescale each layer so ΔW_i has unit RMS entry on the training set")
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_positive_ints(name, hidden=self.hidden, head=self.head, context=self.context)
+        check_probability(name, dropout=self.dropout, head_dropout=self.head_dropout)
+
+
+def frobenius_sq(u: Tensor, v: Tensor) -> Tensor:
+    """‖U Vᵀ‖_F² = Σ (UᵀU) ⊙ (VᵀV) without forming U Vᵀ. u: (..., n, r), v: (..., m, r) → (...)."""
+    return ((u.transpose(-1, -2) @ u) * (v.transpose(-1, -2) @ v)).sum((-1, -2))
+
+
+def _group_shapes(layout: Layout) -> list[tuple[int, int, int]]:
+    """(L_g, n, m) per group."""
+    return [(g.num_layers, g.n, g.m) for g in layout.groups]
+
+
+class GLLinear(nn.Module):
+    """(U_i, V_i) ↦ (W_i U_i, W'_i V_i) per layer, n_i → h and m_i → h; vectorised per group."""
+
+    def __init__(self, shapes: list[tuple[int, int, int]], h: int):
+        super().__init__()
+        self.h = h
+        self.w_u = nn.ParameterList(nn.Parameter(torch.randn(lg, h, n) / n**0.5) for lg, n, _ in shapes)
+        self.w_v = nn.ParameterList(nn.Parameter(torch.randn(lg, h, m) / m**0.5) for lg, _, m in shapes)
+
+    def forward(self, x: LoraWeights) -> LoraWeights:
+        """x: groups (B, L_g, n, r) / (B, L_g, m, r) → groups (B, L_g, h, r) / (B, L_g, h, r)."""
+        return LoraWeights(tuple(
+            LayerGroup(
+                g.names,
+                torch.einsum("lhn,blnr->blhr", wu, g.u),
+                torch.einsum("lhm,blmr->blhr", wv, g.v),
+            )
+            for g, wu, wv in zip(x.groups, self.w_u, self.w_v)
+        ))
+
+
+class GLGate(nn.Module):
+    """Row gates from invariants: U_i[k] ↦ σ(a_k d_ik + b_k + ctx_k) U_i[k] (V_i likewise, own a, b).
+
+    d_i = diag(U_i V_iᵀ) ∈ ℝ^h is GL-invariant; ctx = Σ_j-pooled tanh(d_j A_j) mapped per layer to ℝ^h.
+    """
+
+    def __init__(self, group_sizes: list[int], h: int, cross_layer: bool, context: int):
+        super().__init__()
+        self.cross_layer = cross_layer
+        self.a_u = nn.ParameterList(nn.Parameter(torch.ones(lg, h)) for lg in group_sizes)
+        self.a_v = nn.ParameterList(nn.Parameter(torch.ones(lg, h)) for lg in group_sizes)
+        self.b_u = nn.ParameterList(nn.Parameter(torch.zeros(lg, h)) for lg in group_sizes)
+        self.b_v = nn.ParameterList(nn.Parameter(torch.zeros(lg, h)) for lg in group_sizes)
+        if cross_layer:
+            self.ctx_in = nn.ParameterList(nn.Parameter(torch.randn(lg, h, context) / h**0.5) for lg in group_sizes)
+            self.ctx_u = nn.ParameterList(nn.Parameter(torch.zeros(lg, context, h)) for lg in group_sizes)
+            self.ctx_v = nn.ParameterList(nn.Parameter(torch.zeros(lg, context, h)) for lg in group_sizes)
+
+    def forward(self, x: LoraWeights) -> LoraWeights:
+        """x: groups (B, L_g, h, r) → same shapes, rows rescaled."""
+        diags = [(g.u * g.v).sum(-1) for g in x.groups]  # (B, L_g, h), invariant
+        ctx = None
+        if self.cross_layer:
+            pooled = sum(torch.tanh(torch.einsum("blh,lhc->blc", d, w)).sum(1) for d, w in zip(diags, self.ctx_in))
+            ctx = pooled / x.num_layers  # (B, c), mean over all layers
+        out = []
+        for j, (g, d) in enumerate(zip(x.groups, diags)):
+            logit_u = self.a_u[j] * d + self.b_u[j]  # (B, L_g, h)
+            logit_v = self.a_v[j] * d + self.b_v[j]
+            if ctx is not None:
+                logit_u = logit_u + torch.einsum("bc,lch->blh", ctx, self.ctx_u[j])
+                logit_v = logit_v + torch.einsum("bc,lch->blh", ctx, self.ctx_v[j])
+            out.append(LayerGroup(g.names, torch.sigmoid(logit_u).unsqueeze(-1) * g.u,
+                                  torch.sigmoid(logit_v).unsqueeze(-1) * g.v))
+        return LoraWeights(tuple(out))
+
+
+class RowDropout(nn.Module):
+    """Equivariant dropout: zero whole rows of every U_i and V_i (independent masks), rescale by 1/(1-p)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: LoraWeights) -> LoraWeights:
+        """x: groups (B, L_g, h, r) → same shapes."""
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+
+        def drop(t: Tensor) -> Tensor:
+            mask = torch.empty(*t.shape[:-1], 1, dtype=t.dtype, device=t.device).bernoulli_(keep)  # (B, L_g, h, 1)
+            return t * mask / keep
+
+        return x.map(drop)
+
+
+class GLNet(LoLModel):
+    """Input scaling → [GLLinear → GLGate → RowDropout]* → GLLinear → P_i = U_i V_iᵀ → head → (B, out)."""
+
+    pads_rank = False  # padding is exact anyway
+    rank_agnostic = True  # works for any r: nothing is sized by r
+
+    def __init__(self, layout: Layout, out_dim: int, cfg: GLNetConfig):
+        super().__init__(layout, out_dim)
+        self.cfg = cfg
+        sizes = [g.num_layers for g in layout.groups]
+        # per-layer scale applied to both U_i and V_i (a scalar multiple of ΔW_i: invariant-safe)
+        for j, lg in enumerate(sizes):
+            self.register_buffer(f"input_scale{j}", torch.ones(lg))  # (L_g,)
+        blocks: list[nn.Module] = []
+        shapes = _group_shapes(layout)
+        for h in cfg.hidden[:-1]:
+            blocks += [GLLinear(shapes, h), GLGate(sizes, h, cfg.cross_layer, cfg.context), RowDropout(cfg.dropout)]
+            shapes = [(lg, h, h) for lg in sizes]
+        blocks.append(GLLinear(shapes, cfg.hidden[-1]))
+        self.blocks = nn.Sequential(*blocks)
+        h = cfg.hidden[-1]
+        d = cfg.head[0]
+        self.readout = nn.ParameterList(nn.Parameter(torch.randn(lg, h * h, d) / (h * (sum(sizes)) ** 0.5))
+                                        for lg in sizes)
+        self.readout_sq = nn.ParameterList(
+            nn.Parameter(torch.randn(lg, h * h, d) / (h * (sum(sizes)) ** 0.5)) for lg in sizes
+        ) if cfg.quadratic_readout else None
+        self.readout_bias = nn.Parameter(torch.zeros(d))
+        self.head = nn.Sequential(nn.GELU(), MLP(d, cfg.head[1:], out_dim, cfg.head_dropout))
+
+    def input_scales(self) -> list[Tensor]:
+        """Per group Tensor (L_g,): the factor applied to both U_i and V_i."""
+        return [getattr(self, f"input_scale{j}") for j in range(len(self.layout.groups))]
+
+    @torch.no_grad()
+    def fit_input_stats(self, weights: LoraWeights, chunk_size: int = 512) -> None:
+        """Set each layer's scale so the RMS entry of ΔW_i over the training set is 1."""
+        if not self.cfg.normalize_input:
+            return
+        self.layout.check(weights, what="training weights", check_rank=False)
+        sums = [torch.zeros(g.num_layers, dtype=torch.float64) for g in weights.groups]
+        for c in self.chunks(weights, chunk_size):
+            for j, g in enumerate(c.groups):
+                sums[j] += frobenius_sq(g.u.double(), g.v.double()).sum(0).cpu()  # (L_g,)
+        for j, g in enumerate(weights.groups):
+            rms = (sums[j] / (weights.batch_size * g.n * g.m)).sqrt()
+            scale = torch.where(rms > 0, rms.rsqrt(), torch.ones_like(rms))  # applied to U and V: ΔW / rms
+            getattr(self, f"input_scale{j}").copy_(scale)
+
+    def equivariant_features(self, weights: LoraWeights) -> LoraWeights:
+        """The hidden LoraWeights after the equivariant stack: groups (B, L_g, h, r)."""
+        x = self.prepare(weights)
+        x = LoraWeights(tuple(
+            LayerGroup(g.names, g.u * s[:, None, None], g.v * s[:, None, None])
+            for g, s in zip(x.groups, self.input_scales())
+        ))
+        return self.blocks(x)
+
+    def invariants(self, weights: LoraWeights) -> list[Tensor]:
+        """P_i = (W U_i)(W' V_i)ᵀ per group: Tensors (B, L_g, h, h). GL-invariant."""
+        return [g.u @ g.v.transpose(-1, -2) for g in self.equivariant_features(weights).groups]
+
+    def forward(self, weights: LoraWeights) -> Tensor:
+        """weights: LoraWeights of `layout` (any rank) → Tensor (B, out)."""
+        z = self.readout_bias
+        for j, p in enumerate(self.invariants(weights)):
+            p = p.flatten(2)  # (B, L_g, h h)
+            z = z + torch.einsum("blk,lkd->bd", p, self.readout[j])  # (B, d): Σ_i Linear_i(vec P_i)
+            if self.readout_sq is not None:
+                z = z + torch.einsum("blk,lkd->bd", p * p, self.readout_sq[j])
+        return self.head(z)
