@@ -25,7 +25,7 @@ from pipeline.jobs import Job, expand, job_at, shard  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.score import make_scorer, scorer_id  # noqa: E402
 from pipeline.score.runner import score_job  # noqa: E402
-from pipeline.stages import publish, trainer_factory  # noqa: E402
+from pipeline.stages import evaluate, publish, report, train, trainer_factory  # noqa: E402
 from storage import Store  # noqa: E402
 
 DEFAULT_RETRIES = 2
@@ -195,13 +195,52 @@ def publish_population(manifest: str, overrides: list[str] | None = None, store:
     return {"folder": summary.folder, "rows": summary.rows, "excluded": len(summary.excluded)}
 
 
+@task(name="train-predictors", tags=["gpu"], retries=1)
+def train_predictors(manifest: str, overrides: list[str], store: str | None) -> int:
+    loaded, _ = load_manifest(manifest, overrides)
+    return len(train(loaded, Store(store)))
+
+
+@flow(name="learn_population")
+def learn_population(manifest: str, overrides: list[str] | None = None, store: str | None = None) -> dict[str, Any]:
+    """Train every predictor on every target of the published population, evaluate, write the report."""
+    overrides = list(overrides or [])
+    loaded, _ = load_manifest(manifest, overrides)
+    runs = train_predictors(manifest, overrides, store)
+    results = evaluate(loaded, Store(store))
+    path = report(loaded, Store(store))
+    from lol_models.experiments import results_markdown
+
+    create_markdown_artifact(key=f"learn-{_slug(loaded)}", description=f"learn {loaded.population.name}",
+                             markdown=f"# learn {loaded.population.name}\n\n{results_markdown(results)}\n\nreport: {path}\n")
+    return {"runs": runs, "report": str(path)}
+
+
+ALL_STAGES = ("finetune", "score", "publish", "learn")
+
+
 @flow(name="run_population")
 def run_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
-                   limit: int | None = None, retries: int = DEFAULT_RETRIES) -> dict[str, Any]:
-    """Every stage in order: finetune → score → publish (→ learn when built)."""
-    results: dict[str, Any] = {"finetune": finetune_population(manifest, overrides, store, limit, retries=retries)}
-    results["score"] = score_population(manifest, overrides, store, limit, retries=retries)
-    results["publish"] = publish_population(manifest, overrides, store)
+                   limit: int | None = None, retries: int = DEFAULT_RETRIES,
+                   stages: list[str] | None = None) -> dict[str, Any]:
+    """The stages in order: finetune → score → publish → learn (train, evaluate, report).
+
+    `stages` picks a subset (e.g. ["finetune", "score", "publish"]); each stage skips what the
+    store already holds.
+    """
+    chosen = list(stages or ALL_STAGES)
+    unknown = sorted(set(chosen) - set(ALL_STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(ALL_STAGES)}")
+    results: dict[str, Any] = {}
+    if "finetune" in chosen:
+        results["finetune"] = finetune_population(manifest, overrides, store, limit, retries=retries)
+    if "score" in chosen:
+        results["score"] = score_population(manifest, overrides, store, limit, retries=retries)
+    if "publish" in chosen:
+        results["publish"] = publish_population(manifest, overrides, store)
+    if "learn" in chosen:
+        results["learn"] = learn_population(manifest, overrides, store)
     return results
 
 

@@ -26,7 +26,7 @@ from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.publish import PublishError
 from pipeline.score import ScorerNotBuilt
-from pipeline.stages import STAGES, StageNotBuilt, population_status, stage
+from pipeline.stages import StageNotBuilt, population_status
 from storage import Store, StoreError
 
 app = typer.Typer(
@@ -120,6 +120,7 @@ def run(
     api_url: Annotated[Optional[str], typer.Option("--api-url", envvar="PREFECT_API_URL",
                                                    help="Prefect API to run on; default: a local ephemeral one.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N jobs of the population.")] = None,
+    stages: Annotated[str, typer.Option(help="Comma-separated subset of finetune,score,publish,learn.")] = "finetune,score,publish,learn",
 ) -> int:
     """Run every stage through Prefect (run_population), skipping what the store already holds."""
     import importlib
@@ -133,16 +134,17 @@ def run(
         make_scorer(spec)
     Store(store)
     commands = importlib.import_module("flows.commands")  # the Prefect side lives in flows/
-    results = commands.run(str(manifest), list(overrides or []), store, api_url, limit)
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    valid = ("finetune", "score", "publish", "learn")
+    if not chosen or set(chosen) - set(valid):
+        raise ValueError(f"--stages {stages!r}: choose from {', '.join(valid)}")
+    results = commands.run(str(manifest), list(overrides or []), store, api_url, limit, chosen)
     table = Table(title=f"run {loaded.population.name}")
     table.add_column("stage")
     table.add_column("outcome")
     for stage_name, outcome in results.items():
         table.add_row(stage_name, ", ".join(f"{k}: {v}" for k, v in outcome.items()) if isinstance(outcome, dict) else str(outcome))
     out.print(table)
-    missing = [s for s in STAGES if s.run is None]
-    for each in missing:
-        out.print(f"  [yellow]–[/] {each.name}: not built yet ({each.summary}; comes with {each.built_by})")
     return 0
 
 
@@ -265,20 +267,6 @@ def bases_list(store: StoreOpt = None) -> int:
     if not entries:
         out.print(f"no built bases in {target.url}; `lol bases build` makes them")
     return 0
-
-
-def _stage_command(name: str):
-    def command(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
-        loaded = load(manifest, overrides)
-        chosen = stage(name)
-        if chosen.run is None:
-            err.print(f"error: the {name} stage is not built yet ({chosen.summary}; comes with {chosen.built_by}).")
-            return EXIT_NOT_BUILT
-        chosen.run(loaded, Store(store))
-        return 0
-
-    command.__doc__ = f"Run the {name} stage: {stage(name).summary}."
-    return command
 
 
 @app.command("finetune")
@@ -406,9 +394,43 @@ def pull_command(
     return 0
 
 
-for _stage in STAGES:
-    if _stage.name not in ("finetune", "score", "publish"):
-        app.command(name=_stage.name)(_stage_command(_stage.name))
+@app.command("train")
+def train_command(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
+    """Train every predictor of the manifest's `learn` section on every target, over seeds."""
+    from pipeline.stages import learn_target, train
+
+    loaded = load(manifest, overrides)
+    target = Store(store)
+    published, out_dir, settings = learn_target(loaded, target)
+    with _progress() as progress:
+        task = progress.add_task(f"training predictors on {loaded.population.name}", total=None)
+        written = train(loaded, target, on_run=lambda predictor, name: progress.update(task, description=f"{predictor} on {name}", advance=1))
+    out.print(f"trained {len(written)} predictor × task runs ({settings.seeds} seed(s) each) into {out_dir}/runs")
+    return 0
+
+
+@app.command("evaluate")
+def evaluate_command(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
+    """Collect the trained predictors' test metrics into results.json and results.md."""
+    from pipeline.stages import evaluate, learn_target
+
+    loaded = load(manifest, overrides)
+    target = Store(store)
+    evaluate(loaded, target)
+    out_dir = learn_target(loaded, target)[1]
+    out.print((out_dir / "results.md").read_text(), markup=False, highlight=False)
+    out.print(f"results: {out_dir / 'results.json'}")
+    return 0
+
+
+@app.command("report")
+def report_command(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
+    """Write report.md with the main table and figures."""
+    from pipeline.stages import report
+
+    path = report(load(manifest, overrides), Store(store))
+    out.print(f"report: {path}")
+    return 0
 
 
 # ---------------------------------------------------------------- helpers

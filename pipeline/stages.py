@@ -76,13 +76,46 @@ def publish(manifest: Manifest, store: Store, push: bool | None = None):
     return publish_population(manifest, store, push=push)
 
 
+def learn_target(manifest: Manifest, store: Store):
+    """(published folder, output folder, LearnSettings) of a population's learn stage."""
+    from lol_models.experiments import LearnSettings
+
+    if not store.is_local:
+        raise ValueError(f"the learn stages read the published folder from a local store; {store.url} is remote — "
+                         "`lol pull` it or pass the published folder path instead of the manifest")
+    learn = manifest.learn
+    settings = LearnSettings(predictors=tuple(learn.predictors), targets=tuple(learn.targets), seeds=learn.seeds,
+                             epochs=learn.epochs, batch_size=learn.batch_size, learning_rate=learn.learning_rate)
+    name = manifest.population.name
+    return store.local_path(f"published/{name}"), store.local_path(f"learn/{name}"), settings
+
+
+def train(manifest: Manifest, store: Store, on_run=None):
+    from lol_models.experiments import train_all
+
+    published, out, settings = learn_target(manifest, store)
+    return train_all(published, settings, out, on_run=on_run)
+
+
+def evaluate(manifest: Manifest, store: Store):
+    from lol_models.experiments import evaluate as collect
+
+    return collect(learn_target(manifest, store)[1])
+
+
+def report(manifest: Manifest, store: Store):
+    from lol_models.experiments import report as write_report
+
+    return write_report(learn_target(manifest, store)[1], title=f"Learning on LoRAs: {manifest.population.name}")
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("finetune", "train one LoRA per job", finetune, "the diffusion and language-model population issues"),
     Stage("score", "label every LoRA (CLIP score, accuracy, attributes…)", score, "the diffusion and language-model population issues"),
     Stage("publish", "write the population as a Hugging Face dataset", publish, "the publish issue"),
-    Stage("train", "train the LoL predictors on the published dataset", None, "the Learning-on-LoRAs issue"),
-    Stage("evaluate", "evaluate the predictors, write results.json", None, "the Learning-on-LoRAs issue"),
-    Stage("report", "write report.md with tables and figures", None, "the Learning-on-LoRAs issue"),
+    Stage("train", "train the LoL predictors on the published dataset", train, "the Learning-on-LoRAs issue"),
+    Stage("evaluate", "evaluate the predictors, write results.json", evaluate, "the Learning-on-LoRAs issue"),
+    Stage("report", "write report.md with tables and figures", report, "the Learning-on-LoRAs issue"),
 )
 
 

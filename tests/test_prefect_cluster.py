@@ -106,7 +106,7 @@ def flow_state(env: dict, run_id: str) -> str:
 
 
 def population_parameters(random_sd: Path, store: Path, count: int, steps: int) -> dict:
-    return {"manifest": "manifests/tiny-shapes.yaml", "store": str(store),
+    return {"manifest": "manifests/tiny-shapes.yaml", "store": str(store), "stages": ["finetune", "score", "publish"],
             "overrides": [f"base.ref={random_sd}", f"count={count}", f"hyperparameters.steps={steps}",
                           "hyperparameters.batch_size=1", f"data.subsets.num_groups={count}",
                           "scorers=[{name: attributes, attributes: [shape=circle]}]"]}
