@@ -105,9 +105,10 @@ def factors_from_flat(flat: np.ndarray | Tensor, layout: dict[str, Any], alpha: 
 
 def _weights_matrix(table) -> np.ndarray:
     """(N, D) float32 view of an Arrow `weights` FixedSizeList column (no per-row parsing)."""
-    column = table.column("weights").combine_chunks()
+    chunks = table.column("weights").chunks
+    column = chunks[0] if len(chunks) == 1 else table.column("weights").combine_chunks()
     width = column.type.list_size
-    values = column.flatten().to_numpy(zero_copy_only=False)
+    values = column.flatten().to_numpy(zero_copy_only=column.null_count == 0)
     return values.reshape(len(column), width)
 
 
@@ -152,11 +153,34 @@ def _from_table(table, layout: dict[str, Any], label_info: dict[str, Any]) -> Lo
 
 
 def stream(repo_or_path: str | Path, split: str = "train", batch_size: int = 256) -> Iterator[LoraDataset]:
-    """Batches of one split read shard by shard from parquet: memory bounded by the batch size."""
+    """Batches of one split with bounded memory, for populations larger than memory.
+
+    A local folder is read from its Arrow files (`arrow/{split}/*.arrow`), one memory-mapped
+    shard at a time (zero-copy; a shard's pages are released when it is closed); a hub dataset
+    from its parquet shards, batch by batch.
+    """
+    import pyarrow as pa
+
+    layout, label_info = read_layout(repo_or_path)
+    arrow_files = sorted((Path(repo_or_path) / "arrow" / split).glob("*.arrow")) if _is_local(repo_or_path) else []
+    if arrow_files:
+        for path in arrow_files:
+            try:
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_stream(source).read_all()
+                    for start in range(0, table.num_rows, batch_size):
+                        yield _from_table(table.slice(start, batch_size), layout, label_info)
+                    del table
+            except (OSError, pa.ArrowException) as exc:
+                raise PulledDataError(f"corrupt Arrow shard {path}: {exc}") from None
+        return
+    yield from _stream_parquet(repo_or_path, split, batch_size, layout, label_info)
+
+
+def _stream_parquet(repo_or_path, split: str, batch_size: int, layout, label_info) -> Iterator[LoraDataset]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    layout, label_info = read_layout(repo_or_path)
     if not _is_local(repo_or_path):
         from huggingface_hub import HfApi, hf_hub_download
 

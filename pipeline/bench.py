@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 RESULTS_DIR = Path("bench/results")
 
 
@@ -170,3 +172,145 @@ def write_results(name: str, measurements: list[Measurement], settings: dict[str
                "results": [{**asdict(m), "loras_per_hour": round(m.loras_per_hour, 1)} for m in measurements]}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+# ---------------------------------------------------------------- loading published weights
+
+SD14_BLOCK_WIDTHS = [320] * 5 + [640] * 5 + [1280] * 6  # transformer blocks of SD-1.x's UNet by width
+SD14_TEXT_WIDTH = 768
+
+
+def sd14_lora_modules() -> dict[str, tuple[int, int]]:
+    """name -> (in, out) of SD-1.x's attn1/attn2 to_q/to_v (rank-4 LoRAs: 398,592 parameters)."""
+    modules = {}
+    for block, width in enumerate(SD14_BLOCK_WIDTHS):
+        for attn, kv_in in (("attn1", width), ("attn2", SD14_TEXT_WIDTH)):
+            modules[f"block{block:02d}.{attn}.to_q"] = (width, width)
+            modules[f"block{block:02d}.{attn}.to_v"] = (kv_in, width)
+    return modules
+
+
+def write_random_population(folder: Path, modules: dict[str, tuple[int, int]], count: int, rank: int = 4,
+                            per_file: bool = False, rows_per_shard: int = 250, seed: int = 0) -> int:
+    """A published-format folder (parquet shards, layout.json, labels.json) of random LoRAs.
+
+    Written in shards, so memory stays bounded whatever `count` is. With `per_file`, also one
+    peft-named safetensors file per LoRA under `files/`, as the paper's loaders read them.
+    Returns the number of floats per LoRA.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.numpy import save_file
+
+    from pipeline.publish import PARQUET_OPTIONS, make_layout
+
+    rng = np.random.default_rng(seed)
+    example = {name: (np.zeros((rank, n_in), np.float32), np.zeros((n_out, rank), np.float32)) for name, (n_in, n_out) in modules.items()}
+    layout = make_layout(example, rank)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    (folder / "layout.json").write_text(json.dumps(layout))
+    (folder / "labels.json").write_text(json.dumps({"score.value": {"scorer": "score", "scorer_id": "score-x", "label": "value"}}))
+    if per_file:
+        (folder / "files").mkdir(exist_ok=True)
+    for shard_start in range(0, count, rows_per_shard):
+        n = min(rows_per_shard, count - shard_start)
+        flat = rng.standard_normal((n, layout["size"]), dtype=np.float32) * 0.01
+        table = pa.table({
+            "job_id": [f"lora{shard_start + i:05d}" for i in range(n)], "group": [f"g{shard_start + i}" for i in range(n)],
+            "rank": [rank] * n, "alpha": [float(rank)] * n, "score.value": rng.standard_normal(n).tolist(),
+            "weights": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), layout["size"]),
+        })
+        pq.write_table(table, folder / "data" / f"train-{shard_start // rows_per_shard:05d}.parquet", **PARQUET_OPTIONS)
+        arrow_dir = folder / "arrow" / "train"
+        arrow_dir.mkdir(parents=True, exist_ok=True)
+        with pa.OSFile(str(arrow_dir / f"data-{shard_start // rows_per_shard:05d}.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+        if per_file:
+            for i in range(n):
+                tensors = {}
+                for module in layout["modules"]:
+                    a = flat[i, module["a_offset"]:module["a_offset"] + rank * module["in"]].reshape(rank, module["in"])
+                    b = flat[i, module["b_offset"]:module["b_offset"] + module["out"] * rank].reshape(module["out"], rank)
+                    tensors[f"base_model.model.{module['name']}.lora_A.weight"] = np.ascontiguousarray(a)
+                    tensors[f"base_model.model.{module['name']}.lora_B.weight"] = np.ascontiguousarray(b)
+                save_file(tensors, str(folder / "files" / f"lora{shard_start + i:05d}.safetensors"))
+    return layout["size"]
+
+
+LOAD_WORKER = '''
+import sys, time, glob, os, resource
+import torch, datasets
+from safetensors.torch import load_file
+from lol_models.data import _from_table, read_layout, stream
+from lol_models.weights import LoraWeights
+torch.set_num_threads(int(os.environ.get("LOL_TORCH_THREADS", torch.get_num_threads())))
+mode, folder = sys.argv[1], sys.argv[2]
+start = time.perf_counter()
+total, count = 0.0, 0
+if mode == "stream":
+    for batch in stream(folder, "train", batch_size=64):
+        total += float(sum(g.u.sum() + g.v.sum() for g in batch.weights.groups)); count += len(batch)
+elif mode == "per-file":
+    paths = sorted(glob.glob(folder + "/files/*.safetensors"))
+    for batch_start in range(0, len(paths), 64):   # same product as `stream`: batches of 64 as LoraWeights
+        states = [load_file(p) for p in paths[batch_start:batch_start + 64]]
+        names = sorted({k[:-len(".lora_A.weight")] for k in states[0] if k.endswith(".lora_A.weight")})
+        us = [torch.stack([s[n + ".lora_B.weight"] for s in states]) for n in names]   # pair A with B by key
+        vs = [torch.stack([s[n + ".lora_A.weight"].T for s in states]) for n in names]
+        batch = LoraWeights.from_layers(names, us, vs)
+        total += float(sum(g.u.sum() + g.v.sum() for g in batch.groups)); count += len(states)
+elif mode == "open":
+    layout, labels = read_layout(folder)
+    table = datasets.load_from_disk(folder + "/arrow")["train"].data.table   # open (memory-map)
+    start = time.perf_counter()                                              # time from here: tensors
+    data = _from_table(table, layout, labels)
+    count = len(data)
+print(f"{mode} {count} {time.perf_counter() - start:.4f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+'''
+
+
+def bench_load(count_sd: int, count_tiny: int, work_dir: Path) -> list[Measurement]:
+    """Reading published weights: tiny population opened as tensors; SD-shaped streamed vs per-file."""
+    results = []
+    tiny = work_dir / "tiny"
+    if count_tiny:
+        modules = _tiny_modules()
+        write_random_population(tiny, modules, count_tiny, rank=4)
+        _publish_arrow(tiny)
+        _, _, output = run_child([sys.executable, "-c", LOAD_WORKER, "open", str(tiny)])
+        mode, n, seconds, peak = output.split()[-4:]
+        results.append(Measurement("load", "tiny: tensors after open", int(n), float(seconds), float(peak), 1,
+                                   {"floats_per_lora": json.loads((tiny / "layout.json").read_text())["size"]}))
+    if count_sd:
+        sd = work_dir / "sd14"
+        size = write_random_population(sd, sd14_lora_modules(), count_sd, rank=4, per_file=True)
+        for mode in ("stream", "per-file"):
+            _, _, output = run_child([sys.executable, "-c", LOAD_WORKER, mode, str(sd)])
+            _, n, seconds, peak = output.split()[-4:]
+            results.append(Measurement("load", f"SD-1.4 rank 4: {mode}", int(n), float(seconds), float(peak), 1,
+                                       {"floats_per_lora": size, "gigabytes": round(4 * size * count_sd / 1e9, 2)}))
+    return results
+
+
+def _tiny_modules() -> dict[str, tuple[int, int]]:
+    """LoRA module shapes (to_q/to_v) of the tiny diffusion UNet, from its recipe (no build needed)."""
+    import torch
+
+    from pipeline.bases import tiny_module
+
+    module = tiny_module("shapes-sd")
+    unet = module.make_unet(module.recipe_config("full"))
+    return {name: (m.in_features, m.out_features) for name, m in unet.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.endswith(("to_q", "to_v"))}
+
+
+def _publish_arrow(folder: Path) -> None:
+    """Replace the raw Arrow shards with a `save_to_disk` folder that `pull` memory-maps."""
+    import shutil
+
+    import datasets
+
+    files = sorted(str(p) for p in (folder / "data").glob("train-*.parquet"))
+    shutil.rmtree(folder / "arrow", ignore_errors=True)
+    datasets.DatasetDict({"train": datasets.Dataset.from_parquet(files)}).save_to_disk(str(folder / "arrow"))

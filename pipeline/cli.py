@@ -225,6 +225,28 @@ def bench_orchestration_command(
     return 0
 
 
+@bench_app.command("load")
+def bench_load_command(
+    sd_loras: Annotated[int, typer.Option(help="SD-1.4-shaped rank-4 LoRAs (random weights) to stream.")] = 2000,
+    tiny_loras: Annotated[int, typer.Option(help="Tiny-world-shaped LoRAs to open as tensors.")] = 1000,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Where to write the test data (default: a temp dir).")] = None,
+) -> int:
+    """Reading published weights: tiny population as tensors; SD-shaped streamed vs per-file safetensors."""
+    import tempfile
+
+    from pipeline.bench import bench_load, write_results
+
+    with tempfile.TemporaryDirectory(prefix="lol-bench-load-", dir=work_dir) as tmp:
+        results = bench_load(sd_loras, tiny_loras, Path(tmp))
+    _bench_table("lol bench load", results, write_results("load", results, {"sd_loras": sd_loras, "tiny_loras": tiny_loras}))
+    per_file = next((m for m in results if m.mode.endswith("per-file")), None)
+    streamed = next((m for m in results if m.mode.endswith("stream")), None)
+    if per_file and streamed:
+        out.print(f"streaming is {per_file.seconds / streamed.seconds:.2f}× the speed of per-file safetensors "
+                  f"(peak RSS {streamed.peak_rss_mb:.0f} MB vs {per_file.peak_rss_mb:.0f} MB)")
+    return 0
+
+
 bases_app = typer.Typer(help="Build and list the built-in tiny bases (tiny:shapes-sd, tiny:shapes-clip, tiny:qa-lm).",
                         no_args_is_help=True)
 app.add_typer(bases_app, name="bases")

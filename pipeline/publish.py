@@ -49,6 +49,8 @@ from storage import Store
 LAYOUT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
 ROWS_PER_SHARD = 1000
+# Float weights do not compress and dictionary encoding only slows them down.
+PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
 class PublishError(ValueError):
@@ -256,6 +258,7 @@ def _dataset(rows: list[dict[str, Any]], weights: np.ndarray):
 
 def write_folder(manifest: Manifest, store: Store, folder: Path, rows, weights, layout, label_names) -> dict[str, int]:
     import datasets
+    import pyarrow.parquet as pq
 
     splits: dict[str, Any] = {}
     for name in ("train", "validation", "test"):
@@ -263,13 +266,13 @@ def write_folder(manifest: Manifest, store: Store, folder: Path, rows, weights, 
         if index:
             splits[name] = _dataset([rows[i] for i in index], weights[index])
     dataset = datasets.DatasetDict(splits)
-    dataset.save_to_disk(str(folder / "arrow"))
+    dataset.save_to_disk(str(folder / "arrow"), max_shard_size="256MB")  # `stream` maps one shard at a time
     shards: dict[str, list[str]] = {}
     (folder / "data").mkdir()
     for name, split in dataset.items():
         for start in range(0, len(split), ROWS_PER_SHARD):
             buffer = io.BytesIO()
-            split.select(range(start, min(start + ROWS_PER_SHARD, len(split)))).to_parquet(buffer)
+            pq.write_table(split.data.table.slice(start, ROWS_PER_SHARD), buffer, **PARQUET_OPTIONS)
             digest = hashlib.sha256(buffer.getvalue()).hexdigest()[:12]
             path = f"data/{name}-{digest}.parquet"
             (folder / path).write_bytes(buffer.getvalue())

@@ -214,12 +214,19 @@ def test_pull_errors_name_the_problem(published, tmp_path):
         pull(tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
+    arrow_shard = sorted((copy / "arrow" / "train").glob("*.arrow"))[0]
+    arrow_shard.write_bytes(arrow_shard.read_bytes()[:100])
+    with pytest.raises(PulledDataError, match="corrupt Arrow shard"):
+        list(stream(copy, split="train"))
+    shutil.rmtree(copy / "arrow")  # without the Arrow view, streaming reads the parquet shards
+    expected = len(pull(folder, "train"))
+    assert sum(len(b) for b in stream(copy, split="train", batch_size=2)) == expected
     shard = sorted((copy / "data").glob("train-*.parquet"))[0]
     shard.write_bytes(b"PAR1" + b"\x00" * 64)
     with pytest.raises(PulledDataError, match="corrupt parquet shard"):
         list(stream(copy, split="train"))
     batches = list(stream(folder, split="train", batch_size=2))
-    assert all(len(b) <= 2 for b in batches) and sum(len(b) for b in batches) == pull(folder, "train").__len__()
+    assert all(len(b) <= 2 for b in batches) and sum(len(b) for b in batches) == expected
 
 
 def test_lol_pull_cli(published, run_cli):
