@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 the command ran and found problems (e.g. `verify`), 2 bad in
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from collections import Counter
@@ -505,6 +506,10 @@ def _hint(exc: Exception) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 problems found, 2 bad input, 3 not built)."""
+    if os.environ.get("LOL_TORCH_THREADS"):  # small models on shared CPUs run faster on one thread
+        import torch
+
+        torch.set_num_threads(int(os.environ["LOL_TORCH_THREADS"]))
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="lol", standalone_mode=False)
