@@ -15,19 +15,22 @@ QUIET_PIP := grep -v 'is ignored: it is neither a file nor a directory' || true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-fast test-slow test-gpu install lint clean
+.PHONY: demo test test-fast test-slow test-bases test-gpu install lint clean
 
 demo: $(STAMP)
 	$(LOL) run manifests/tiny-shapes.yaml
 
 test: $(STAMP)
-	$(PYTEST) -m "not gpu"
+	$(PYTEST) -m "not gpu and not full_build"
 
 test-fast: $(STAMP)
-	$(PYTEST) -m "not slow and not gpu"
+	$(PYTEST) -m "not slow and not gpu and not full_build"
 
 test-slow: $(STAMP)
 	$(PYTEST) -m "slow and not gpu"
+
+test-bases: $(STAMP)
+	$(PYTEST) -m full_build
 
 test-gpu: $(STAMP)
 	$(PYTEST) -m gpu

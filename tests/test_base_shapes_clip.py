@@ -222,7 +222,7 @@ def test_multi_positive_loss_treats_repeated_captions_as_positives():
 # ----------------------------------------------------------------------------- the real model
 
 
-@pytest.mark.slow
+@pytest.mark.full_build
 def test_full_build_reaches_the_quality_bar(tmp_path, holdout):
     metrics = shapes_clip.build(shapes_clip.recipe_config("full"), tmp_path)
     assert metrics["eval_images"] == len(holdout)
