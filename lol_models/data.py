@@ -69,13 +69,17 @@ class LoraDataset(torch.utils.data.Dataset):
 
 
 def _is_local(repo_or_path: str | Path) -> bool:
-    return Path(repo_or_path).exists()
+    """A folder (existing, or written as a path) rather than a hub id like `namespace/name`."""
+    text = str(repo_or_path)
+    return isinstance(repo_or_path, Path) or Path(text).exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1
 
 
 def read_layout(repo_or_path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(layout, label info) of a published folder or hub dataset repo."""
     if _is_local(repo_or_path):
         folder = Path(repo_or_path)
+        if not folder.is_dir():
+            raise PulledDataError(f"no published dataset at {folder}: the folder does not exist (run `lol publish` first)")
         missing = [f for f in ("layout.json", "labels.json") if not (folder / f).is_file()]
         if missing:
             there = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"

@@ -62,9 +62,9 @@ def test_run_goes_through_prefect_end_to_end(run_cli, tmp_path, random_sd, prefe
     assert "learn" not in out
 
 
-def test_a_stage_that_is_not_built_says_so(run_cli, tmp_path):
+def test_stages_explain_what_is_missing(run_cli, tmp_path):
     code, _, err = run_cli("train", TINY, "--store", tmp_path / "s")
-    assert code == 3 and "not built yet" in err
+    assert code == 2 and "no published dataset at" in err and "lol publish" in err
     code, _, err = run_cli("publish", TINY, "--store", tmp_path / "s")
     assert code == 2 and "no verified, scored LoRA to publish" in err
     code, _, err = run_cli("finetune", ROOT / "manifests" / "tiny-arc.yaml", "--store", tmp_path / "s")
