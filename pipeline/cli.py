@@ -248,6 +248,39 @@ def bench_load_command(
     return 0
 
 
+@bench_app.command("scaling")
+def bench_scaling_command(
+    models: Annotated[str, typer.Option(help="Comma-separated predictors.")] = "mlp,mlp_svd,mlp_oalign,mlp_dense,transformer,glnet",
+    memory_gb: Annotated[float, typer.Option(help="Address-space limit per measurement.")] = 16.0,
+) -> int:
+    """Forward time and peak memory of each predictor on rank-4 LoRAs shaped like GPT-3 125M…175B."""
+    import json as json_module
+    import time
+
+    from lol_models.scaling import GPT3_SIZES, as_rows, plot, scaling
+
+    chosen = [m.strip() for m in models.split(",") if m.strip()]
+    points = scaling(chosen, memory_limit_gb=memory_gb)
+    table = Table(title="forward time (ms) / peak RSS (MB), batch 1, rank 4, one d×d LoRA per layer")
+    table.add_column("model")
+    for size in GPT3_SIZES:
+        table.add_column(size, justify="right")
+    for model in chosen:
+        cells = []
+        for size in GPT3_SIZES:
+            point = next((p for p in points if p.model == model and p.size == size), None)
+            cells.append("" if point is None else f"{point.forward_ms:.1f} / {point.peak_rss_mb:.0f}" if point.status == "ok" else point.status.split(":")[0])
+        table.add_row(model, *cells)
+    out.print(table)
+    RESULTS = Path("bench/results")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    (RESULTS / f"scaling-{stamp}.json").write_text(json_module.dumps({"memory_limit_gb": memory_gb, "points": as_rows(points)}, indent=1))
+    plot(points, RESULTS / f"scaling-{stamp}.png")
+    out.print(f"results: {RESULTS / f'scaling-{stamp}.json'} and .png")
+    return 0
+
+
 bases_app = typer.Typer(help="Build and list the built-in tiny bases (tiny:shapes-sd, tiny:shapes-clip, tiny:qa-lm).",
                         no_args_is_help=True)
 app.add_typer(bases_app, name="bases")
