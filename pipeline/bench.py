@@ -63,6 +63,20 @@ def _lol() -> list[str]:
     return [sys.executable, "-m", "pipeline.cli"]
 
 
+def _time_modes(stage: str, manifest: str, overrides: list[str], count: int, store: str, mode: str) -> Measurement:
+    """Run `lol {stage}` over `count` LoRAs once (sequential) or once per LoRA (process)."""
+    if mode == "sequential":
+        seconds, peak, _ = run_child([*_lol(), stage, manifest, *overrides, "--store", store])
+        return Measurement(stage, mode, count, round(seconds, 2), round(peak, 1), 1)
+    if mode == "process":  # each process finds the first k done and handles job k, reloading everything
+        seconds = peak = 0.0
+        for k in range(count):
+            s, p, _ = run_child([*_lol(), stage, manifest, *overrides, "--store", store, "--limit", str(k + 1)])
+            seconds, peak = seconds + s, max(peak, p)
+        return Measurement(stage, mode, count, round(seconds, 2), round(peak, 1), count)
+    raise ValueError(f"unknown {stage} mode {mode!r}; modes: sequential, process")
+
+
 def bench_finetune(manifest: str, overrides: list[str], count: int, modes: list[str]) -> list[Measurement]:
     """Finetune `count` LoRAs of `manifest` in each mode, each into a fresh store."""
     results = []
@@ -70,23 +84,14 @@ def bench_finetune(manifest: str, overrides: list[str], count: int, modes: list[
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix=f"lol-bench-{mode}-") as store:
             _warm_bases(manifest, overrides, store, scorers=False)
-            if mode == "sequential":
-                seconds, peak, _ = run_child([*_lol(), "finetune", manifest, *overrides, "--store", store])
-                processes = 1
-            elif mode == "process":
-                seconds, peak = 0.0, 0.0
-                for k in range(count):  # each process finds the first k done and trains job k
-                    s, p, _ = run_child([*_lol(), "finetune", manifest, *overrides, "--store", store, "--limit", str(k + 1)])
-                    seconds, peak = seconds + s, max(peak, p)
-                processes = count
-            else:
-                raise ValueError(f"unknown finetune mode {mode!r}; modes: sequential, process")
-            results.append(Measurement("finetune", mode, count, round(seconds, 2), round(peak, 1), processes))
+            results.append(_time_modes("finetune", manifest, overrides, count, store, mode))
     return results
 
 
 def bench_score(manifest: str, overrides: list[str], count: int, modes: list[str]) -> list[Measurement]:
     """Score `count` finetuned LoRAs in each mode (finetuning them first, untimed)."""
+    import shutil
+
     results = []
     overrides = [*overrides, f"count={count}"]
     with tempfile.TemporaryDirectory(prefix="lol-bench-score-") as base_store:
@@ -94,22 +99,9 @@ def bench_score(manifest: str, overrides: list[str], count: int, modes: list[str
         run_child([*_lol(), "finetune", manifest, *overrides, "--store", base_store])
         for mode in modes:
             with tempfile.TemporaryDirectory(prefix=f"lol-bench-score-{mode}-") as store:
-                import shutil
-
                 shutil.copytree(base_store, store, dirs_exist_ok=True)
                 _drop_scores(Path(store))
-                if mode == "sequential":
-                    seconds, peak, _ = run_child([*_lol(), "score", manifest, *overrides, "--store", store])
-                    processes = 1
-                elif mode == "process":
-                    seconds, peak = 0.0, 0.0
-                    for k in range(count):
-                        s, p, _ = run_child([*_lol(), "score", manifest, *overrides, "--store", store, "--limit", str(k + 1)])
-                        seconds, peak = seconds + s, max(peak, p)
-                    processes = count
-                else:
-                    raise ValueError(f"unknown score mode {mode!r}; modes: sequential, process")
-                results.append(Measurement("score", mode, count, round(seconds, 2), round(peak, 1), processes))
+                results.append(_time_modes("score", manifest, overrides, count, store, mode))
     return results
 
 

@@ -4,19 +4,11 @@ layer of every input. GL-net must learn it; an MLP on the flattened factors must
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lol_models.synthetic import frobenius_task
 from lol_models.train import LabeledLoras, TrainConfig, train_and_evaluate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on contended cores. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CONFIG = TrainConfig(epochs=40, batch_size=64, lr=1e-2, weight_decay=0.1)

@@ -8,14 +8,7 @@ import torch
 from lol_models.synthetic import random_lora_weights
 from lol_models.weights import GroupLayout, Layout, LoraWeights, collate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on contended cores. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:
