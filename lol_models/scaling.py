@@ -68,7 +68,7 @@ except RuntimeError as exc:
     out = {"status": "out of memory" if ("alloc" in text.lower() or "memory" in text.lower()) else text[:200]}
 except ValueError as exc:
     out = {"status": "too large for model: " + str(exc)[:160]}
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out["peak_rss_mb"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 print("RESULT " + json.dumps(out))
 '''
 

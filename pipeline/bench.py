@@ -45,7 +45,11 @@ class Measurement:
 
 
 def run_child(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB of that child, output) of one child process; raises on failure."""
+    """(wall seconds, peak RSS MB of that child, output) of one child process; raises on failure.
+
+    Linux carries the parent's high-water mark into a forked child's `ru_maxrss`, so keep the
+    measuring process small (generate test data in children too).
+    """
     with tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
@@ -258,7 +262,8 @@ elif mode == "open":
     start = time.perf_counter()                                              # time from here: tensors
     data = _from_table(table, layout, labels)
     count = len(data)
-print(f"{mode} {count} {time.perf_counter() - start:.4f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}")
+hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(f"{mode} {count} {time.perf_counter() - start:.4f} {hwm_kb / 1024:.1f}")
 '''
 
 
@@ -267,22 +272,28 @@ def bench_load(count_sd: int, count_tiny: int, work_dir: Path) -> list[Measureme
     results = []
     tiny = work_dir / "tiny"
     if count_tiny:
-        modules = _tiny_modules()
-        write_random_population(tiny, modules, count_tiny, rank=4)
-        _publish_arrow(tiny)
+        _in_child(f"from pipeline.bench import *; from pathlib import Path; "
+                  f"write_random_population(Path({str(tiny)!r}), _tiny_modules(), {count_tiny}, rank=4); _publish_arrow(Path({str(tiny)!r}))")
         _, _, output = run_child([sys.executable, "-c", LOAD_WORKER, "open", str(tiny)])
         mode, n, seconds, peak = output.split()[-4:]
         results.append(Measurement("load", "tiny: tensors after open", int(n), float(seconds), float(peak), 1,
                                    {"floats_per_lora": json.loads((tiny / "layout.json").read_text())["size"]}))
     if count_sd:
         sd = work_dir / "sd14"
-        size = write_random_population(sd, sd14_lora_modules(), count_sd, rank=4, per_file=True)
+        _in_child(f"from pipeline.bench import *; from pathlib import Path; "
+                  f"write_random_population(Path({str(sd)!r}), sd14_lora_modules(), {count_sd}, rank=4, per_file=True)")
+        size = json.loads((sd / "layout.json").read_text())["size"]
         for mode in ("stream", "per-file"):
             _, _, output = run_child([sys.executable, "-c", LOAD_WORKER, mode, str(sd)])
             _, n, seconds, peak = output.split()[-4:]
             results.append(Measurement("load", f"SD-1.4 rank 4: {mode}", int(n), float(seconds), float(peak), 1,
                                        {"floats_per_lora": size, "gigabytes": round(4 * size * count_sd / 1e9, 2)}))
     return results
+
+
+def _in_child(code: str) -> None:
+    """Run setup code in a child, so this (measuring) process stays small."""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def _tiny_modules() -> dict[str, tuple[int, int]]:
