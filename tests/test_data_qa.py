@@ -226,3 +226,109 @@ def test_mmlu_concatenates_all_subjects_in_sorted_order():
     subjects = [ex.id.split("/")[1] for ex in load_set("mmlu", "test")]
     assert len(set(subjects)) == 57
     assert subjects == sorted(subjects)
+
+
+# ----------------------------------------------------------------------------- the "hashed" scheme
+
+from pipeline.data.qa import (  # noqa: E402
+    HASHED_SPLITS,
+    _hashed_partition,
+    data_fingerprint,
+    duplicate_questions,
+    hashed_split_names,
+    hashed_split_of,
+    load_hashed,
+    load_pooled,
+    split_bucket,
+)
+
+HASHED = ("pretrain", "train", "validation", "test")
+
+
+def test_hashed_split_table():
+    assert hashed_split_names() == HASHED
+    assert sum(share for _, share in HASHED_SPLITS) == 1000
+    assert QASource().scheme == "bundled"  # the default is unchanged
+    hashed = QASource(["sciq", "arc_easy"], scheme="hashed")
+    assert hashed.splits() == HASHED
+    assert repr(hashed) == "QASource(sets=['sciq', 'arc_easy'], scheme='hashed')"
+    assert repr(QASource(["sciq"])) == "QASource(sets=['sciq'])"
+
+
+def test_hashed_split_of_is_fixed_by_the_id():
+    # Golden values: changing the hash or the table reshuffles every LoRA population's data.
+    assert [split_bucket(i) for i in ("MCAS_2000_4_6", "sciq/validation/0", "mmlu/abstract_algebra/test/0")] == [517, 800, 286]
+    assert hashed_split_of("MCAS_2000_4_6") == "train"
+    assert hashed_split_of("sciq/validation/0") == "validation"
+    assert hashed_split_of("mmlu/abstract_algebra/test/0") == "pretrain"
+    edges = {}
+    for i in range(5000):
+        edges.setdefault(hashed_split_of(f"id-{i}"), set()).add(split_bucket(f"id-{i}"))
+    assert max(edges["pretrain"]) < 400 <= min(edges["train"]) and max(edges["train"]) < 800
+    assert 800 <= min(edges["validation"]) and max(edges["validation"]) < 900 <= min(edges["test"])
+
+
+@pytest.mark.parametrize("set_name", sorted(SETS))
+def test_hashed_splits_partition_each_set(set_name):
+    pooled = load_pooled(set_name)
+    assert len(pooled) == sum(n for (s, _), n in MIN_EXAMPLES.items() if s == set_name)
+    source = QASource([set_name], scheme="hashed")
+    parts = {split: source.examples_of(set_name, split) for split in HASHED}
+    ids = {split: {ex.id for ex in examples} for split, examples in parts.items()}
+    # disjoint, covering, each in pooled stored order, each example where its id says
+    assert sum(len(v) for v in ids.values()) == len(set().union(*ids.values())) == len(pooled)
+    for split, examples in parts.items():
+        assert examples == tuple(ex for ex in pooled if ex.id in ids[split])
+        assert all(hashed_split_of(ex.id) == split for ex in examples)
+        assert source.examples(split) == examples
+
+
+def test_hashed_fractions_are_roughly_right():
+    source = QASource(scheme="hashed")
+    counts = {split: len(source.examples(split)) for split in HASHED}
+    total = sum(counts.values())
+    assert total == sum(MIN_EXAMPLES.values())
+    for split, share in HASHED_SPLITS:
+        assert abs(counts[split] / total - share / 1000) < 0.01, counts  # 40,919 examples: σ ≈ 0.0025
+    for set_name in SETS:  # every set of ≥ 1,000 examples is split close to the table too
+        n = len(load_pooled(set_name))
+        if n >= 1000:
+            for split, share in HASHED_SPLITS:
+                assert abs(len(load_hashed(set_name, split)) / n - share / 1000) < 0.05, (set_name, split)
+
+
+def test_hashed_splits_are_deterministic_and_independent_of_the_chosen_sets():
+    before = {split: QASource(scheme="hashed").examples(split) for split in HASHED}
+    for cached in (load_set, load_pooled, _hashed_partition):
+        cached.cache_clear()
+    after = {split: QASource(scheme="hashed").examples(split) for split in HASHED}
+    assert before == after
+    alone = QASource(["arc_challenge"], scheme="hashed")
+    for split in HASHED:
+        assert alone.examples(split) == tuple(ex for ex in after[split] if ex.source == "arc_challenge")
+    # a split is the union over the chosen sets, in set order
+    both = QASource(["sciq", "arc_easy"], scheme="hashed").examples("test")
+    assert both == load_hashed("sciq", "test") + load_hashed("arc_easy", "test")
+
+
+def test_hashed_scheme_errors_list_valid_values():
+    with pytest.raises(DataSourceError, match=r"unknown QA split scheme 'random'; valid: bundled, hashed"):
+        QASource(scheme="random")
+    with pytest.raises(DataSourceError, match=r"no split 'dev'.*pretrain, train, validation, test"):
+        QASource(["mmlu"], scheme="hashed").examples("dev")
+    with pytest.raises(DataSourceError, match=r"'mmlu' has no split 'dev' under the hashed scheme"):
+        QASource(["mmlu"], scheme="hashed").examples_of("mmlu", "dev")
+    with pytest.raises(DataSourceError, match="not in this source"):
+        QASource(["sciq"], scheme="hashed").examples_of("arc_easy", "train")
+    with pytest.raises(DataSourceError, match="unknown QA set"):
+        load_hashed("nope", "train")
+
+
+def test_duplicate_questions_and_fingerprint():
+    example = load_set("arc_easy", "validation")[0]
+    copy = dataclasses.replace(example, id="other")
+    assert duplicate_questions([example, copy, dataclasses.replace(example, choices=("a", "b"))]) == 1
+    assert duplicate_questions(load_pooled("arc_easy")) == 0
+    fingerprint = data_fingerprint(["sciq"])
+    assert len(fingerprint) == 16 and fingerprint == data_fingerprint(["sciq"])
+    assert fingerprint != data_fingerprint(["arc_easy"]) and data_fingerprint() == data_fingerprint(list(SETS))

@@ -14,9 +14,10 @@ def _shapes(**options) -> DataSource:
 
 
 def _qa(**options) -> DataSource:
+    """The tiny world's QA source with its hashed pretrain / train / validation / test splits."""
     from pipeline.data.qa import QASource
 
-    return QASource(**options)
+    return QASource(**{"scheme": "hashed", **options})
 
 
 BUILTIN_SOURCES: dict[str, Callable[..., DataSource]] = {"shapes": _shapes, "qa": _qa}

