@@ -6,7 +6,8 @@
 A recipe is the builder's config for a size, the fingerprint of its training data, its
 seed (inside the config) and the versions of the libraries that shape its weights. A hit
 needs BUILD.json and every file's checksum to match; a corrupted entry is rebuilt, never
-loaded. Bases that ship inside the package (`pipeline/bases/shipped/`) are copied into the
+loaded. Builds run on one torch thread (same weights whatever the core count; the small
+models here run fastest that way). Bases that ship inside the package (`pipeline/bases/shipped/`) are copied into the
 store instead of being rebuilt when their recipe hash matches.
 """
 
@@ -104,13 +105,27 @@ def ensure_base(name: str, store: Store, size: str = "full", force: bool = False
         out = Path(tmp) / recipe.folder
         out.mkdir()
         started = time.perf_counter()
-        metrics = dict(tiny_module(name).build(recipe.config, out, progress))
+        with _one_thread():  # deterministic whatever the core count, and fastest for these small models
+            metrics = dict(tiny_module(name).build(recipe.config, out, progress))
         metrics.setdefault("build_seconds", round(time.perf_counter() - started, 2))
         metrics.setdefault("peak_rss_mb", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         _write_build_file(out, recipe, metrics)
         store.delete(rel)
         _upload(store, out, rel)
     return BuiltBase(recipe.name, recipe, _local_folder(store, rel), metrics, "built")
+
+
+class _one_thread:
+    def __enter__(self) -> None:
+        import torch
+
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
 
 
 def _write_build_file(folder: Path, recipe: Recipe, metrics: dict[str, Any]) -> None:
