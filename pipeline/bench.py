@@ -123,7 +123,8 @@ def bench_orchestration(manifest: str, overrides: list[str], count: int) -> list
     with tempfile.TemporaryDirectory(prefix="lol-bench-flow-") as store:
         _warm_bases(manifest, overrides, store)
         env = {"PREFECT_HOME": tempfile.mkdtemp(prefix="lol-bench-prefect-"), "PREFECT_API_URL": ""}
-        seconds, peak, output = run_child([*_lol(), "run", manifest, *overrides, "--store", store], env=env)
+        seconds, peak, output = run_child([*_lol(), "run", manifest, *overrides, "--store", store,
+                                           "--stages", "finetune,score,publish"], env=env)
         server_start = _server_start_seconds(output)
         results.append(Measurement("orchestration", "prefect flows (ephemeral)", count, round(seconds, 2), round(peak, 1), 1,
                                    {"ephemeral_server_start_s": server_start}))
@@ -272,7 +273,7 @@ def bench_load(count_sd: int, count_tiny: int, work_dir: Path) -> list[Measureme
     results = []
     tiny = work_dir / "tiny"
     if count_tiny:
-        _in_child(f"from pipeline.bench import *; from pathlib import Path; "
+        _in_child(f"from pipeline.bench import write_random_population, sd14_lora_modules, _tiny_modules, _publish_arrow; from pathlib import Path; "
                   f"write_random_population(Path({str(tiny)!r}), _tiny_modules(), {count_tiny}, rank=4); _publish_arrow(Path({str(tiny)!r}))")
         _, _, output = run_child([sys.executable, "-c", LOAD_WORKER, "open", str(tiny)])
         mode, n, seconds, peak = output.split()[-4:]
@@ -280,7 +281,7 @@ def bench_load(count_sd: int, count_tiny: int, work_dir: Path) -> list[Measureme
                                    {"floats_per_lora": json.loads((tiny / "layout.json").read_text())["size"]}))
     if count_sd:
         sd = work_dir / "sd14"
-        _in_child(f"from pipeline.bench import *; from pathlib import Path; "
+        _in_child(f"from pipeline.bench import write_random_population, sd14_lora_modules, _tiny_modules, _publish_arrow; from pathlib import Path; "
                   f"write_random_population(Path({str(sd)!r}), sd14_lora_modules(), {count_sd}, rank=4, per_file=True)")
         size = json.loads((sd / "layout.json").read_text())["size"]
         for mode in ("stream", "per-file"):
