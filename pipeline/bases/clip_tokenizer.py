@@ -9,13 +9,17 @@ transformers' CLIP does (`<|startoftext|>`, `<|endoftext|>`), and write `vocab.j
 `merges.txt`, which `CLIPTokenizer.from_pretrained` reads.
 
 Padding: open_clip pads with id 0 (the byte symbol "!"), so the tokenizer's pad token is "!"
-(as in Stable Diffusion 2's tokenizer); with `padding="max_length", max_length=77,
-truncation=True` a caption's ids equal `open_clip.tokenize(caption)` row for row.
+(as in Stable Diffusion 2's tokenizer, built for OpenCLIP ids); with `padding="max_length",
+max_length=77, truncation=True` a caption's ids equal `open_clip.tokenize(caption)` row for row.
 
-Text cleaning differs in one corner: open_clip runs `ftfy.fix_text` and unescapes HTML
-entities ("&amp;" → "&") before tokenizing; transformers' CLIP tokenizer applies NFC,
-collapses whitespace and lowercases. Ordinary text (any case, spacing, punctuation, digits,
-accents, emoji) tokenizes identically; HTML entities and mojibake that ftfy would repair do not.
+Known differences, both outside the captions this project uses:
+- "!" in the text: transformers splits the pad token out before BPE, so "hi!" gives
+  [.., "hi", 0] where open_clip gives [.., "hi", "!</w>" = 256] ("!!" likewise splits into
+  two 0s). SD-2's tokenizer behaves the same way.
+- HTML entities and mojibake: open_clip runs `ftfy.fix_text` and unescapes HTML ("&amp;" →
+  "&") first; transformers' CLIP tokenizer only applies NFC, collapses whitespace and lowercases.
+Ordinary text (any case or spacing, punctuation other than "!", digits, accents, emoji, CJK)
+tokenizes identically.
 """
 
 from __future__ import annotations

@@ -21,17 +21,24 @@ Components
   and adds an offset that keeps SiLU in its linear range; every residual branch is zero.
   Round trip error ≈ 1e-4 (well under one 8-bit level). So diffusion runs in pixel space
   through SD's interface, and all compute goes to the UNet.
-- UNet: `UNet2DConditionModel` at 32 px, 3 levels, cross-attention transformer blocks at
-  16 and 8 px and in the middle (modules `...attentions.N.transformer_blocks.0.attn1.to_q`,
-  `...attn2.to_v` as in SD). Text reaches the UNet only through `attn2` (cross-attention),
-  so a LoRA on `to_q`/`to_v` (attn2.to_v maps text tokens to values) can move colour and shape.
-- schedulers: DDPM (cosine schedule, v-prediction) for training; the pipeline is saved with
-  a `DPMSolverMultistepScheduler` built from the same config (20 steps sample well).
+- UNet: `UNet2DConditionModel` at 32 px, 3 levels (32, 16, 8 px), transformer blocks at
+  16 px, 8 px and in the middle, with modules named as in SD
+  (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`, `...attn2.to_v`). At 8 px
+  `attn1` is self-attention; at 16 px it is a second cross-attention (`only_cross_attention`),
+  since self-attention over every 16-px position costs more than it brings here. Text reaches
+  the UNet only through cross-attention (no pooled-text or class embedding), so a LoRA on
+  `to_q`/`to_v` (`attn2.to_v` maps the text tokens to the values the image reads) can move
+  colour and shape.
+- schedulers: DDPM (cosine schedule, x0-prediction, `prediction_type="sample"`) for
+  training; the pipeline is saved with a `DPMSolverMultistepScheduler` from the same config.
 
-Training: v-prediction MSE with min-SNR-γ weighting, classifier-free guidance by dropping
-captions to "" (what the pipeline feeds as the negative prompt), AdamW with warmup and
-cosine decay, EMA weights saved. Everything draws from one seeded generator, so a build is
-a function of (config, data).
+Training: the UNet predicts the clean image (x0). For a small network this learns the
+shapes much faster than v- or ε-prediction (at equal steps on this data: shape accuracy
+0.54 vs 0.44 for v-prediction), since its output is a flat-coloured image, not noise. Loss
+weight per example min(1 + snr, 1 + snr_cap) in x0 space (the plain v-loss, capped at low
+noise). Classifier-free guidance by dropping captions to "" (what the pipeline feeds as the
+negative prompt), AdamW with warmup and cosine decay, bf16 autocast on CPU, EMA weights
+saved. Everything draws from one seeded generator, so a build is a function of (config, data).
 
 `judge_images` reads (colour, shape) off generated images with the pixel logic of
 `pipeline.data.shapes`, made robust to tinted/noisy backgrounds; `evaluate` scores a
@@ -89,17 +96,18 @@ def recipe_config(size: str) -> dict:
         "unet": {
             "block_out_channels": [16, 32, 64] if full else [8, 16, 16],
             "layers_per_block": 1,
-            "attention_levels": [2] if full else [1, 2],  # levels with cross-attention (0 = full resolution)
+            "attention_levels": [1, 2],  # levels with transformer blocks (0 = full resolution)
+            "self_attention_levels": [2],  # elsewhere attn1 is a second cross-attention
             "attention_heads": 2,
             "norm_num_groups": 8 if full else 4,
         },
         "scheduler": {
             "num_train_timesteps": 1000,
             "beta_schedule": "squaredcos_cap_v2",
-            "prediction_type": "v_prediction",
+            "prediction_type": "sample",  # x0-prediction: the net outputs clean images
         },
         "train": {
-            "steps": 3000 if full else 4,
+            "steps": 2000 if full else 4,
             "batch_size": 32 if full else 8,
             "lr": 2e-3,
             "warmup_steps": 50 if full else 1,
@@ -107,7 +115,8 @@ def recipe_config(size: str) -> dict:
             "grad_clip": 1.0,
             "ema_decay": 0.995,
             "caption_dropout": 0.1,
-            "min_snr_gamma": 5.0,
+            "snr_cap": 5.0,  # loss weight in x0 space: min(1 + snr, 1 + snr_cap)
+            "bf16_autocast": True,
             "hflip": True,
             "threads": 1,  # torch intra-op threads while building (see build())
         },
@@ -153,6 +162,10 @@ def make_unet(config: dict):
     attn = set(u["attention_levels"])
     down = tuple("CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n))
     up = tuple("CrossAttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n)))
+    # attn1 is self-attention on the self-attention levels, a second cross-attention elsewhere
+    # (self-attention over every pixel of a high-resolution level costs more than the rest)
+    self_levels = set(u.get("self_attention_levels", u["attention_levels"]))
+    only_cross = tuple(i not in self_levels for i in range(n))
     return UNet2DConditionModel(
         sample_size=config["resolution"],
         in_channels=3,
@@ -164,6 +177,7 @@ def make_unet(config: dict):
         layers_per_block=u["layers_per_block"],
         cross_attention_dim=config["text_encoder"]["hidden_size"],
         attention_head_dim=u["attention_heads"],  # diffusers: this is the number of heads
+        only_cross_attention=only_cross,
         norm_num_groups=u["norm_num_groups"],
     )
 
@@ -296,6 +310,26 @@ def _tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     ).input_ids
 
 
+def _target_and_weight(scheduler, x0, noise, t, snr_all, snr_cap):
+    """The regression target for the scheduler's prediction type, and per-example loss weights.
+
+    Weights are set in x0 space, w = min(1 + snr, 1 + snr_cap) (the plain v-prediction loss,
+    capped at low noise), then converted to the target's space, so every prediction type
+    optimises the same objective: high-noise steps, where layout and shape are decided, keep
+    weight ≥ 1 (min-SNR weighting would give them ≈ snr ≈ 0).
+    """
+    snr = snr_all[t]  # (B,)
+    w_x0 = torch.clamp(snr + 1.0, max=1.0 + snr_cap)
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return x0, w_x0
+    if kind == "v_prediction":  # ||v̂ - v||² = (1 + snr) ||x̂0 - x0||²
+        return scheduler.get_velocity(x0, noise, t), w_x0 / (1.0 + snr)
+    if kind == "epsilon":  # ||ε̂ - ε||² = snr ||x̂0 - x0||²
+        return noise, w_x0 / torch.clamp(snr, min=1e-4)
+    raise ValueError(f"unsupported prediction_type {kind!r}; use 'sample', 'v_prediction' or 'epsilon'")
+
+
 def _lr_at(step: int, train: dict) -> float:
     """Linear warmup then cosine decay to 10% of the peak."""
     peak, warm, total = train["lr"], train["warmup_steps"], train["steps"]
@@ -371,7 +405,6 @@ def _build(config: dict, out_dir: Path, progress: Callable[[int, int], None] | N
     gen = torch.Generator().manual_seed(seed)
     alphas_cumprod = noise_scheduler.alphas_cumprod
     snr_all = alphas_cumprod / (1.0 - alphas_cumprod)  # (num_train_timesteps,)
-    prediction_type = noise_scheduler.config.prediction_type
     steps, B = train_cfg["steps"], train_cfg["batch_size"]
     losses: list[float] = []
     unet.train()
@@ -389,20 +422,11 @@ def _build(config: dict, out_dir: Path, progress: Callable[[int, int], None] | N
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (B,), generator=gen)
 
         used, inverse = torch.unique(cap, return_inverse=True)  # encode each prompt once
-        hidden = text_encoder(prompt_tokens[used])[0][inverse]  # (B, T, D)
         noisy = noise_scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy, t, hidden).sample
-        if prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(x0, noise, t)
-            snr = snr_all[t]
-            weight = torch.clamp(snr, max=train_cfg["min_snr_gamma"]) / (snr + 1.0)
-        elif prediction_type == "epsilon":
-            target = noise
-            snr = snr_all[t]
-            weight = torch.clamp(snr, max=train_cfg["min_snr_gamma"]) / snr
-        else:  # "sample"
-            target = x0
-            weight = torch.clamp(snr_all[t], max=train_cfg["min_snr_gamma"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg["bf16_autocast"]):
+            hidden = text_encoder(prompt_tokens[used])[0][inverse]  # (B, T, D)
+            pred = unet(noisy, t, hidden).sample.float()  # (B, 3, R, R)
+        target, weight = _target_and_weight(noise_scheduler, x0, noise, t, snr_all, train_cfg["snr_cap"])
         per_example = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         loss = (weight * per_example).mean()
 
@@ -488,7 +512,7 @@ def load(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = to
     if not (path / "model_index.json").exists():
         present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         raise ValueError(f"{path} is not a saved {NAME} pipeline (no model_index.json; it holds {present})")
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -618,3 +642,45 @@ def evaluate(
         "guidance_scale": guidance_scale,
         "per_caption": per_caption,
     }
+
+
+def save_sample_grid(pipe, path: Path, guidance_scale: float = 4.0, seed: int = 1234, scale: int = 4) -> Path:
+    """One image per caption (24 captions), `scale`× enlarged, in a 6×4 grid PNG at `path`."""
+    from PIL import Image
+
+    images = sample_captions(pipe, CAPTIONS, 1, 20, guidance_scale, seed)
+    R = images[0].size[0] * scale
+    cols = 6
+    grid = Image.new("RGB", (cols * R, (len(images) + cols - 1) // cols * R), "white")
+    for i, image in enumerate(images):
+        grid.paste(image.resize((R, R), Image.NEAREST), ((i % cols) * R, (i // cols) * R))
+    grid.save(path)
+    return Path(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pipeline.bases.shapes_sd SIZE OUT_DIR [GRID.png]`: build, print metrics as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"build tiny:{NAME} from scratch")
+    parser.add_argument("size", choices=SIZES)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("grid", type=Path, nargs="?", help="also save a PNG of one sample per caption")
+    args = parser.parse_args(argv)
+    config = recipe_config(args.size)
+    total = config["train"]["steps"]
+    every = max(1, total // 20)
+
+    def progress(step: int, steps: int) -> None:
+        if step % every == 0 or step == steps:
+            print(f"step {step}/{steps}", flush=True)
+
+    metrics = build(config, args.out_dir, progress)
+    if args.grid is not None:
+        save_sample_grid(load(args.out_dir), args.grid, guidance_scale=config["eval"]["guidance_scale"])
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
