@@ -105,3 +105,16 @@ def test_unknown_attribute_is_refused_before_scoring(trained):
     manifest = Manifest.from_yaml(SHAPES, overrides=["scorers=[{name: attributes, attributes: [hue=red]}]"])
     with pytest.raises(DataSourceError, match="known: .*color"):
         make_scorer(manifest.scorers[0]).setup(manifest, None)
+
+
+def test_sources_labels_and_a_mismatched_subset_kind():
+    from pipeline.score import make_scorer
+
+    arc = Manifest.from_yaml(ROOT / "manifests" / "tiny-arc.yaml", overrides=["count=4"])
+    scorer = make_scorer(arc.scorers[2])
+    scorer.setup(arc, None)
+    for job in expand(arc):
+        labels = scorer.score(job)
+        assert len(labels) == 6 and {s for s, v in labels.items() if v} == set(job.spec.data["sources"])
+    with pytest.raises(ValueError, match="needs data.subsets.kind: source_subsets"):
+        make_scorer(arc.scorers[2]).setup(Manifest.from_yaml(SHAPES), None)

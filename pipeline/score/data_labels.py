@@ -57,29 +57,29 @@ class AttributesScorer:
                 for test, name, wanted in self.tests}
 
 
-class MembershipScorer:
+class _InTheData:
+    """One 0/1 label per name the manifest's subsets list: was it in this job's data?"""
+
+    subsets_type: type = object
+    key = ""
+
     def __init__(self, spec: Any):
         self.spec = spec
 
     def setup(self, manifest: Manifest, store: Store) -> None:
-        if not isinstance(manifest.data.subsets, ClassSubsets):
-            raise ValueError("the membership scorer needs data.subsets.kind: class_subsets")
-        self.classes = list(manifest.data.subsets.classes)
+        if not isinstance(manifest.data.subsets, self.subsets_type):
+            kind = self.subsets_type.model_fields["kind"].annotation.__args__[0]
+            raise ValueError(f"the {self.spec.name} scorer needs data.subsets.kind: {kind}")
+        self.names = list(getattr(manifest.data.subsets, self.key))
 
     def score(self, job: Job, adapter_dir: Path | None = None) -> dict[str, int]:
-        present = set(job.spec.data["classes"])
-        return {name: int(name in present) for name in self.classes}
+        present = set(job.spec.data[self.key])
+        return {name: int(name in present) for name in self.names}
 
 
-class SourcesScorer:
-    def __init__(self, spec: Any):
-        self.spec = spec
+class MembershipScorer(_InTheData):
+    subsets_type, key = ClassSubsets, "classes"
 
-    def setup(self, manifest: Manifest, store: Store) -> None:
-        if not isinstance(manifest.data.subsets, SourceSubsets):
-            raise ValueError("the sources scorer needs data.subsets.kind: source_subsets")
-        self.sources = list(manifest.data.subsets.sources)
 
-    def score(self, job: Job, adapter_dir: Path | None = None) -> dict[str, int]:
-        present = set(job.spec.data["sources"])
-        return {name: int(name in present) for name in self.sources}
+class SourcesScorer(_InTheData):
+    subsets_type, key = SourceSubsets, "sources"
