@@ -313,6 +313,53 @@ def bases_build(
     return 0
 
 
+@bases_app.command("evaluate")
+def bases_evaluate(
+    size: Annotated[str, typer.Option(help="full, or smoke (seconds; for tests).")] = "full",
+    samples: Annotated[int, typer.Option(help="Images per caption for prompt following.")] = 8,
+    effect_images: Annotated[int, typer.Option(help="Neutral-prompt images per LoRA for the colour effect.")] = 48,
+    colours: Annotated[Optional[list[str]], typer.Option("--colour", help="Colours for the LoRA effect (default: all 8).")] = None,
+    grid: Annotated[Optional[Path], typer.Option(help="Also save one generated image per caption as a PNG grid.")] = None,
+    output: Annotated[Path, typer.Option(help="Where to write the figures (JSON).")] = Path("bench/results/tiny-world-quality.json"),
+    store: StoreOpt = None,
+) -> int:
+    """Measure tiny:shapes-sd: prompted colour/shape by tiny:shapes-clip and by pixels, and a LoRA's colour effect."""
+    import json as json_module
+
+    from pipeline.bases import shapes_clip, shapes_sd
+    from pipeline.bases.cache import ensure_base
+    from pipeline.bases.shapes_quality import evaluate_base
+    from pipeline.data.shapes import COLORS
+
+    unknown = sorted(set(colours or []) - set(COLORS))
+    if unknown:
+        raise typer.BadParameter(f"unknown colour(s) {unknown}; valid: {', '.join(COLORS)}", param_hint="--colour")
+    target = Store(store)
+    log = lambda message: err.print(message, highlight=False)  # noqa: E731
+    sd = ensure_base("shapes-sd", target, size=size, log=log)
+    clip = ensure_base("shapes-clip", target, size=size, log=log)
+    pipe = shapes_sd.load(sd.path)
+    with _progress() as progress:
+        progress.add_task("generating and finetuning", total=None)
+        result = evaluate_base(pipe, shapes_clip.load(clip.path), samples, effect_images, colours or COLORS)
+    result["bases"] = {"shapes-sd": sd.recipe.folder, "shapes-clip": clip.recipe.folder}
+    table = Table(title=f"tiny:shapes-sd ({sd.recipe.folder})")
+    for column in ("judge", "prompted colour", "prompted shape", "both", "LoRA colour ratio (min over colours)"):
+        table.add_column(column)
+    for judge in ("clip", "pixels"):
+        pf = result["prompt_following"][judge]
+        table.add_row(judge, f"{pf['color_accuracy']:.1%}", f"{pf['shape_accuracy']:.1%}", f"{pf['both_accuracy']:.1%}",
+                      f"{result['lora_effect']['min_ratio'][judge]:.2f}×")
+    out.print(table)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json_module.dumps(result, indent=1))
+    out.print(f"results: {output}")
+    if grid is not None:
+        shapes_sd.save_sample_grid(pipe, grid)
+        out.print(f"samples: {grid}")
+    return 0
+
+
 @bases_app.command("list")
 def bases_list(store: StoreOpt = None) -> int:
     """The built bases the store holds."""
@@ -546,14 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="lol", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return EXIT_BAD_INPUT
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         err.print("aborted")
         return 130
+    except (click.ClickException, typer.TyperException) as exc:  # typer ≥ 0.2x raises its own copy of click's
+        exc.show()
+        return EXIT_BAD_INPUT
     except (StageNotBuilt, ScorerNotBuilt) as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
         return EXIT_NOT_BUILT

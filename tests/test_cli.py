@@ -111,3 +111,9 @@ def test_console_script_is_installed():
     if lol.exists():
         result = subprocess.run([str(lol), "validate", str(TINY), "count=0"], capture_output=True, text=True)
         assert result.returncode == 2 and "count" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_option_is_bad_input_not_a_traceback(run_cli):
+    code, _, err = run_cli("plan", "--bogus")
+    assert code == 2
+    assert "No such option: --bogus" in err and "Traceback" not in err

@@ -58,18 +58,22 @@ class DiffusionTrainer:
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def setup(self, manifest: Manifest, store: Store) -> None:
-        from diffusers import DDPMScheduler
-
-        self.pipe = load_diffusion_pipeline(manifest.base.model_dump(), store)
-        check_target_modules(self.pipe.unet, manifest.lora.target_modules)
-        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-            module.requires_grad_(False)
-            module.to(self.device)
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.use_pipeline(load_diffusion_pipeline(manifest.base.model_dump(), store), manifest.lora.target_modules)
         source = get_source(manifest.data.source)
         self.examples = source.examples(manifest.data.split)
         if not self.examples:
             raise ValueError(f"data split {manifest.data.split!r} of {manifest.data.source!r} is empty")
+
+    def use_pipeline(self, pipe, target_modules: list[str] | tuple[str, ...]) -> None:
+        """Train on an already loaded `StableDiffusionPipeline` (frozen here, moved to the device)."""
+        from diffusers import DDPMScheduler
+
+        self.pipe = pipe
+        check_target_modules(self.pipe.unet, target_modules)
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.requires_grad_(False)
+            module.to(self.device)
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.native_resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
     @torch.no_grad()
@@ -96,22 +100,30 @@ class DiffusionTrainer:
         raise ValueError(f"unsupported prediction_type {kind!r}")
 
     def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
-        from accelerate import Accelerator
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        spec, hp = job.spec, job.spec.hyperparameters
+        spec = job.spec
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
+                            target_modules=list(spec.target_modules), init_lora_weights="gaussian")
+        examples = job_examples(self.examples, spec.data, spec.seed)
+        return self.train(examples, config, spec.hyperparameters, spec.seed, out_dir)
+
+    def train(self, examples, config, hp: dict[str, Any], seed: int, out_dir: Path) -> dict[str, Any]:
+        """Train one LoRA (`config`, a peft `LoraConfig`) on `examples`; save it to `out_dir/adapter`."""
+        from accelerate import Accelerator
+        from peft import get_peft_model
+
+        if not examples:
+            raise ValueError("a LoRA needs at least one training image; the job's data group is empty")
         steps, accumulation = int(hp["steps"]), int(hp.get("gradient_accumulation", 1))
         batch = int(hp.get("batch_size", 1))
         resolution = int(hp.get("resolution", self.native_resolution))
-        examples = job_examples(self.examples, spec.data, spec.seed)
         mean, std = self._latent_moments(images_tensor(examples, resolution))
         prompt_states = self._encode_prompt(str(hp.get("instance_prompt", "")))
         scaling = getattr(self.pipe.vae.config, "scaling_factor", 1.0)
 
-        torch.manual_seed(spec.seed)  # LoRA init
-        generator = torch.Generator(device="cpu").manual_seed(spec.seed)  # data order and noise
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
-                            target_modules=list(spec.target_modules), init_lora_weights="gaussian")
+        torch.manual_seed(seed)  # LoRA init
+        generator = torch.Generator(device="cpu").manual_seed(seed)  # data order and noise
         peft_unet = get_peft_model(self.pipe.unet, config)
         model = peft_unet
         try:
