@@ -42,12 +42,14 @@ def use_api(api_url: str | None) -> None:
 
 
 def run(manifest: str, overrides: list[str], store: str | None, api_url: str | None = None,
-        limit: int | None = None, stages: list[str] | None = None) -> dict[str, Any]:
+        limit: int | None = None, stages: list[str] | None = None, workers: int = 1) -> dict[str, Any]:
     """`run_population` locally (ephemeral Prefect) or against the server at `api_url`."""
+    if workers < 1:
+        raise ValueError(f"--workers must be ≥ 1, got {workers}")
     use_api(api_url)
     from flows.population import run_population
 
-    return run_population(manifest, overrides, store, limit, stages=stages)
+    return run_population(manifest, overrides, store, limit, stages=stages, workers=workers)
 
 
 def check_work_pool(name: str) -> None:

@@ -49,6 +49,29 @@ def load_manifest(manifest: str, overrides: list[str] | None = None) -> tuple[Ma
     return Manifest.from_text(text, source=manifest, overrides=overrides), text
 
 
+def _task_runner(workers: int):
+    """Local worker processes for one flow's tasks (None: run tasks one by one in this process).
+
+    Each process keeps its own base / scorer cache across the tasks it runs, and gets
+    cores / workers torch threads (`LOL_TORCH_THREADS`, read in the task).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be ≥ 1, got {workers}")
+    if workers == 1:
+        return None
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    os.environ["LOL_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return ProcessPoolTaskRunner(max_workers=workers)
+
+
+def _apply_thread_budget() -> None:
+    if os.environ.get("LOL_TORCH_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["LOL_TORCH_THREADS"]))
+
+
 def _cached(key: tuple, make):
     with _cache_lock:
         if key not in _cache:
@@ -80,6 +103,7 @@ def _scorer(manifest: Manifest, store: Store, spec):
 @task(name="finetune-job", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
 def finetune_job(manifest: str, overrides: list[str], store: str | None, index: int) -> str:
     """Train job `index` unless the store holds it; returns the outcome."""
+    _apply_thread_budget()
     loaded, _ = load_manifest(manifest, overrides)
     target = Store(store)
     job = job_at(loaded, index)
@@ -91,6 +115,7 @@ def finetune_job(manifest: str, overrides: list[str], store: str | None, index: 
 @task(name="score-job", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
 def score_job_task(manifest: str, overrides: list[str], store: str | None, index: int) -> dict[str, str]:
     """Score job `index` with every scorer that has not scored it yet; returns scorer id -> outcome."""
+    _apply_thread_budget()
     loaded, _ = load_manifest(manifest, overrides)
     target = Store(store)
     population = target.population(loaded.population.name)
@@ -108,6 +133,24 @@ def score_job_task(manifest: str, overrides: list[str], store: str | None, index
 # ---------------------------------------------------------------- flows
 
 
+def _run_tasks(task_fn, stage: str, jobs: list[Job], retries: int, workers: int, *args) -> list:
+    """Run `task_fn(*args, job.index)` for every job: in this process one by one, or submitted to the
+    flow's process pool when `workers` > 1. Results in job order."""
+    runners = [task_fn.with_options(task_run_name=f"{stage}-{job.job_id}", retries=retries) for job in jobs]
+    if workers == 1:
+        return [runner(*args, job.index) for runner, job in zip(runners, jobs)]
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    context = FlowRunContext.get()
+    if context is None or not isinstance(context.task_runner, ProcessPoolTaskRunner):
+        # threads would share one base model between jobs: never run jobs concurrently in-process
+        raise ValueError(f"workers={workers} needs the flow to run with a ProcessPoolTaskRunner; "
+                         "use run_population(..., workers=N) or `lol run --workers N`")
+    futures = [runner.submit(*args, job.index) for runner, job in zip(runners, jobs)]
+    return [future.result() for future in futures]
+
+
 def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[Job]:
     return shard(list(expand(loaded, limit=limit)), shard_spec)
 
@@ -115,8 +158,9 @@ def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[J
 @flow(name="finetune_population")
 def finetune_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
                         limit: int | None = None, shard_spec: str | None = None,
-                        retries: int = DEFAULT_RETRIES, busy_wait_s: float | None = None) -> dict[str, int]:
-    """Finetune every planned LoRA the store lacks, one task per job.
+                        retries: int = DEFAULT_RETRIES, busy_wait_s: float | None = None,
+                        workers: int = 1) -> dict[str, int]:
+    """Finetune every planned LoRA the store lacks, one task per job (`workers` local processes).
 
     A job claimed by another worker is retried until it is done there or the claim expires
     (at most `busy_wait_s`, default three claim leases).
@@ -128,12 +172,14 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
     population.write_manifest(text)
     outcomes: Counter = Counter()
     busy: list[Job] = []
+    todo = []
     for job in _jobs(loaded, limit, shard_spec):
         if population.is_done(job.job_id):
             outcomes["already done"] += 1
-            continue
-        runner = finetune_job.with_options(task_run_name=f"finetune-{job.job_id}", retries=retries)
-        outcome = runner(manifest, overrides, store, job.index)
+        else:
+            todo.append(job)
+    results = _run_tasks(finetune_job, "finetune", todo, retries, workers, manifest, overrides, store)
+    for job, outcome in zip(todo, results):
         if outcome == "busy":
             busy.append(job)
         else:
@@ -162,22 +208,24 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
 @flow(name="score_population")
 def score_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
                      limit: int | None = None, shard_spec: str | None = None,
-                     retries: int = DEFAULT_RETRIES) -> dict[str, int]:
-    """Score every finetuned LoRA lacking a score, one task per job."""
+                     retries: int = DEFAULT_RETRIES, workers: int = 1) -> dict[str, int]:
+    """Score every finetuned LoRA lacking a score, one task per job (`workers` local processes)."""
     overrides = list(overrides or [])
     loaded, _ = load_manifest(manifest, overrides)
     population = Store(store).population(loaded.population.name)
     sids = [scorer_id(s) for s in loaded.scorers]
     outcomes: Counter = Counter()
+    todo = []
     for job in _jobs(loaded, limit, shard_spec):
         if population.record(job.job_id) is None:
             outcomes["not finetuned"] += 1
         elif all(population.has_score(job.job_id, sid) for sid in sids):
             outcomes["already scored"] += 1
         else:
-            runner = score_job_task.with_options(task_run_name=f"score-{job.job_id}", retries=retries)
-            for outcome in runner(manifest, overrides, store, job.index).values():
-                outcomes[outcome] += 1
+            todo.append(job)
+    for result in _run_tasks(score_job_task, "score", todo, retries, workers, manifest, overrides, store):
+        for outcome in result.values():
+            outcomes[outcome] += 1
     _artifact("score", loaded, outcomes)
     return dict(outcomes)
 
@@ -222,21 +270,24 @@ ALL_STAGES = ("finetune", "score", "publish", "learn")
 @flow(name="run_population")
 def run_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
                    limit: int | None = None, retries: int = DEFAULT_RETRIES,
-                   stages: list[str] | None = None) -> dict[str, Any]:
+                   stages: list[str] | None = None, workers: int = 1) -> dict[str, Any]:
     """The stages in order: finetune → score → publish → learn (train, evaluate, report).
 
     `stages` picks a subset (e.g. ["finetune", "score", "publish"]); each stage skips what the
-    store already holds.
+    store already holds. `workers` > 1 runs finetune and score tasks in that many local processes.
     """
     chosen = list(stages or ALL_STAGES)
     unknown = sorted(set(chosen) - set(ALL_STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(ALL_STAGES)}")
     results: dict[str, Any] = {}
+    runner = _task_runner(workers)
+    finetune_flow = finetune_population if runner is None else finetune_population.with_options(task_runner=runner)
+    score_flow = score_population if runner is None else score_population.with_options(task_runner=_task_runner(workers))
     if "finetune" in chosen:
-        results["finetune"] = finetune_population(manifest, overrides, store, limit, retries=retries)
+        results["finetune"] = finetune_flow(manifest, overrides, store, limit, retries=retries, workers=workers)
     if "score" in chosen:
-        results["score"] = score_population(manifest, overrides, store, limit, retries=retries)
+        results["score"] = score_flow(manifest, overrides, store, limit, retries=retries, workers=workers)
     if "publish" in chosen:
         results["publish"] = publish_population(manifest, overrides, store)
     if "learn" in chosen:

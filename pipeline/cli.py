@@ -122,6 +122,7 @@ def run(
                                                    help="Prefect API to run on; default: a local ephemeral one.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N jobs of the population.")] = None,
     stages: Annotated[str, typer.Option(help="Comma-separated subset of finetune,score,publish,learn.")] = "finetune,score,publish,learn",
+    workers: Annotated[int, typer.Option(help="Local worker processes for finetune and score tasks (one per core suits the tiny world).")] = 1,
 ) -> int:
     """Run every stage through Prefect (run_population), skipping what the store already holds."""
     import importlib
@@ -139,7 +140,9 @@ def run(
     valid = ("finetune", "score", "publish", "learn")
     if not chosen or set(chosen) - set(valid):
         raise ValueError(f"--stages {stages!r}: choose from {', '.join(valid)}")
-    results = commands.run(str(manifest), list(overrides or []), store, api_url, limit, chosen)
+    if workers < 1:
+        raise ValueError(f"--workers must be ≥ 1, got {workers}")
+    results = commands.run(str(manifest), list(overrides or []), store, api_url, limit, chosen, workers)
     table = Table(title=f"run {loaded.population.name}")
     table.add_column("stage")
     table.add_column("outcome")
@@ -291,11 +294,12 @@ def bases_build(
     names: Annotated[Optional[list[str]], typer.Argument(help="Bases to build (default: all).", show_default=False)] = None,
     size: Annotated[str, typer.Option(help="full, or smoke (seconds; for tests).")] = "full",
     force: Annotated[bool, typer.Option(help="Rebuild even if the cache holds it.")] = False,
+    ship: Annotated[bool, typer.Option(help="Also copy each build into pipeline/bases/shipped/ (maintainers: what the repository ships).")] = False,
     store: StoreOpt = None,
 ) -> int:
     """Pretrain each base once and cache it under {store}/bases/, keyed by its recipe hash."""
     from pipeline.bases import TINY_MODULES
-    from pipeline.bases.cache import ensure_base
+    from pipeline.bases.cache import ensure_base, ship as ship_base, shipped_bytes
 
     target = Store(store)
     table = Table(title=f"tiny bases in {target.url}")
@@ -309,7 +313,12 @@ def bases_build(
                                 log=lambda message: err.print(message, highlight=False))
         metrics = " ".join(f"{k}={v}" for k, v in sorted(built.metrics.items()) if not isinstance(v, (dict, list)))
         table.add_row(f"tiny:{built.name}", built.recipe.folder, built.source, metrics)
+        if ship:
+            err.print(f"shipped: {ship_base(built)}", highlight=False)
     out.print(table)
+    if ship:
+        sizes = shipped_bytes()
+        out.print(f"shipped weights: {sum(sizes.values()) / 1e6:.1f} MB in all ({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in sizes.items())})")
     return 0
 
 

@@ -65,3 +65,39 @@ def test_stages_publish_markdown_artifacts(flow_run):
     assert {"finetune-tiny-shapes", "score-tiny-shapes", "publish-tiny-shapes"} <= set(artifacts)
     assert any("| trained | 3 |" in text for text in artifacts["finetune-tiny-shapes"])
     assert any("| already done | 3 |" in text for text in artifacts["finetune-tiny-shapes"])
+
+
+@pytest.mark.slow
+def test_two_worker_processes_store_what_one_process_stores(flow_run, tmp_path):
+    """`workers=2`: tasks run in two local processes; the same LoRAs and labels land in the store."""
+    import torch
+    from safetensors.torch import load
+
+    from flows.population import run_population
+
+    store, _, extra = flow_run
+    parallel = str(tmp_path / "parallel")
+    results = run_population(str(SHAPES), extra, parallel, retries=0, stages=["finetune", "score"], workers=2)
+    assert results["finetune"] == {"trained": 3} and results["score"] == {"scored": 3}
+    manifest = Manifest.from_yaml(SHAPES, overrides=extra)
+    sid = scorer_id(manifest.scorers[0])
+    one, two = Store(store).population(manifest.population.name), Store(parallel).population(manifest.population.name)
+    workers = set()
+    for job in expand(manifest):
+        assert two.is_done(job.job_id, verify=True)
+        assert one.read_score(job.job_id, sid)["labels"] == two.read_score(job.job_id, sid)["labels"]
+        a = load(one.store.read_bytes(one.job_rel(job.job_id, "adapter", "adapter_model.safetensors")))
+        b = load(two.store.read_bytes(two.job_rel(job.job_id, "adapter", "adapter_model.safetensors")))
+        assert a.keys() == b.keys()
+        for key in a:  # same seed, same weights (up to the reduction order of the process's thread count)
+            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+        workers.add(two.record(job.job_id)["metrics"]["worker"])
+    assert len(workers) == 2  # both processes took jobs
+
+
+def test_workers_without_a_process_pool_is_refused(prefect_harness, random_sd, tmp_path):
+    from flows.population import finetune_population
+
+    with pytest.raises(ValueError, match="ProcessPoolTaskRunner"):
+        finetune_population(str(SHAPES), overrides(random_sd), str(tmp_path / "s"), retries=0, workers=2)
+    assert not list((tmp_path / "s").rglob("record.json"))

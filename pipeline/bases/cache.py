@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.bases import tiny_module
+from pipeline.bases import BaseModelError, tiny_module
 from storage import Store
 from storage.store import sha256_bytes
 
@@ -113,6 +113,27 @@ def ensure_base(name: str, store: Store, size: str = "full", force: bool = False
         store.delete(rel)
         _upload(store, out, rel)
     return BuiltBase(recipe.name, recipe, _local_folder(store, rel), metrics, "built")
+
+
+def ship(built: BuiltBase, shipped_dir: Path = SHIPPED_DIR) -> Path:
+    """Copy a built base into the package's shipped folder, replacing older builds of the same name and size."""
+    if built.path.resolve().parent == shipped_dir.resolve():
+        return built.path
+    problems = _folder_problems(built.path)
+    if problems:
+        raise BaseModelError(f"refusing to ship tiny:{built.name}: files differ from its BUILD.json: {problems}")
+    shipped_dir.mkdir(parents=True, exist_ok=True)
+    for old in shipped_dir.glob(f"{built.name}-{built.recipe.size}-*"):
+        shutil.rmtree(old)
+    target = shipped_dir / built.recipe.folder
+    shutil.copytree(built.path, target)
+    return target
+
+
+def shipped_bytes(shipped_dir: Path = SHIPPED_DIR) -> dict[str, int]:
+    """Bytes of safetensors weights per shipped folder (the repository's budget is 20 MB in all)."""
+    return {d.name: sum(f.stat().st_size for f in d.rglob("*.safetensors"))
+            for d in sorted(shipped_dir.iterdir()) if d.is_dir()} if shipped_dir.is_dir() else {}
 
 
 class _one_thread:

@@ -121,10 +121,10 @@ def run_job(population, job: Job, get_trainer: Callable[[], Trainer], worker: st
         trainer = get_trainer()
         population.write_spec(job.job_id, job.to_json())
         population.clear_partial(job.job_id)
-        return _train_one(trainer, job, population)
+        return _train_one(trainer, job, population, worker)
 
 
-def _train_one(trainer: Trainer, job: Job, population) -> str:
+def _train_one(trainer: Trainer, job: Job, population, worker: str) -> str:
     """'trained', or the failure reason recorded in failed.json."""
     with tempfile.TemporaryDirectory(prefix=f"lol-job-{job.job_id}-") as tmp:
         try:
@@ -136,7 +136,7 @@ def _train_one(trainer: Trainer, job: Job, population) -> str:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}".rstrip(": ")
             population.write_failed(job.job_id, reason, traceback.format_exc())
             return reason
-        population.commit(job.job_id, tmp, metrics)
+        population.commit(job.job_id, tmp, {**metrics, "worker": worker})
     return "trained"
 
 
