@@ -329,6 +329,7 @@ def bases_evaluate(
     effect_images: Annotated[int, typer.Option(help="Neutral-prompt images per LoRA for the colour effect.")] = 48,
     colours: Annotated[Optional[list[str]], typer.Option("--colour", help="Colours for the LoRA effect (default: all 8).")] = None,
     grid: Annotated[Optional[Path], typer.Option(help="Also save one generated image per caption as a PNG grid.")] = None,
+    effect_grid: Annotated[Optional[Path], typer.Option(help="Also save neutral-prompt images without and with each colour's LoRA as a PNG.")] = None,
     output: Annotated[Path, typer.Option(help="Where to write the figures (JSON).")] = Path("bench/results/tiny-world-quality.json"),
     store: StoreOpt = None,
 ) -> int:
@@ -350,7 +351,8 @@ def bases_evaluate(
     pipe = shapes_sd.load(sd.path)
     with _progress() as progress:
         progress.add_task("generating and finetuning", total=None)
-        result = evaluate_base(pipe, shapes_clip.load(clip.path), samples, effect_images, colours or COLORS)
+        result = evaluate_base(pipe, shapes_clip.load(clip.path), samples, effect_images, colours or COLORS,
+                               effect_grid=effect_grid)
     result["bases"] = {"shapes-sd": sd.recipe.folder, "shapes-clip": clip.recipe.folder}
     table = Table(title=f"tiny:shapes-sd ({sd.recipe.folder})")
     for column in ("judge", "prompted colour", "prompted shape", "both", "LoRA colour ratio (min over colours)"):
@@ -366,6 +368,8 @@ def bases_evaluate(
     if grid is not None:
         shapes_sd.save_sample_grid(pipe, grid)
         out.print(f"samples: {grid}")
+    if effect_grid is not None:
+        out.print(f"LoRA effect samples: {effect_grid}")
     return 0
 
 

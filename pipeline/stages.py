@@ -49,6 +49,10 @@ def trainer_factory(kind: str):
         from pipeline.finetune.diffusion import DiffusionTrainer
 
         return DiffusionTrainer
+    if kind == "causal_lm":
+        from pipeline.finetune.causal_lm import CausalLMTrainer
+
+        return CausalLMTrainer
     raise StageNotBuilt(f"finetuning {kind} bases is not built yet (comes with the language-model population issue)")
 
 

@@ -32,6 +32,7 @@ def test_evaluate_on_smoke_bases_writes_both_judges(run_cli, tmp_path):
     grid = tmp_path / "grid.png"
     code, stdout, err = run_cli("bases", "evaluate", "--size", "smoke", "--samples", "1", "--effect-images", "3",
                                 "--colour", "red", "--colour", "blue", "--output", out, "--grid", grid,
+                                "--effect-grid", tmp_path / "effect.png",
                                 "--store", tmp_path / "store")
     assert code == 0, err
     result = json.loads(out.read_text())
@@ -52,6 +53,8 @@ def test_evaluate_on_smoke_bases_writes_both_judges(run_cli, tmp_path):
 
     with Image.open(grid) as image:
         assert image.size == (6 * 32 * 4, 4 * 32 * 4)
+    with Image.open(tmp_path / "effect.png") as image:  # rows: no LoRA, red, blue; 3 images each
+        assert image.size == (110 + 3 * 32 * 3, 3 * 32 * 3)
     assert "pixels" in stdout and "clip" in stdout
 
 

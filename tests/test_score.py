@@ -82,9 +82,13 @@ def test_clip_score_of_a_lora_is_reproducible_and_differs_from_the_base(trained)
     scorer.setup(manifest, store)
     job = next(expand(manifest))
     adapter = store.local_path(store.population("tiny-shapes").job_rel(job.job_id, "adapter"))
+    base_keys = set(scorer.pipe.unet.state_dict())
+    base_images = scorer.generate(None)
     with_lora = scorer.generate(adapter)
+    assert set(scorer.pipe.unet.state_dict()) == base_keys  # the LoRA layers are gone again, not just disabled
     assert (scorer.generate(adapter) == with_lora).all()
-    assert abs(scorer.generate(None) - with_lora).max() > 0
+    assert (scorer.generate(None) == base_images).all()
+    assert abs(base_images - with_lora).max() > 0
 
 
 def test_membership_labels_are_the_job_classes():

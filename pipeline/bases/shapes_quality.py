@@ -6,7 +6,7 @@
    backgrounds). Chance: colour 1/8, shape 1/3.
 2. **A LoRA matters**: for a colour c, finetune a rank-4 LoRA with the population trainer
    (`DiffusionTrainer.train`, the code every population job runs) on ~20 training images of
-   colour c with a neutral instance prompt, then generate from that neutral prompt with and
+   colour c with the empty instance prompt, then generate from the empty prompt with and
    without the LoRA and compare how often colour c appears.
 
 `lol bases evaluate` runs both and writes the figures to a JSON file.
@@ -30,7 +30,11 @@ from PIL import Image
 from pipeline.bases import shapes_clip, shapes_sd
 from pipeline.data.shapes import COLORS, SHAPES, ShapesSource
 
-NEUTRAL_PROMPT = "a shape"
+# The empty prompt: the base's unconditional distribution (what classifier-free guidance trained
+# it to draw without a caption), where every colour appears about as often as in the data. A
+# made-up phrase such as "a shape" is not neutral here: the tiny text encoder maps unseen words
+# to one arbitrary colour (measured: "a shape" gives teal/blue in ≥ 92% of images).
+NEUTRAL_PROMPT = ""
 
 
 class ClipJudge:
@@ -87,9 +91,10 @@ def _colour_share(judge, images, colour: str) -> float:
 
 def lora_colour_effect(pipe, judges: dict[str, Any], colours: Sequence[str] = COLORS, images: int = 48,
                        num_inference_steps: int = 20, guidance_scale: float = 4.0, seed: int = 0,
-                       lora: dict[str, Any] | None = None) -> dict[str, Any]:
+                       lora: dict[str, Any] | None = None, grid: Path | None = None, shown: int = 8) -> dict[str, Any]:
     """For each colour: its share among `images` neutral-prompt generations without and with a LoRA
-    finetuned on 20 images of that colour (rank 4, `lora` hyperparameters, ≤ 100 steps)."""
+    finetuned on 20 images of that colour (rank 4, `lora` hyperparameters, ≤ 100 steps).
+    `grid`: also save the first `shown` images of each row (no LoRA, then each colour's LoRA) as a PNG."""
     from peft import LoraConfig
 
     from pipeline.finetune.diffusion import DiffusionTrainer
@@ -105,6 +110,7 @@ def lora_colour_effect(pipe, judges: dict[str, Any], colours: Sequence[str] = CO
 
     base_images = generate()
     base = {name: {c: _colour_share(judge, base_images, c) for c in colours} for name, judge in judges.items()}
+    examples = {"no LoRA": base_images[:shown]}
     per_colour = {}
     for colour in colours:
         config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
@@ -117,24 +123,43 @@ def lora_colour_effect(pipe, judges: dict[str, Any], colours: Sequence[str] = CO
             try:
                 adapted = generate()
             finally:
-                pipe.unet.delete_adapters("effect")
+                pipe.unet.unload_lora()  # removes the LoRA layers, not just the adapter
+        examples[f"LoRA on {colour}"] = adapted[:shown]
         per_colour[colour] = {"train_seconds": round(train_seconds, 2)}
         for name, judge in judges.items():
             before, after = base[name][colour], _colour_share(judge, adapted, colour)
             per_colour[colour][name] = {"without_lora": before, "with_lora": after,
                                         "ratio": after / before if before else float("inf")}
+    if grid is not None:
+        save_rows(examples, grid)
     return {"neutral_prompt": NEUTRAL_PROMPT, "images": images, "lora": {"rank": 4, **hp},
             "per_colour": per_colour,
             "min_ratio": {name: min(v[name]["ratio"] for v in per_colour.values()) for name in judges}}
 
 
+def save_rows(rows: dict[str, list[Image.Image]], path: Path, scale: int = 3) -> Path:
+    """A PNG with one labelled row of images per entry of `rows`."""
+    from PIL import ImageDraw
+
+    size = max(im.size[0] for images in rows.values() for im in images) * scale
+    label_width = 110
+    grid = Image.new("RGB", (label_width + size * max(len(v) for v in rows.values()), size * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows.items()):
+        draw.text((4, r * size + size // 2 - 6), label, fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image.resize((size, size), Image.NEAREST), (label_width + c * size, r * size))
+    grid.save(path)
+    return Path(path)
+
+
 def evaluate_base(pipe, clip_bundle, samples_per_caption: int = 8, effect_images: int = 48,
                   colours: Sequence[str] = COLORS, num_inference_steps: int = 20,
-                  lora: dict[str, Any] | None = None) -> dict[str, Any]:
+                  lora: dict[str, Any] | None = None, effect_grid: Path | None = None) -> dict[str, Any]:
     """Both measurements, both judges (`clip_bundle` = `shapes_clip.load(...)`)."""
     judges = {"clip": ClipJudge(*clip_bundle), "pixels": pixel_judge}
     started = time.perf_counter()
     following = prompt_following(pipe, judges, samples_per_caption, num_inference_steps)
     effect = lora_colour_effect(pipe, judges, colours, images=effect_images,
-                                num_inference_steps=num_inference_steps, lora=lora)
+                                num_inference_steps=num_inference_steps, lora=lora, grid=effect_grid)
     return {"prompt_following": following, "lora_effect": effect, "seconds": round(time.perf_counter() - started, 1)}

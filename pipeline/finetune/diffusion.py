@@ -27,20 +27,10 @@ from pipeline.bases.loading import load_diffusion_pipeline
 from pipeline.data import get_source
 from pipeline.data.subsets import job_examples
 from pipeline.finetune.runner import NonFiniteLoss
+from pipeline.finetune.targets import check_target_modules
 from pipeline.jobs import Job
 from pipeline.manifest import Manifest
 from storage import Store
-
-
-def check_target_modules(model: torch.nn.Module, targets: list[str] | tuple[str, ...]) -> None:
-    """Every target must name (a suffix of) at least one Linear/Conv layer; else list candidates."""
-    names = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        paired = sorted({".".join(n.rsplit(".", 2)[-2:]) for n in names if "attn" in n})
-        raise ValueError(f"target module(s) {missing} do not exist in the UNet; candidates: {', '.join(leaves)} "
-                         f"(or qualified: {', '.join(paired[:12])}{', …' if len(paired) > 12 else ''})")
 
 
 def images_tensor(examples, resolution: int) -> torch.Tensor:
@@ -69,7 +59,7 @@ class DiffusionTrainer:
         from diffusers import DDPMScheduler
 
         self.pipe = pipe
-        check_target_modules(self.pipe.unet, target_modules)
+        check_target_modules(self.pipe.unet, target_modules, where="the UNet")
         for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             module.requires_grad_(False)
             module.to(self.device)

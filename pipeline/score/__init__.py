@@ -50,6 +50,10 @@ def make_scorer(spec: Any) -> Scorer:
         from pipeline.score.clip_score import ClipScoreScorer
 
         return ClipScoreScorer(spec)
+    if spec.name in ("mc_accuracy", "eval_loss"):
+        from pipeline.score.lm_scorers import EvalLossScorer, McAccuracyScorer
+
+        return {"mc_accuracy": McAccuracyScorer, "eval_loss": EvalLossScorer}[spec.name](spec)
     raise ScorerNotBuilt(f"the {spec.name} scorer is not built yet (comes with the language-model population issue)")
 
 

@@ -78,7 +78,7 @@ class ClipScoreScorer:
                 batches.append(out.images)
         finally:
             if adapter_dir is not None:
-                unet.delete_adapters(ADAPTER_NAME)
+                unet.unload_lora()  # removes the LoRA layers too: the next LoRA meets the plain base
         return np.concatenate(batches)
 
     @torch.no_grad()

@@ -1,0 +1,258 @@
+"""LoRA finetuning of any transformers causal LM on multiple-choice questions.
+
+The base is whatever `AutoModelForCausalLM.from_pretrained` loads from `resolve_base`: the
+built-in `tiny:qa-lm` folder or a Qwen2 / Llama HF id, through the same code. A job trains on
+its QA examples formatted exactly as the scorers present them (`encode_questions`): the context
+is a start token and "Question: {question}\\nAnswer:", the continuation " {correct choice}",
+tokenized separately and joined, so the loss is on exactly the tokens whose log-likelihood
+`mc_accuracy` and `eval_loss` read. Labels are -100 everywhere but the answer tokens.
+
+peft adds the LoRA layers (`LoraConfig`: target modules, rank, alpha, the job's dropout);
+accelerate handles the device, bf16 on GPU and gradient accumulation. The base is loaded once
+per worker in `setup`; each job wraps it with `get_peft_model`, trains, saves the adapter and
+`unload()`s the LoRA layers, so the next job starts from the clean base.
+
+Training follows transformers' `Trainer` defaults where the manifest is silent: AdamW, linear
+decay of the learning rate to 0 without warm-up, weight decay 0, batch size 8, shuffled
+examples (the job's seed), the last partial batch kept.
+
+Shapes: N training examples, B batch, T tokens per (right-padded) sequence.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.bases.loading import resolve_base
+from pipeline.bases.qa_lm import encode_documents
+from pipeline.data import get_source
+from pipeline.data.base import DataSourceError, QAExample
+from pipeline.data.qa import format_question, validate_example
+from pipeline.data.subsets import job_examples, source_subset
+from pipeline.finetune.runner import NonFiniteLoss
+from pipeline.finetune.targets import check_target_modules
+from pipeline.jobs import Job
+from pipeline.manifest import Manifest, SourceSubsets
+from storage import Store
+
+IGNORE_INDEX = -100  # label of tokens without loss (transformers' and torch's convention)
+DEFAULT_BATCH_SIZE = 8  # transformers' Trainer default per-device batch size
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_causal_lm(base: dict[str, Any], store: Store, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32):
+    """(model in eval mode on `device`, tokenizer) of a manifest base, tiny or by HF id.
+
+    Weights are read from safetensors only. A base that transformers cannot load as a causal LM
+    is a ValueError naming it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, revision = resolve_base(base, store)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"base {base['ref']!r} is not a transformers causal LM "
+                         f"(AutoModelForCausalLM / AutoTokenizer cannot load {path!r}): {first}") from None
+    if start_token(tokenizer) is None:
+        raise ValueError(f"base {base['ref']!r}: its tokenizer has neither a bos nor an eos token to start a text with")
+    return model.to(device).eval(), tokenizer
+
+
+def start_token(tokenizer) -> int | None:
+    """The token every context starts with: bos where the tokenizer has one (Llama), else eos
+    (Qwen2 and tiny:qa-lm, which separate documents with eos)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_token(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token(tokenizer)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+@dataclass(frozen=True)
+class EncodedQuestion:
+    """One question as token ids: the context and one continuation per choice."""
+
+    example: QAExample
+    context: tuple[int, ...]  # start token + "Question: {question}\nAnswer:"
+    continuations: tuple[tuple[int, ...], ...]  # " {choice}" for each choice
+
+    @property
+    def answer(self) -> tuple[int, ...]:
+        return self.continuations[self.example.answer]
+
+
+def check_example(example: QAExample) -> None:
+    """ValueError naming the example when it is not a usable multiple-choice question."""
+    if not isinstance(example, QAExample):
+        raise ValueError(f"expected multiple-choice questions (QAExample), got a {type(example).__name__}")
+    try:
+        validate_example(example)
+    except ValueError as exc:
+        raise ValueError(f"malformed question {example.id!r} (source {example.source!r}): {exc}") from None
+
+
+def encode_questions(tokenizer, examples: Sequence[QAExample]) -> list[EncodedQuestion]:
+    """Token ids of each question as `pipeline.data.qa.format_question` renders it.
+
+    Context and continuations are tokenized separately (no special tokens) and the start token
+    is put before the context, as `tiny:qa-lm` is evaluated (`qa_lm.mc_scores`).
+    """
+    for example in examples:
+        check_example(example)
+    rendered = [format_question(e) for e in examples]
+    prompts = encode_documents(tokenizer, [prompt for prompt, _ in rendered])
+    choices = encode_documents(tokenizer, [c for _, conts in rendered for c in conts])
+    start = start_token(tokenizer)
+    out, cursor = [], 0
+    for example, prompt in zip(examples, prompts):
+        n = len(example.choices)
+        out.append(EncodedQuestion(example, (start, *prompt), tuple(tuple(c) for c in choices[cursor:cursor + n])))
+        cursor += n
+    empty = [q.example.id for q in out if not all(q.continuations)]
+    if empty:
+        raise ValueError(f"question(s) {empty[:5]} have a choice that encodes to no tokens")
+    return out
+
+
+def training_sequence(question: EncodedQuestion, max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of context + answer, cut to the last `max_length` tokens (as the
+    scorers cut); labels are the answer's ids and IGNORE_INDEX on the context."""
+    ids = [*question.context, *question.answer][-max_length:]
+    n_answer = min(len(question.answer), len(ids) - 1)  # the first token is never predicted
+    return ids, [IGNORE_INDEX] * (len(ids) - n_answer) + ids[len(ids) - n_answer:]
+
+
+def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (ids, labels): input_ids, attention_mask, labels, each (B, T)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [torch.tensor(i, dtype=torch.long) for i, _ in batch]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+        "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
+        "labels": pad_sequence([torch.tensor(l, dtype=torch.long) for _, l in batch], batch_first=True,
+                               padding_value=IGNORE_INDEX),
+    }
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class CausalLMTrainer:
+    """Trains one LoRA per job on a causal LM loaded once."""
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def setup(self, manifest: Manifest, store: Store) -> None:
+        examples = get_source(manifest.data.source).examples(manifest.data.split)
+        if not examples:
+            raise DataSourceError(f"data split {manifest.data.split!r} of {manifest.data.source!r} is empty")
+        if not isinstance(examples[0], QAExample):
+            raise DataSourceError(f"data source {manifest.data.source!r} holds {type(examples[0]).__name__}s; "
+                                  "a causal LM finetunes on multiple-choice questions (e.g. source: qa)")
+        if isinstance(manifest.data.subsets, SourceSubsets):  # unknown source names fail here, before any job
+            source_subset(examples, manifest.data.subsets.sources, 1, manifest.seed)
+        self.examples = examples  # checked before the base loads (a hub model can take minutes)
+        model, tokenizer = load_causal_lm(manifest.base.model_dump(), store, self.device)
+        self.use_model(model, tokenizer, manifest.lora.target_modules)
+
+    def use_model(self, model, tokenizer, target_modules: Sequence[str]) -> None:
+        """Train on an already loaded causal LM (frozen here, moved to the device)."""
+        check_target_modules(model, list(target_modules), where=f"the causal LM ({type(model).__name__})")
+        self.model = model.requires_grad_(False).to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+
+    def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
+        from peft import LoraConfig, TaskType
+
+        spec = job.spec
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
+                            target_modules=list(spec.target_modules), task_type=TaskType.CAUSAL_LM)
+        examples = job_examples(self.examples, spec.data, spec.seed)
+        return self.train(examples, config, spec.hyperparameters, spec.seed, out_dir)
+
+    def sequences(self, examples: Sequence[QAExample], hp: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+        """(ids, labels) per example, as the job trains on them."""
+        max_length = min(int(hp.get("max_length") or self.max_positions), self.max_positions)
+        return [training_sequence(q, max_length) for q in encode_questions(self.tokenizer, examples)]
+
+    def train(self, examples: Sequence[QAExample], config, hp: dict[str, Any], seed: int, out_dir: Path) -> dict[str, Any]:
+        """Train one LoRA (`config`, a peft `LoraConfig`) on `examples`; save it to `out_dir/adapter`."""
+        from accelerate import Accelerator
+        from peft import get_peft_model
+        from transformers import get_scheduler
+
+        if not examples:
+            raise ValueError("a LoRA needs at least one training question; the job's data subset is empty")
+        data = self.sequences(examples, hp)
+        batch_size, accumulation = int(hp.get("batch_size", DEFAULT_BATCH_SIZE)), int(hp.get("gradient_accumulation", 1))
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed),
+                                             collate_fn=lambda b: collate(b, pad_token(self.tokenizer)))
+        per_epoch = math.ceil(len(loader) / accumulation)  # optimizer steps in one pass over the data
+        total = int(hp["steps"]) if hp.get("steps") is not None else int(hp["epochs"]) * per_epoch
+
+        torch.manual_seed(seed)  # LoRA init and dropout
+        peft_model = get_peft_model(self.model, config)
+        try:
+            precision = str(hp.get("mixed_precision", "bf16")) if self.device.type == "cuda" else "no"
+            accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision=precision,
+                                      cpu=self.device.type == "cpu")
+            optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
+                                          lr=float(hp["learning_rate"]), weight_decay=float(hp.get("weight_decay", 0.0)))
+            scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
+            model, optimizer, loader, scheduler = accelerator.prepare(peft_model, optimizer, loader, scheduler)
+            model.train()
+            losses, tokens, steps, started = [], 0, 0, time.perf_counter()
+            while steps < total:  # epochs; accelerate steps the optimizer at each epoch's end too
+                for batch in loader:
+                    with accelerator.accumulate(model):
+                        loss = model(**batch, use_cache=False).loss  # mean over the batch's answer tokens
+                        if not math.isfinite(loss.item()):
+                            raise NonFiniteLoss(f"loss {loss.item()} at micro-step {len(losses)}")
+                        accelerator.backward(loss)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                    losses.append(loss.item())
+                    tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+                    steps += accelerator.sync_gradients
+                    if steps >= total:
+                        break
+            seconds = time.perf_counter() - started
+            accelerator.unwrap_model(model).save_pretrained(out_dir / "adapter")
+            accelerator.free_memory()
+        finally:
+            self.model = peft_model.unload().eval()  # the frozen base again, without LoRA layers
+        return {
+            "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses), "optimizer_steps": steps,
+            "micro_steps": len(losses), "epochs": round(len(losses) / len(loader), 3), "num_examples": len(data),
+            "answer_tokens": tokens, "train_seconds": round(seconds, 3), "steps_per_second": round(len(losses) / seconds, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if self.device.type == "cuda" else None,
+            "versions": versions(),
+        }
+
+
+def versions() -> dict[str, str]:
+    return {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft", "accelerate")}
