@@ -18,7 +18,16 @@ from pipeline.bases.cache import ensure_base
 from pipeline.bases.qa_lm import continuation_logliks
 from pipeline.data import get_source
 from pipeline.data.base import DataSourceError
-from pipeline.finetune.causal_lm import IGNORE_INDEX, CausalLMTrainer, collate, encode_questions, load_causal_lm, training_sequence
+from pipeline.finetune.causal_lm import (
+    IGNORE_INDEX,
+    CausalLMTrainer,
+    answer_loss,
+    collate,
+    encode_questions,
+    forward_args,
+    load_causal_lm,
+    training_sequence,
+)
 from pipeline.finetune.runner import finetune_population
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
@@ -48,7 +57,7 @@ def manifest(name: str, *extra: str) -> Manifest:
 
 
 def test_loss_is_only_on_the_answer_tokens(base):
-    model, tokenizer = base
+    _, tokenizer = base
     example = next(e for e in get_source("qa").examples("train") if e.source == "arc_easy")
     [question] = encode_questions(tokenizer, [example])
     ids, labels = training_sequence(question, max_length=10_000)
@@ -62,15 +71,29 @@ def test_loss_is_only_on_the_answer_tokens(base):
     short = training_sequence(question, max_length=n + 3)  # cut from the left, as the scorers cut
     assert short[0] == ids[-(n + 3):] and short[1] == labels[-(n + 3):]
 
-    batch = collate([(ids, labels), short], pad_id=tokenizer.pad_token_id)
-    assert batch["input_ids"].shape == batch["labels"].shape == (2, len(ids))
-    assert batch["attention_mask"][1].tolist() == [1] * (n + 3) + [0] * (len(ids) - n - 3)
-    assert (batch["labels"][1, n + 3:] == IGNORE_INDEX).all()
-    # The training loss is the mean negative log-likelihood of the answer tokens, which the scorers read.
+    batch = collate([(ids, labels), short], pad_id=tokenizer.pad_token_id)  # left-padded: answers end each row
+    T, pad = len(ids), len(ids) - (n + 3)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (2, T)
+    assert batch["attention_mask"][1].tolist() == [0] * pad + [1] * (n + 3)
+    assert batch["position_ids"][1].tolist() == [0] * pad + list(range(n + 3)) and batch["position_ids"][0].tolist() == list(range(T))
+    assert (batch["labels"][1, :pad] == IGNORE_INDEX).all() and batch["labels"][1, pad:].tolist() == short[1]
+
+
+def test_the_training_loss_is_the_answer_tokens_mean_negative_log_likelihood(base):
+    """`answer_loss` on a padded batch = what the scorers read, one unpadded question at a time."""
+    model, tokenizer = base
+    examples = [e for e in get_source("qa").examples("train") if e.source in ("arc_easy", "sciq")][:6]
+    questions = encode_questions(tokenizer, examples)
+    batch = collate([training_sequence(q, model.config.max_position_embeddings) for q in questions], tokenizer.pad_token_id)
+    assert len({len(q.context) + len(q.answer) for q in questions}) > 1 and len({len(q.answer) for q in questions}) > 1
+    logliks = continuation_logliks(model, [q.context for q in questions], [q.answer for q in questions],
+                                   tokenizer.pad_token_id, batch_size=1)
+    expected = -sum(logliks) / sum(len(q.answer) for q in questions)
     with torch.no_grad():
-        loss = model(**collate([(ids, labels)], tokenizer.pad_token_id)).loss
-    [loglik] = continuation_logliks(model, [question.context], [question.answer], tokenizer.pad_token_id)
-    assert loss.item() == pytest.approx(-loglik / n, rel=1e-5)
+        sliced = answer_loss(model, batch, forward_args(model))  # logits of the answers only
+        full = answer_loss(model, batch, frozenset({"position_ids"}))  # every position through the LM head
+    assert "logits_to_keep" in forward_args(model)
+    assert sliced.item() == pytest.approx(expected, rel=1e-5) and full.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_trains_peft_adapters_that_load_and_change_the_model(store, base):
