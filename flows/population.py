@@ -9,6 +9,7 @@ each base / scorer once and reuses it for every task it runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -63,6 +64,32 @@ def _task_runner(workers: int):
 
     os.environ["LOL_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     return ProcessPoolTaskRunner(max_workers=workers)
+
+
+@contextlib.contextmanager
+def _workers_share_the_api(workers: int):
+    """In ephemeral mode, point worker processes at this process's temporary API server.
+
+    Without an API URL each spawned worker would start a temporary server of its own, and
+    its task runs would not be seen by the flow's. The variable is restored afterwards.
+    """
+    from prefect.settings import get_current_settings
+
+    if workers == 1 or get_current_settings().api.url:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the running temporary server of this process (a singleton)
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 def _apply_thread_budget() -> None:
@@ -284,10 +311,11 @@ def run_population(manifest: str, overrides: list[str] | None = None, store: str
     runner = _task_runner(workers)
     finetune_flow = finetune_population if runner is None else finetune_population.with_options(task_runner=runner)
     score_flow = score_population if runner is None else score_population.with_options(task_runner=_task_runner(workers))
-    if "finetune" in chosen:
-        results["finetune"] = finetune_flow(manifest, overrides, store, limit, retries=retries, workers=workers)
-    if "score" in chosen:
-        results["score"] = score_flow(manifest, overrides, store, limit, retries=retries, workers=workers)
+    with _workers_share_the_api(workers):
+        if "finetune" in chosen:
+            results["finetune"] = finetune_flow(manifest, overrides, store, limit, retries=retries, workers=workers)
+        if "score" in chosen:
+            results["score"] = score_flow(manifest, overrides, store, limit, retries=retries, workers=workers)
     if "publish" in chosen:
         results["publish"] = publish_population(manifest, overrides, store)
     if "learn" in chosen:

@@ -197,6 +197,35 @@ def bench_finetune_command(
     return 0
 
 
+@bench_app.command("labels")
+def bench_labels_command(
+    manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
+    output: Annotated[Optional[Path], typer.Option(help="JSON to write (default: bench/results/labels-{population}.json).")] = None,
+) -> int:
+    """Are the labels informative? Spread of every label and Kendall τ against lr × steps/epochs and each hyperparameter."""
+    import json as json_module
+
+    from pipeline.label_stats import label_statistics
+
+    loaded = load(manifest, overrides)
+    result = label_statistics(loaded, Store(store, create=False))
+    if not result["labels"]:
+        raise ValueError(f"no scores stored for {loaded.population.name!r}; run `lol score {manifest}` first")
+    table = Table(title=f"labels of {loaded.population.name} ({result['planned']} planned)")
+    for column in ("label", "n", "mean", "std", "min", "max", "τ vs lr×length (p)"):
+        table.add_column(column, justify="right")
+    for column, s in result["labels"].items():
+        tau = s["kendall"].get("lr×length")
+        table.add_row(column, str(s["count"]), f"{s['mean']:.4g}", f"{s['std']:.4g}", f"{s['min']:.4g}", f"{s['max']:.4g}",
+                      f"{tau['tau']:+.3f} ({tau['p_value']:.2g})" if tau else "—")
+    out.print(table)
+    path = output or Path("bench/results") / f"labels-{loaded.population.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json_module.dumps(result, indent=1))
+    out.print(f"results: {path}")
+    return 0
+
+
 @bench_app.command("score")
 def bench_score_command(
     overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 8,

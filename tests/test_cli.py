@@ -41,9 +41,9 @@ def test_plan_lists_jobs_and_distributions(run_cli):
     assert "learning_rate" in out and "0.003: " in out.replace("0.0030", "0.003")
 
 
-def test_run_refuses_a_kind_that_is_not_built_before_any_task(run_cli, tmp_path):
-    code, _, err = run_cli("run", ROOT / "manifests" / "tiny-arc.yaml", "--store", tmp_path / "store")
-    assert code == 3 and "finetuning causal_lm bases is not built yet" in err
+def test_run_refuses_a_mismatched_base_kind_before_any_task(run_cli, tmp_path):
+    code, _, err = run_cli("run", ROOT / "manifests" / "tiny-arc.yaml", "base.kind=diffusion", "--store", tmp_path / "store")
+    assert code == 2 and "'tiny:qa-lm' is a causal_lm model, not diffusion" in err
     assert not (tmp_path / "store" / "populations").exists()
 
 
@@ -67,8 +67,6 @@ def test_stages_explain_what_is_missing(run_cli, tmp_path):
     assert code == 2 and "no published dataset at" in err and "lol publish" in err
     code, _, err = run_cli("publish", TINY, "--store", tmp_path / "s")
     assert code == 2 and "no verified, scored LoRA to publish" in err
-    code, _, err = run_cli("finetune", ROOT / "manifests" / "tiny-arc.yaml", "--store", tmp_path / "s")
-    assert code == 3 and "finetuning causal_lm bases is not built yet" in err
 
 
 def test_status_and_verify_see_stored_jobs(run_cli, tmp_path):

@@ -170,3 +170,35 @@ def test_adapter_round_trip_reproduces_the_scored_images(trained):
         base_unet.unload_lora()
     assert np.abs(diffusers_images - scored).max() <= 1e-5
     assert np.abs(generate_with(base_unet) - scored).max() > 1e-4  # the LoRA (1 step) moved them well past the tolerance
+
+
+def test_label_statistics_match_a_direct_computation(trained, run_cli, tmp_path):
+    import json
+
+    import numpy as np
+    from scipy.stats import kendalltau
+
+    from pipeline.label_stats import label_statistics, training_budget
+
+    store, overrides = trained
+    extra = ["scorers=[{name: attributes, attributes: [shape=circle, color=red|yellow|brown, size=large]}]"]
+    manifest = Manifest.from_yaml(SHAPES, overrides=overrides + extra)
+    score_population(manifest, store)
+    stats = label_statistics(manifest, store)["labels"]
+    population = store.population("tiny-shapes")
+    sid = scorer_id(manifest.scorers[0])
+    jobs = list(expand(manifest))
+    for label in ("shape=circle", "size=large"):
+        values = [population.read_score(j.job_id, sid)["labels"][label] for j in jobs]
+        s = stats[f"attributes/{label}"]
+        assert s["count"] == 3 and s["mean"] == np.mean(values) and np.isclose(s["std"], np.std(values, ddof=1))
+        budgets = [training_budget(j.spec.hyperparameters) for j in jobs]
+        assert budgets == [j.spec.hyperparameters["learning_rate"] * j.spec.hyperparameters["steps"] for j in jobs]
+        if "lr×length" in s["kendall"]:
+            assert np.isclose(s["kendall"]["lr×length"]["tau"], kendalltau(budgets, values).statistic, atol=1e-4)
+    out = tmp_path / "labels.json"
+    code, stdout, err = run_cli("bench", "labels", SHAPES, *overrides, *extra, "--store", store.url, "--output", out)
+    assert code == 0, err
+    assert json.loads(out.read_text())["labels"].keys() == stats.keys()
+    code, _, err = run_cli("bench", "labels", SHAPES, *overrides, "--store", tmp_path / "empty")
+    assert code == 2 and "no scores stored" in err

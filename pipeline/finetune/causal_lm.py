@@ -61,7 +61,8 @@ def load_causal_lm(base: dict[str, Any], store: Store, device: torch.device | st
     """(model in eval mode on `device`, tokenizer) of a manifest base, tiny or by HF id.
 
     Weights are read from safetensors only. A base that transformers cannot load as a causal LM
-    is a ValueError naming it.
+    (another kind of model, a missing folder, an HF id not in the cache while offline) is a
+    ValueError naming it and quoting transformers' reason.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,8 +72,8 @@ def load_causal_lm(base: dict[str, Any], store: Store, device: torch.device | st
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"base {base['ref']!r} is not a transformers causal LM "
-                         f"(AutoModelForCausalLM / AutoTokenizer cannot load {path!r}): {first}") from None
+        raise ValueError(f"base {base['ref']!r} cannot be loaded as a transformers causal LM "
+                         f"(AutoModelForCausalLM / AutoTokenizer on {path!r}): {first}") from None
     if start_token(tokenizer) is None:
         raise ValueError(f"base {base['ref']!r}: its tokenizer has neither a bos nor an eos token to start a text with")
     return model.to(device).eval(), tokenizer
@@ -162,7 +163,7 @@ def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
         "input_ids": pad(ids, pad_id),
         "attention_mask": mask,
         "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-        "labels": pad([torch.tensor(l, dtype=torch.long) for _, l in batch], IGNORE_INDEX),
+        "labels": pad([torch.tensor(labels, dtype=torch.long) for _, labels in batch], IGNORE_INDEX),
     }
 
 
@@ -256,7 +257,7 @@ class CausalLMTrainer:
         torch.manual_seed(seed)  # LoRA init and dropout
         peft_model = get_peft_model(self.model, config)
         try:
-            precision = str(hp.get("mixed_precision", "bf16")) if self.device.type == "cuda" else "no"
+            precision = mixed_precision(self.device, hp.get("mixed_precision"))
             accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision=precision,
                                       cpu=self.device.type == "cpu")
             optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
@@ -293,6 +294,16 @@ class CausalLMTrainer:
             "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if self.device.type == "cuda" else None,
             "versions": versions(),
         }
+
+
+def mixed_precision(device: torch.device, requested: str | None) -> str:
+    """accelerate's `mixed_precision` for a job: "no" on CPU; on a GPU the manifest's value, else
+    bf16 where the GPU has it."""
+    if device.type != "cuda":
+        return "no"
+    if requested is not None:
+        return str(requested)
+    return "bf16" if torch.cuda.is_bf16_supported() else "no"
 
 
 def versions() -> dict[str, str]:
