@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 from pipeline.jobs import expand
@@ -115,3 +117,28 @@ def test_unknown_option_is_bad_input_not_a_traceback(run_cli):
     code, _, err = run_cli("plan", "--bogus")
     assert code == 2
     assert "No such option: --bogus" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_run_with_two_workers_in_ephemeral_mode_uses_one_api(tmp_path, random_sd):
+    """`lol run --workers 2` without a server: the worker processes report to the flow's own
+    temporary API instead of each starting one, and both take jobs."""
+    import os
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "LOL_STORE": str(tmp_path / "store")}
+    env.pop("PREFECT_API_URL", None)
+    lol = str(Path(sys.executable).with_name("lol"))
+    result = subprocess.run([lol, "run", str(TINY), f"base.ref={random_sd}", "count=4", "hyperparameters.steps=1",
+                             "hyperparameters.batch_size=1", "data.subsets.num_groups=4",
+                             "scorers=[{name: attributes, attributes: [shape=circle]}]",
+                             "--stages", "finetune,score", "--workers", "2"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = result.stdout + result.stderr
+    assert logs.count("Starting temporary server") == 1, logs[-3000:]
+    assert "trained: 4" in result.stdout and "scored: 4" in result.stdout
+    manifest = Manifest.from_yaml(TINY, overrides=[f"base.ref={random_sd}", "count=4", "hyperparameters.steps=1",
+                                                   "hyperparameters.batch_size=1", "data.subsets.num_groups=4"])
+    population = Store(str(tmp_path / "store")).population("tiny-shapes")
+    workers = {population.record(job.job_id)["metrics"]["worker"] for job in expand(manifest)}
+    assert len(workers) == 2, workers

@@ -1,0 +1,159 @@
+"""Train on one distribution of LoRAs, test on others: the core of the rank and transfer experiments.
+
+`train_and_test` trains one predictor on one task over seeds (the test score of every named
+test set is taken at the best-validation epoch, as in the main experiment), and
+`shift_experiment` runs it for every predictor × task; `shift_bars` draws test metric per
+predictor, one bar per test set, one panel per task.
+
+Shape legend
+    N LoRAs in a set, T targets (regression) / K labels (multilabel), r rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lol_models.data import LoraDataset, PulledDataError
+from lol_models.experiments import MAIN_METRIC, SECOND_METRIC, LearnSettings, Task, _predictor_order
+from lol_models.train import LabeledLoras, TrainConfig, evaluate, train_and_evaluate
+
+__all__ = ["mean_std", "shift_bars", "shift_experiment", "train_and_test"]
+
+
+def mean_std(per_seed: Sequence[Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and sample std (ddof=1; 0 for one seed) of every metric over seeds, NaNs left out."""
+    keys = [k for k in per_seed[0] if all(k in m for m in per_seed)]
+    mean, std = {}, {}
+    for key in keys:
+        values = np.array([m[key] for m in per_seed], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        mean[key] = float(values.mean()) if values.size else math.nan
+        std[key] = float(values.std(ddof=1)) if values.size > 1 else (0.0 if values.size else math.nan)
+    return mean, std
+
+
+def _pad_all(sets: Mapping[str, LabeledLoras]) -> dict[str, LabeledLoras]:
+    """Zero-pad every set to the largest rank among them (every U Vᵀ unchanged)."""
+    r_max = max(s.weights.rank for s in sets.values())
+    return {name: LabeledLoras(s.weights.pad_rank(r_max), s.targets) for name, s in sets.items()}
+
+
+def train_and_test(predictor: str, task: Task, train: LabeledLoras, validation: LabeledLoras,
+                   tests: Mapping[str, LabeledLoras], settings: LearnSettings) -> dict[str, Any]:
+    """Train `predictor` on `train` (epoch chosen on `validation`) once per seed; score every test set.
+
+    tests: name → LabeledLoras (N ≥ 2 each). All sets are zero-padded to their common largest rank,
+    so models on raw factors see the unseen rank columns as inputs they were trained on as zeros.
+    Returns {"seeds", "tests": {name: {"n", "mean", "std"}}, "per_seed": [{seed, best_epoch, val, tests}],
+    "parameters", "seconds"}, or {"error": …} when the model refuses the inputs (e.g. mlp_dense's budget).
+    """
+    if not tests:
+        raise ValueError("train_and_test needs at least one test set")
+    small = {name: len(s) for name, s in tests.items() if len(s) < 2}
+    if small:
+        raise PulledDataError(f"test set(s) with fewer than 2 LoRAs cannot be scored: {small}")
+    started = time.perf_counter()
+    padded = _pad_all({"train": train, "validation": validation, **{f"test:{k}": v for k, v in tests.items()}})
+    first = next(iter(tests))
+    config = TrainConfig(task=task.kind, epochs=settings.epochs, batch_size=settings.batch_size,
+                         lr=settings.learning_rate)
+    per_seed, parameters = [], None
+    for seed in range(settings.seeds):
+        try:
+            result = train_and_evaluate(predictor, padded["train"], padded["validation"], padded[f"test:{first}"],
+                                        config=replace(config, seed=seed))
+        except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal
+            return {"error": str(exc), "seconds": round(time.perf_counter() - started, 2)}
+        scores = {first: result.test}
+        for name in tests:
+            if name != first:
+                scores[name] = evaluate(result.model, padded[f"test:{name}"], task.kind,
+                                        target_mean=result.target_mean, target_std=result.target_std)
+        per_seed.append({"seed": seed, "best_epoch": result.best_epoch, "val": result.val, "tests": scores})
+        parameters = sum(p.numel() for p in result.model.parameters())
+    summary = {}
+    for name in tests:
+        mean, std = mean_std([s["tests"][name] for s in per_seed])
+        summary[name] = {"n": len(tests[name]), "mean": mean, "std": std}
+    return {"seeds": settings.seeds, "tests": summary, "per_seed": per_seed, "parameters": parameters,
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def labeled(dataset: LoraDataset, task: Task, rows: torch.Tensor | None = None) -> LabeledLoras:
+    """The task's targets of `dataset` (all rows, or the index Tensor `rows`)."""
+    data = LabeledLoras(dataset.weights, dataset.targets(task.columns))
+    return data if rows is None else data.subset(rows)
+
+
+def shift_experiment(tasks: Sequence[Task], sets: Mapping[str, Mapping[str, LabeledLoras]],
+                     settings: LearnSettings, on_run=None) -> dict[str, Any]:
+    """Every predictor × task; `sets[task.name]` = {"train", "validation", test name…}.
+
+    Returns {task name: {"kind", "columns", "metric", "second_metric", "predictors": {name: record}}}.
+    """
+    out: dict[str, Any] = {}
+    for task in tasks:
+        data = dict(sets[task.name])
+        train, validation = data.pop("train"), data.pop("validation")
+        records = {}
+        for predictor in settings.predictors:
+            records[predictor] = train_and_test(predictor, task, train, validation, data, settings)
+            if on_run is not None:
+                on_run(predictor, task.name)
+        out[task.name] = {"kind": task.kind, "columns": list(task.columns), "metric": MAIN_METRIC[task.kind],
+                          "second_metric": SECOND_METRIC[task.kind], "predictors": records}
+    return out
+
+
+def settings_json(settings: LearnSettings) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+
+
+def shift_bars(results: Mapping[str, Any], test_names: Sequence[str], labels: Sequence[str], path: str | Path,
+               title: str) -> Path:
+    """PNG: per task a panel of grouped bars, test metric (mean ± std over seeds) per predictor and test set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results)
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.4), squeeze=False)
+    colours = ["#7f7f7f", "#d62728", "#1f77b4", "#2ca02c"]
+    width = 0.8 / len(test_names)
+    for ax, name in zip(axes[0], tasks):
+        task = results[name]
+        metric = task["metric"]
+        predictors = sorted(task["predictors"], key=_predictor_order)
+        for j, (test, label) in enumerate(zip(test_names, labels)):
+            means, stds = [], []
+            for p in predictors:
+                record = task["predictors"][p]
+                cell = record.get("tests", {}).get(test)
+                means.append(_finite(cell["mean"].get(metric)) if cell else 0.0)
+                stds.append(_finite(cell["std"].get(metric)) if cell else 0.0)
+            xs = np.arange(len(predictors)) + (j - (len(test_names) - 1) / 2) * width
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=label, color=colours[j % len(colours)])
+        ax.set_xticks(np.arange(len(predictors)), predictors, rotation=30, fontsize=8)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(name, fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _finite(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else 0.0
