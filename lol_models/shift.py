@@ -25,7 +25,7 @@ from lol_models.data import LoraDataset, PulledDataError
 from lol_models.experiments import MAIN_METRIC, SECOND_METRIC, LearnSettings, Task, _predictor_order
 from lol_models.train import LabeledLoras, TrainConfig, evaluate, train_and_evaluate
 
-__all__ = ["mean_std", "shift_bars", "shift_experiment", "train_and_test"]
+__all__ = ["labeled", "mean_std", "metric_of", "shift_bars", "shift_experiment", "train_and_test"]
 
 
 def mean_std(per_seed: Sequence[Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -47,11 +47,13 @@ def _pad_all(sets: Mapping[str, LabeledLoras]) -> dict[str, LabeledLoras]:
 
 
 def train_and_test(predictor: str, task: Task, train: LabeledLoras, validation: LabeledLoras,
-                   tests: Mapping[str, LabeledLoras], settings: LearnSettings) -> dict[str, Any]:
+                   tests: Mapping[str, LabeledLoras], settings: LearnSettings,
+                   model_config: Any = None) -> dict[str, Any]:
     """Train `predictor` on `train` (epoch chosen on `validation`) once per seed; score every test set.
 
-    tests: name → LabeledLoras (N ≥ 2 each). All sets are zero-padded to their common largest rank,
-    so models on raw factors see the unseen rank columns as inputs they were trained on as zeros.
+    tests: name → LabeledLoras (N ≥ 2 each); model_config: the predictor's config (None: defaults).
+    All sets are zero-padded to their common largest rank, so models on raw factors meet columns of
+    a rank unseen in training as inputs they only ever saw as zeros.
     Returns {"seeds", "tests": {name: {"n", "mean", "std"}}, "per_seed": [{seed, best_epoch, val, tests}],
     "parameters", "seconds"}, or {"error": …} when the model refuses the inputs (e.g. mlp_dense's budget).
     """
@@ -69,7 +71,7 @@ def train_and_test(predictor: str, task: Task, train: LabeledLoras, validation: 
     for seed in range(settings.seeds):
         try:
             result = train_and_evaluate(predictor, padded["train"], padded["validation"], padded[f"test:{first}"],
-                                        config=replace(config, seed=seed))
+                                        model_config=model_config, config=replace(config, seed=seed))
         except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal
             return {"error": str(exc), "seconds": round(time.perf_counter() - started, 2)}
         scores = {first: result.test}
@@ -94,9 +96,11 @@ def labeled(dataset: LoraDataset, task: Task, rows: torch.Tensor | None = None) 
 
 
 def shift_experiment(tasks: Sequence[Task], sets: Mapping[str, Mapping[str, LabeledLoras]],
-                     settings: LearnSettings, on_run=None) -> dict[str, Any]:
+                     settings: LearnSettings, model_configs: Mapping[str, Any] | None = None,
+                     on_run=None) -> dict[str, Any]:
     """Every predictor × task; `sets[task.name]` = {"train", "validation", test name…}.
 
+    model_configs: predictor name → its config (dict or config object); predictors not named use defaults.
     Returns {task name: {"kind", "columns", "metric", "second_metric", "predictors": {name: record}}}.
     """
     out: dict[str, Any] = {}
@@ -105,12 +109,25 @@ def shift_experiment(tasks: Sequence[Task], sets: Mapping[str, Mapping[str, Labe
         train, validation = data.pop("train"), data.pop("validation")
         records = {}
         for predictor in settings.predictors:
-            records[predictor] = train_and_test(predictor, task, train, validation, data, settings)
+            records[predictor] = train_and_test(predictor, task, train, validation, data, settings,
+                                                (model_configs or {}).get(predictor))
             if on_run is not None:
                 on_run(predictor, task.name)
         out[task.name] = {"kind": task.kind, "columns": list(task.columns), "metric": MAIN_METRIC[task.kind],
                           "second_metric": SECOND_METRIC[task.kind], "predictors": records}
     return out
+
+
+def metric_of(tasks: Mapping[str, Any], task: str, predictor: str, test: str,
+              metric: str | None = None) -> tuple[float, float]:
+    """(mean, std) over seeds of `metric` (default: the task's main metric) on test set `test`."""
+    entry = tasks[task]
+    record = entry["predictors"][predictor]
+    if "error" in record:
+        raise ValueError(f"{predictor} did not run on {task}: {record['error']}")
+    cell = record["tests"][test]
+    key = metric or entry["metric"]
+    return cell["mean"][key], cell["std"][key]
 
 
 def settings_json(settings: LearnSettings) -> dict[str, Any]:

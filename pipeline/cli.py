@@ -328,7 +328,8 @@ def bases_build(
 ) -> int:
     """Pretrain each base once and cache it under {store}/bases/, keyed by its recipe hash."""
     from pipeline.bases import TINY_MODULES
-    from pipeline.bases.cache import ensure_base, ship as ship_base, shipped_bytes
+    from pipeline.bases.cache import ensure_base, shipped_bytes, shipped_names
+    from pipeline.bases.cache import ship as ship_base
 
     target = Store(store)
     table = Table(title=f"tiny bases in {target.url}")
@@ -342,8 +343,10 @@ def bases_build(
                                 log=lambda message: err.print(message, highlight=False))
         metrics = " ".join(f"{k}={v}" for k, v in sorted(built.metrics.items()) if not isinstance(v, (dict, list)))
         table.add_row(f"tiny:{built.name}", built.recipe.folder, built.source, metrics)
-        if ship:
+        if ship and built.name in shipped_names():
             err.print(f"shipped: {ship_base(built)}", highlight=False)
+        elif ship:
+            err.print(f"tiny:{built.name} is not shipped (SHIPPED = False in its module): built only", highlight=False)
     out.print(table)
     if ship:
         sizes = shipped_bytes()

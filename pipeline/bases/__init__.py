@@ -12,6 +12,7 @@ from types import ModuleType
 
 TINY_MODULES: dict[str, str] = {
     "shapes-sd": "pipeline.bases.shapes_sd",
+    "shapes-sd-continued": "pipeline.bases.shapes_sd_continued",
     "shapes-clip": "pipeline.bases.shapes_clip",
     "qa-lm": "pipeline.bases.qa_lm",
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import resource
 import shutil
@@ -106,7 +107,10 @@ def ensure_base(name: str, store: Store, size: str = "full", force: bool = False
         out.mkdir()
         started = time.perf_counter()
         with _one_thread():  # deterministic whatever the core count, and fastest for these small models
-            metrics = dict(tiny_module(name).build(recipe.config, out, progress))
+            module = tiny_module(name)
+            # a base built from another one (tiny:shapes-sd-continued) resolves its parent in this store
+            extra = {"store": store} if "store" in inspect.signature(module.build).parameters else {}
+            metrics = dict(module.build(recipe.config, out, progress, **extra))
         metrics.setdefault("build_seconds", round(time.perf_counter() - started, 2))
         metrics.setdefault("peak_rss_mb", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         _write_build_file(out, recipe, metrics)
@@ -128,6 +132,13 @@ def ship(built: BuiltBase, shipped_dir: Path = SHIPPED_DIR) -> Path:
     target = shipped_dir / built.recipe.folder
     shutil.copytree(built.path, target)
     return target
+
+
+def shipped_names() -> list[str]:
+    """The bases the repository ships built (a module may opt out with `SHIPPED = False`)."""
+    from pipeline.bases import TINY_MODULES
+
+    return [name for name in TINY_MODULES if getattr(tiny_module(name), "SHIPPED", True)]
 
 
 def shipped_bytes(shipped_dir: Path = SHIPPED_DIR) -> dict[str, int]:

@@ -372,29 +372,33 @@ def build(
         torch.set_num_threads(previous_threads)
 
 
-def _build(config: dict, out_dir: Path, progress: Callable[[int, int], None] | None) -> dict:
-    from diffusers import StableDiffusionPipeline
+def train_steps(
+    unet,
+    text_encoder,
+    tokenizer,
+    vae,
+    noise_scheduler,
+    images_u8: torch.Tensor,
+    captions: Sequence[str],
+    train_cfg: dict,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[float]:
+    """Train `unet` and `text_encoder` in place for `train_cfg["steps"]` steps; return the losses.
 
-    started = time.time()
-    train_cfg = config["train"]
-    seed = int(config["seed"])
-    R = config["resolution"]
-
-    images_u8, captions = load_training_data(R)
+    images_u8: uint8 (N, 3, R, R); captions: N captions, each one of `CAPTIONS`. The frozen `vae`
+    encodes the images once; captions are dropped to "" with `train_cfg["caption_dropout"]`; x0
+    loss weighted by `_target_and_weight`; AdamW with `_lr_at` warmup and cosine decay, gradient
+    clipping and EMA; every draw from `torch.Generator().manual_seed(seed)`. At the end the EMA
+    weights are copied into both models, which are left in eval mode. Used by `build` (fresh
+    models) and by `tiny:shapes-sd-continued` (the built base, trained further).
+    """
     N = images_u8.shape[0]
     prompts = ["", *CAPTIONS]  # index 0: the unconditional prompt
     prompt_index = {p: i for i, p in enumerate(prompts)}
     unknown = sorted({c for c in captions} - set(prompts))
     assert not unknown, unknown
     caption_ids = torch.tensor([prompt_index[c] for c in captions])  # (N,)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tokenizer = build_clip_tokenizer(out_dir / "tokenizer")
-        vae = make_identity_vae(R)
-        text_encoder = make_text_encoder(config)
-        unet = make_unet(config)
-    noise_scheduler, sample_scheduler = make_schedulers(config)
     vae.requires_grad_(False)
     prompt_tokens = _tokenize(tokenizer, prompts)  # (P, T)
 
@@ -450,13 +454,35 @@ def _build(config: dict, out_dir: Path, progress: Callable[[int, int], None] | N
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, steps)
-    train_seconds = time.time() - started
-
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
     unet.eval()
     text_encoder.eval()
+    return losses
+
+
+def _build(config: dict, out_dir: Path, progress: Callable[[int, int], None] | None) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    started = time.time()
+    seed = int(config["seed"])
+    R = config["resolution"]
+
+    images_u8, captions = load_training_data(R)
+    N = images_u8.shape[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_clip_tokenizer(out_dir / "tokenizer")
+        vae = make_identity_vae(R)
+        text_encoder = make_text_encoder(config)
+        unet = make_unet(config)
+    noise_scheduler, sample_scheduler = make_schedulers(config)
+    losses = train_steps(unet, text_encoder, tokenizer, vae, noise_scheduler, images_u8, captions,
+                         config["train"], seed, progress)
+    train_seconds = time.time() - started
+    steps = config["train"]["steps"]
+
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

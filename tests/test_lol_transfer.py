@@ -1,0 +1,56 @@
+"""Transfer: predictors trained on one published population, scored on another of the same layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from published_format import BIG, NORM, gl_population, write_published
+
+from lol_models.data import PulledDataError
+from lol_models.experiments import LearnSettings
+from lol_models.transfer import train_on_a_test_on_b
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = {"glnet": {"hidden": (8,), "head": (32,)}, "mlp": {"hidden": (32,)}}
+SETTINGS = LearnSettings(predictors=("mlp", "glnet"), seeds=2, epochs=40, batch_size=32, learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def populations(tmp_path_factory):
+    """A: 300 rank-2 LoRAs; B: 100 other LoRAs of ranks 2 and 4 (same layers, same label), without attributes."""
+    root = tmp_path_factory.mktemp("transfer")
+    a = write_published(root / "a", *gl_population([2], 300, seed=0), {**NORM, **BIG})
+    b = write_published(root / "b", *gl_population([2, 4], 50, seed=1), NORM)
+    return a, b
+
+
+def test_trained_on_a_scored_on_b_and_on_a(populations, tmp_path):
+    a, b = populations
+    result = train_on_a_test_on_b(a, b, SETTINGS, tmp_path, model_configs=SMALL)
+    assert result.rows == {"train": 180, "validation": 60, "a_test": 60, "b_test": 20}
+    assert set(result.tasks) == {"clip_score.clip_score"}
+    assert "lacks label column(s) ['attributes.big']" in result.skipped_tasks["attributes"]
+
+    gl_a, _ = result.metric("clip_score.clip_score", "glnet", "a_test")
+    gl_b, _ = result.metric("clip_score.clip_score", "glnet", "b_test")
+    mlp_b, _ = result.metric("clip_score.clip_score", "mlp", "b_test")
+    print(f"R² glnet on A {gl_a:.3f}, on B {gl_b:.3f}; mlp on B {mlp_b:.3f}")
+    assert gl_a > 0.7 and gl_b > 0.7 and mlp_b < gl_b
+
+    saved = json.loads(result.results_path.read_text())
+    assert saved["published_a"] == str(a) and saved["published_b"] == str(b)
+    record = saved["tasks"]["clip_score.clip_score"]["predictors"]["glnet"]
+    assert {t: record["tests"][t]["n"] for t in ("a_test", "b_test")} == {"a_test": 60, "b_test": 20}
+    assert [s["seed"] for s in record["per_seed"]] == [0, 1]
+    assert record["tests"]["b_test"]["mean"]["kendall_tau"] == pytest.approx(
+        sum(s["tests"]["b_test"]["kendall_tau"] for s in record["per_seed"]) / 2)
+    assert result.figure_path.stat().st_size > 5000
+
+
+def test_populations_with_different_layers_are_refused(populations, tmp_path):
+    a, _ = populations
+    other = write_published(tmp_path / "c", *gl_population([2], 10, seed=3, shapes={"block.0.to_q": (6, 9)}), NORM)
+    with pytest.raises(PulledDataError, match="do not have .* layers.*different \\(n, m\\)|missing layers"):
+        train_on_a_test_on_b(a, other, SETTINGS, tmp_path / "out")
