@@ -1,0 +1,37 @@
+"""`lol experiment ranks|transfer`: the CLI reads the published folders a store holds and writes results."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import ROOT
+from published_format import BIG, NORM, gl_population, write_published
+
+RANKS = ROOT / "manifests" / "tiny-shapes-ranks.yaml"
+SHAPES = ROOT / "manifests" / "tiny-shapes.yaml"
+CONTINUED = ROOT / "manifests" / "tiny-shapes-continued.yaml"
+FAST = ["learn.predictors=[mlp, glnet]", "learn.seeds=2", "learn.epochs=5"]
+
+
+def test_experiment_ranks_trains_on_seen_ranks_and_reports_unseen(run_cli, tmp_path):
+    factors, rows = gl_population([1, 2, 4], 40, seed=0)
+    write_published(tmp_path / "store" / "published" / "tiny-shapes-ranks", factors, rows, {**NORM, **BIG})
+    code, out, err = run_cli("experiment", "ranks", RANKS, *FAST, "--store", tmp_path / "store",
+                             "--train-rank", "1", "--train-rank", "2", "--test-rank", "4")
+    assert code == 0, err
+    assert "train [1, 2], test [4]" in out and "glnet" in out and "unseen" in out
+    results = json.loads((tmp_path / "store" / "learn" / "tiny-shapes-ranks" / "ranks" / "rank_generalisation.json").read_text())
+    assert results["train_ranks"] == [1, 2] and results["test_ranks"] == [4]
+    code, _, err = run_cli("experiment", "ranks", RANKS, *FAST, "--store", tmp_path / "store", "--test-rank", "16")
+    assert code == 2 and "16" in err
+
+
+def test_experiment_transfer_tests_on_the_other_population(run_cli, tmp_path):
+    factors, rows = gl_population([2], 120, seed=1)
+    write_published(tmp_path / "store" / "published" / "tiny-shapes", factors, rows, {**NORM, **BIG})
+    factors, rows = gl_population([2], 120, seed=2)
+    write_published(tmp_path / "store" / "published" / "tiny-shapes-continued", factors, rows, {**NORM, **BIG})
+    code, out, err = run_cli("experiment", "transfer", SHAPES, *FAST, "--to", CONTINUED, "--store", tmp_path / "store")
+    assert code == 0, err
+    assert "tiny-shapes → tiny-shapes-continued" in out and "b_test" in out
+    assert (tmp_path / "store" / "learn" / "tiny-shapes-continued" / "transfer-from-tiny-shapes" / "transfer.json").is_file()
