@@ -253,8 +253,23 @@ def score_population(manifest: str, overrides: list[str] | None = None, store: s
     for result in _run_tasks(score_job_task, "score", todo, retries, workers, manifest, overrides, store):
         for outcome in result.values():
             outcomes[outcome] += 1
-    _artifact("score", loaded, outcomes)
+    _artifact("score", loaded, outcomes, _label_table(loaded, population.store))
     return dict(outcomes)
+
+
+def _label_table(loaded: Manifest, store: Store) -> str:
+    """Markdown: every stored label's count, mean, std, range and Kendall τ against lr × steps/epochs."""
+    from pipeline.label_stats import label_statistics
+
+    rows = []
+    for column, s in label_statistics(loaded, store)["labels"].items():
+        tau = s["kendall"].get("lr×length")
+        rows.append(f"| {column} | {s['count']} | {s['mean']:.4g} | {s['std']:.4g} | {s['min']:.4g} – {s['max']:.4g} | "
+                    + (f"{tau['tau']:+.3f} (p={tau['p_value']:.2g})" if tau else "—") + " |")
+    if not rows:
+        return ""
+    return ("\n## labels\n\n| label | n | mean | std | range | Kendall τ vs lr × length |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 @flow(name="publish_population")
@@ -327,7 +342,7 @@ def _slug(loaded: Manifest) -> str:
     return "".join(c if c.isalnum() else "-" for c in loaded.population.name.lower())
 
 
-def _artifact(stage: str, loaded: Manifest, outcomes: Counter) -> None:
+def _artifact(stage: str, loaded: Manifest, outcomes: Counter, extra: str = "") -> None:
     table = "\n".join(f"| {outcome} | {count} |" for outcome, count in outcomes.most_common())
     create_markdown_artifact(key=f"{stage}-{_slug(loaded)}", description=f"{stage} {loaded.population.name}",
-                             markdown=f"# {stage} {loaded.population.name}\n\n| outcome | jobs |\n|---|---|\n{table}\n")
+                             markdown=f"# {stage} {loaded.population.name}\n\n| outcome | jobs |\n|---|---|\n{table}\n{extra}")

@@ -64,3 +64,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def check_finetune_cli_resumes(run_cli, args) -> None:
+    """`lol finetune ARGS --limit 2` trains 2 LoRAs with a summary; the same call again trains none."""
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert "LoRAs/minute" in out
+    code, out, _ = run_cli(*args)
+    row = next(line for line in out.splitlines() if line.startswith("│"))
+    assert code == 0 and [c.strip() for c in row.strip("│").split("│")][:3] == ["2", "0", "2"]  # planned, trained, already done

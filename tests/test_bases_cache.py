@@ -73,7 +73,7 @@ def test_memory_store_builds_and_loads_through_a_local_copy(linear):
 
 
 def test_unknown_tiny_name_lists_the_known_ones():
-    with pytest.raises(BaseModelError, match="known: tiny:shapes-sd, tiny:shapes-clip, tiny:qa-lm"):
+    with pytest.raises(BaseModelError, match="known: tiny:shapes-sd, tiny:shapes-sd-continued, tiny:shapes-clip, tiny:qa-lm"):
         tiny_module("tiny:shapes-xl")
 
 

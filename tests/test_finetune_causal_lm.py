@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, check_finetune_cli_resumes
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -194,9 +194,4 @@ def test_unknown_source_name_fails_before_training_and_lists_known(store):
 def test_lol_finetune_runs_resumes_and_summarises(store, run_cli):
     args = ("finetune", ARC, "population.name=lm-cli", "count=3", "base.size=smoke", "hyperparameters.epochs=1",
             "data.subsets.examples_per_source=8", "--store", store.url, "--limit", "2")
-    code, out, err = run_cli(*args)
-    assert code == 0, err
-    assert "LoRAs/minute" in out
-    code, out, _ = run_cli(*args)
-    row = next(line for line in out.splitlines() if line.startswith("│"))
-    assert code == 0 and [c.strip() for c in row.strip("│").split("│")][:3] == ["2", "0", "2"]  # planned, trained, already done
+    check_finetune_cli_resumes(run_cli, args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, check_finetune_cli_resumes
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -71,9 +71,4 @@ def test_a_base_that_is_not_a_diffusion_pipeline_is_refused(tmp_path):
 def test_lol_finetune_runs_resumes_and_summarises(random_sd, tmp_path, run_cli):
     args = ("finetune", ROOT / "manifests" / "tiny-shapes.yaml", f"base.ref={random_sd}", "count=3",
             "hyperparameters.steps=1", "hyperparameters.batch_size=1", "--store", tmp_path / "store", "--limit", "2")
-    code, out, err = run_cli(*args)
-    assert code == 0, err
-    assert "LoRAs/minute" in out
-    code, out, _ = run_cli(*args)
-    row = next(line for line in out.splitlines() if line.startswith("│"))
-    assert code == 0 and [c.strip() for c in row.strip("│").split("│")][:3] == ["2", "0", "2"]  # planned, trained, already done
+    check_finetune_cli_resumes(run_cli, args)

@@ -65,6 +65,7 @@ def test_stages_publish_markdown_artifacts(flow_run):
     assert {"finetune-tiny-shapes", "score-tiny-shapes", "publish-tiny-shapes"} <= set(artifacts)
     assert any("| trained | 3 |" in text for text in artifacts["finetune-tiny-shapes"])
     assert any("| already done | 3 |" in text for text in artifacts["finetune-tiny-shapes"])
+    assert any("| attributes/shape=circle | 3 |" in text for text in artifacts["score-tiny-shapes"])  # label statistics
 
 
 @pytest.mark.slow

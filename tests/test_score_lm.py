@@ -83,7 +83,7 @@ def test_smoke_population_end_to_end_with_resumption(population):
     store, manifest, trained, scored = population
     assert len(trained.trained) == 3 and not trained.failed
     assert not scored.failed and set(scored.scored.values()) == {3}
-    questions = len(get_source("qa", sets=["arc_challenge"]).examples("test"))  # fewer than the limit of 200
+    questions = len(get_source("qa", sets=["arc_easy"]).examples("test"))  # fewer than the limit of 200
     ids = {s.name: scorer_id(s) for s in manifest.scorers}
     pop = store.population(manifest.population.name)
     for job in expand(manifest):
@@ -119,7 +119,7 @@ def test_mc_accuracy_equals_an_independent_unbatched_computation(population, ada
     mc = scorer(McAccuracyScorer, population, limit=12, batch_size=5)  # batches that split questions
     got = mc.choice_logliks(adapter)
     model, tokenizer = plain_transformers(population, adapter)
-    examples = get_source("qa", sets=["arc_challenge"]).examples("test")[:12]
+    examples = get_source("qa", sets=["arc_easy"]).examples("test")[:12]
     expected = [np.array([check_loglik(model, tokenizer, e.question, " " + c)[0] for c in e.choices]) for e in examples]
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
