@@ -53,8 +53,8 @@ def load_manifest(manifest: str, overrides: list[str] | None = None) -> tuple[Ma
 def _task_runner(workers: int):
     """Local worker processes for one flow's tasks (None: run tasks one by one in this process).
 
-    Each process keeps its own base / scorer cache across the tasks it runs, and gets
-    cores / workers torch threads (`LOL_TORCH_THREADS`, read in the task).
+    Each process keeps its own base / scorer cache across the tasks it runs; `_worker_environment`
+    sets what the spawned processes inherit.
     """
     if workers < 1:
         raise ValueError(f"workers must be ≥ 1, got {workers}")
@@ -62,34 +62,38 @@ def _task_runner(workers: int):
         return None
     from prefect.task_runners import ProcessPoolTaskRunner
 
-    os.environ["LOL_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     return ProcessPoolTaskRunner(max_workers=workers)
 
 
 @contextlib.contextmanager
-def _workers_share_the_api(workers: int):
-    """In ephemeral mode, point worker processes at this process's temporary API server.
+def _worker_environment(workers: int):
+    """What spawned worker processes inherit, restored afterwards.
 
-    Without an API URL each spawned worker would start a temporary server of its own, and
-    its task runs would not be seen by the flow's. The variable is restored afterwards.
+    - `LOL_TORCH_THREADS` = cores / workers (read in each task), so workers do not oversubscribe;
+    - in ephemeral mode, `PREFECT_API_URL` = this process's temporary API server: without it each
+      worker would start a temporary server of its own, and its task runs would not be seen by
+      the flow's.
     """
-    from prefect.settings import get_current_settings
-
-    if workers == 1 or get_current_settings().api.url:
+    if workers == 1:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
 
-    server = SubprocessASGIServer()  # the running temporary server of this process (a singleton)
-    before = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url
+    wanted = {"LOL_TORCH_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    if not get_current_settings().api.url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        wanted["PREFECT_API_URL"] = SubprocessASGIServer().api_url  # the running temporary server (a singleton)
+    before = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _apply_thread_budget() -> None:
@@ -326,7 +330,7 @@ def run_population(manifest: str, overrides: list[str] | None = None, store: str
     runner = _task_runner(workers)
     finetune_flow = finetune_population if runner is None else finetune_population.with_options(task_runner=runner)
     score_flow = score_population if runner is None else score_population.with_options(task_runner=_task_runner(workers))
-    with _workers_share_the_api(workers):
+    with _worker_environment(workers):
         if "finetune" in chosen:
             results["finetune"] = finetune_flow(manifest, overrides, store, limit, retries=retries, workers=workers)
         if "score" in chosen:
