@@ -1,8 +1,7 @@
 """`lol`: the front door. Every subcommand is a thin call into library functions.
 
 `main(argv)` returns the exit code instead of exiting, so tests call it directly.
-Exit codes: 0 ok, 1 the command ran and found problems (e.g. `verify`), 2 bad input,
-3 a stage that is not built yet.
+Exit codes: 0 ok, 1 the command ran and found problems (e.g. `verify`), 2 bad input.
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from pipeline.data.base import DataSourceError
 from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.publish import PublishError
-from pipeline.score import ScorerNotBuilt
-from pipeline.stages import StageNotBuilt, population_status
+from pipeline.stages import population_status
 from storage import Store, StoreError
 
 app = typer.Typer(
@@ -41,7 +39,7 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 USER_ERRORS = (ManifestError, StoreError, DataSourceError, BaseModelError, PublishError, ValueError, FileNotFoundError)
-EXIT_PROBLEMS, EXIT_BAD_INPUT, EXIT_NOT_BUILT = 1, 2, 3
+EXIT_PROBLEMS, EXIT_BAD_INPUT = 1, 2
 
 ManifestArg = Annotated[Path, typer.Argument(help="Manifest YAML file.", show_default=False)]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. count=10 lora.rank=8.", show_default=False)]
@@ -722,7 +720,7 @@ def _hint(exc: Exception) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 problems found, 2 bad input, 3 not built)."""
+    """Run the CLI; returns the exit code (0 ok, 1 problems found, 2 bad input)."""
     if os.environ.get("LOL_TORCH_THREADS"):  # small models on shared CPUs run faster on one thread
         import torch
 
@@ -738,9 +736,6 @@ def main(argv: list[str] | None = None) -> int:
     except (click.ClickException, typer.TyperException) as exc:  # typer ≥ 0.2x raises its own copy of click's
         exc.show()
         return EXIT_BAD_INPUT
-    except (StageNotBuilt, ScorerNotBuilt) as exc:
-        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
-        return EXIT_NOT_BUILT
     except USER_ERRORS as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
         if (hint := _hint(exc)) is not None:

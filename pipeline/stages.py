@@ -1,27 +1,13 @@
-"""The stages of a population run, and which of them this build provides.
+"""The stages of a population run as library calls: finetune, score, publish, train, evaluate, report.
 
-`lol run` walks `STAGES` in order. A stage whose `run` is None is not built yet: the run
-says so plainly and goes on to report the stages that are, never producing fake output.
-Each stage's `run(manifest, store, **options)` is idempotent: storage decides what is done.
+Each is idempotent: storage decides what is done. The CLI and the Prefect flows call these.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 from storage import PopulationStore, StatusReport, Store
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    summary: str
-    run: Callable[..., Any] | None  # None: not built yet
-    built_by: str  # the capability that provides it, for the "not built yet" message
 
 
 def prepare(manifest: Manifest, store: Store, manifest_text: str) -> PopulationStore:
@@ -39,10 +25,6 @@ def population_status(manifest: Manifest, store: Store) -> StatusReport:
     return store.population(manifest.population.name).status(planned_ids(manifest))
 
 
-class StageNotBuilt(RuntimeError):
-    """The stage exists for some model kinds, not for this manifest's."""
-
-
 def trainer_factory(kind: str):
     """The Trainer class for a base kind."""
     if kind == "diffusion":
@@ -53,7 +35,7 @@ def trainer_factory(kind: str):
         from pipeline.finetune.causal_lm import CausalLMTrainer
 
         return CausalLMTrainer
-    raise StageNotBuilt(f"finetuning {kind} bases is not built yet (comes with the language-model population issue)")
+    raise ValueError(f"no trainer for base kind {kind!r}; kinds: diffusion, causal_lm")
 
 
 def finetune(manifest: Manifest, store: Store, limit: int | None = None, shard_spec: str | None = None,
@@ -111,20 +93,3 @@ def report(manifest: Manifest, store: Store):
     from lol_models.experiments import report as write_report
 
     return write_report(learn_target(manifest, store)[1], title=f"Learning on LoRAs: {manifest.population.name}")
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("finetune", "train one LoRA per job", finetune, "the diffusion and language-model population issues"),
-    Stage("score", "label every LoRA (CLIP score, accuracy, attributes…)", score, "the diffusion and language-model population issues"),
-    Stage("publish", "write the population as a Hugging Face dataset", publish, "the publish issue"),
-    Stage("train", "train the LoL predictors on the published dataset", train, "the Learning-on-LoRAs issue"),
-    Stage("evaluate", "evaluate the predictors, write results.json", evaluate, "the Learning-on-LoRAs issue"),
-    Stage("report", "write report.md with tables and figures", report, "the Learning-on-LoRAs issue"),
-)
-
-
-def stage(name: str) -> Stage:
-    for candidate in STAGES:
-        if candidate.name == name:
-            return candidate
-    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(s.name for s in STAGES)}")

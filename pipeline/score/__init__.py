@@ -54,8 +54,4 @@ def make_scorer(spec: Any) -> Scorer:
         from pipeline.score.lm_scorers import EvalLossScorer, McAccuracyScorer
 
         return {"mc_accuracy": McAccuracyScorer, "eval_loss": EvalLossScorer}[spec.name](spec)
-    raise ScorerNotBuilt(f"the {spec.name} scorer is not built yet (comes with the language-model population issue)")
-
-
-class ScorerNotBuilt(RuntimeError):
-    """A scorer the schema knows but this build does not implement yet."""
+    raise ValueError(f"unknown scorer {spec.name!r}; scorers: attributes, membership, sources, clip_score, mc_accuracy, eval_loss")
