@@ -210,7 +210,8 @@ def bench_labels_command(
     if not result["labels"]:
         raise ValueError(f"no scores stored for {loaded.population.name!r}; run `lol score {manifest}` first")
     table = Table(title=f"labels of {loaded.population.name} ({result['planned']} planned)")
-    for column in ("label", "n", "mean", "std", "min", "max", "τ vs lr×length (p)"):
+    table.add_column("label", overflow="fold")  # long attribute tests wrap instead of being cut
+    for column in ("n", "mean", "std", "min", "max", "τ vs lr×length (p)"):
         table.add_column(column, justify="right")
     for column, s in result["labels"].items():
         tau = s["kendall"].get("lr×length")
