@@ -43,6 +43,7 @@ from pipeline.data import get_source
 from pipeline.data.base import DataSourceError, QAExample
 from pipeline.data.qa import format_question, validate_example
 from pipeline.data.subsets import job_examples, source_subset
+from pipeline.finetune.cohort import CohortTask, Member, common_targets, member_factors, train_members
 from pipeline.finetune.runner import NonFiniteLoss
 from pipeline.finetune.targets import check_target_modules
 from pipeline.jobs import Job
@@ -180,16 +181,58 @@ def answer_loss(model, batch: dict[str, torch.Tensor], accepted: frozenset[str] 
     spares the LM head most of its work (a third of the training time of tiny:qa-lm).
     `position_ids` go in where `accepted` names them.
     """
-    labels = batch["labels"]  # (B, T)
-    K = int((labels != IGNORE_INDEX).sum(-1).max())
+    K = answer_length(batch["labels"])
+    return answer_cross_entropy(last_logits(model, batch, accepted, K + 1), batch["labels"], K)
+
+
+def answer_length(labels: torch.Tensor) -> int:
+    """K: the most answer tokens in a row of (B, T) labels."""
+    return int((labels != IGNORE_INDEX).sum(-1).max())
+
+
+def last_logits(model, batch: dict[str, torch.Tensor], accepted: frozenset[str], keep: int) -> torch.Tensor:
+    """(B, ≥ keep, V) logits of at least the last `keep` positions of a left-padded batch."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "position_ids" in accepted:
         inputs["position_ids"] = batch["position_ids"]
     if "logits_to_keep" in accepted:
-        inputs["logits_to_keep"] = K + 1
-    logits = model(**inputs, use_cache=False).logits[:, -(K + 1):-1]  # (B, K, V): position t predicts token t + 1
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, -K:].flatten(),
+        inputs["logits_to_keep"] = keep
+    return model(**inputs, use_cache=False).logits
+
+
+def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, K: int) -> torch.Tensor:
+    """Mean cross-entropy of the last K labels (B, T) from the logits (B, ≥ K + 1, V) that predict them."""
+    predicting = logits[:, -(K + 1):-1]  # (B, K, V): position t predicts token t + 1
+    return torch.nn.functional.cross_entropy(predicting.flatten(0, 1).float(), labels[:, -K:].flatten(),
                                              ignore_index=IGNORE_INDEX)
+
+
+def join_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One left-padded batch of the rows of several `collate`d batches, in order (each (B_k, T_k) → (ΣB, max T))."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "position_ids": 0, "labels": IGNORE_INDEX}
+    return {key: torch.cat([torch.nn.functional.pad(b[key], (length - b[key].shape[1], 0), value=value) for b in batches])
+            for key, value in fill.items()}
+
+
+class QAStream:
+    """One job's batches over epochs, in the order its `DataLoader` gives them alone.
+
+    `draw()` -> (batch, whether it is the last batch of a pass over the data).
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, num_examples: int):
+        self.loader, self.num_examples = loader, num_examples
+        self.epoch: list[dict[str, torch.Tensor]] = []
+        self.drawn = self.answer_tokens = 0
+
+    def draw(self) -> tuple[dict[str, torch.Tensor], bool]:
+        if not self.epoch:
+            self.epoch = list(self.loader)[::-1]  # the sampler draws each pass's order when iterated
+        batch = self.epoch.pop()
+        self.drawn += 1
+        self.answer_tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+        return batch, not self.epoch
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -223,24 +266,16 @@ class CausalLMTrainer:
         self.forward_args = forward_args(model)
 
     def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
-        from peft import LoraConfig, TaskType
-
-        spec = job.spec
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
-                            target_modules=list(spec.target_modules), task_type=TaskType.CAUSAL_LM)
-        examples = job_examples(self.examples, spec.data, spec.seed)
-        return self.train(examples, config, spec.hyperparameters, spec.seed, out_dir)
+        examples = job_examples(self.examples, job.spec.data, job.spec.seed)
+        return self.train(examples, self.lora_config(job), job.spec.hyperparameters, job.spec.seed, out_dir)
 
     def sequences(self, examples: Sequence[QAExample], hp: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
         """(ids, labels) per example, as the job trains on them."""
         max_length = min(int(hp.get("max_length") or self.max_positions), self.max_positions)
         return [training_sequence(q, max_length) for q in encode_questions(self.tokenizer, examples)]
 
-    def train(self, examples: Sequence[QAExample], config, hp: dict[str, Any], seed: int, out_dir: Path) -> dict[str, Any]:
-        """Train one LoRA (`config`, a peft `LoraConfig`) on `examples`; save it to `out_dir/adapter`."""
-        from accelerate import Accelerator
-        from peft import get_peft_model
-        from transformers import get_scheduler
+    def loader(self, examples: Sequence[QAExample], hp: dict[str, Any], seed: int) -> tuple[torch.utils.data.DataLoader, int, int]:
+        """(the job's DataLoader, its optimizer steps, its gradient accumulation)."""
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         if not examples:
@@ -253,7 +288,15 @@ class CausalLMTrainer:
                                              collate_fn=lambda b: collate(b, pad_token(self.tokenizer)))
         per_epoch = math.ceil(len(loader) / accumulation)  # optimizer steps in one pass over the data
         total = int(hp["steps"]) if hp.get("steps") is not None else int(hp["epochs"]) * per_epoch
+        return loader, total, accumulation
 
+    def train(self, examples: Sequence[QAExample], config, hp: dict[str, Any], seed: int, out_dir: Path) -> dict[str, Any]:
+        """Train one LoRA (`config`, a peft `LoraConfig`) on `examples`; save it to `out_dir/adapter`."""
+        from accelerate import Accelerator
+        from peft import get_peft_model
+        from transformers import get_scheduler
+
+        loader, total, accumulation = self.loader(examples, hp, seed)
         torch.manual_seed(seed)  # LoRA init and dropout
         peft_model = get_peft_model(self.model, config)
         try:
@@ -286,9 +329,88 @@ class CausalLMTrainer:
             accelerator.free_memory()
         finally:
             self.model = peft_model.unload().eval()  # the frozen base again, without LoRA layers
+        return self._metrics(losses, steps, len(loader), len(examples), tokens, seconds)
+
+    def lora_config(self, job: Job):
+        from peft import LoraConfig, TaskType
+
+        spec = job.spec
+        return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
+                          target_modules=list(spec.target_modules), task_type=TaskType.CAUSAL_LM)
+
+    def cohort_task(self, job: Job, out_dir: Path) -> CohortTask:
+        return CohortTask(job.job_id, self.lora_config(job), job_examples(self.examples, job.spec.data, job.spec.seed),
+                          job.spec.hyperparameters, job.spec.seed, out_dir)
+
+    def train_cohort(self, tasks: Sequence[CohortTask]) -> dict[str, dict[str, Any] | Exception]:
+        """Train several LoRAs in the same forward passes (`pipeline.finetune.cohort`).
+
+        Each step joins one batch of every active job into one left-padded batch; each job's loss
+        is its own mean over its answer tokens. Returns {task key: metrics, or the exception that
+        failed it}; each adapter is saved to `out_dir/adapter` as the job alone would save it.
+        LoRA dropout draws its masks from the global generator in the cohort's order, so with
+        dropout > 0 an adapter matches its solo training in distribution, not bit for bit.
+        """
+        from pipeline.cohort.layers import cohort_layers
+        from pipeline.cohort.peft_io import init_factors, save_adapter
+
+        targets = common_targets(tasks)
+        precisions = {mixed_precision(self.device, t.hyperparameters.get("mixed_precision")) for t in tasks}
+        if precisions - {"no", "bf16"} or len(precisions) > 1:
+            raise ValueError(f"a cohort trains in one precision, no or bf16; its jobs ask for {sorted(precisions)} "
+                             "(set execution.cohort_size: 1 for fp16 jobs)")
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precisions == {"bf16"} else None
+        outcomes: dict[str, dict[str, Any] | Exception] = {}
+        members, initial = [], {}
+        for slot, task in enumerate(tasks):
+            hp = task.hyperparameters
+            try:
+                loader, total, accumulation = self.loader(task.examples, hp, task.seed)
+                self.model, initial[task.key] = init_factors(self.model, task.config, task.seed)
+            except Exception as exc:  # a job that cannot start fails alone
+                outcomes[task.key] = exc
+                continue
+            members.append(Member(task.key, slot, task.config, QAStream(loader, len(task.examples)), accumulation, total,
+                                  float(hp["learning_rate"]), float(hp.get("weight_decay", 0.0)), task.out_dir, schedule="linear"))
+        pad_id = pad_token(self.tokenizer)
+        with cohort_layers(self.model, targets) as (routing, layers):
+            for member in members:
+                for name, layer in layers.items():
+                    layer.add_slot(member.slot, initial[member.key][name], dropout=float(member.config.lora_dropout))
+
+            def forward_losses(active: Sequence[Member]) -> tuple[list[torch.Tensor], list[bool]]:
+                draws = [m.data.draw() for m in active]
+                batches = [{k: v.to(self.device) for k, v in batch.items()} for batch, _ in draws]
+                routing.set_blocks([m.slot for m in active], [len(b["input_ids"]) for b in batches])
+                lengths = [answer_length(b["labels"]) for b in batches]
+                logits = last_logits(self.model, join_batches(batches, pad_id), self.forward_args, max(lengths) + 1)
+                losses, row = [], 0
+                for batch, K in zip(batches, lengths):
+                    rows = len(batch["labels"])
+                    losses.append(answer_cross_entropy(logits[row:row + rows], batch["labels"], K))
+                    row += rows
+                return losses, [ended for _, ended in draws]
+
+            self.model.train()
+            seconds = train_members(members, layers, forward_losses, autocast)
+            self.model.eval()
+            trained = {m.key: member_factors(m, layers) for m in members if m.failure is None}
+        for member in members:
+            if member.failure is not None:
+                outcomes[member.key] = member.failure
+                continue
+            self.model = save_adapter(self.model, member.config, trained[member.key], member.out_dir / "adapter").eval()
+            data = member.data
+            outcomes[member.key] = {**self._metrics(member.losses, member.steps, len(data.loader), data.num_examples,
+                                                    data.answer_tokens, seconds / len(members)),
+                                    "cohort": {"size": len(tasks), "slot": member.slot, "seconds": round(seconds, 3)}}
+        return outcomes
+
+    def _metrics(self, losses: list[float], steps: int, batches_per_epoch: int, num_examples: int, tokens: int,
+                 seconds: float) -> dict[str, Any]:
         return {
             "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses), "optimizer_steps": steps,
-            "micro_steps": len(losses), "epochs": round(len(losses) / len(loader), 3), "num_examples": len(data),
+            "micro_steps": len(losses), "epochs": round(len(losses) / batches_per_epoch, 3), "num_examples": num_examples,
             "answer_tokens": tokens, "train_seconds": round(seconds, 3), "steps_per_second": round(len(losses) / seconds, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if self.device.type == "cuda" else None,

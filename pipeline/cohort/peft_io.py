@@ -1,0 +1,91 @@
+"""peft at the edges of a cohort: adapters start as peft starts them and leave as peft saves them.
+
+`init_factors` seeds torch and lets peft's `get_peft_model` create the LoRA layers, exactly as
+a job trained alone does, then reads their weights and takes the layers off again, so a cohort
+adapter's initial A and B are the ones it would have alone. `save_adapter` puts trained factors
+into a fresh peft wrap and calls `save_pretrained`: the folder is an ordinary peft adapter.
+`read_factors` reads a saved adapter (safetensors) back for scoring.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.cohort.layers import LoraFactors
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_NAME = "default"
+
+
+def _lora_layers(peft_model) -> dict[str, nn.Module]:
+    """{qualified name in the base model: peft LoRA layer} of a peft-wrapped model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name.removeprefix(PEFT_PREFIX): module for name, module in peft_model.named_modules()
+            if isinstance(module, LoraLayer)}
+
+
+def init_factors(model: nn.Module, config, seed: int) -> tuple[nn.Module, dict[str, LoraFactors]]:
+    """(the bare model again, {module name: initial factors}) of an adapter seeded with `seed`.
+
+    `torch.manual_seed(seed)` then `get_peft_model(model, config)` is how the trainers start a
+    job alone; the RNG draws (and so A's initial values) are the same here.
+    """
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    factors = {name: LoraFactors(layer.lora_A[ADAPTER_NAME].weight.detach().clone(),
+                                 layer.lora_B[ADAPTER_NAME].weight.detach().clone(),
+                                 float(layer.scaling[ADAPTER_NAME]))
+               for name, layer in _lora_layers(peft_model).items()}
+    return peft_model.unload(), factors
+
+
+def save_adapter(model: nn.Module, config, factors: dict[str, LoraFactors], out_dir: Path) -> nn.Module:
+    """Write `factors` as the peft adapter folder `out_dir` (config + safetensors); returns the bare model."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config)
+    try:
+        layers = _lora_layers(peft_model)
+        if set(layers) != set(factors):
+            raise ValueError(f"adapter layers {sorted(set(factors) ^ set(layers))[:4]} differ between the cohort and peft's wrap")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A[ADAPTER_NAME].weight.copy_(factors[name].A)
+                layer.lora_B[ADAPTER_NAME].weight.copy_(factors[name].B)
+        peft_model.save_pretrained(str(out_dir))
+    finally:
+        model = peft_model.unload()
+    return model
+
+
+def read_factors(adapter_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[str, LoraFactors], dict]:
+    """({module name: factors}, adapter_config) of a peft adapter folder (safetensors only)."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not weights_file.is_file() or not config_file.is_file():
+        there = sorted(p.name for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else "no such folder"
+        raise ValueError(f"{adapter_dir} is not a peft adapter (needs adapter_config.json and adapter_model.safetensors; it holds: {there})")
+    config = json.loads(config_file.read_text())
+    if config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{adapter_dir}: rsLoRA, DoRA and per-module rank/alpha patterns are not plain LoRAs; "
+                         "score such adapters one at a time")
+    tensors = load_file(str(weights_file), device=str(device))
+    factors: dict[str, LoraFactors] = {}
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        B = tensors[key.replace(".lora_A.weight", ".lora_B.weight")]
+        factors[name] = LoraFactors(A, B, float(config["lora_alpha"]) / A.shape[0])
+    if not factors:
+        raise ValueError(f"{adapter_dir}/adapter_model.safetensors holds no lora_A/lora_B weights")
+    return factors, config
