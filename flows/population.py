@@ -1,8 +1,9 @@
 """Prefect flows for every stage of a population, and `run_population` composing them.
 
-Each flow is a thin composition of `pipeline` calls. One task per job, named by its job id,
-tagged `gpu`, with retries; tasks receive the manifest path, overrides, store URL and a job
-index — never tensors. Storage decides what is done, so a rerun after a crash runs only
+Each flow is a thin composition of `pipeline` calls. One task per cohort of jobs (the jobs trained
+in the same passes, `pipeline.finetune.cohort`; one job when the manifest's cohort size is 1),
+tagged `gpu`, with retries; tasks receive the manifest path, overrides, store URL and job
+indices — never tensors. Storage decides what is done, so a rerun after a crash runs only
 what is missing (Prefect's result cache is not used for resumption). A worker process loads
 each base / scorer once and reuses it for every task it runs.
 """
@@ -10,6 +11,7 @@ each base / scorer once and reuses it for every task it runs.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -21,7 +23,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from pipeline.finetune.runner import default_lease_s, default_worker_name, run_job  # noqa: E402
+from pipeline.finetune.runner import (  # noqa: E402
+    cohort_order,
+    cohort_sizer,
+    default_lease_s,
+    default_worker_name,
+    run_job,
+    run_jobs,
+)
 from pipeline.jobs import Job, expand, job_at, shard  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.score import make_scorer, scorer_id  # noqa: E402
@@ -143,6 +152,23 @@ def finetune_job(manifest: str, overrides: list[str], store: str | None, index: 
     return outcome
 
 
+@task(name="finetune-cohort", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
+def finetune_cohort(manifest: str, overrides: list[str], store: str | None, indices: list[int]) -> list[str]:
+    """Train jobs `indices` together (the cohort may split to fit memory); returns each job's outcome."""
+    _apply_thread_budget()
+    loaded, _ = load_manifest(manifest, overrides)
+    target = Store(store)
+    jobs = [job_at(loaded, index) for index in indices]
+    sizer = cohort_sizer(loaded)
+    done = dict((job.job_id, outcome) for job, outcome in run_jobs(target.population(loaded.population.name), jobs,
+                                                                     lambda: _trainer(loaded, target), default_worker_name(),
+                                                                     None, sizer))
+    for note in sizer.notes:
+        get_run_logger().warning(note)
+    get_run_logger().info("cohort of %d: %s", len(jobs), dict(Counter(done.values())))
+    return [done[job.job_id] for job in jobs]
+
+
 @task(name="score-job", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
 def score_job_task(manifest: str, overrides: list[str], store: str | None, index: int) -> dict[str, str]:
     """Score job `index` with every scorer that has not scored it yet; returns scorer id -> outcome."""
@@ -165,11 +191,16 @@ def score_job_task(manifest: str, overrides: list[str], store: str | None, index
 
 
 def _run_tasks(task_fn, stage: str, jobs: list[Job], retries: int, workers: int, *args) -> list:
-    """Run `task_fn(*args, job.index)` for every job: in this process one by one, or submitted to the
-    flow's process pool when `workers` > 1. Results in job order."""
-    runners = [task_fn.with_options(task_run_name=f"{stage}-{job.job_id}", retries=retries) for job in jobs]
+    """Run `task_fn(*args, job.index)` for every job (see `_run_units`). Results in job order."""
+    return _run_units(task_fn, [f"{stage}-{job.job_id}" for job in jobs], [job.index for job in jobs], retries, workers, *args)
+
+
+def _run_units(task_fn, names: list[str], units: list, retries: int, workers: int, *args) -> list:
+    """Run `task_fn(*args, unit)` for every unit (a job index, or a cohort's indices): in this process
+    one by one, or submitted to the flow's process pool when `workers` > 1. Results in unit order."""
+    runners = [task_fn.with_options(task_run_name=name, retries=retries) for name in names]
     if workers == 1:
-        return [runner(*args, job.index) for runner, job in zip(runners, jobs)]
+        return [runner(*args, unit) for runner, unit in zip(runners, units)]
     from prefect.context import FlowRunContext
     from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -178,8 +209,19 @@ def _run_tasks(task_fn, stage: str, jobs: list[Job], retries: int, workers: int,
         # threads would share one base model between jobs: never run jobs concurrently in-process
         raise ValueError(f"workers={workers} needs the flow to run with a ProcessPoolTaskRunner; "
                          "use run_population(..., workers=N) or `lol run --workers N`")
-    futures = [runner.submit(*args, job.index) for runner, job in zip(runners, jobs)]
+    futures = [runner.submit(*args, unit) for runner, unit in zip(runners, units)]
     return [future.result() for future in futures]
+
+
+def plan_cohorts(jobs: list[Job], manifest: Manifest, workers: int) -> list[list[Job]]:
+    """The flow's task units: jobs of similar length together, cohorts of the manifest's size, at
+    least one per worker; one job per unit when the cohort size is 1."""
+    requested = manifest.execution.requested_cohort_size
+    if requested == 1 or not jobs:
+        return [[job] for job in jobs]
+    ordered = sorted(jobs, key=cohort_order)
+    size = max(1, min(requested, math.ceil(len(ordered) / workers)))
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
 def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[Job]:
@@ -191,7 +233,7 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
                         limit: int | None = None, shard_spec: str | None = None,
                         retries: int = DEFAULT_RETRIES, busy_wait_s: float | None = None,
                         workers: int = 1) -> dict[str, int]:
-    """Finetune every planned LoRA the store lacks, one task per job (`workers` local processes).
+    """Finetune every planned LoRA the store lacks, one task per cohort of jobs (`workers` local processes).
 
     A job claimed by another worker is retried until it is done there or the claim expires
     (at most `busy_wait_s`, default three claim leases).
@@ -209,8 +251,11 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
             outcomes["already done"] += 1
         else:
             todo.append(job)
-    results = _run_tasks(finetune_job, "finetune", todo, retries, workers, manifest, overrides, store)
-    for job, outcome in zip(todo, results):
+    cohorts = plan_cohorts(todo, loaded, workers)
+    names = [f"finetune-{c[0].job_id}" if len(c) == 1 else f"finetune-cohort-{c[0].job_id}-x{len(c)}" for c in cohorts]
+    results = _run_units(finetune_cohort, names, [[job.index for job in c] for c in cohorts], retries, workers,
+                         manifest, overrides, store)
+    for job, outcome in zip([job for c in cohorts for job in c], [o for r in results for o in r]):
         if outcome == "busy":
             busy.append(job)
         else:

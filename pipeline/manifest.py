@@ -354,17 +354,32 @@ class LearnSection(StrictModel):
     hidden: int = Field(64, ge=1)
 
 
+class ExecutionSection(StrictModel):
+    """How jobs run; never part of a job's identity (a LoRA is the same whatever trained it)."""
+
+    cohort_size: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="LoRAs trained (and scored) in the same passes over the base: a number, or auto "
+                            "(max_cohort_size, reduced to what free memory holds). 1: one at a time.")
+    max_cohort_size: int = Field(16, ge=1, description="The largest cohort `auto` forms.")
+    memory_fraction: float = Field(0.5, gt=0, le=1, description="Share of the free memory a cohort may fill.")
+
+    @property
+    def requested_cohort_size(self) -> int:
+        return self.max_cohort_size if self.cohort_size == "auto" else int(self.cohort_size)
+
+
 class Manifest(StrictModel):
     population: PopulationSection
     base: BaseSection
     data: DataSection
     lora: LoraSection
     hyperparameters: Hyperparameters
-    count: int = Field(ge=1, description="How many LoRAs the population holds.")
+    count: int = Field(ge=1, le=10_000_000, description="How many LoRAs the population holds.")
     seed: int = Field(0, ge=0, description="Root seed; job k depends only on (job content, seed, k).")
     scorers: list[ScorerSpec] = Field(default_factory=list)
     publish: PublishSection = Field(default_factory=PublishSection)
     learn: LearnSection = Field(default_factory=LearnSection)
+    execution: ExecutionSection = Field(default_factory=ExecutionSection)
 
     @model_validator(mode="after")
     def _consistent_with_kind(self, info: ValidationInfo) -> Manifest:

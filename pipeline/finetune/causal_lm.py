@@ -392,7 +392,7 @@ class CausalLMTrainer:
                 return losses, [ended for _, ended in draws]
 
             self.model.train()
-            seconds = train_members(members, layers, forward_losses, autocast)
+            seconds, self.member_bytes = train_members(self.model, members, layers, forward_losses, autocast)
             self.model.eval()
             trained = {m.key: member_factors(m, layers) for m in members if m.failure is None}
         for member in members:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pipeline.cohort.layers import CohortLoraLinear, LoraFactors
+from pipeline.cohort.sizing import saved_tensor_bytes
 from pipeline.finetune.runner import NonFiniteLoss
 
 
@@ -99,12 +100,14 @@ class Member:
 ForwardLosses = Callable[[Sequence[Member]], tuple[list[torch.Tensor], list[bool]]]
 
 
-def train_members(members: Sequence[Member], layers: dict[str, CohortLoraLinear], forward_losses: ForwardLosses,
-                  autocast: Callable[[], Any] | None = None) -> float:
-    """Train every member to its step count (or failure); returns the wall seconds.
+def train_members(model: torch.nn.Module, members: Sequence[Member], layers: dict[str, CohortLoraLinear],
+                  forward_losses: ForwardLosses, autocast: Callable[[], Any] | None = None) -> tuple[float, float]:
+    """Train every member to its step count (or failure): (wall seconds, activation bytes per member).
 
     `forward_losses(active)` -> (one scalar loss per active member, whether that micro-step ended
-    a pass over the member's data). Factors stay in `layers` under each member's slot.
+    a pass over the member's data). Factors stay in `layers` under each member's slot. The
+    activation bytes are what autograd saved for backward in the first micro-step, per member
+    (what `pipeline.cohort.sizing` sizes the next cohort by).
     """
     for member in members:
         try:
@@ -115,9 +118,14 @@ def train_members(members: Sequence[Member], layers: dict[str, CohortLoraLinear]
         layer.train()
     started = time.perf_counter()
     active = [m for m in members if m.active]
+    bytes_per_member = 0.0
     while active:
-        with autocast() if autocast else contextlib.nullcontext():
+        measuring = not bytes_per_member
+        with autocast() if autocast else contextlib.nullcontext(), \
+                (saved_tensor_bytes(model) if measuring else contextlib.nullcontext()) as saved:
             losses, end_of_data = forward_losses(active)
+        if measuring:
+            bytes_per_member = saved.total / len(active)
         total = None
         for member, loss in zip(active, losses):
             value = loss.item()
@@ -133,7 +141,7 @@ def train_members(members: Sequence[Member], layers: dict[str, CohortLoraLinear]
             if member.failure is None and member.closes_window(ended):
                 member.optimizer_step()
         active = [m for m in active if m.active]
-    return time.perf_counter() - started
+    return time.perf_counter() - started, bytes_per_member
 
 
 def member_factors(member: Member, layers: dict[str, CohortLoraLinear]) -> dict[str, LoraFactors]:

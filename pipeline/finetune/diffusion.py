@@ -198,7 +198,7 @@ class DiffusionTrainer:
                 return losses, [False] * len(active)
 
             self.pipe.unet.train()
-            seconds = train_members(members, layers, forward_losses, autocast)
+            seconds, self.member_bytes = train_members(self.pipe.unet, members, layers, forward_losses, autocast)
             self.pipe.unet.eval()
             trained = {m.key: member_factors(m, layers) for m in members if m.failure is None}
         for member in members:

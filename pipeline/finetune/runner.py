@@ -7,19 +7,27 @@ what is missing, and claims keep two workers off the same job.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
 from storage import Store
+
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -40,6 +48,7 @@ class Trainer(Protocol):
 
 @dataclass
 class FinetuneSummary:
+    notes: list[str] = field(default_factory=list)  # e.g. cohorts reduced to fit memory
     planned: int = 0
     trained: list[str] = field(default_factory=list)
     skipped: int = 0  # already done
@@ -65,8 +74,13 @@ def finetune_population(
     worker: str | None = None,
     lease_s: float | None = None,
     on_job: Callable[[Job, str], None] | None = None,
+    cohort_size: int | None = None,
 ) -> FinetuneSummary:
-    """Train every planned job the store lacks. `on_job(job, outcome)` reports progress."""
+    """Train every planned job the store lacks. `on_job(job, outcome)` reports progress.
+
+    Jobs train in cohorts (`pipeline.finetune.cohort`) sized by the manifest's `execution`
+    section (or `cohort_size`), one at a time when the size is 1 or the trainer has no cohorts.
+    """
     started = time.perf_counter()
     worker = worker or default_worker_name()
     jobs = shard(list(expand(manifest, limit=limit)), shard_spec)
@@ -83,8 +97,8 @@ def finetune_population(
             trainer.setup(manifest, store)
         return trainer
 
-    for job in pending:
-        outcome = run_job(population, job, get_trainer, worker, lease_s)
+    sizer = cohort_sizer(manifest, cohort_size)
+    for job, outcome in run_jobs(population, pending, get_trainer, worker, lease_s, sizer):
         if outcome == "trained":
             summary.trained.append(job.job_id)
         elif outcome == "busy":
@@ -94,8 +108,97 @@ def finetune_population(
         else:
             summary.failed[job.job_id] = outcome
         _report(on_job, job, outcome)
+    summary.notes = sizer.notes
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def cohort_sizer(manifest: Manifest, cohort_size: int | None = None) -> CohortSizer:
+    execution = manifest.execution
+    return CohortSizer(cohort_size or execution.requested_cohort_size, execution.memory_fraction)
+
+
+def cohort_order(job: Job) -> tuple:
+    """Jobs of similar length share a cohort, so its batch stays full until the end."""
+    hp = job.spec.hyperparameters
+    length = float(hp.get("steps") or hp.get("epochs") or 0) * float(hp.get("gradient_accumulation") or 1)
+    return (length, str(hp.get("batch_size")), job.index)
+
+
+def run_jobs(population, jobs: Sequence[Job], get_trainer: Callable[[], Trainer], worker: str,
+             lease_s: float | None, sizer: CohortSizer) -> Iterator[tuple[Job, str]]:
+    """Train `jobs` (in cohorts where the sizer and the trainer allow): yields (job, outcome) as they finish."""
+    queue = sorted(jobs, key=cohort_order) if sizer.requested > 1 else list(jobs)
+    while queue:
+        trainer = get_trainer()
+        k = sizer.size(getattr(trainer, "member_bytes", None), getattr(trainer, "device", torch.device("cpu")))
+        if k == 1 or not hasattr(trainer, "train_cohort"):
+            job = queue.pop(0)
+            yield job, run_job(population, job, get_trainer, worker, lease_s)
+            continue
+        cohort, queue = queue[:k], queue[k:]
+        try:
+            yield from run_cohort(population, cohort, trainer, worker, lease_s)
+        except CohortOutOfMemory:
+            sizer.out_of_memory(len(cohort))
+            queue = cohort + queue
+
+
+class CohortOutOfMemory(RuntimeError):
+    """A cohort did not fit in memory; its jobs are retried in smaller cohorts."""
+
+
+def run_cohort(population, jobs: Sequence[Job], trainer, worker: str, lease_s: float | None = None) -> list[tuple[Job, str]]:
+    """Claim the jobs that are not done or busy, train them in one cohort, commit each (or record its failure).
+
+    Outcomes are those of `run_job`. A cohort that fails as a whole (not one member) falls back to
+    training its jobs one at a time, so one job's bug cannot fail the others.
+    """
+    lease_s = lease_s or default_lease_s()
+    outcomes: list[tuple[Job, str]] = []
+    with contextlib.ExitStack() as stack:
+        claimed = []
+        for job in jobs:
+            if population.is_done(job.job_id):
+                outcomes.append((job, "skipped"))
+                continue
+            claim = population.claim(job.job_id, worker, lease_s)
+            if claim is None:
+                outcomes.append((job, "busy"))
+                continue
+            stack.enter_context(population.holding(claim, lease_s))
+            if population.is_done(job.job_id):  # finished by another worker meanwhile
+                outcomes.append((job, "skipped"))
+                continue
+            claimed.append(job)
+        staged, tasks = {}, []
+        for job in claimed:
+            population.write_spec(job.job_id, job.to_json())
+            population.clear_partial(job.job_id)
+            staged[job.job_id] = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lol-job-{job.job_id}-")))
+            try:
+                tasks.append(trainer.cohort_task(job, staged[job.job_id]))
+            except Exception as exc:  # this job cannot start; the others can
+                outcomes.append((job, _record_failure(population, job, exc)))
+        if not tasks:
+            return outcomes
+        try:
+            results = trainer.train_cohort(tasks)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise CohortOutOfMemory(str(exc)) from exc
+            log.warning("cohort of %d failed as a whole (%s); training its jobs one at a time", len(tasks), exc)
+            by_id = {job.job_id: job for job in claimed}
+            return outcomes + [(by_id[t.key], _train_one(trainer, by_id[t.key], population, worker)) for t in tasks]
+        by_id = {job.job_id: job for job in claimed}
+        for task in tasks:
+            job, result = by_id[task.key], results[task.key]
+            if isinstance(result, Exception):
+                outcomes.append((job, _record_failure(population, job, result)))
+            else:
+                population.commit(job.job_id, staged[job.job_id], {**result, "worker": worker})
+                outcomes.append((job, "trained"))
+    return outcomes
 
 
 def default_lease_s() -> float:
@@ -129,15 +232,21 @@ def _train_one(trainer: Trainer, job: Job, population, worker: str) -> str:
     with tempfile.TemporaryDirectory(prefix=f"lol-job-{job.job_id}-") as tmp:
         try:
             metrics = trainer.run(job, Path(tmp))
-        except NonFiniteLoss as exc:
-            population.write_failed(job.job_id, "non-finite loss", str(exc))
-            return "non-finite loss"
         except Exception as exc:  # one job's bug must not stop the population
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}".rstrip(": ")
-            population.write_failed(job.job_id, reason, traceback.format_exc())
-            return reason
+            return _record_failure(population, job, exc)
         population.commit(job.job_id, tmp, {**metrics, "worker": worker})
     return "trained"
+
+
+def _record_failure(population, job: Job, exc: BaseException) -> str:
+    """Write failed.json for `job`; returns the short reason."""
+    if isinstance(exc, NonFiniteLoss):
+        population.write_failed(job.job_id, "non-finite loss", str(exc))
+        return "non-finite loss"
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}".rstrip(": ")
+    detail = "".join(traceback.format_exception(exc)) if exc.__traceback__ else repr(exc)
+    population.write_failed(job.job_id, reason, detail)
+    return reason
 
 
 def _report(on_job: Callable[[Job, str], None] | None, job: Job, outcome: str) -> None:
