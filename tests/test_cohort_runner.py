@@ -1,0 +1,88 @@
+"""The population runner with cohorts: the default path, memory sizing, out-of-memory retries, fallbacks."""
+
+from __future__ import annotations
+
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+from pipeline.cohort.sizing import CohortSizer, saved_tensor_bytes
+from pipeline.finetune.diffusion import DiffusionTrainer
+from pipeline.finetune.runner import finetune_population
+from pipeline.manifest import Manifest
+from storage import Store
+
+
+def manifest(base, *extra) -> Manifest:
+    return Manifest.from_yaml(ROOT / "manifests" / "tiny-shapes.yaml",
+                              overrides=[f"base.ref={base}", "count=4", "hyperparameters.steps=2",
+                                         "hyperparameters.batch_size=2", *extra])
+
+
+def adapters(store: Store, name: str = "tiny-shapes") -> dict[str, dict[str, torch.Tensor]]:
+    population = store.population(name)
+    return {job_id: load_file(str(store.local_path(population.job_rel(job_id, "adapter", "adapter_model.safetensors"))))
+            for job_id in population.job_ids() if population.record(job_id)}
+
+
+def test_cohorts_are_the_default_and_store_what_one_at_a_time_stores(random_sd, tmp_path):
+    together, alone = Store(str(tmp_path / "cohort")), Store(str(tmp_path / "alone"))
+    summary = finetune_population(manifest(random_sd), together, DiffusionTrainer)
+    assert len(summary.trained) == 4 and not summary.failed
+    records = [together.population("tiny-shapes").record(j) for j in summary.trained]
+    assert all(r["metrics"]["cohort"]["size"] == 4 for r in records)
+    finetune_population(manifest(random_sd, "execution.cohort_size=1"), alone, DiffusionTrainer)
+    a, b = adapters(together), adapters(alone)
+    assert sorted(a) == sorted(b) and len(a) == 4
+    for job_id in a:  # float32 here: equal to rounding
+        for key in a[job_id]:
+            torch.testing.assert_close(a[job_id][key], b[job_id][key], rtol=1e-4, atol=1e-6)
+
+
+def test_out_of_memory_halves_the_cohort_and_says_so(random_sd, tmp_path, monkeypatch):
+    sizes = []
+    real = DiffusionTrainer.train_cohort
+
+    def limited(self, tasks):
+        sizes.append(len(tasks))
+        if len(tasks) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, tasks)
+
+    monkeypatch.setattr(DiffusionTrainer, "train_cohort", limited)
+    store = Store(str(tmp_path / "store"))
+    summary = finetune_population(manifest(random_sd), store, DiffusionTrainer)
+    assert len(summary.trained) == 4 and not summary.failed
+    assert sizes == [4, 2]  # then cohorts of 1: each job alone, the plain peft path
+    assert any("ran out of memory" in note for note in summary.notes)
+    assert not store.population("tiny-shapes").active_claims()
+
+
+def test_a_cohort_that_fails_as_a_whole_trains_its_jobs_one_at_a_time(random_sd, tmp_path, monkeypatch):
+    def broken(self, tasks):
+        raise RuntimeError("a bug in the batched path")
+
+    monkeypatch.setattr(DiffusionTrainer, "train_cohort", broken)
+    store = Store(str(tmp_path / "store"))
+    summary = finetune_population(manifest(random_sd), store, DiffusionTrainer)
+    assert len(summary.trained) == 4 and not summary.failed
+    assert all("cohort" not in store.population("tiny-shapes").record(j)["metrics"] for j in summary.trained)
+
+
+def test_the_sizer_fits_the_cohort_to_free_memory():
+    sizer = CohortSizer(requested=16, memory_fraction=0.5)
+    assert sizer.size(None, torch.device("cpu")) == 16  # nothing measured yet
+    assert sizer.size(100 * 2**20, torch.device("cpu"), free_bytes=2**30) == 3  # 512 MiB / (1.5 × 100 MiB)
+    assert "reduced from 16 to 3" in sizer.notes[-1]
+    assert sizer.size(2**20, torch.device("cpu"), free_bytes=2**34) == 16
+    sizer.out_of_memory(16)
+    assert sizer.size(None, torch.device("cpu")) == 8
+
+
+def test_saved_tensor_bytes_counts_activations_not_the_frozen_weights():
+    layer = torch.nn.Linear(256, 256).requires_grad_(False)
+    lora = torch.nn.Parameter(torch.zeros(256, 4))
+    x = torch.randn(32, 256)
+    with saved_tensor_bytes(layer) as saved:
+        (layer(x) @ lora).sum()
+    assert saved.total == 32 * 256 * 4  # the (32, 256) float32 input of the LoRA matmul, once
