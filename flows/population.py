@@ -34,7 +34,7 @@ from pipeline.finetune.runner import (  # noqa: E402
 from pipeline.jobs import Job, expand, job_at, shard  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.score import make_scorer, scorer_id  # noqa: E402
-from pipeline.score.runner import score_job  # noqa: E402
+from pipeline.score.runner import score_jobs  # noqa: E402
 from pipeline.stages import evaluate, publish, report, train, trainer_factory  # noqa: E402
 from storage import Store  # noqa: E402
 
@@ -169,30 +169,36 @@ def finetune_cohort(manifest: str, overrides: list[str], store: str | None, indi
     return [done[job.job_id] for job in jobs]
 
 
-@task(name="score-job", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
-def score_job_task(manifest: str, overrides: list[str], store: str | None, index: int) -> dict[str, str]:
-    """Score job `index` with every scorer that has not scored it yet; returns scorer id -> outcome."""
+@task(name="score-cohort", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
+def score_cohort_task(manifest: str, overrides: list[str], store: str | None, indices: list[int]) -> list[dict[str, str]]:
+    """Score jobs `indices` with every scorer that has not scored them yet, K LoRAs per pass where the
+    scorer can; returns, per job, scorer id -> outcome."""
     _apply_thread_budget()
     loaded, _ = load_manifest(manifest, overrides)
     target = Store(store)
     population = target.population(loaded.population.name)
-    job = job_at(loaded, index)
-    outcomes = {}
+    jobs = [job_at(loaded, index) for index in indices]
+    outcomes: list[dict[str, str]] = [{} for _ in jobs]
+    position = {job.job_id: i for i, job in enumerate(jobs)}
     for spec in loaded.scorers:
         sid = scorer_id(spec)
-        if population.has_score(job.job_id, sid):
-            outcomes[sid] = "skipped"
+        todo = []
+        for job in jobs:
+            if population.has_score(job.job_id, sid):
+                outcomes[position[job.job_id]][sid] = "skipped"
+            else:
+                todo.append(job)
+        if not todo:
             continue
-        outcomes[sid], _ = score_job(population, job, spec, sid, _scorer(loaded, target, spec))
+        sizer = cohort_sizer(loaded)
+        for job, outcome, _ in score_jobs(population, todo, spec, sid, _scorer(loaded, target, spec), sizer):
+            outcomes[position[job.job_id]][sid] = outcome
+        for note in sizer.notes:
+            get_run_logger().warning(note)
     return outcomes
 
 
 # ---------------------------------------------------------------- flows
-
-
-def _run_tasks(task_fn, stage: str, jobs: list[Job], retries: int, workers: int, *args) -> list:
-    """Run `task_fn(*args, job.index)` for every job (see `_run_units`). Results in job order."""
-    return _run_units(task_fn, [f"{stage}-{job.job_id}" for job in jobs], [job.index for job in jobs], retries, workers, *args)
 
 
 def _run_units(task_fn, names: list[str], units: list, retries: int, workers: int, *args) -> list:
@@ -285,7 +291,7 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
 def score_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
                      limit: int | None = None, shard_spec: str | None = None,
                      retries: int = DEFAULT_RETRIES, workers: int = 1) -> dict[str, int]:
-    """Score every finetuned LoRA lacking a score, one task per job (`workers` local processes)."""
+    """Score every finetuned LoRA lacking a score, one task per cohort of jobs (`workers` local processes)."""
     overrides = list(overrides or [])
     loaded, _ = load_manifest(manifest, overrides)
     population = Store(store).population(loaded.population.name)
@@ -299,9 +305,13 @@ def score_population(manifest: str, overrides: list[str] | None = None, store: s
             outcomes["already scored"] += 1
         else:
             todo.append(job)
-    for result in _run_tasks(score_job_task, "score", todo, retries, workers, manifest, overrides, store):
-        for outcome in result.values():
-            outcomes[outcome] += 1
+    cohorts = plan_cohorts(todo, loaded, workers)
+    names = [f"score-{c[0].job_id}" if len(c) == 1 else f"score-cohort-{c[0].job_id}-x{len(c)}" for c in cohorts]
+    for result in _run_units(score_cohort_task, names, [[job.index for job in c] for c in cohorts], retries, workers,
+                             manifest, overrides, store):
+        for per_job in result:
+            for outcome in per_job.values():
+                outcomes[outcome] += 1
     _artifact("score", loaded, outcomes, _label_table(loaded, population.store))
     return dict(outcomes)
 

@@ -132,6 +132,7 @@ def test_deploy_trigger_complete_then_survive_a_killed_worker(server, random_sd,
 
         # 2. SIGKILL the worker (and its flow-run process) in the middle of a population.
         params = population_parameters(random_sd, tmp_path / "store-b", count=4, steps=12)
+        params["overrides"].append("execution.cohort_size=2")  # two cohorts: the kill lands between them
         manifest = Manifest.from_yaml(SHAPES, overrides=params["overrides"])
         population = Store(params["store"]).population("tiny-shapes")
         jobs = list(expand(manifest))

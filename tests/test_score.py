@@ -202,3 +202,25 @@ def test_label_statistics_match_a_direct_computation(trained, run_cli, tmp_path)
     assert json.loads(out.read_text())["labels"].keys() == stats.keys()
     code, _, err = run_cli("bench", "labels", SHAPES, *overrides, "--store", tmp_path / "empty")
     assert code == 2 and "no scores stored" in err
+
+
+def test_clip_score_cohort_equals_scoring_each_adapter_alone(trained):
+    from pipeline.score.clip_score import ClipScoreScorer
+
+    store, overrides = trained
+    manifest = Manifest.from_yaml(SHAPES, overrides=overrides + clip_overrides("seed: 0, images_per_prompt: 2"))
+    scorer = ClipScoreScorer(manifest.scorers[0])
+    scorer.setup(manifest, store)
+    jobs = list(expand(manifest))
+    population = store.population("tiny-shapes")
+    dirs = [store.local_path(population.job_rel(job.job_id, "adapter")) for job in jobs]
+    base_keys = set(scorer.pipe.unet.state_dict())
+    together = scorer.generate_cohort(dirs)  # (K, I, H, W, 3)
+    assert set(scorer.pipe.unet.state_dict()) == base_keys  # the cohort layers are gone again
+    alone = [scorer.generate(d) for d in dirs]
+    within = max(abs(together[k] - alone[k]).max() for k in range(len(dirs)))
+    between = abs(alone[0] - alone[1]).max()  # these LoRAs took one step: their images differ a little
+    assert within < 1e-4 and between > 5 * within  # each copy was routed to its own adapter
+    scores = scorer.score_cohort(jobs, dirs)
+    for job, d, got in zip(jobs, dirs, scores):
+        assert got["clip_score"] == pytest.approx(scorer.score(job, d)["clip_score"], abs=1e-3)

@@ -179,3 +179,19 @@ def test_unknown_benchmark_or_split_is_refused_before_the_base_loads(population)
         McAccuracyScorer(spec.model_copy(update={"split": "dev"})).setup(manifest, store)
     with pytest.raises(DataSourceError, match="unknown QA set"):
         McAccuracyScorer(spec.model_copy(update={"benchmark": "qa:arc_hard"})).setup(manifest, store)
+
+
+@pytest.mark.parametrize("cls", [McAccuracyScorer, EvalLossScorer])
+def test_cohort_scoring_equals_scoring_each_adapter_alone(population, cls):
+    store, manifest, trained, _ = population
+    instance = scorer(cls, population, batch_size=8)
+    jobs = list(expand(manifest))
+    dirs = [adapter_dir(store, manifest, k) for k in range(len(jobs))]
+    base_keys = set(instance.model.state_dict())
+    together = instance.cohort_logliks(dirs)  # (K, P)
+    assert set(instance.model.state_dict()) == base_keys
+    alone = np.stack([instance.logliks(d) for d in dirs])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-4)
+    assert np.abs(together[0] - together[1]).max() > 1e-3  # each copy met its own adapter
+    for got, d in zip(instance.score_cohort(jobs, dirs), dirs):
+        assert got == pytest.approx(instance.score(None, d), abs=1e-6)

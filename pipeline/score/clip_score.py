@@ -6,7 +6,10 @@ LoRA loaded on the base UNet and score each against its prompt with an open_clip
 mean over its images. The base pipeline, the CLIP model and the prompt embeddings are set
 up once per population; adapters are loaded into the shared UNet and removed again.
 Image i gets its own generator seeded with `seed + i`, so an image does not depend on
-which other images share its batch.
+which other images share its batch. `score_cohort` generates the images of K adapters in one
+denoising loop: the prompts' embeddings computed once, each batch repeated K times, copy k
+routed to adapter k in the UNet's LoRA layers (`pipeline.cohort.layers`), so adapter k's images
+are the ones it would get alone.
 
 Shapes: P prompts, I images (P × images_per_prompt), D CLIP embedding width.
 """
@@ -82,12 +85,51 @@ class ClipScoreScorer:
         return np.concatenate(batches)
 
     @torch.no_grad()
+    def generate_cohort(self, adapter_dirs) -> np.ndarray:
+        """(K, I, H, W, 3) the images `generate` makes with each of K adapters, in one denoising loop."""
+        from pipeline.cohort.layers import cohort_layers
+        from pipeline.cohort.peft_io import read_factors
+
+        spec, K = self.spec, len(adapter_dirs)
+        loaded = [read_factors(d, self.device) for d in adapter_dirs]
+        targets = {tuple(sorted(config["target_modules"])) for _, config in loaded}
+        if len(targets) != 1:
+            raise ValueError(f"adapters scored together must target the same modules; these target {sorted(targets)}")
+        prompts = [p for p in self.prompts for _ in range(spec.images_per_prompt)]
+        guided = spec.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None  # the pipeline's CFG rule
+        batches = []
+        with cohort_layers(self.pipe.unet, list(next(iter(targets)))) as (routing, layers):
+            for slot, (factors, _) in enumerate(loaded):
+                for name, layer in layers.items():
+                    layer.add_slot(slot, factors[name], trainable=False)
+            for start in range(0, len(prompts), spec.batch_size):
+                chunk = prompts[start:start + spec.batch_size]
+                positive, negative = self.pipe.encode_prompt(chunk, self.device, 1, guided)  # (B, S, E) each
+                copies = [s for s in range(K) for _ in chunk]  # rows copy-major: adapter k's chunk is block k
+                routing.set(copies + copies if guided else copies)  # CFG runs [unconditional; conditional]
+                generators = [torch.Generator(device="cpu").manual_seed(spec.seed + start + i) for _ in range(K) for i in range(len(chunk))]
+                out = self.pipe(prompt_embeds=positive.repeat(K, 1, 1),
+                                negative_prompt_embeds=negative.repeat(K, 1, 1) if guided else None,
+                                num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
+                                generator=generators, output_type="np")
+                batches.append(out.images.reshape(K, len(chunk), *out.images.shape[1:]))
+        return np.concatenate(batches, axis=1)
+
+    def score_cohort(self, jobs, adapter_dirs) -> list[dict[str, float]]:
+        """`score` of each adapter, their images generated in one denoising loop."""
+        images = self.generate_cohort(adapter_dirs)  # (K, I, H, W, 3)
+        scores = self.clip_scores(images.reshape(-1, *images.shape[2:])).reshape(len(adapter_dirs), -1)
+        return [{"clip_score": float(row.mean())} for row in scores]
+
+    @torch.no_grad()
     def clip_scores(self, images: np.ndarray) -> np.ndarray:
-        """(I,) 100·max(cos, 0) of each image against its prompt."""
+        """(n·I,) 100·max(cos, 0) of each image against its prompt; `images` holds n adapters' I images each,
+        in `generate` order."""
         pixels = torch.stack([self.preprocess(Image.fromarray((im * 255).round().astype(np.uint8))) for im in images])
         features = self.clip.encode_image(pixels.to(self.device)).float()
         features = features / features.norm(dim=-1, keepdim=True)  # (I, D)
-        prompt_index = torch.arange(len(images), device=self.device) // self.spec.images_per_prompt
+        per_adapter = len(self.text_features) * self.spec.images_per_prompt  # I
+        prompt_index = torch.arange(len(images), device=self.device) % per_adapter // self.spec.images_per_prompt
         cosine = (features * self.text_features[prompt_index]).sum(dim=-1)
         return (100 * cosine.clamp(min=0)).cpu().numpy()
 

@@ -3,7 +3,8 @@
 Both read log-likelihoods of continuations given contexts, with each question rendered as the
 trainer renders it (`pipeline.finetune.causal_lm.encode_questions`: start token +
 "Question: {question}\\nAnswer:", then " {choice}"), in batches of `batch_size` sequences
-(`qa_lm.continuation_logliks`: right-padded, one forward per batch, longest first).
+(`batched_logliks`: left-padded as the trainer pads, one forward per batch, longest first, the LM
+head only on the continuation positions).
 
 - `mc_accuracy`: per question the summed log-likelihood ll_i of each choice's continuation;
   `acc` = mean over questions of [argmax_i ll_i == answer], `acc_norm` = the same with
@@ -16,7 +17,8 @@ trainer renders it (`pipeline.finetune.causal_lm.encode_questions`: start token 
 Questions come from `qa:<set>` (the tiny world's `qa` source, hashed splits) and are checked up
 front (an empty choice list or an answer index out of range names the question). The base is
 loaded once in `setup`; each adapter is put on it with `PeftModel.from_pretrained` and taken off
-again with `unload()`, so the base is never reloaded.
+again with `unload()`, so the base is never reloaded. `score_cohort` scores K adapters in the same
+forwards: each batch repeated K times, copy k routed to adapter k (`pipeline.cohort.layers`).
 
 Shapes: Q questions, C choices of one question, P (context, continuation) pairs.
 """
@@ -24,7 +26,7 @@ Shapes: Q questions, C choices of one question, P (context, continuation) pairs.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.bases.qa_lm import continuation_logliks
 from pipeline.data import get_source
 from pipeline.data.base import DataSourceError, QAExample
-from pipeline.finetune.causal_lm import EncodedQuestion, encode_questions, load_causal_lm, pad_token
+from pipeline.finetune.causal_lm import (
+    IGNORE_INDEX,
+    EncodedQuestion,
+    answer_length,
+    collate,
+    encode_questions,
+    forward_args,
+    last_logits,
+    load_causal_lm,
+    pad_token,
+)
 from pipeline.jobs import Job
 from pipeline.manifest import Manifest
 from storage import Store
@@ -67,6 +78,37 @@ def mc_metrics(logliks: Sequence[Sequence[float]], choices: Sequence[Sequence[st
         acc += float(np.argmax(ll) == gold)
         acc_norm += float(np.argmax(ll / lengths) == gold)
     return {"acc": acc / len(answers), "acc_norm": acc_norm / len(answers)}
+
+
+@torch.no_grad()
+def batched_logliks(model, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_id: int,
+                    batch_size: int, copies: int = 1, route: Callable[[int], None] | None = None) -> np.ndarray:
+    """(copies, P) summed log p(continuation | context) of every pair, for each copy of the model's rows.
+
+    Each batch of B pairs is left-padded (`collate`) and repeated `copies` times (copy c in rows
+    c·B … (c+1)·B − 1); `route(B)` is called before each forward (a cohort routes copy c to adapter c).
+    Pairs longer than `max_position_embeddings` lose context tokens from the left.
+    """
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+    accepted = forward_args(model)
+    device = next(model.parameters()).device
+    out = np.empty((copies, len(contexts)))
+    for start in range(0, len(contexts), batch_size):
+        rows = []
+        for context, continuation in zip(contexts[start:start + batch_size], continuations[start:start + batch_size]):
+            ids = [*context, *continuation][-limit:]
+            n = min(len(continuation), len(ids) - 1)
+            rows.append((ids, [IGNORE_INDEX] * (len(ids) - n) + ids[len(ids) - n:]))
+        batch = {k: v.repeat(copies, 1).to(device) for k, v in collate(rows, pad_id).items()}  # (copies·B, T)
+        if route is not None:
+            route(len(rows))
+        K = answer_length(batch["labels"])
+        logits = last_logits(model, batch, accepted, K + 1)[:, -(K + 1):-1].float()  # (copies·B, K, V)
+        labels = batch["labels"][:, -K:]  # (copies·B, K)
+        token_logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        summed = (token_logp * (labels != IGNORE_INDEX)).sum(-1)  # (copies·B,)
+        out[:, start:start + len(rows)] = summed.view(copies, len(rows)).double().cpu().numpy()
+    return out
 
 
 @contextmanager
@@ -114,11 +156,43 @@ class _LogLikelihoodScorer:
     def logliks(self, adapter_dir: Path | None = None) -> np.ndarray:
         """(P,) summed log p(continuation | context) of every pair, in `pairs()` order."""
         with adapter_on(self.model, adapter_dir) as model:
-            sorted_ll = continuation_logliks(model, self.contexts, self.continuations, pad_token(self.tokenizer),
-                                             batch_size=self.spec.batch_size)
+            sorted_ll = batched_logliks(model, self.contexts, self.continuations, pad_token(self.tokenizer),
+                                        self.spec.batch_size)[0]
         out = np.empty(len(self.order))
         out[self.order] = sorted_ll
         return out
+
+    @torch.no_grad()
+    def cohort_logliks(self, adapter_dirs: Sequence[Path]) -> np.ndarray:
+        """(K, P) `logliks` of K adapters, computed in the same forwards."""
+        from pipeline.cohort.layers import cohort_layers
+        from pipeline.cohort.peft_io import read_factors
+
+        loaded = [read_factors(d, self.device) for d in adapter_dirs]
+        targets = {tuple(sorted(config["target_modules"])) for _, config in loaded}
+        if len(targets) != 1:
+            raise ValueError(f"adapters scored together must target the same modules; these target {sorted(targets)}")
+        K = len(adapter_dirs)
+        with cohort_layers(self.model, list(next(iter(targets)))) as (routing, layers):
+            for slot, (factors, _) in enumerate(loaded):
+                for name, layer in layers.items():
+                    layer.add_slot(slot, factors[name], trainable=False)
+            sorted_ll = batched_logliks(self.model.eval(), self.contexts, self.continuations, pad_token(self.tokenizer),
+                                        self.spec.batch_size, copies=K,
+                                        route=lambda rows: routing.set_blocks(range(K), [rows] * K))
+        out = np.empty((K, len(self.order)))
+        out[:, self.order] = sorted_ll
+        return out
+
+    def score_cohort(self, jobs: Sequence[Job], adapter_dirs: Sequence[Path]) -> list[dict[str, float]]:
+        """`score` of each adapter, the adapters scored in the same forwards."""
+        return [self.labels(row) for row in self.cohort_logliks(adapter_dirs)]
+
+    def score(self, job: Job | None, adapter_dir: Path | None) -> dict[str, float]:
+        return self.labels(self.logliks(adapter_dir))
+
+    def labels(self, logliks: np.ndarray) -> dict[str, float]:
+        raise NotImplementedError
 
     def provenance(self) -> dict[str, str]:
         return {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft")}
@@ -135,12 +209,14 @@ class McAccuracyScorer(_LogLikelihoodScorer):
 
     def choice_logliks(self, adapter_dir: Path | None = None) -> list[np.ndarray]:
         """Per question, (C,) summed log-likelihoods of its choices."""
-        flat = self.logliks(adapter_dir)
+        return self.per_question(self.logliks(adapter_dir))
+
+    def per_question(self, flat: np.ndarray) -> list[np.ndarray]:
         bounds = np.cumsum([0] + [len(q.continuations) for q in self.questions])
         return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def score(self, job: Job | None, adapter_dir: Path | None) -> dict[str, float]:
-        return mc_metrics(self.choice_logliks(adapter_dir), [q.example.choices for q in self.questions],
+    def labels(self, logliks: np.ndarray) -> dict[str, float]:
+        return mc_metrics(self.per_question(logliks), [q.example.choices for q in self.questions],
                           [q.example.answer for q in self.questions])
 
 
@@ -153,6 +229,6 @@ class EvalLossScorer(_LogLikelihoodScorer):
     def pairs(self):
         return [(q.context, q.answer) for q in self.questions]
 
-    def score(self, job: Job | None, adapter_dir: Path | None) -> dict[str, float]:
+    def labels(self, logliks: np.ndarray) -> dict[str, float]:
         tokens = sum(len(q.answer) for q in self.questions)
-        return {"eval_loss": float(-self.logliks(adapter_dir).sum() / tokens)}
+        return {"eval_loss": float(-logliks.sum() / tokens)}

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
 from pipeline.score import make_scorer, scorer_id, scorer_settings
 from storage import PopulationStore, Store
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +30,7 @@ class ScoreSummary:
     skipped: dict[str, int] = field(default_factory=dict)  # already scored
     unfinished: int = 0  # planned jobs without a completed LoRA (nothing to score)
     failed: dict[tuple[str, str], str] = field(default_factory=dict)  # (job_id, scorer_id) -> reason
+    notes: list[str] = field(default_factory=list)  # e.g. cohorts reduced to fit memory
     labels: dict[str, list[float]] = field(default_factory=dict)  # label -> values over all scored LoRAs
     seconds: float = 0.0
 
@@ -41,9 +50,12 @@ def score_population(
     limit: int | None = None,
     shard_spec: str | None = None,
     on_job: Callable[[Job, str, str], None] | None = None,
+    cohort_size: int | None = None,
 ) -> ScoreSummary:
-    """Label every completed LoRA that lacks a score from each scorer (or the scorers named in `only`)."""
+    """Label every completed LoRA that lacks a score from each scorer (or the scorers named in `only`),
+    K LoRAs per pass for scorers that score cohorts (the manifest's `execution`, or `cohort_size`)."""
     started = time.perf_counter()
+    sizer = CohortSizer(cohort_size or manifest.execution.requested_cohort_size, manifest.execution.memory_fraction)
     population = store.population(manifest.population.name)
     jobs = shard(list(expand(manifest, limit=limit)), shard_spec)
     done = [job for job in jobs if population.record(job.job_id) is not None]
@@ -64,16 +76,45 @@ def score_population(
             continue
         scorer = make_scorer(spec)
         scorer.setup(manifest, store)
-        for job in todo:
-            outcome, payload = score_job(population, job, spec, sid, scorer)
+        for job, outcome, payload in score_jobs(population, todo, spec, sid, scorer, sizer):
             if payload is None:
                 summary.failed[(job.job_id, sid)] = outcome
             else:
                 summary.scored[sid] += 1
                 _collect(summary, payload)
             _report(on_job, job, sid, "scored" if payload else "failed")
+    summary.notes = sizer.notes
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def score_jobs(population: PopulationStore, jobs: list[Job], spec, sid: str, scorer,
+               sizer: CohortSizer) -> Iterator[tuple[Job, str, dict | None]]:
+    """Score `jobs` with one set-up scorer: K adapters at a time where it scores cohorts
+    (`score_cohort`), else one by one. Yields (job, outcome, stored payload or None)."""
+    queue = list(jobs)
+    while queue:
+        k = sizer.size(None, getattr(scorer, "device", torch.device("cpu")))
+        if k == 1 or len(queue) == 1 or not hasattr(scorer, "score_cohort"):
+            job = queue.pop(0)
+            yield (job, *score_job(population, job, spec, sid, scorer))
+            continue
+        cohort, queue = queue[:k], queue[k:]
+        try:
+            with contextlib.ExitStack() as stack:
+                dirs = [stack.enter_context(_adapter_dir(population, job.job_id)) for job in cohort]
+                labels = scorer.score_cohort(cohort, dirs)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                sizer.out_of_memory(len(cohort))
+                queue = cohort + queue
+                continue
+            log.warning("scoring a cohort of %d with %s failed (%s); scoring its LoRAs one at a time", len(cohort), sid, exc)
+            for job in cohort:
+                yield (job, *score_job(population, job, spec, sid, scorer))
+            continue
+        for job, values in zip(cohort, labels):
+            yield job, "scored", _store(population, job, spec, sid, values)
 
 
 def score_job(population: PopulationStore, job: Job, spec, sid: str, scorer) -> tuple[str, dict | None]:
@@ -83,10 +124,14 @@ def score_job(population: PopulationStore, job: Job, spec, sid: str, scorer) -> 
             labels = scorer.score(job, adapter_dir)
     except Exception as exc:  # one LoRA's failure must not stop the population
         return f"{type(exc).__name__}: {exc}"[:300], None
+    return "scored", _store(population, job, spec, sid, labels)
+
+
+def _store(population: PopulationStore, job: Job, spec, sid: str, labels: dict) -> dict:
     payload = {"job_id": job.job_id, "scorer": spec.name, "scorer_id": sid, "settings": scorer_settings(spec),
                "labels": labels, "versions": _versions(), "scored_at": time.time()}
     population.write_score(job.job_id, sid, payload)
-    return "scored", payload
+    return payload
 
 
 def _collect(summary: ScoreSummary, payload: dict | None) -> None:
