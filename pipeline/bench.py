@@ -4,9 +4,12 @@ Every measurement runs the real CLI in a child process (so start-up, imports and
 loading count, and peak memory is the child's own `ru_maxrss`), writes a JSON file under
 `bench/results/` and returns rows for a table. Modes:
 
-- finetune / score `sequential`: one process trains (scores) all N LoRAs, base loaded once;
 - finetune / score `process`: one process per LoRA, reloading the base each time — how the
   paper's shell loops ran;
+- finetune / score `sequential`: one process trains (scores) all N LoRAs one at a time, base
+  loaded once (`execution.cohort_size=1`);
+- finetune / score `cohort`: one process, K LoRAs per pass over the base (the manifest's
+  `execution` section: the default path, `pipeline.finetune.cohort`);
 - `orchestration`: the same population through the library directly and through the
   Prefect flows (ephemeral server), to measure what orchestration costs.
 """
@@ -67,18 +70,31 @@ def _lol() -> list[str]:
     return [sys.executable, "-m", "pipeline.cli"]
 
 
+MODES = ("process", "sequential", "cohort")
+
+
 def _time_modes(stage: str, manifest: str, overrides: list[str], count: int, store: str, mode: str) -> Measurement:
-    """Run `lol {stage}` over `count` LoRAs once (sequential) or once per LoRA (process)."""
-    if mode == "sequential":
+    """Run `lol {stage}` over `count` LoRAs once (sequential, cohort) or once per LoRA (process)."""
+    if mode == "cohort":
         seconds, peak, _ = run_child([*_lol(), stage, manifest, *overrides, "--store", store])
+        return Measurement(stage, mode, count, round(seconds, 2), round(peak, 1), 1, {"cohort_size": _cohort_size(manifest, overrides)})
+    one_at_a_time = [*overrides, "execution.cohort_size=1"]
+    if mode == "sequential":
+        seconds, peak, _ = run_child([*_lol(), stage, manifest, *one_at_a_time, "--store", store])
         return Measurement(stage, mode, count, round(seconds, 2), round(peak, 1), 1)
     if mode == "process":  # each process finds the first k done and handles job k, reloading everything
         seconds = peak = 0.0
         for k in range(count):
-            s, p, _ = run_child([*_lol(), stage, manifest, *overrides, "--store", store, "--limit", str(k + 1)])
+            s, p, _ = run_child([*_lol(), stage, manifest, *one_at_a_time, "--store", store, "--limit", str(k + 1)])
             seconds, peak = seconds + s, max(peak, p)
         return Measurement(stage, mode, count, round(seconds, 2), round(peak, 1), count)
-    raise ValueError(f"unknown {stage} mode {mode!r}; modes: sequential, process")
+    raise ValueError(f"unknown {stage} mode {mode!r}; modes: {', '.join(MODES)}")
+
+
+def _cohort_size(manifest: str, overrides: list[str]) -> int:
+    from pipeline.manifest import Manifest
+
+    return Manifest.from_yaml(manifest, overrides=overrides).execution.requested_cohort_size
 
 
 def bench_finetune(manifest: str, overrides: list[str], count: int, modes: list[str]) -> list[Measurement]:

@@ -181,15 +181,24 @@ def _bench_table(title: str, measurements, path: Path) -> None:
     out.print(f"results: {path}")
 
 
+def _check_modes(modes: str) -> None:
+    from pipeline.bench import MODES
+
+    unknown = [m.strip() for m in modes.split(",") if m.strip() not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; modes: {', '.join(MODES)}")
+
+
 @bench_app.command("finetune")
 def bench_finetune_command(
-    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 8,
-    modes: Annotated[str, typer.Option(help="Comma-separated: sequential, process.")] = "process,sequential",
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 16,
+    modes: Annotated[str, typer.Option(help="Comma-separated: process, sequential, cohort.")] = "process,sequential,cohort",
 ) -> int:
     """LoRAs per hour and peak memory of finetuning, per mode, each in fresh processes."""
     from pipeline.bench import bench_finetune, write_results
 
     load(manifest, overrides)
+    _check_modes(modes)
     results = bench_finetune(str(manifest), list(overrides or []), count, [m.strip() for m in modes.split(",")])
     _bench_table("lol bench finetune", results, write_results("finetune", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
     return 0
@@ -227,13 +236,14 @@ def bench_labels_command(
 
 @bench_app.command("score")
 def bench_score_command(
-    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 8,
-    modes: Annotated[str, typer.Option(help="Comma-separated: sequential, process.")] = "process,sequential",
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 16,
+    modes: Annotated[str, typer.Option(help="Comma-separated: process, sequential, cohort.")] = "process,sequential,cohort",
 ) -> int:
     """LoRAs per hour and peak memory of scoring, per mode (finetuning first, untimed)."""
     from pipeline.bench import bench_score, write_results
 
     load(manifest, overrides)
+    _check_modes(modes)
     results = bench_score(str(manifest), list(overrides or []), count, [m.strip() for m in modes.split(",")])
     _bench_table("lol bench score", results, write_results("score", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
     return 0
@@ -537,6 +547,8 @@ def _run_finetune(loaded: Manifest, target: Store, limit: int | None = None, sha
     out.print(table)
     for reason, count in Counter(summary.failed.values()).most_common():
         out.print(f"  failed × {count}: {reason}")
+    for note in summary.notes:
+        out.print(f"  note: {note}")
     return summary
 
 
@@ -577,6 +589,8 @@ def _run_score(loaded: Manifest, target: Store, only=None, limit=None, shard_spe
         out.print(f"{summary.unfinished} planned job(s) have no finetuned LoRA yet; `lol finetune` first.")
     for (job_id, sid), reason in sorted(summary.failed.items()):
         out.print(f"  failed {job_id} / {sid}: {reason}")
+    for note in summary.notes:
+        out.print(f"  note: {note}")
     return summary
 
 

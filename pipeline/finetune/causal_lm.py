@@ -215,6 +215,22 @@ def join_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dic
             for key, value in fill.items()}
 
 
+def length_groups(lengths: Sequence[int], slack: float = 1.25) -> list[list[int]]:
+    """Indices of batches grouped so that, within a group, the longest is at most `slack` × the shortest.
+
+    A cohort step joins its members' batches into one left-padded batch; batches of very different
+    lengths would pad the short ones to the longest, so each group gets its own forward instead.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= slack * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 class QAStream:
     """One job's batches over epochs, in the order its `DataLoader` gives them alone.
 
@@ -345,8 +361,8 @@ class CausalLMTrainer:
     def train_cohort(self, tasks: Sequence[CohortTask]) -> dict[str, dict[str, Any] | Exception]:
         """Train several LoRAs in the same forward passes (`pipeline.finetune.cohort`).
 
-        Each step joins one batch of every active job into one left-padded batch; each job's loss
-        is its own mean over its answer tokens. Returns {task key: metrics, or the exception that
+        Each step joins one batch of every active job into left-padded batches of similar length
+        (`length_groups`, one forward each); each job's loss is its own mean over its answer tokens. Returns {task key: metrics, or the exception that
         failed it}; each adapter is saved to `out_dir/adapter` as the job alone would save it.
         LoRA dropout draws its masks from the global generator in the cohort's order, so with
         dropout > 0 an adapter matches its solo training in distribution, not bit for bit.
@@ -381,14 +397,17 @@ class CausalLMTrainer:
             def forward_losses(active: Sequence[Member]) -> tuple[list[torch.Tensor], list[bool]]:
                 draws = [m.data.draw() for m in active]
                 batches = [{k: v.to(self.device) for k, v in batch.items()} for batch, _ in draws]
-                routing.set_blocks([m.slot for m in active], [len(b["input_ids"]) for b in batches])
-                lengths = [answer_length(b["labels"]) for b in batches]
-                logits = last_logits(self.model, join_batches(batches, pad_id), self.forward_args, max(lengths) + 1)
-                losses, row = [], 0
-                for batch, K in zip(batches, lengths):
-                    rows = len(batch["labels"])
-                    losses.append(answer_cross_entropy(logits[row:row + rows], batch["labels"], K))
-                    row += rows
+                losses: list[torch.Tensor | None] = [None] * len(active)
+                for group in length_groups([b["input_ids"].shape[1] for b in batches]):  # one forward per group
+                    routing.set_blocks([active[i].slot for i in group], [len(batches[i]["input_ids"]) for i in group])
+                    lengths = [answer_length(batches[i]["labels"]) for i in group]
+                    joined = join_batches([batches[i] for i in group], pad_id)
+                    logits = last_logits(self.model, joined, self.forward_args, max(lengths) + 1)
+                    row = 0
+                    for i, K in zip(group, lengths):
+                        rows = len(batches[i]["labels"])
+                        losses[i] = answer_cross_entropy(logits[row:row + rows], batches[i]["labels"], K)
+                        row += rows
                 return losses, [ended for _, ended in draws]
 
             self.model.train()
