@@ -96,21 +96,38 @@ def status(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOp
 
 @app.command()
 def verify(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
-    """Re-hash every stored LoRA; list corrupt or missing files; exit 1 if any."""
+    """Re-hash every stored LoRA and its scores; list corrupt, missing or stray files; exit 1 if any."""
     loaded = load(manifest, overrides)
     population = Store(store, create=False).population(loaded.population.name)
-    ids = [j for j in population.job_ids() if population.store.exists(population.job_rel(j, "record.json"))]
-    problems = []
+    ids = population.job_ids()
+    problems, checked = [], 0
     with _progress() as progress:
         task = progress.add_task("verifying", total=len(ids))
         for _job_id, found in population.verify(ids):
             problems.extend(found)
+            checked += 1
             progress.advance(task)
     for problem in problems:
-        out.print(Text.assemble(("✗ ", "red"), str(problem)))
+        out.print(Text.assemble(("✗ ", "red"), str(problem)), highlight=False)
     bad_jobs = len({p.job_id for p in problems})
-    out.print(f"{len(ids) - bad_jobs} of {len(ids)} stored LoRAs verify; {len(problems)} problem(s).")
+    out.print(f"{checked - bad_jobs} of {checked} stored LoRAs verify; {len(problems)} problem(s).")
+    _print_unscored(loaded, population, {p.job_id for p in problems})
+    if problems:
+        out.print("repair: `lol finetune` retrains damaged LoRAs, then `lol score` relabels them")
     return EXIT_PROBLEMS if problems else 0
+
+
+def _print_unscored(loaded: Manifest, population, damaged: set[str]) -> None:
+    """Note intact LoRAs lacking a score of the manifest's scorers (never scored, or the file was deleted)."""
+    from pipeline.score import scorer_id
+
+    sids = [scorer_id(spec) for spec in loaded.scorers]
+    unscored = [job.job_id for job in expand(loaded) if job.job_id not in damaged and population.record(job.job_id) is not None
+                and not all(population.has_score(job.job_id, sid) for sid in sids)]
+    if unscored:
+        shown = ", ".join(unscored[:10]) + (f" and {len(unscored) - 10} more" if len(unscored) > 10 else "")
+        out.print(f"unscored: {len(unscored)} intact LoRA(s) lack a score of {', '.join(sids)}: {shown} "
+                  "(`lol score` adds them)", highlight=False)
 
 
 @app.command()
@@ -598,17 +615,18 @@ def _run_score(loaded: Manifest, target: Store, only=None, limit=None, shard_spe
 def publish_command(
     manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
     push: Annotated[bool, typer.Option(help="Push to publish.repo_id when HF_TOKEN is set.")] = True,
+    trust_remote_pickle: Annotated[bool, typer.Option("--trust-remote-pickle", help="Also read pickle adapters (adapter_model.bin); unpickling can run code.")] = False,
 ) -> int:
     """Write the population as a Hugging Face dataset folder; push it when a token is set."""
     loaded = load(manifest, overrides)
-    _run_publish(loaded, Store(store), push)
+    _run_publish(loaded, Store(store), push, trust_remote_pickle)
     return 0
 
 
-def _run_publish(loaded: Manifest, target: Store, push: bool = True):
+def _run_publish(loaded: Manifest, target: Store, push: bool = True, trust_remote_pickle: bool = False):
     from pipeline.stages import publish
 
-    summary = publish(loaded, target, push=push)
+    summary = publish(loaded, target, push=push, trust_remote_pickle=trust_remote_pickle)
     table = Table(title=f"published {loaded.population.name}")
     for column in ("split", "LoRAs"):
         table.add_column(column, justify="right")
@@ -625,6 +643,7 @@ def _run_publish(loaded: Manifest, target: Store, push: bool = True):
 def pull_command(
     repo_or_path: Annotated[str, typer.Argument(help="Hub dataset id or published folder.", show_default=False)],
     split: Annotated[str, typer.Option(help="Split to load.")] = "train",
+    non_finite: Annotated[str, typer.Option("--non-finite", help="Rows with NaN/Inf weights: fail, or skip them (counted).")] = "fail",
 ) -> int:
     """Load a published population as tensors and describe what the LoL models will see."""
     import time
@@ -633,7 +652,7 @@ def pull_command(
 
     started = time.perf_counter()
     try:
-        dataset = pull(repo_or_path, split=split)
+        dataset = pull(repo_or_path, split=split, non_finite=non_finite)
     except PulledDataError as exc:
         raise ValueError(str(exc)) from None
     seconds = time.perf_counter() - started
@@ -644,6 +663,9 @@ def pull_command(
         table.add_row(str(i), str(len(group.names)), f"{group.u.shape[2]}×{group.u.shape[3]}", f"{group.v.shape[2]}×{group.v.shape[3]}")
     out.print(table)
     out.print("labels: " + ", ".join(dataset.label_names))
+    if dataset.skipped:
+        out.print(f"skipped {len(dataset.skipped)} row(s) with NaN/Inf weights: "
+                  + ", ".join(f"{job} ({count})" for job, count in list(dataset.skipped.items())[:5]))
     return 0
 
 

@@ -9,10 +9,14 @@ some shards resumes by uploading the rest.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 ALWAYS_UPLOADED = ("README.md", "layout.json", "labels.json", "manifest.yaml")
+REDACTED = "<redacted>"
+# Hub tokens (hf_…) and bearer credentials, wherever an error message or a log echoes them.
+_CREDENTIAL = re.compile(r"\bhf_[A-Za-z0-9]{8,}|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
 
 
 def token_from_env() -> str | None:
@@ -20,6 +24,13 @@ def token_from_env() -> str | None:
         if os.environ.get(name):
             return os.environ[name]
     return None
+
+
+def redact(text: str, token: str | None = None) -> str:
+    """`text` with the token (and anything shaped like a hub token or bearer credential) removed."""
+    if token:
+        text = text.replace(token, REDACTED)
+    return _CREDENTIAL.sub(REDACTED, text)
 
 
 def local_files(folder: Path) -> list[str]:

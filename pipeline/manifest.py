@@ -45,6 +45,8 @@ TINY_BASES: dict[str, str] = {
 }
 BUILTIN_DATA_SOURCES = ("shapes", "qa")
 PREDICTORS = ("mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet")
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a page of YAML; anything near this size is not one
+MAX_SHOWN_PROBLEMS = 50
 
 
 class ManifestError(ValueError):
@@ -53,14 +55,16 @@ class ManifestError(ValueError):
     def __init__(self, source: str, problems: list[str]):
         self.source, self.problems = source, problems
         noun = "problem" if len(problems) == 1 else "problems"
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} {noun}\n{lines}")
+        shown = [f"  {p}" for p in problems[:MAX_SHOWN_PROBLEMS]]
+        if len(problems) > MAX_SHOWN_PROBLEMS:
+            shown.append(f"  … and {len(problems) - MAX_SHOWN_PROBLEMS} more")
+        super().__init__(f"{source}: {len(problems)} {noun}\n" + "\n".join(shown))
 
 
 class StrictModel(BaseModel):
-    """Base of every manifest section: unknown keys are errors, instances are frozen."""
+    """Base of every manifest section: unknown keys are errors, instances are frozen, floats finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- hyperparameter values
@@ -80,6 +84,8 @@ class Uniform(StrictModel):
     def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not value[0] <= value[1]:
             raise ValueError(f"low must be ≤ high, got {list(value)}")
+        if not math.isfinite(value[1] - value[0]):  # a draw is low + u·(high − low)
+            raise ValueError(f"the range {list(value)} is too wide to draw from (high − low overflows)")
         return value
 
 
@@ -144,7 +150,14 @@ def _as_list(value: Any) -> Any:
 class PopulationSection(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Lower-case slug naming the population in the store.")
     version: int = Field(1, ge=1, description="Bump when the population's meaning changes.")
-    description: str = Field("", description="One line for humans and the dataset card.")
+    description: str = Field("", max_length=2000, description="One line for humans and the dataset card.")
+
+    @field_validator("name")
+    @classmethod
+    def _no_parent_reference(cls, value: str) -> str:
+        if ".." in value:  # the name is a folder under populations/, published/ and learn/
+            raise ValueError(f"{value!r} contains '..'; use letters, digits and single '.', '_' or '-'")
+        return value
 
 
 class BaseSection(StrictModel):
@@ -250,6 +263,55 @@ class Hyperparameters(StrictModel):
     max_length: HyperValue | None = None
     mixed_precision: HyperValue | None = None
 
+    @field_validator("*")
+    @classmethod
+    def _every_draw_fits(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every value the entry can draw has the hyperparameter's type and range."""
+        if value is None:
+            return value
+        kind, check = HYPERPARAMETER_RULES[info.field_name]
+        if isinstance(value, (Uniform, LogUniform)) and kind != "number":
+            raise ValueError(f"draws real numbers, but {info.field_name} takes {HYPERPARAMETER_HELP[info.field_name]}; "
+                             "use {choice: [...]} or {int_range: [low, high]}")
+        if isinstance(value, Uniform | LogUniform | IntRange):
+            candidates = list(next(iter(value.model_dump().values())))
+        else:
+            candidates = value.choice if isinstance(value, Choice) else [value]
+        for candidate in candidates:
+            if not check(candidate):
+                raise ValueError(f"{_short_repr(candidate)} does not fit: {info.field_name} takes {HYPERPARAMETER_HELP[info.field_name]}")
+        return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+# name -> (kind of value, check of one value). Distributions are checked on every value they can draw.
+HYPERPARAMETER_RULES: dict[str, tuple[str, Any]] = {
+    "learning_rate": ("number", lambda v: _is_number(v) and v > 0),
+    "steps": ("count", _is_count),
+    "epochs": ("count", _is_count),
+    "batch_size": ("count", _is_count),
+    "gradient_accumulation": ("count", _is_count),
+    "weight_decay": ("number", lambda v: _is_number(v) and v >= 0),
+    "lora_dropout": ("number", lambda v: _is_number(v) and 0 <= v < 1),
+    "instance_prompt": ("text", lambda v: isinstance(v, str)),
+    "resolution": ("count", _is_count),
+    "max_length": ("count", _is_count),
+    "mixed_precision": ("text", lambda v: v in MIXED_PRECISION),
+}
+HYPERPARAMETER_HELP = {
+    "learning_rate": "numbers > 0", "weight_decay": "numbers ≥ 0", "lora_dropout": "numbers in [0, 1)",
+    "instance_prompt": "strings", "mixed_precision": f"one of {', '.join(MIXED_PRECISION)}",
+    **{name: "whole numbers ≥ 1" for name in ("steps", "epochs", "batch_size", "gradient_accumulation", "resolution", "max_length")},
+}
+
 
 HYPERPARAMETERS_BY_KIND: dict[str, tuple[str, ...]] = {
     "diffusion": ("learning_rate", "steps", "batch_size", "gradient_accumulation", "weight_decay",
@@ -323,7 +385,8 @@ SCORERS_BY_KIND = {
 
 
 class PublishSection(StrictModel):
-    repo_id: str | None = Field(None, description="Hub dataset repo; unset publishes locally only.")
+    repo_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$",
+                                description="Hub dataset repo `namespace/name`; unset publishes locally only.")
     splits: dict[Literal["train", "validation", "test"], float] = Field(
         default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
         description="Fraction of groups per split; fractions sum to 1.",
@@ -331,6 +394,13 @@ class PublishSection(StrictModel):
     split_seed: int = 0
     license: str = "cc-by-4.0"
     private: bool = False
+
+    @field_validator("repo_id")
+    @classmethod
+    def _no_parent_reference(cls, value: str | None) -> str | None:
+        if value is not None and ".." in value:
+            raise ValueError(f"{value!r} contains '..'; a hub repo id is namespace/name")
+        return value
 
     @field_validator("splits")
     @classmethod
@@ -421,10 +491,23 @@ class Manifest(StrictModel):
             siblings = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
             hint = f"; YAML files in {path.parent}/: {', '.join(siblings)}" if siblings else ""
             raise ManifestError(str(path), [f"no such manifest file{hint}"])
-        return cls.from_text(path.read_text(encoding="utf-8"), source=str(path), overrides=overrides)
+        try:
+            with path.open("rb") as handle:
+                raw = handle.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise ManifestError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(str(path), [f"the file is larger than {MAX_MANIFEST_BYTES} bytes; a manifest is a page of YAML"])
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(str(path), [f"not UTF-8 text: byte {exc.start} cannot be decoded ({exc.reason})"]) from None
+        return cls.from_text(text, source=str(path), overrides=overrides)
 
     @classmethod
     def from_text(cls, text: str, source: str = "<manifest>", overrides: list[str] | None = None) -> Manifest:
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ManifestError(source, [f"the text is longer than {MAX_MANIFEST_BYTES} characters; a manifest is a page of YAML"])
         try:
             data, yaml_source = load_yaml(text)
         except YamlSyntaxError as exc:
@@ -457,25 +540,24 @@ class Manifest(StrictModel):
 
 def apply_override(data: dict, override: str) -> None:
     """Set `a.b.c=value` in nested `data`; the value is parsed as YAML (`count=10` is an int)."""
-    import yaml
-
+    shown = override if len(override) <= 80 else override[:60] + "…" + override[-10:]
     if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key.path=value (e.g. count=10, lora.rank=8)")
+        raise ValueError(f"override {shown!r} must look like key.path=value (e.g. count=10, lora.rank=8)")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ValueError(f"override {override!r}: empty key segment in {key!r}")
+        raise ValueError(f"override {shown!r}: empty key segment in {key!r}")
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ValueError(f"override {override!r}: the value is not valid YAML") from None
+        value, _ = load_yaml(raw)
+    except YamlSyntaxError as exc:
+        raise ValueError(f"override {shown!r}: the value is not usable YAML ({exc})") from None
     node = data
     for part in parts[:-1]:
         child = node.get(part) if isinstance(node, dict) else None
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ValueError(f"override {override!r}: {part!r} holds a {type(child).__name__}, not a section")
+            raise ValueError(f"override {shown!r}: {part!r} holds a {type(child).__name__}, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -503,9 +585,14 @@ def format_errors(exc: ValidationError, source: YamlSource) -> list[str]:
         if kind == "missing":
             message = "required key is missing"
         elif kind not in ("value_error",) and "input" in error and not isinstance(error["input"], (dict, list)):
-            message = f"{message} (got {error['input']!r})"
+            message = f"{message} (got {_short_repr(error['input'])})"
         lines.append((line or 0, f"{where or '<top level>'}: {message}"))
     return [text for _, text in sorted(lines, key=lambda item: item[0])]
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 12]}…{text[-8:]} ({len(text)} characters)"
 
 
 def _path_text(loc: Loc) -> str:

@@ -22,10 +22,17 @@ set of sources; each group goes to a split by a hash of (split_seed, group) agai
 manifest's fractions, so adding LoRAs never moves old ones between splits. The folder is
 written under `published/.versions/` and `published/{population}` is a symlink swapped
 atomically: readers see the old version or the new, and a killed publish leaves the old.
+
+Nothing is published from a damaged store: if any planned LoRA fails verification (or its
+score does, or a job holds files without a record), publishing stops and names them. Adapter
+weights are read with `pipeline.safe_weights` (safetensors, checked; pickle only when
+trusted); a LoRA holding NaN/Inf weights is left out and listed with its count.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -48,6 +55,10 @@ from storage import Store
 
 LAYOUT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"  # what peft wrote before safetensors; read only when trusted
+ADAPTER_CONFIG = "adapter_config.json"
+MAX_CONFIG_BYTES = 1 << 20
 ROWS_PER_SHARD = 1000
 # Float weights do not compress and dictionary encoding only slows them down.
 PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
@@ -94,13 +105,29 @@ def split_of(group: str, fractions: dict[str, float], seed: int) -> str:
 # ---------------------------------------------------------------- weights
 
 
-def read_adapter(store: Store, rel: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors, adapter_config) of a stored peft adapter folder; safetensors only."""
-    from safetensors.numpy import load as load_safetensors
+def read_adapter(store: Store, rel: str, trust_remote_pickle: bool = False):
+    """(Weights, adapter_config) of a stored peft adapter folder, read with `safe_weights`.
 
-    tensors = load_safetensors(store.read_bytes(f"{rel}/adapter_model.safetensors"))
-    config = json.loads(store.read_bytes(f"{rel}/adapter_config.json"))
-    return tensors, config
+    NaN/Inf values are counted, not refused (`Weights.non_finite`): the caller decides.
+    """
+    from pipeline.safe_weights import load_weights, max_file_bytes
+
+    names = store.list_dir(rel)
+    name = ADAPTER_WEIGHTS if ADAPTER_WEIGHTS in names else ADAPTER_PICKLE if ADAPTER_PICKLE in names else None
+    if name is None or ADAPTER_CONFIG not in names:
+        raise PublishError(f"{rel} is not a peft adapter folder: it needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}, "
+                           f"it holds: {', '.join(names) or 'nothing'}")
+    if store.size(f"{rel}/{name}") > max_file_bytes() or store.size(f"{rel}/{ADAPTER_CONFIG}") > MAX_CONFIG_BYTES:
+        raise PublishError(f"{rel}: the adapter files are larger than any LoRA's")
+    weights = load_weights(store.read_bytes(f"{rel}/{name}"), f"{rel}/{name}", non_finite="count",
+                           trust_remote_pickle=trust_remote_pickle)
+    try:
+        config = json.loads(store.read_bytes(f"{rel}/{ADAPTER_CONFIG}"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PublishError(f"{rel}/{ADAPTER_CONFIG} is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise PublishError(f"{rel}/{ADAPTER_CONFIG} holds a JSON {type(config).__name__}, not an object")
+    return weights, config
 
 
 def module_factors(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -160,17 +187,38 @@ def unflatten(vector: np.ndarray, layout: dict[str, Any], rank: int) -> dict[str
 
 
 def row_to_adapter(row: dict[str, Any], layout: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write the peft adapter (adapter_config.json + adapter_model.safetensors) a row holds."""
+    """Write the peft adapter (adapter_config.json + adapter_model.safetensors) a row holds.
+
+    Rows and layouts come from published datasets (outside data): the layout, the row's width,
+    rank and config are checked first, and a row with NaN/Inf weights is refused.
+    """
     from safetensors.numpy import save_file
 
+    from lol_models.data import check_layout
+
+    check_layout(layout)
+    vector = np.asarray(row["weights"], dtype=np.float32)
+    rank, config_text = row.get("rank"), row.get("adapter_config")
+    if vector.shape != (layout["size"],):
+        raise PublishError(f"row {row.get('job_id')!r}: {vector.size} weights, but the layout describes {layout['size']}")
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or not 1 <= rank <= layout["max_rank"]:
+        raise PublishError(f"row {row.get('job_id')!r}: rank {rank!r} is not in 1..{layout['max_rank']}")
+    if not np.isfinite(vector).all():
+        raise PublishError(f"row {row.get('job_id')!r}: {int((~np.isfinite(vector)).sum())} NaN/Inf weight value(s)")
+    try:
+        config = json.loads(config_text) if isinstance(config_text, str) and len(config_text) <= MAX_CONFIG_BYTES else None
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise PublishError(f"row {row.get('job_id')!r}: adapter_config is not a JSON object")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, (a, b) in unflatten(np.asarray(row["weights"], dtype=np.float32), layout, int(row["rank"])).items():
+    for name, (a, b) in unflatten(vector, layout, int(rank)).items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
     save_file(tensors, str(out_dir / "adapter_model.safetensors"))
-    (out_dir / "adapter_config.json").write_text(row["adapter_config"])
+    (out_dir / ADAPTER_CONFIG).write_text(config_text)
     return out_dir
 
 
@@ -181,9 +229,13 @@ def label_column(scorer: str, label: str) -> str:
     return f"{scorer}.{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}"
 
 
-def assemble(manifest: Manifest, store: Store) -> tuple[list[dict[str, Any]], np.ndarray, dict, dict, dict[str, str]]:
-    """(rows, weights (N, D), layout, label columns, excluded) for every publishable LoRA."""
+def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False) -> tuple[list[dict[str, Any]], np.ndarray, dict, dict, dict[str, str]]:
+    """(rows, weights (N, D), layout, label columns, excluded) for every publishable LoRA.
+
+    Raises PublishError if any planned LoRA is damaged (see `refuse_damage`).
+    """
     population = store.population(manifest.population.name)
+    refuse_damage(manifest, population)
     scorers = [(spec.name, scorer_id(spec)) for spec in manifest.scorers]
     excluded: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
@@ -194,10 +246,6 @@ def assemble(manifest: Manifest, store: Store) -> tuple[list[dict[str, Any]], np
         if record is None:
             failure = population.failure(job.job_id)
             excluded[job.job_id] = f"failed: {failure['reason']}" if failure else "not finetuned yet"
-            continue
-        problems = population.verify_job(job.job_id)
-        if problems:
-            excluded[job.job_id] = "does not verify: " + "; ".join(str(p) for p in problems[:2])
             continue
         labels, missing = {}, []
         for name, sid in scorers:
@@ -212,8 +260,11 @@ def assemble(manifest: Manifest, store: Store) -> tuple[list[dict[str, Any]], np
         if missing:
             excluded[job.job_id] = f"not scored by {', '.join(missing)}"
             continue
-        tensors, config = read_adapter(store, population.job_rel(job.job_id, "adapter"))
-        factors_by_row.append(module_factors(tensors))
+        weights, config = read_adapter(store, population.job_rel(job.job_id, "adapter"), trust_remote_pickle)
+        if weights.non_finite:
+            excluded[job.job_id] = f"{weights.non_finite_total} NaN/Inf weight value(s)"
+            continue
+        factors_by_row.append(module_factors(weights.tensors))
         spec = job.spec
         rows.append({
             "job_id": job.job_id, "population": job.population, "index": job.index,
@@ -240,6 +291,19 @@ def assemble(manifest: Manifest, store: Store) -> tuple[list[dict[str, Any]], np
     for row in rows:
         row["split"] = split_of(row["group"], fractions, manifest.publish.split_seed)
     return rows, weights, layout, label_names, excluded
+
+
+def refuse_damage(manifest: Manifest, population) -> None:
+    """PublishError naming every planned job whose LoRA, scores or files are damaged.
+
+    Publishing around damage would silently drop those LoRAs (or their labels) from the
+    dataset; the repair is a rerun (`lol finetune` retrains them, `lol score` relabels them).
+    """
+    damaged = {job.job_id: found for job in expand(manifest) if (found := population.damage(job.job_id))}
+    if damaged:
+        examples = "; ".join(str(p) for problems in list(damaged.values())[:3] for p in problems[:1])
+        raise PublishError(f"{len(damaged)} stored LoRA(s) of {manifest.population.name!r} are damaged, so nothing was "
+                           f"published: {examples}. `lol verify` lists every problem; `lol finetune` then `lol score` repair them")
 
 
 # ---------------------------------------------------------------- writing
@@ -292,9 +356,10 @@ def published_rel(manifest: Manifest) -> str:
     return f"published/{manifest.population.name}"
 
 
-def publish_population(manifest: Manifest, store: Store, push: bool | None = None) -> PublishSummary:
+def publish_population(manifest: Manifest, store: Store, push: bool | None = None,
+                       trust_remote_pickle: bool = False) -> PublishSummary:
     """Assemble, write the folder atomically, and push when a token is set (and `push` allows)."""
-    rows, weights, layout, label_names, excluded = assemble(manifest, store)
+    rows, weights, layout, label_names, excluded = assemble(manifest, store, trust_remote_pickle)
     rel = published_rel(manifest)
     with tempfile.TemporaryDirectory(prefix="lol-publish-") as tmp:
         staging = Path(tmp) / "folder"
@@ -302,12 +367,19 @@ def publish_population(manifest: Manifest, store: Store, push: bool | None = Non
         counts = write_folder(manifest, store, staging, rows, weights, layout, label_names)
         _install(store, staging, rel)
     summary = PublishSummary(folder=store.path(rel), rows=counts, excluded=excluded)
-    from pipeline.hub import push_folder, token_from_env
+    from pipeline.hub import push_folder, redact, token_from_env
 
     token = token_from_env()
     if manifest.publish.repo_id and token and push is not False:
-        push_folder(store.local_path(rel) if store.is_local else store.path(rel), manifest.publish.repo_id, token,
-                    private=manifest.publish.private)
+        failure = None
+        try:
+            push_folder(store.local_path(rel) if store.is_local else store.path(rel), manifest.publish.repo_id, token,
+                        private=manifest.publish.private)
+        except Exception as exc:  # noqa: BLE001 - the hub's errors vary; the local folder is done either way
+            failure = redact(f"{type(exc).__name__}: {exc}", token)[:500]
+        if failure is not None:  # raised outside the handler: the hub's error (it may echo the token) is not chained
+            raise PublishError(f"wrote {summary.folder} locally, but pushing to {manifest.publish.repo_id} failed "
+                               f"({failure}); rerun `lol publish` to resume the push")
         summary.pushed, summary.message = True, f"pushed to the hub as {manifest.publish.repo_id}"
     elif manifest.publish.repo_id and not token:
         summary.message = f"wrote {summary.folder} locally; did not push to {manifest.publish.repo_id}: no HF_TOKEN set"
@@ -321,25 +393,48 @@ def _install(store: Store, staging: Path, rel: str) -> None:
 
     Local disks: the folder is copied to `published/.versions/{name}-{id}` and `published/{name}`
     is a symlink swapped with one `os.replace`, so a reader (or a crash) sees the old version or
-    the new, never a mix; the previous version is removed only after the swap.
+    the new, never a mix. Versions other than the current one — the previous version, and what
+    a killed publish left half-copied — are removed only after the swap. Publishes of one
+    population are serialised by a lock, so this cleanup never removes a version in the making.
     """
     if store.is_local:
         link = store.local_path(rel)
         versions = link.parent / ".versions"
         versions.mkdir(parents=True, exist_ok=True)
-        version = versions / f"{link.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        shutil.copytree(staging, version)
-        previous = link.resolve() if link.is_symlink() else None
-        if link.exists() and not link.is_symlink():  # a plain folder from elsewhere: keep it aside
-            os.rename(link, versions / f"{link.name}-replaced-{uuid.uuid4().hex[:8]}")
-        temporary_link = link.parent / f".link-{link.name}-{uuid.uuid4().hex[:8]}"
-        os.symlink(os.path.relpath(version, link.parent), temporary_link)
-        os.replace(temporary_link, link)
-        if previous is not None and previous != version.resolve():
-            shutil.rmtree(previous, ignore_errors=True)
+        with _publish_lock(link.parent / f".lock-{link.name}"):
+            version = versions / f"{link.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            shutil.copytree(staging, version)
+            if link.exists() and not link.is_symlink():  # a plain folder from elsewhere: keep it aside
+                os.rename(link, versions / f"{link.name}-replaced-{uuid.uuid4().hex[:8]}")
+            temporary_link = link.parent / f".link-{link.name}-{uuid.uuid4().hex[:8]}"
+            os.symlink(os.path.relpath(version, link.parent), temporary_link)
+            os.replace(temporary_link, link)
+            _remove_stale(link, versions, keep=version)
         return
     # Object stores: upload every file, the card last (a reader that finds the card finds the data).
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "README.md")
     for path in files:
         store.write_bytes(f"{rel}/{path.relative_to(staging).as_posix()}", path.read_bytes())
     store.write_bytes(f"{rel}/README.md", (staging / "README.md").read_bytes())
+
+
+@contextlib.contextmanager
+def _publish_lock(path: Path):
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _remove_stale(link: Path, versions: Path, keep: Path) -> None:
+    """Remove every version of `link`'s population but `keep` (kept-aside folders stay), and
+    temporary links a killed publish left."""
+    ours = re.compile(rf"{re.escape(link.name)}-\d{{8}}T\d{{6}}-[0-9a-f]{{8}}")  # not another population's
+    for entry in versions.iterdir():
+        if ours.fullmatch(entry.name) and entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+    for entry in link.parent.glob(f".link-{link.name}-*"):
+        entry.unlink(missing_ok=True)

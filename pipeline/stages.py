@@ -55,11 +55,11 @@ def score(manifest: Manifest, store: Store, only: list[str] | None = None, limit
     return score_population(manifest, store, only=only, limit=limit, shard_spec=shard_spec, on_job=on_job)
 
 
-def publish(manifest: Manifest, store: Store, push: bool | None = None):
+def publish(manifest: Manifest, store: Store, push: bool | None = None, trust_remote_pickle: bool = False):
     """Write the population as a Hugging Face dataset folder (and push it when a token is set)."""
     from pipeline.publish import publish_population
 
-    return publish_population(manifest, store, push=push)
+    return publish_population(manifest, store, push=push, trust_remote_pickle=trust_remote_pickle)
 
 
 def learn_target(manifest: Manifest, store: Store):

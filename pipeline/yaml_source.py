@@ -3,6 +3,11 @@
 `load_yaml(text)` returns the plain Python data and a `YamlSource` that maps a location
 path (``("lora", "rank", 2)``) to the 1-based line it was written on, so validation errors
 can say ``lora.rank[2] (line 12): ...``.
+
+Manifests come from anywhere, so loading is bounded: plain JSON-like values only (no
+`!!set`, `!!binary`, `!!omap`, `!!pairs`: a set's order would change job ids between runs),
+nesting at most `MAX_DEPTH` deep, integers of at most `MAX_INT_DIGITS` digits, strings that
+are valid Unicode (no lone surrogates from `"\\ud800"` escapes).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from typing import Any
 import yaml
 
 Loc = tuple[str | int, ...]
+MAX_DEPTH = 64
+MAX_INT_DIGITS = 64
+REFUSED_TAGS = ("set", "binary", "omap", "pairs")
 
 
 class YamlSyntaxError(ValueError):
@@ -60,16 +68,73 @@ def _is_leaf_key_lookup(value: yaml.Node) -> bool:
     return isinstance(value, yaml.ScalarNode) and value.value == "" and value.tag.endswith("null")
 
 
+class _ManifestLoader(yaml.SafeLoader):
+    """SafeLoader limited to the values a manifest can hold; refusals carry the line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML's constructors raise plain ValueError, IndexError, AttributeError… on odd scalars
+        (`!!int ""`, `!!timestamp x`): report them as YAML errors at the value's line."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of a value constructor is bad input
+            tag = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {str(node.value)[:40]!r} as {tag}: {exc}", node.start_mark) from None
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        digits = sum(c.isdigit() for c in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {digits} digits is too large (at most {MAX_INT_DIGITS})", node.start_mark)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_str(self, node: yaml.Node) -> str:
+        value = super().construct_yaml_str(node)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the string {value[:40]!r} is not valid Unicode (a lone surrogate escape?)", node.start_mark) from None
+        return value
+
+    def refuse_tag(self, node: yaml.Node) -> None:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"YAML type {node.tag.rsplit(':', 1)[-1]!r} is not allowed in a manifest; "
+            "use plain mappings, lists and scalars", node.start_mark)
+
+
+_ManifestLoader.add_constructor("tag:yaml.org,2002:int", _ManifestLoader.construct_yaml_int)
+_ManifestLoader.add_constructor("tag:yaml.org,2002:str", _ManifestLoader.construct_yaml_str)
+for _tag in REFUSED_TAGS:
+    _ManifestLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _ManifestLoader.refuse_tag)
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before composing (composing recurses per level)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                raise YamlSyntaxError(f"nested more than {MAX_DEPTH} levels deep", mark.line + 1, mark.column + 1)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
 def load_yaml(text: str) -> tuple[Any, YamlSource]:
-    """Parse YAML text safely; raise `YamlSyntaxError` with a line number if it is not YAML."""
+    """Parse YAML text safely; raise `YamlSyntaxError` with a line number if it is not usable YAML."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        _check_depth(text)
+        node = yaml.compose(text, Loader=_ManifestLoader)
+        data = yaml.load(text, Loader=_ManifestLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         column = mark.column + 1 if mark else None
         raise YamlSyntaxError(str(exc.problem or exc.context or exc), line, column) from None
-    except yaml.YAMLError as exc:  # pragma: no cover - yaml raises marked errors in practice
+    except yaml.YAMLError as exc:  # the reader's errors (control characters, bad encodings) carry no mark
         raise YamlSyntaxError(str(exc), None, None) from None
     return data, YamlSource(node)

@@ -1,4 +1,9 @@
-"""One population's area of the store: job specs, committed LoRAs, failures, scores, claims."""
+"""One population's area of the store: job specs, committed LoRAs, failures, scores, claims.
+
+`record.json` and score files are sealed (storage/seal.py): a changed byte anywhere in a job
+folder — weights, config, spec, record or label — is found by `verify`, and a LoRA that does
+not verify is not done: the next `lol finetune` clears it and trains it again.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage.store import _TMP_MARK, StoreError, check_name, sha256_bytes
+from storage.seal import CorruptFile, seal, unseal
+from storage.store import _TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 
 if TYPE_CHECKING:
     from storage.store import Store
@@ -22,6 +28,10 @@ if TYPE_CHECKING:
 RECORD = "record.json"
 FAILED = "failed.json"
 SPEC = "spec.json"
+SCORES = "scores"
+# Keys of the records and scores written before seals existed (read as they are).
+LEGACY_RECORD_KEYS = frozenset({"job_id", "population", "files", "metrics", "committed_at"})
+LEGACY_SCORE_KEYS = frozenset({"job_id", "scorer", "scorer_id", "settings", "labels", "versions", "scored_at"})
 _memory_claim_locks: dict[str, threading.Lock] = {}
 
 
@@ -31,7 +41,7 @@ class Problem:
 
     job_id: str
     path: str
-    kind: str  # "corrupt" | "missing" | "unreadable"
+    kind: str  # "corrupt" | "missing" | "unexpected" | "incomplete" | "unsafe"
     detail: str = ""
 
     def __str__(self) -> str:
@@ -80,9 +90,14 @@ class PopulationStore:
         self.store.write_bytes(self.rel("manifest.yaml"), text.encode())
 
     def write_spec(self, job_id: str, spec_json: str) -> None:
+        """Write the spec unless the store holds exactly these bytes (a damaged copy is replaced)."""
         rel = self.job_rel(job_id, SPEC)
-        if not self.store.exists(rel):
-            self.store.write_bytes(rel, spec_json.encode())
+        try:
+            if self.store.read_bytes(rel) == spec_json.encode():
+                return
+        except FileNotFoundError:
+            pass
+        self.store.write_bytes(rel, spec_json.encode())
 
     def read_spec(self, job_id: str) -> dict:
         return self.store.read_json(self.job_rel(job_id, SPEC))
@@ -94,26 +109,33 @@ class PopulationStore:
     # ------------------------------------------------------------ records
 
     def record(self, job_id: str) -> dict | None:
-        """The job's record, or None if it has not completed (or the record is unreadable)."""
-        rel = self.job_rel(job_id, RECORD)
+        """The job's record, or None if it has not completed (or the record is damaged)."""
         try:
-            return self.store.read_json(rel)
-        except FileNotFoundError:
-            return None
-        except (ValueError, UnicodeDecodeError):
+            return unseal(self.store.read_bytes(self.job_rel(job_id, RECORD)), LEGACY_RECORD_KEYS)
+        except (FileNotFoundError, CorruptFile):
             return None
 
-    def is_done(self, job_id: str, verify: bool = False) -> bool:
+    def is_done(self, job_id: str, verify: bool | None = None) -> bool:
+        """Whether the job's LoRA exists: a record whose files verify.
+
+        `verify=None` (the default) re-hashes every file on local disks and compares sizes on
+        object stores (hashing would download every adapter); True always hashes; False trusts
+        the record.
+        """
         if self.record(job_id) is None:
             return False
-        return not verify or not self.verify_job(job_id)
+        if verify is False:
+            return True
+        return not self.verify_job(job_id, hashes=verify or self.store.is_local)
 
     def clear_partial(self, job_id: str) -> None:
-        """Remove what an interrupted attempt left (anything but spec.json and failed.json).
+        """Remove what an interrupted attempt — or a damaged LoRA — left (all but spec.json and failed.json).
 
-        Call only while holding the job's claim and only for a job with no record.
+        Call only while holding the job's claim, for a job found not done (a LoRA that does not
+        verify is not done, so its record goes too). The record goes first, so a crash midway
+        leaves a job that is plainly not done.
         """
-        assert self.record(job_id) is None, "clear_partial() on a completed job"
+        self.store.delete(self.job_rel(job_id, RECORD))
         for path in self.store.list_files(self.job_rel(job_id)):
             if path not in (SPEC, FAILED):
                 self.store.delete(self.job_rel(job_id, path))
@@ -137,36 +159,88 @@ class PopulationStore:
         files[SPEC] = {"sha256": sha256_bytes(spec), "size": len(spec)}
         record = {"job_id": job_id, "population": self.name, "files": files, "metrics": metrics,
                   "committed_at": time.time()}
-        self.store.write_json(self.job_rel(job_id, RECORD), record)
+        self.store.write_bytes(self.job_rel(job_id, RECORD), seal(record))
         self.store.delete(self.job_rel(job_id, FAILED))
         return record
 
-    def verify_job(self, job_id: str) -> list[Problem]:
-        """Re-hash every file the record lists."""
-        rel = self.job_rel(job_id, RECORD)
+    def verify_job(self, job_id: str, hashes: bool = True) -> list[Problem]:
+        """Problems of the job's LoRA: its record, every file the record lists, files it does not list.
+
+        `hashes=False` compares sizes only (no download on object stores). Scores are checked
+        by `verify_scores`: a damaged label is rescored, it does not make the LoRA retrain.
+        """
         try:
-            record = self.store.read_json(rel)
+            record = unseal(self.store.read_bytes(self.job_rel(job_id, RECORD)), LEGACY_RECORD_KEYS)
         except FileNotFoundError:
             return [Problem(job_id, RECORD, "missing")]
-        except (ValueError, UnicodeDecodeError) as exc:
-            return [Problem(job_id, RECORD, "unreadable", str(exc)[:80])]
+        except CorruptFile as exc:
+            return [Problem(job_id, RECORD, "corrupt", str(exc)[:80])]
+        except StoreError as exc:
+            return [Problem(job_id, RECORD, "unsafe", str(exc)[:120])]
+        listed = record.get("files")
+        if not isinstance(listed, dict):
+            return [Problem(job_id, RECORD, "corrupt", "no file list")]
         problems = []
-        for name, meta in sorted(record.get("files", {}).items()):
+        for name, meta in sorted(listed.items()):
             try:
-                data = self.store.read_bytes(self.job_rel(job_id, name))
+                check_rel(name)
+                if hashes:
+                    data = self.store.read_bytes(self.job_rel(job_id, name))
+                    size, digest = len(data), sha256_bytes(data)
+                else:
+                    size, digest = self.store.size(self.job_rel(job_id, name)), meta.get("sha256")
             except FileNotFoundError:
                 problems.append(Problem(job_id, name, "missing"))
                 continue
-            if len(data) != meta.get("size") or sha256_bytes(data) != meta.get("sha256"):
-                problems.append(Problem(job_id, name, "corrupt", f"sha256 {sha256_bytes(data)[:12]}… ≠ recorded {str(meta.get('sha256'))[:12]}…"))
+            except StoreError as exc:
+                problems.append(Problem(job_id, name, "unsafe", str(exc)[:120]))
+                continue
+            if size != meta.get("size") or digest != meta.get("sha256"):
+                problems.append(Problem(job_id, name, "corrupt", f"{size} bytes, sha256 {str(digest)[:12]}… ≠ "
+                                        f"recorded {meta.get('size')} bytes, {str(meta.get('sha256'))[:12]}…"))
+        for name in self.store.list_files(self.job_rel(job_id)):
+            if name not in listed and name not in (RECORD, FAILED) and not _is_score_file(name) and _TMP_MARK not in name:
+                problems.append(Problem(job_id, name, "unexpected", "a file the record does not list"))
         return problems
 
-    def verify(self, job_ids: Iterable[str] | None = None) -> Iterator[tuple[str, list[Problem]]]:
-        """(job_id, problems) for every job with a record (or the given ids)."""
-        for job_id in job_ids if job_ids is not None else self.job_ids():
-            if job_ids is None and not self.store.exists(self.job_rel(job_id, RECORD)):
+    def verify_scores(self, job_id: str) -> list[Problem]:
+        """Problems of the job's score files (each is sealed)."""
+        problems = []
+        for name in self.store.list_dir(self.job_rel(job_id, SCORES)):
+            if _TMP_MARK in name:
                 continue
-            yield job_id, self.verify_job(job_id)
+            try:
+                unseal(self.store.read_bytes(self.job_rel(job_id, SCORES, name)), LEGACY_SCORE_KEYS)
+            except CorruptFile as exc:
+                problems.append(Problem(job_id, f"{SCORES}/{name}", "corrupt", str(exc)[:80]))
+            except StoreError as exc:
+                problems.append(Problem(job_id, f"{SCORES}/{name}", "unsafe", str(exc)[:120]))
+            except (FileNotFoundError, IsADirectoryError):
+                problems.append(Problem(job_id, f"{SCORES}/{name}", "unexpected", "not a score file"))
+        return problems
+
+    def leftovers(self, job_id: str) -> list[str]:
+        """Files of a job without a record beyond its spec and failure: what a dead commit, or a
+        deleted record, leaves. Empty for a job that has a record or is claimed right now."""
+        if self.store.exists(self.job_rel(job_id, RECORD)) or job_id in self.active_claims():
+            return []
+        return [f for f in self.store.list_files(self.job_rel(job_id)) if f not in (SPEC, FAILED) and _TMP_MARK not in f]
+
+    def damage(self, job_id: str) -> list[Problem]:
+        """Everything wrong with one stored job: its LoRA, its scores, or files left without a record."""
+        if self.store.exists(self.job_rel(job_id, RECORD)):
+            return self.verify_job(job_id) + self.verify_scores(job_id)
+        left = self.leftovers(job_id)
+        if left:
+            return [Problem(job_id, RECORD, "incomplete", f"{len(left)} file(s) such as {left[0]} but no record "
+                            "(an interrupted commit or a deleted record)")]
+        return []
+
+    def verify(self, job_ids: Iterable[str] | None = None) -> Iterator[tuple[str, list[Problem]]]:
+        """(job_id, problems) for every stored job (of `job_ids`, default all) that holds a LoRA or its remains."""
+        for job_id in job_ids if job_ids is not None else self.job_ids():
+            if self.store.exists(self.job_rel(job_id, RECORD)) or self.leftovers(job_id):
+                yield job_id, self.damage(job_id)
 
     # ------------------------------------------------------------ failures
 
@@ -189,16 +263,18 @@ class PopulationStore:
         return self.job_rel(job_id, "scores", f"{check_name(scorer_id, 'scorer id')}.json")
 
     def write_score(self, job_id: str, scorer_id: str, payload: dict) -> None:
-        self.store.write_json(self.score_rel(job_id, scorer_id), payload)
+        self.store.write_bytes(self.score_rel(job_id, scorer_id), seal(payload))
 
     def read_score(self, job_id: str, scorer_id: str) -> dict | None:
+        """The stored score, or None if there is none or it is damaged (then it is scored again)."""
         try:
-            return self.store.read_json(self.score_rel(job_id, scorer_id))
-        except (FileNotFoundError, ValueError):
+            return unseal(self.store.read_bytes(self.score_rel(job_id, scorer_id)), LEGACY_SCORE_KEYS)
+        except (FileNotFoundError, CorruptFile):
             return None
 
     def has_score(self, job_id: str, scorer_id: str) -> bool:
-        return self.store.exists(self.score_rel(job_id, scorer_id))
+        """A score that reads back intact; a damaged one counts as missing, so a rerun rescores it."""
+        return self.read_score(job_id, scorer_id) is not None
 
     # ------------------------------------------------------------ claims
 
@@ -315,3 +391,8 @@ class PopulationStore:
         report.unplanned = [j for j in self.job_ids() if j not in planned and self.store.exists(self.job_rel(j, RECORD))]
         return report
 
+
+
+def _is_score_file(name: str) -> bool:
+    folder, _, file = name.partition("/")
+    return folder == SCORES and file.endswith(".json") and "/" not in file

@@ -15,7 +15,11 @@ Layout (DESIGN §4)::
 
 Every write is atomic: a temporary name then a rename on local disks, one put on object
 stores. A LoRA exists iff its `record.json` exists and the checksums in it verify.
-Imports only the standard library and fsspec.
+
+Every path goes through `path(rel)`, which keeps it inside the store: `rel` may not be
+absolute or hold a `..` component, and on local disks the resolved path (symlinks followed)
+must lie under the resolved root, so a symlink planted in the store cannot lead a read, a
+write or a delete outside it. Imports only the standard library and fsspec.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ LAYOUT_VERSION = 1
 LAYOUT_FILE = "LAYOUT.json"
 DEFAULT_STORE = "./lol-store"
 _TMP_MARK = ".tmp-"
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class StoreError(ValueError):
@@ -52,9 +56,16 @@ def resolve_store_url(url: str | None = None) -> str:
 
 def check_name(name: str, what: str) -> str:
     """A path component we create: no separators, no `..`, no leading dot."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise StoreError(f"{what} {name!r} is not a safe name: use letters, digits, '.', '_' and '-' (not starting with '.' and without '..')")
     return name
+
+
+def check_rel(rel: str) -> str:
+    """A path relative to the store root: not absolute, no `..` component, no NUL byte."""
+    if not isinstance(rel, str) or rel.startswith(("/", "~")) or "\x00" in rel or ".." in rel.split("/"):
+        raise StoreError(f"path {rel!r} would leave the store: store paths are relative, without '..'")
+    return rel
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -68,6 +79,7 @@ class Store:
         self.url = resolve_store_url(url)
         self.fs, self.root = _filesystem(self.url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._real_root = os.path.realpath(self.root) if self.is_local else None
         self._check_layout(create)
 
     def __repr__(self) -> str:
@@ -98,10 +110,23 @@ class Store:
     # ------------------------------------------------------------ primitives
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
+        """The full path of `parts` (joined with '/'), refused if it would leave the store."""
+        if not parts:
+            return self.root
+        full = "/".join([self.root.rstrip("/"), *(check_rel(p) for p in parts)])
+        if self.is_local:
+            real = os.path.realpath(full)
+            if real != self._real_root and not real.startswith(self._real_root.rstrip(os.sep) + os.sep):
+                raise StoreError(f"{'/'.join(parts)!r} resolves to {real}, outside the store {self._real_root} "
+                                 "(a symlink leaves the store); remove the link or use another --store")
+        return full
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
+
+    def size(self, rel: str) -> int:
+        """Size in bytes (no download on object stores); FileNotFoundError if absent."""
+        return int(self.fs.size(self.path(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -141,7 +166,7 @@ class Store:
         """Copy a store folder to a local folder (a no-op copy for local stores is still a copy)."""
         local_dir = Path(local_dir)
         for path in self.list_files(rel):
-            target = local_dir / path
+            target = local_dir / check_rel(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(self.read_bytes(f"{rel}/{path}"))
         return local_dir
@@ -160,10 +185,15 @@ class Store:
         return sorted(n for n in names if n)
 
     def list_files(self, rel: str) -> list[str]:
-        """Every file under `rel`, as paths relative to it, sorted."""
+        """Every file under `rel`, as paths relative to it, sorted; symlinked folders are not entered."""
         base = self.path(rel).rstrip("/")
         if not self.fs.exists(base):
             return []
+        if self.is_local:
+            found_local = []
+            for folder, _, files in os.walk(base, followlinks=False):
+                found_local += [os.path.relpath(os.path.join(folder, f), base).replace(os.sep, "/") for f in files]
+            return sorted(found_local)
         found = self.fs.find(base)
         prefix_len = len(self.fs._strip_protocol(base).rstrip("/")) + 1
         return sorted(self.fs._strip_protocol(f)[prefix_len:] for f in found)

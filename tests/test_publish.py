@@ -154,7 +154,7 @@ def test_offline_publish_says_it_did_not_push(population, monkeypatch):
     assert not summary.pushed and "did not push to me/tiny: no HF_TOKEN set" in summary.message
 
 
-def test_corrupt_and_unscored_loras_are_listed_not_published(population, tmp_path):
+def test_unscored_loras_are_listed_not_published_and_a_corrupt_one_stops_the_publish(population, tmp_path):
     store, manifest = population
     import shutil
 
@@ -162,13 +162,16 @@ def test_corrupt_and_unscored_loras_are_listed_not_published(population, tmp_pat
     shutil.copytree(store.local_path("populations"), copy.local_path("populations"))
     population_store = copy.population(manifest.population.name)
     jobs = sorted(population_store.job_ids())
-    weights = copy.local_path(population_store.job_rel(jobs[0], "adapter/adapter_model.safetensors"))
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     for score in copy.local_path(population_store.job_rel(jobs[1], "scores")).iterdir():
         score.unlink()
     summary = publish_population(manifest, copy)
-    assert sum(summary.rows.values()) == 6
-    assert summary.excluded[jobs[0]].startswith("does not verify") and summary.excluded[jobs[1]].startswith("not scored")
+    assert sum(summary.rows.values()) == 7 and summary.excluded[jobs[1]].startswith("not scored")
+    weights = copy.local_path(population_store.job_rel(jobs[0], "adapter/adapter_model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    before = copy.local_path(f"published/{manifest.population.name}").resolve()
+    with pytest.raises(PublishError, match=f"1 stored LoRA.*damaged.*{jobs[0]}"):
+        publish_population(manifest, copy)
+    assert copy.local_path(f"published/{manifest.population.name}").resolve() == before
 
 
 def test_nothing_to_publish_is_a_clear_error(tmp_path, random_sd):

@@ -43,7 +43,13 @@ from pipeline.data import get_source
 from pipeline.data.base import DataSourceError, QAExample
 from pipeline.data.qa import format_question, validate_example
 from pipeline.data.subsets import job_examples, source_subset
-from pipeline.finetune.cohort import CohortTask, Member, common_targets, member_factors, train_members
+from pipeline.finetune.cohort import (
+    CohortTask,
+    Member,
+    common_targets,
+    member_factors,
+    train_members,
+)
 from pipeline.finetune.runner import NonFiniteLoss
 from pipeline.finetune.targets import check_target_modules
 from pipeline.jobs import Job

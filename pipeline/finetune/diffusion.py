@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from pipeline.bases.loading import load_diffusion_pipeline
 from pipeline.data import get_source
 from pipeline.data.subsets import job_examples
-from pipeline.finetune.cohort import CohortTask, Member, common_targets, member_factors, train_members
+from pipeline.finetune.cohort import (
+    CohortTask,
+    Member,
+    common_targets,
+    member_factors,
+    train_members,
+)
 from pipeline.finetune.runner import NonFiniteLoss
 from pipeline.finetune.targets import check_target_modules
 from pipeline.jobs import Job

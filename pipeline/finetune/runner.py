@@ -26,7 +26,6 @@ from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
 from storage import Store
 
-
 log = logging.getLogger(__name__)
 
 

@@ -20,7 +20,6 @@ from pipeline.manifest import Manifest
 from pipeline.score import make_scorer, scorer_id, scorer_settings
 from storage import PopulationStore, Store
 
-
 log = logging.getLogger(__name__)
 
 

@@ -1,0 +1,1 @@
+"""Hostile input and corruption: fuzzed manifests, path escapes, malicious weights, leaks, damage."""
