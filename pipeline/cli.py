@@ -266,6 +266,40 @@ def bench_score_command(
     return 0
 
 
+@bench_app.command("unet")
+def bench_unet_command(
+    config: Annotated[str, typer.Option(help="UNet shape: sd15 (SD-1.5, 512 px) or small.")] = "sd15",
+    adapters: Annotated[int, typer.Option(help="LoRAs K per mode (batch 1 each).")] = 8,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per LoRA.")] = 10,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bf16.")] = "bf16",
+    modes: Annotated[str, typer.Option(help="Comma-separated: sequential, cohort.")] = "sequential,cohort",
+) -> int:
+    """LoRA training throughput on an SD-shaped UNet with random weights: sequential vs cohort, TFLOP/s."""
+    import json as json_module
+    import time as time_module
+    from dataclasses import asdict
+
+    from pipeline.bench_unet import bench_unet
+
+    results, facts = bench_unet(config, adapters, steps, device, dtype, tuple(m.strip() for m in modes.split(",")))
+    table = Table(title=f"lol bench unet: {config}, {facts['device']}, {dtype}")
+    for column in ("mode", "LoRAs", "steps", "seconds", "LoRA-steps/s", "TFLOP/s", "of peak", "peak MB"):
+        table.add_column(column, justify="right")
+    for m in results:
+        share = f"{m.achieved_tflops / facts['peak_tflops']:.1%}" if facts["peak_tflops"] else "—"
+        table.add_row(m.mode, str(m.adapters), str(m.steps), f"{m.seconds:.2f}", f"{m.adapter_steps_per_second:.2f}",
+                      f"{m.achieved_tflops:.2f}", share, f"{m.peak_memory_mb:.0f}")
+    out.print(table)
+    path = Path("bench/results") / f"unet-{config}-{time_module.strftime('%Y%m%dT%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json_module.dumps({"facts": facts, "results": [
+        {**asdict(m), "adapter_steps_per_second": m.adapter_steps_per_second, "achieved_tflops": m.achieved_tflops}
+        for m in results]}, indent=2) + "\n")
+    out.print(f"results: {path}")
+    return 0
+
+
 @bench_app.command("orchestration")
 def bench_orchestration_command(
     overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 8,
