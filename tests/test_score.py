@@ -204,9 +204,12 @@ def test_label_statistics_match_a_direct_computation(trained, run_cli, tmp_path)
     assert code == 2 and "no scores stored" in err
 
 
-def test_clip_score_cohort_equals_scoring_each_adapter_alone(trained):
+@pytest.mark.parametrize("rows_per_call", [32, 4], ids=["one-loop", "loop-per-adapter"])
+def test_clip_score_cohort_equals_scoring_each_adapter_alone(trained, rows_per_call, monkeypatch):
+    from pipeline.score import clip_score
     from pipeline.score.clip_score import ClipScoreScorer
 
+    monkeypatch.setattr(clip_score, "CPU_ROWS_PER_CALL", rows_per_call)
     store, overrides = trained
     manifest = Manifest.from_yaml(SHAPES, overrides=overrides + clip_overrides("seed: 0, images_per_prompt: 2"))
     scorer = ClipScoreScorer(manifest.scorers[0])
