@@ -2,8 +2,9 @@
 
 Each flow is a thin composition of `pipeline` calls. One task per cohort of jobs (the jobs trained
 in the same passes, `pipeline.finetune.cohort`; one job when the manifest's cohort size is 1),
-tagged `gpu`, with retries; tasks receive the manifest path, overrides, store URL and job
-indices — never tensors. Storage decides what is done, so a rerun after a crash runs only
+tagged `gpu`, with retries (`DEFAULT_RETRIES`); a task still failing after them fails its jobs —
+reported by reason in the flow's outcomes — and the other tasks go on. Tasks receive the
+manifest path, overrides, store URL and job indices — never tensors. Storage decides what is done, so a rerun after a crash runs only
 what is missing (Prefect's result cache is not used for resumption). A worker process loads
 each base / scorer once and reuses it for every task it runs.
 """
@@ -201,12 +202,14 @@ def score_cohort_task(manifest: str, overrides: list[str], store: str | None, in
 # ---------------------------------------------------------------- flows
 
 
-def _run_units(task_fn, names: list[str], units: list, retries: int, workers: int, *args) -> list:
+def _run_units(task_fn, names: list[str], units: list, retries: int, workers: int, *args) -> list[tuple[Any, str | None]]:
     """Run `task_fn(*args, unit)` for every unit (a job index, or a cohort's indices): in this process
-    one by one, or submitted to the flow's process pool when `workers` > 1. Results in unit order."""
-    runners = [task_fn.with_options(task_run_name=name, retries=retries) for name in names]
+    one by one, or submitted to the flow's process pool when `workers` > 1. Per unit, in unit order:
+    (its result, None), or (None, reason) when its task still failed after `retries` retries — the
+    other units go on, and the flow reports the failure for each job of that unit."""
+    runners = [_retrying(task_fn, name, retries) for name in names]
     if workers == 1:
-        return [runner(*args, unit) for runner, unit in zip(runners, units)]
+        return [_outcome(lambda runner=runner, unit=unit: runner(*args, unit), retries) for runner, unit in zip(runners, units)]
     from prefect.context import FlowRunContext
     from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -216,7 +219,21 @@ def _run_units(task_fn, names: list[str], units: list, retries: int, workers: in
         raise ValueError(f"workers={workers} needs the flow to run with a ProcessPoolTaskRunner; "
                          "use run_population(..., workers=N) or `lol run --workers N`")
     futures = [runner.submit(*args, unit) for runner, unit in zip(runners, units)]
-    return [future.result() for future in futures]
+    return [_outcome(future.result, retries) for future in futures]
+
+
+def _retrying(task_fn, name: str, retries: int):
+    """`task_fn` named `name`, retried `retries` times, DEFAULT_RETRY_DELAY_S apart (read now, so tests can shorten it)."""
+    return task_fn.with_options(task_run_name=name, retries=retries, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
+
+
+def _outcome(call, retries: int) -> tuple[Any, str | None]:
+    """(call(), None), or (None, why) when the task failed after its retries (or its worker process died)."""
+    try:
+        return call(), None
+    except Exception as exc:
+        message = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return None, f"task failed after {retries + 1} attempt(s): {type(exc).__name__}: {message}".rstrip(": ")
 
 
 def plan_cohorts(jobs: list[Job], manifest: Manifest, workers: int) -> list[list[Job]]:
@@ -261,11 +278,12 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
     names = [f"finetune-{c[0].job_id}" if len(c) == 1 else f"finetune-cohort-{c[0].job_id}-x{len(c)}" for c in cohorts]
     results = _run_units(finetune_cohort, names, [[job.index for job in c] for c in cohorts], retries, workers,
                          manifest, overrides, store)
-    for job, outcome in zip([job for c in cohorts for job in c], [o for r in results for o in r]):
-        if outcome == "busy":
-            busy.append(job)
-        else:
-            outcomes[outcome] += 1
+    for cohort, (result, failure) in zip(cohorts, results):
+        for job, outcome in zip(cohort, result or [failure] * len(cohort)):
+            if outcome == "busy":
+                busy.append(job)
+            else:
+                outcomes[outcome] += 1
     # Jobs another worker holds: wait for them to finish there, or for a dead worker's claim
     # to expire (claims are renewed while alive), then train them here.
     deadline = time.monotonic() + (busy_wait_s if busy_wait_s is not None else 3 * default_lease_s())
@@ -274,8 +292,9 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
         if population.is_done(job.job_id):
             outcomes["done by another worker"] += 1
             continue
-        runner = finetune_job.with_options(task_run_name=f"finetune-{job.job_id}", retries=retries)
-        outcome = runner(manifest, overrides, store, job.index)
+        runner = _retrying(finetune_job, f"finetune-{job.job_id}", retries)
+        outcome, failure = _outcome(lambda runner=runner, job=job: runner(manifest, overrides, store, job.index), retries)
+        outcome = outcome or failure
         if outcome != "busy":
             outcomes[outcome] += 1
         elif time.monotonic() < deadline:
@@ -307,9 +326,9 @@ def score_population(manifest: str, overrides: list[str] | None = None, store: s
             todo.append(job)
     cohorts = plan_cohorts(todo, loaded, workers)
     names = [f"score-{c[0].job_id}" if len(c) == 1 else f"score-cohort-{c[0].job_id}-x{len(c)}" for c in cohorts]
-    for result in _run_units(score_cohort_task, names, [[job.index for job in c] for c in cohorts], retries, workers,
-                             manifest, overrides, store):
-        for per_job in result:
+    for cohort, (result, failure) in zip(cohorts, _run_units(score_cohort_task, names, [[job.index for job in c] for c in cohorts],
+                                                           retries, workers, manifest, overrides, store)):
+        for per_job in result or [{"task": failure}] * len(cohort):
             for outcome in per_job.values():
                 outcomes[outcome] += 1
     _artifact("score", loaded, outcomes, _label_table(loaded, population.store))

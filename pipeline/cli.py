@@ -318,6 +318,74 @@ def bench_orchestration_command(
     return 0
 
 
+@bench_app.command("faults")
+def bench_faults_command(
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"),
+    scenarios: Annotated[str, typer.Option(help="Comma-separated scenarios, or all: kill, concurrent-2, concurrent-4, job-exception, "
+                                                "non-finite-loss, out-of-memory, scorer-crash, full-disk, flaky-store.")] = "all",
+    trials: Annotated[Optional[list[str]], typer.Option(help="Seeded trials: N for every scenario, or SCENARIO=N; repeatable "
+                                                             "(default: 10 kills, 2 of each other, 1 scorer crash).")] = None,
+    lease: Annotated[float, typer.Option(help="Claim lease of the workers in seconds: a killed worker's claims expire this soon.")] = 2.0,
+    mount: Annotated[bool, typer.Option(help="Full disk as a size-limited tmpfs (needs root); --no-mount: a write quota.")] = True,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Where the trials' stores go (default: a temp dir, removed after).")] = None,
+) -> int:
+    """Fault injection: workers killed, racing, failing, on a full disk or a flaky store; a table of the promises held."""
+    import tempfile
+
+    from pipeline.faults.report import rows, write_results
+    from pipeline.faults.scenarios import SCENARIOS, run_scenarios, trial_counts
+
+    loaded = load(manifest, overrides)
+    if loaded.base.kind != "diffusion":
+        raise ValueError(f"lol bench faults injects faults into diffusion smoke populations; {manifest} is {loaded.base.kind}")
+    chosen = list(SCENARIOS) if scenarios.strip() == "all" else [s.strip() for s in scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown or not chosen:
+        raise ValueError(f"--scenarios {scenarios!r}: choose from all, {', '.join(SCENARIOS)}")
+    counts = trial_counts(chosen, _trials_option(trials or [], chosen))
+    total = sum(counts.values())
+    with tempfile.TemporaryDirectory(prefix="lol-bench-faults-", dir=work_dir) as tmp:
+        lab = _fault_lab(manifest, loaded, list(overrides or []), Path(tmp), lease, mount)
+        with _progress() as progress:
+            task = progress.add_task("fault trials", total=total)
+            done = run_scenarios(lab, chosen, counts, on_trial=lambda t: progress.update(
+                task, advance=1, description=f"{t.scenario} ({t.variant}) {'✓' if t.ok else '✗'}"))
+    table = Table(title=f"lol bench faults: {total} trials on a smoke population of {loaded.population.name}")
+    for column in ("scenario", "variant", "trials", "promises held", "outcomes", "measured", "s/trial"):
+        table.add_column(column, overflow="fold")
+    for row in rows(done):
+        table.add_row(row.scenario, row.variant, str(row.trials), f"{row.held} of {row.trials}", row.outcomes, row.measured,
+                      f"{row.seconds:.1f}")
+    out.print(table)
+    for trial in (t for t in done if not t.ok):
+        out.print(f"✗ {trial.scenario} ({trial.variant}) trial {trial.trial}: " + "; ".join(trial.problems), highlight=False)
+    path = write_results(done, {"manifest": str(manifest), "overrides": overrides, "scenarios": chosen, "trials": counts,
+                                "lease_s": lease, "mount": mount})
+    out.print(f"results: {path}")
+    return 0 if all(t.ok for t in done) else EXIT_PROBLEMS
+
+
+def _trials_option(values: list[str], chosen: list[str]) -> dict[str, int]:
+    """`--trials N` (every chosen scenario) and `--trials SCENARIO=N` (that one), later ones winning."""
+    counts: dict[str, int] = {}
+    for value in values:
+        name, _, number = value.rpartition("=")
+        if not number.strip().isdigit() or int(number) < 1 or (name and name not in chosen):
+            raise ValueError(f"--trials {value!r}: give N ≥ 1, or SCENARIO=N with one of {', '.join(chosen)}")
+        counts.update({name: int(number)} if name else dict.fromkeys(chosen, int(number)))
+    return counts
+
+
+def _fault_lab(manifest: Path, loaded: Manifest, overrides: list[str], work: Path, lease: float, mount: bool):
+    """A FaultLab whose base is resolved once (a `tiny:` base is built or copied here, not in every trial's store)."""
+    from pipeline.bases.loading import resolve_base
+    from pipeline.faults.lab import FaultLab
+
+    base, _ = resolve_base(loaded.base.model_dump(), Store(str(work / "bases")))
+    pinned = [f"base.ref={base}", "base.size=full"] if Path(base).exists() else []
+    return FaultLab(str(manifest), [*overrides, *pinned], work / "trials", lease_s=lease, mount=mount)
+
+
 @bench_app.command("load")
 def bench_load_command(
     sd_loras: Annotated[int, typer.Option(help="SD-1.4-shaped rank-4 LoRAs (random weights) to stream.")] = 2000,

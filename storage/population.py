@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -33,6 +34,7 @@ SCORES = "scores"
 LEGACY_RECORD_KEYS = frozenset({"job_id", "population", "files", "metrics", "committed_at"})
 LEGACY_SCORE_KEYS = frozenset({"job_id", "scorer", "scorer_id", "settings", "labels", "versions", "scored_at"})
 _memory_claim_locks: dict[str, threading.Lock] = {}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -313,14 +315,20 @@ class PopulationStore:
         """Renew `claim` in the background (every lease/3) while the body runs; release it after.
 
         A worker that dies stops renewing, so its claim expires within `lease_s` and another
-        worker takes the job over.
+        worker takes the job over. A renewal that fails to write (a full disk, a store error) is
+        logged and tried again a third of a lease later; one that finds the claim taken over stops.
+        A release that fails is logged: the claim then expires within one lease.
         """
         stop = threading.Event()
 
         def heartbeat() -> None:
             while not stop.wait(lease_s / 3):
-                if not self.renew(claim, lease_s):
-                    return
+                try:
+                    if not self.renew(claim, lease_s):
+                        log.warning("claim on %s was taken over (lease of %.0f s ran out)", claim.job_id, lease_s)
+                        return
+                except OSError as exc:
+                    log.warning("could not renew the claim on %s: %s; retrying", claim.job_id, exc)
 
         beat = threading.Thread(target=heartbeat, name=f"claim-{claim.job_id}", daemon=True)
         beat.start()
@@ -329,7 +337,10 @@ class PopulationStore:
         finally:
             stop.set()
             beat.join()
-            self.release(claim)
+            try:
+                self.release(claim)
+            except OSError as exc:
+                log.warning("could not release the claim on %s (it expires within %.0f s): %s", claim.job_id, lease_s, exc)
 
     def release(self, claim: Claim) -> None:
         """Drop the claim if it is still ours."""
@@ -337,6 +348,26 @@ class PopulationStore:
             current = self._read_claim(claim.job_id)
             if current is not None and current.token == claim.token:
                 self.store.delete(self.rel("claims", claim.job_id))
+
+    def sweep_claims(self) -> int:
+        """Remove expired claims and the temporary files of claim writes a killed worker left;
+        returns how many files went. Claims are only written under the claims lock, so a
+        temporary file found while holding it belongs to a writer that died."""
+        removed = 0
+        with self._claims_lock():
+            now = time.time()
+            for name in self.store.list_dir(self.rel("claims")):
+                if name.startswith("."):
+                    continue
+                if _TMP_MARK in name:
+                    self.store.delete(self.rel("claims", name))
+                    removed += 1
+                    continue
+                claim = self._read_claim(name)
+                if claim is None or claim.expires <= now:
+                    self.store.delete(self.rel("claims", name))
+                    removed += 1
+        return removed
 
     def active_claims(self) -> dict[str, Claim]:
         now = time.time()

@@ -3,6 +3,13 @@
 The runner is the same for every model kind; a `Trainer` (chosen by the base's kind)
 does the model work. Storage decides what is done, so a rerun after a crash trains only
 what is missing, and claims keep two workers off the same job.
+
+A failure fails its job alone and the population goes on: an exception or a non-finite loss in
+training, or a write the store refuses (a full disk, an I/O error) while claiming, preparing or
+committing. Each is recorded in the job's failed.json with its reason (and in the summary, also
+when the store cannot take even that write). The runner retries nothing by itself except the
+jobs of a cohort that ran out of memory, in halved cohorts down to one job: bounded. A killed
+worker leaves a claim that expires, and staging folders the next run on the host removes.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ import contextlib
 import logging
 import os
 import socket
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -22,9 +28,10 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
+from pipeline.finetune import staging
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
-from storage import Store
+from storage import Claim, Store
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +133,14 @@ def cohort_order(job: Job) -> tuple:
 
 def run_jobs(population, jobs: Sequence[Job], get_trainer: Callable[[], Trainer], worker: str,
              lease_s: float | None, sizer: CohortSizer) -> Iterator[tuple[Job, str]]:
-    """Train `jobs` (in cohorts where the sizer and the trainer allow): yields (job, outcome) as they finish."""
+    """Train `jobs` (in cohorts where the sizer and the trainer allow): yields (job, outcome) as they finish.
+
+    First removes what killed workers left: their staging folders on this host, and expired
+    claims (see `sweep_leftovers`).
+    """
     queue = sorted(jobs, key=cohort_order) if sizer.requested > 1 else list(jobs)
+    if queue:
+        sweep_leftovers(population)
     while queue:
         trainer = get_trainer()
         k = sizer.size(getattr(trainer, "member_bytes", None), getattr(trainer, "device", torch.device("cpu")))
@@ -143,6 +156,16 @@ def run_jobs(population, jobs: Sequence[Job], get_trainer: Callable[[], Trainer]
             queue = cohort + queue
 
 
+def sweep_leftovers(population) -> None:
+    """Remove the staging folders of dead workers of this host and the population's expired claims."""
+    for folder in staging.sweep():
+        log.info("removed %s, left by a worker that died", folder)
+    try:
+        population.sweep_claims()
+    except OSError as exc:  # tidying only: expired claims are taken over anyway
+        log.warning("could not remove expired claims: %s", exc)
+
+
 class CohortOutOfMemory(RuntimeError):
     """A cohort did not fit in memory; its jobs are retried in smaller cohorts."""
 
@@ -156,27 +179,32 @@ def run_cohort(population, jobs: Sequence[Job], trainer, worker: str, lease_s: f
     lease_s = lease_s or default_lease_s()
     outcomes: list[tuple[Job, str]] = []
     with contextlib.ExitStack() as stack:
-        claimed = []
+        claims: dict[str, Claim] = {}
         for job in jobs:
             if population.is_done(job.job_id):
                 outcomes.append((job, "skipped"))
                 continue
-            claim = population.claim(job.job_id, worker, lease_s)
+            outcome, claim = _claim(population, job, worker, lease_s)
             if claim is None:
-                outcomes.append((job, "busy"))
+                outcomes.append((job, outcome))
                 continue
             stack.enter_context(population.holding(claim, lease_s))
             if population.is_done(job.job_id):  # finished by another worker meanwhile
                 outcomes.append((job, "skipped"))
                 continue
-            claimed.append(job)
+            claims[job.job_id] = claim
         staged, tasks = {}, []
-        for job in claimed:
-            population.write_spec(job.job_id, job.to_json())
-            population.clear_partial(job.job_id)
-            staged[job.job_id] = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lol-job-{job.job_id}-")))
+        by_id = {job.job_id: job for job in jobs}
+        for job_id in claims:
+            job = by_id[job_id]
             try:
-                tasks.append(trainer.cohort_task(job, staged[job.job_id]))
+                _prepare(population, job)
+            except OSError as exc:  # the store refused a write: this job fails, the others go on
+                outcomes.append((job, _record_failure(population, job, exc, "preparing the job folder")))
+                continue
+            staged[job_id] = stack.enter_context(staging.job_dir(job_id))
+            try:
+                tasks.append(trainer.cohort_task(job, staged[job_id]))
             except Exception as exc:  # this job cannot start; the others can
                 outcomes.append((job, _record_failure(population, job, exc)))
         if not tasks:
@@ -187,16 +215,14 @@ def run_cohort(population, jobs: Sequence[Job], trainer, worker: str, lease_s: f
             if is_out_of_memory(exc):
                 raise CohortOutOfMemory(str(exc)) from exc
             log.warning("cohort of %d failed as a whole (%s); training its jobs one at a time", len(tasks), exc)
-            by_id = {job.job_id: job for job in claimed}
-            return outcomes + [(by_id[t.key], _train_one(trainer, by_id[t.key], population, worker)) for t in tasks]
-        by_id = {job.job_id: job for job in claimed}
+            return outcomes + [(by_id[t.key], _train_one(trainer, by_id[t.key], population, worker, claims[t.key], lease_s))
+                               for t in tasks]
         for task in tasks:
             job, result = by_id[task.key], results[task.key]
             if isinstance(result, Exception):
                 outcomes.append((job, _record_failure(population, job, result)))
             else:
-                population.commit(job.job_id, staged[job.job_id], {**result, "worker": worker})
-                outcomes.append((job, "trained"))
+                outcomes.append((job, _commit(population, job, staged[job.job_id], result, worker, claims[job.job_id], lease_s)))
     return outcomes
 
 
@@ -214,38 +240,88 @@ def run_job(population, job: Job, get_trainer: Callable[[], Trainer], worker: st
     lease_s = lease_s or default_lease_s()
     if population.is_done(job.job_id):
         return "skipped"
-    claim = population.claim(job.job_id, worker, lease_s)
+    outcome, claim = _claim(population, job, worker, lease_s)
     if claim is None:
-        return "busy"
+        return outcome
     with population.holding(claim, lease_s):
         if population.is_done(job.job_id):  # finished by another worker meanwhile
             return "skipped"
         trainer = get_trainer()
-        population.write_spec(job.job_id, job.to_json())
-        population.clear_partial(job.job_id)
-        return _train_one(trainer, job, population, worker)
-
-
-def _train_one(trainer: Trainer, job: Job, population, worker: str) -> str:
-    """'trained', or the failure reason recorded in failed.json."""
-    with tempfile.TemporaryDirectory(prefix=f"lol-job-{job.job_id}-") as tmp:
         try:
-            metrics = trainer.run(job, Path(tmp))
+            _prepare(population, job)
+        except OSError as exc:
+            return _record_failure(population, job, exc, "preparing the job folder")
+        return _train_one(trainer, job, population, worker, claim, lease_s)
+
+
+def _claim(population, job: Job, worker: str, lease_s: float) -> tuple[str, Claim | None]:
+    """('claimed', claim), ('busy', None) when another worker holds it, or (reason, None) when the
+    store refused the claim (nothing is written for the job then: it is not ours)."""
+    try:
+        claim = population.claim(job.job_id, worker, lease_s)
+    except OSError as exc:
+        return f"store error while claiming: {_short(exc)} [failed.json not written: the job was not claimed]", None
+    return ("claimed", claim) if claim is not None else ("busy", None)
+
+
+def _prepare(population, job: Job) -> None:
+    """The job's spec in its folder, and nothing an earlier attempt left."""
+    population.write_spec(job.job_id, job.to_json())
+    population.clear_partial(job.job_id)
+
+
+def _train_one(trainer: Trainer, job: Job, population, worker: str, claim: Claim, lease_s: float) -> str:
+    """'trained', 'busy' (the claim was lost), or the failure reason recorded in failed.json."""
+    with staging.job_dir(job.job_id) as tmp:
+        try:
+            metrics = trainer.run(job, tmp)
         except Exception as exc:  # one job's bug must not stop the population
             return _record_failure(population, job, exc)
-        population.commit(job.job_id, tmp, {**metrics, "worker": worker})
+        return _commit(population, job, tmp, metrics, worker, claim, lease_s)
+
+
+def _commit(population, job: Job, staged: Path, metrics: dict[str, Any], worker: str, claim: Claim, lease_s: float) -> str:
+    """Commit a trained job if its claim is still ours: 'trained', 'busy', or a failure reason.
+
+    A worker whose lease ran out while training (a stalled process) may have lost the job to
+    another worker; committing then would store a second copy over the other's, so it yields.
+    A commit the store refuses (a full disk) is failed, and what it wrote is removed again.
+    """
+    try:
+        ours = population.renew(claim, lease_s)  # the job is ours for the next lease: time to commit
+    except OSError as exc:
+        return _record_failure(population, job, exc, "renewing the claim before committing")
+    if not ours:
+        log.warning("job %s: the claim was lost while training (lease %.0f s); not committing", job.job_id, lease_s)
+        return "busy"
+    try:
+        population.commit(job.job_id, staged, {**metrics, "worker": worker})
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            population.clear_partial(job.job_id)
+        return _record_failure(population, job, exc, "committing")
     return "trained"
 
 
-def _record_failure(population, job: Job, exc: BaseException) -> str:
-    """Write failed.json for `job`; returns the short reason."""
+def _record_failure(population, job: Job, exc: BaseException, during: str = "") -> str:
+    """Write failed.json for `job`; returns the short reason (noting when failed.json could not be written)."""
     if isinstance(exc, NonFiniteLoss):
-        population.write_failed(job.job_id, "non-finite loss", str(exc))
-        return "non-finite loss"
-    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}".rstrip(": ")
-    detail = "".join(traceback.format_exception(exc)) if exc.__traceback__ else repr(exc)
-    population.write_failed(job.job_id, reason, detail)
+        reason, detail = "non-finite loss", str(exc)
+    else:
+        reason = f"{'store error while ' + during + ': ' if during else ''}{_short(exc)}"
+        detail = "".join(traceback.format_exception(exc)) if exc.__traceback__ else repr(exc)
+    try:
+        population.write_failed(job.job_id, reason, detail)
+    except OSError as write_error:  # e.g. the disk that failed the job is still full
+        log.warning("job %s failed (%s) and failed.json could not be written: %s", job.job_id, reason, write_error)
+        return f"{reason} [failed.json not written: {_short(write_error)}]"
     return reason
+
+
+def _short(exc: BaseException) -> str:
+    """`Type: first line of the message` (at most 200 characters of it)."""
+    message = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {message}".rstrip(": ")
 
 
 def _report(on_job: Callable[[Job, str], None] | None, job: Job, outcome: str) -> None:

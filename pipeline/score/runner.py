@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
-from pipeline.score import make_scorer, scorer_id, scorer_settings
+from pipeline.score import Scorer, make_scorer, scorer_id, scorer_settings
 from storage import PopulationStore, Store
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,14 @@ def score_population(
     shard_spec: str | None = None,
     on_job: Callable[[Job, str, str], None] | None = None,
     cohort_size: int | None = None,
+    scorer_factory: Callable[[Any], Scorer] = make_scorer,
 ) -> ScoreSummary:
     """Label every completed LoRA that lacks a score from each scorer (or the scorers named in `only`),
-    K LoRAs per pass for scorers that score cohorts (the manifest's `execution`, or `cohort_size`)."""
+    K LoRAs per pass for scorers that score cohorts (the manifest's `execution`, or `cohort_size`).
+
+    A LoRA whose scoring fails (the scorer raises, or the store refuses the score) is listed in
+    `summary.failed` with the reason, and the others go on; a rerun scores what is missing.
+    `scorer_factory(spec)` builds each scorer (`make_scorer`; tests inject faulty ones)."""
     started = time.perf_counter()
     sizer = CohortSizer(cohort_size or manifest.execution.requested_cohort_size, manifest.execution.memory_fraction)
     population = store.population(manifest.population.name)
@@ -73,7 +79,7 @@ def score_population(
                 _collect(summary, population.read_score(job.job_id, sid))
         if not todo:
             continue
-        scorer = make_scorer(spec)
+        scorer = scorer_factory(spec)
         scorer.setup(manifest, store)
         for job, outcome, payload in score_jobs(population, todo, spec, sid, scorer, sizer):
             if payload is None:
@@ -113,7 +119,7 @@ def score_jobs(population: PopulationStore, jobs: list[Job], spec, sid: str, sco
                 yield (job, *score_job(population, job, spec, sid, scorer))
             continue
         for job, values in zip(cohort, labels):
-            yield job, "scored", _store(population, job, spec, sid, values)
+            yield (job, *_store(population, job, spec, sid, values))
 
 
 def score_job(population: PopulationStore, job: Job, spec, sid: str, scorer) -> tuple[str, dict | None]:
@@ -123,14 +129,18 @@ def score_job(population: PopulationStore, job: Job, spec, sid: str, scorer) -> 
             labels = scorer.score(job, adapter_dir)
     except Exception as exc:  # one LoRA's failure must not stop the population
         return f"{type(exc).__name__}: {exc}"[:300], None
-    return "scored", _store(population, job, spec, sid, labels)
+    return _store(population, job, spec, sid, labels)
 
 
-def _store(population: PopulationStore, job: Job, spec, sid: str, labels: dict) -> dict:
+def _store(population: PopulationStore, job: Job, spec, sid: str, labels: dict) -> tuple[str, dict | None]:
+    """Write one score: ('scored', payload), or (reason, None) when the store refuses the write."""
     payload = {"job_id": job.job_id, "scorer": spec.name, "scorer_id": sid, "settings": scorer_settings(spec),
                "labels": labels, "versions": _versions(), "scored_at": time.time()}
-    population.write_score(job.job_id, sid, payload)
-    return payload
+    try:
+        population.write_score(job.job_id, sid, payload)
+    except OSError as exc:  # a full disk, an I/O error: this label is missing, a rerun adds it
+        return f"store error while writing the score: {type(exc).__name__}: {exc}"[:300], None
+    return "scored", payload
 
 
 def _collect(summary: ScoreSummary, payload: dict | None) -> None:

@@ -77,3 +77,19 @@ def write_report(name: str, outcomes: list[dict]) -> None:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / f"{name}.json").write_text(json.dumps(outcomes, indent=1))
+
+
+@pytest.fixture(scope="session")
+def fault_lab(random_sd, tmp_path_factory):
+    """The fault scenarios' bench (pipeline.faults.lab) on the random SD-shaped base, shared by the
+    test_faults_* modules (its reference runs are made once)."""
+    from pipeline.faults.lab import FaultLab
+
+    return FaultLab(str(SHAPES), [f"base.ref={random_sd}"], tmp_path_factory.mktemp("faults"), lease_s=2.0)
+
+
+def check_trials(name: str, trials) -> None:
+    """Keep the outcomes (LOL_RELIABILITY_REPORT) and assert every promise held in every trial."""
+    write_report(name, [t.as_dict() for t in trials])
+    broken = [f"{t.scenario} ({t.variant}) trial {t.trial}: {'; '.join(t.problems)}" for t in trials if not t.ok]
+    assert not broken, "\n".join(broken)
