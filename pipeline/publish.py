@@ -31,8 +31,6 @@ trusted); a LoRA holding NaN/Inf weights is left out and listed with its count.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -52,6 +50,7 @@ from pipeline.jobs import Job, canonical_json, expand, unit_draw
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
 from storage import Store
+from storage.locks import file_lock
 
 LAYOUT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -401,7 +400,7 @@ def _install(store: Store, staging: Path, rel: str) -> None:
         link = store.local_path(rel)
         versions = link.parent / ".versions"
         versions.mkdir(parents=True, exist_ok=True)
-        with _publish_lock(link.parent / f".lock-{link.name}"):
+        with file_lock(link.parent / f".lock-{link.name}"):
             version = versions / f"{link.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
             shutil.copytree(staging, version)
             if link.exists() and not link.is_symlink():  # a plain folder from elsewhere: keep it aside
@@ -416,17 +415,6 @@ def _install(store: Store, staging: Path, rel: str) -> None:
     for path in files:
         store.write_bytes(f"{rel}/{path.relative_to(staging).as_posix()}", path.read_bytes())
     store.write_bytes(f"{rel}/README.md", (staging / "README.md").read_bytes())
-
-
-@contextlib.contextmanager
-def _publish_lock(path: Path):
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _remove_stale(link: Path, versions: Path, keep: Path) -> None:

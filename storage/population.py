@@ -8,9 +8,7 @@ not verify is not done: the next `lol finetune` clears it and trains it again.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import threading
 import time
 import uuid
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from storage.locks import file_lock
 from storage.seal import CorruptFile, seal, unseal
 from storage.store import _TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 
@@ -392,13 +391,8 @@ class PopulationStore:
         if self.store.is_local:
             directory = self.store.local_path(self.rel("claims"))
             directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(directory / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            with file_lock(directory / ".lock"):
                 yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
         else:
             lock = _memory_claim_locks.setdefault(self.store.path(self.rel("claims")), threading.Lock())
             with lock:
