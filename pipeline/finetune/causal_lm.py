@@ -46,6 +46,7 @@ from pipeline.data.subsets import job_examples, source_subset
 from pipeline.finetune.cohort import (
     CohortTask,
     Member,
+    cohort_autocast,
     common_targets,
     member_factors,
     train_members,
@@ -377,11 +378,7 @@ class CausalLMTrainer:
         from pipeline.cohort.peft_io import init_factors, save_adapter
 
         targets = common_targets(tasks)
-        precisions = {mixed_precision(self.device, t.hyperparameters.get("mixed_precision")) for t in tasks}
-        if precisions - {"no", "bf16"} or len(precisions) > 1:
-            raise ValueError(f"a cohort trains in one precision, no or bf16; its jobs ask for {sorted(precisions)} "
-                             "(set execution.cohort_size: 1 for fp16 jobs)")
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precisions == {"bf16"} else None
+        autocast = cohort_autocast({mixed_precision(self.device, t.hyperparameters.get("mixed_precision")) for t in tasks})
         outcomes: dict[str, dict[str, Any] | Exception] = {}
         members, initial = [], {}
         for slot, task in enumerate(tasks):

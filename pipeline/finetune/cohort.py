@@ -49,6 +49,15 @@ def common_targets(tasks: Sequence[CohortTask]) -> list[str]:
     return list(next(iter(targets)))
 
 
+def cohort_autocast(precisions: set[str]) -> Callable[[], Any] | None:
+    """The autocast of a cohort whose jobs resolved to `precisions` (accelerate's names): None for "no",
+    bf16 on CUDA for "bf16"; fp16 would need one grad scaler per adapter, so cohorts refuse it."""
+    if precisions - {"no", "bf16"} or len(precisions) > 1:
+        raise ValueError(f"a cohort trains in one precision, no or bf16; its jobs ask for {sorted(precisions)} "
+                         "(set execution.cohort_size: 1 for fp16 jobs)")
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precisions == {"bf16"} else None
+
+
 @dataclass
 class Member:
     """One job of a cohort and its training state."""

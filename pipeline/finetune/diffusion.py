@@ -30,6 +30,7 @@ from pipeline.data.subsets import job_examples
 from pipeline.finetune.cohort import (
     CohortTask,
     Member,
+    cohort_autocast,
     common_targets,
     member_factors,
     train_members,
@@ -174,7 +175,8 @@ class DiffusionTrainer:
         from pipeline.cohort.peft_io import init_factors, save_adapter
 
         targets = common_targets(tasks)
-        autocast = self._autocast(tasks)
+        on_gpu = self.device.type == "cuda"
+        autocast = cohort_autocast({str(t.hyperparameters.get("mixed_precision", "no")) if on_gpu else "no" for t in tasks})
         outcomes: dict[str, dict[str, Any] | Exception] = {}
         members, initial = [], {}
         for slot, task in enumerate(tasks):
@@ -215,14 +217,6 @@ class DiffusionTrainer:
             outcomes[member.key] = {**self._metrics(member.losses, member.steps, seconds / len(members), member.data.num_images),
                                     "cohort": {"size": len(tasks), "slot": member.slot, "seconds": round(seconds, 3)}}
         return outcomes
-
-    def _autocast(self, tasks: Sequence[CohortTask]):
-        """bf16 autocast on a GPU when the jobs ask for it; fp16 needs a grad scaler per adapter (not in cohorts)."""
-        wanted = {str(t.hyperparameters.get("mixed_precision", "no")) for t in tasks} if self.device.type == "cuda" else {"no"}
-        if wanted - {"no", "bf16"} or len(wanted) > 1:
-            raise ValueError(f"a cohort trains in one precision, no or bf16; its jobs ask for {sorted(wanted)} "
-                             "(set execution.cohort_size: 1 for fp16 jobs)")
-        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if wanted == {"bf16"} else None
 
     def _metrics(self, losses: list[float], steps: int, seconds: float, num_images: int) -> dict[str, Any]:
         return {
