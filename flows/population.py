@@ -238,13 +238,14 @@ def _outcome(call, retries: int) -> tuple[Any, str | None]:
 
 def plan_cohorts(jobs: list[Job], manifest: Manifest, workers: int) -> list[list[Job]]:
     """The flow's task units: jobs of similar length together, cohorts of the manifest's size, at
-    least one per worker; one job per unit when the cohort size is 1."""
+    least one per worker; one job per unit when the cohort size is 1. Longest cohorts first, so
+    that no worker starts a long one while the others run out of work."""
     requested = manifest.execution.requested_cohort_size
     if requested == 1 or not jobs:
         return [[job] for job in jobs]
     ordered = sorted(jobs, key=cohort_order)
     size = max(1, min(requested, math.ceil(len(ordered) / workers)))
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)][::-1]
 
 
 def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[Job]:

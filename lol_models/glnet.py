@@ -15,7 +15,10 @@ equivariant piece maps LoraWeights → LoraWeights and commutes with that action
                Scaling rows commutes with right multiplication. Cost O(h r) per layer.
 - `RowDropout` drops whole rows of U_i and of V_i (equivariant for the same reason).
 - head         P_i = U_i V_iᵀ ∈ ℝ^{h×h} per layer (invariant), Σ_i Linear_i(vec P_i) [+ Linear'_i(vec P_i ⊙ P_i)]
-               → MLP → out.
+               [+ Linear(spectral moments of the input ΔW_i)] → MLP → out.
+- spectral moments (optional) log(Σ_k σ_k^{2p}) / p, p = 1..P, of each input layer's ΔW_i = U_i V_iᵀ, from
+               the traces of powers of M_i = (U_iᵀU_i)(V_iᵀV_i) ∈ ℝ^{r×r}: g acts on M_i by similarity
+               (M_i ↦ gᵀ M_i g⁻ᵀ), so the traces are invariant; rank-agnostic; cost O((n + m) r²).
 
 Information crosses layers only through invariants (gate context, head). Cost is linear in n_i, m_i:
 no n×m matrix is ever formed (ΔW's scale for input normalisation uses tr((UᵀU)(VᵀV)), r×r).
@@ -38,7 +41,7 @@ from lol_models.common import (
 )
 from lol_models.weights import LayerGroup, Layout, LoraWeights
 
-__all__ = ["GLGate", "GLLinear", "GLNet", "GLNetConfig", "RowDropout", "frobenius_sq"]
+__all__ = ["GLGate", "GLLinear", "GLNet", "GLNetConfig", "RowDropout", "frobenius_sq", "spectral_log_moments"]
 
 
 @dataclass(frozen=True)
@@ -55,16 +58,35 @@ class GLNetConfig:
     # Off by default: selected on validation over the tiny populations' six targets (better on five;
     # e.g. tiny-shapes clip_score val R² 0.499 vs 0.399, tiny-arc acc 0.669 vs 0.561; docs/results.md).
     normalize_input: bool = opt(False, "rescale each layer so ΔW_i has unit RMS entry on the training set")
+    spectral_moments: int = opt(0, "P: the head also reads log(Σ_k σ_k^2p) / p, p = 1..P, of each input layer's "
+                                   "ΔW_i (GL-invariant, any rank), standardised on the training set; 0: off")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_positive_ints(name, hidden=self.hidden, head=self.head, context=self.context)
+        if self.spectral_moments < 0:
+            raise ValueError(f"{name}.spectral_moments must be ≥ 0 (0 turns them off), got {self.spectral_moments}")
         check_probability(name, dropout=self.dropout, head_dropout=self.head_dropout)
 
 
 def frobenius_sq(u: Tensor, v: Tensor) -> Tensor:
     """‖U Vᵀ‖_F² = Σ (UᵀU) ⊙ (VᵀV) without forming U Vᵀ. u: (..., n, r), v: (..., m, r) → (...)."""
     return ((u.transpose(-1, -2) @ u) * (v.transpose(-1, -2) @ v)).sum((-1, -2))
+
+
+def spectral_log_moments(u: Tensor, v: Tensor, powers: int) -> Tensor:
+    """log(Σ_k σ_k^2p) / p of ΔW = U Vᵀ for p = 1..powers: u (..., n, r), v (..., m, r) → (..., powers).
+
+    Σ_k σ_k^2p = tr(M^p) with M = (UᵀU)(VᵀV) (r×r), so ΔW is never formed. A zero ΔW gives
+    log(1e-30) / p rather than -inf.
+    """
+    m = (u.transpose(-1, -2) @ u) @ (v.transpose(-1, -2) @ v)  # (..., r, r)
+    power, moments = m, []
+    for p in range(1, powers + 1):
+        if p > 1:
+            power = power @ m
+        moments.append(power.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-30).log() / p)
+    return torch.stack(moments, -1)
 
 
 def _group_shapes(layout: Layout) -> list[tuple[int, int, int]]:
@@ -178,6 +200,10 @@ class GLNet(LoLModel):
             nn.Parameter(torch.randn(lg, h * h, d) / (h * (sum(sizes)) ** 0.5)) for lg in sizes
         ) if cfg.quadratic_readout else None
         self.readout_bias = nn.Parameter(torch.zeros(d))
+        P = cfg.spectral_moments
+        self.spectral = nn.Linear(sum(sizes) * P, d, bias=False) if P else None
+        self.register_buffer("spectral_mean", torch.zeros(sum(sizes) * P))  # (L·P,) training-set statistics
+        self.register_buffer("spectral_std", torch.ones(sum(sizes) * P))
         self.head = nn.Sequential(nn.GELU(), MLP(d, cfg.head[1:], out_dim, cfg.head_dropout))
 
     def input_scales(self) -> list[Tensor]:
@@ -186,7 +212,13 @@ class GLNet(LoLModel):
 
     @torch.no_grad()
     def fit_input_stats(self, weights: LoraWeights, chunk_size: int = 512) -> None:
-        """Set each layer's scale so the RMS entry of ΔW_i over the training set is 1."""
+        """Training-set statistics: the spectral moments' mean and std (when on), and each layer's
+        scale so the RMS entry of ΔW_i over the training set is 1 (with `normalize_input`)."""
+        if self.spectral is not None:
+            self.spectral_mean.zero_(), self.spectral_std.fill_(1.0)
+            moments = torch.cat([self.spectral_features(c) for c in self.chunks(weights, chunk_size)])  # (B, L·P)
+            self.spectral_mean.copy_(moments.mean(0))
+            self.spectral_std.copy_(moments.std(0).clamp(min=1e-6) if len(moments) > 1 else torch.ones_like(moments[0]))
         if not self.cfg.normalize_input:
             return
         self.layout.check(weights, what="training weights", check_rank=False)
@@ -208,6 +240,12 @@ class GLNet(LoLModel):
         ))
         return self.blocks(x)
 
+    def spectral_features(self, weights: LoraWeights) -> Tensor:
+        """Standardised spectral moments of every input layer: (B, L·P), layers in layout order."""
+        x = self.prepare(weights)
+        moments = torch.cat([spectral_log_moments(g.u, g.v, self.cfg.spectral_moments).flatten(1) for g in x.groups], -1)
+        return (moments - self.spectral_mean) / self.spectral_std
+
     def invariants(self, weights: LoraWeights) -> list[Tensor]:
         """P_i = (W U_i)(W' V_i)ᵀ per group: Tensors (B, L_g, h, h). GL-invariant."""
         return [g.u @ g.v.transpose(-1, -2) for g in self.equivariant_features(weights).groups]
@@ -220,4 +258,6 @@ class GLNet(LoLModel):
             z = z + torch.einsum("blk,lkd->bd", p, self.readout[j])  # (B, d): Σ_i Linear_i(vec P_i)
             if self.readout_sq is not None:
                 z = z + torch.einsum("blk,lkd->bd", p * p, self.readout_sq[j])
+        if self.spectral is not None:
+            z = z + self.spectral(self.spectral_features(weights))
         return self.head(z)

@@ -86,3 +86,26 @@ def test_saved_tensor_bytes_counts_activations_not_the_frozen_weights():
     with saved_tensor_bytes(layer) as saved:
         (layer(x) @ lora).sum()
     assert saved.total == 32 * 256 * 4  # the (32, 256) float32 input of the LoRA matmul, once
+
+
+def test_cohorts_group_jobs_of_equal_length_and_the_longest_run_first():
+    from flows.population import plan_cohorts
+    from pipeline.finetune.runner import planned_micro_steps
+    from pipeline.jobs import expand
+
+    arc = Manifest.from_yaml(ROOT / "manifests" / "tiny-arc.yaml", overrides=["count=40", "execution.cohort_size=8"])
+    jobs = list(expand(arc))
+    job = jobs[0]  # epochs × batches of its data subset
+    hp, data = job.spec.hyperparameters, job.spec.data
+    examples = data["examples_per_source"] * len(data["sources"])
+    assert planned_micro_steps(job) == hp["epochs"] * -(-examples // hp["batch_size"])
+    cohorts = plan_cohorts(jobs, arc, workers=2)
+    assert [len(c) for c in cohorts] == [8] * 5 and sorted(j.index for c in cohorts for j in c) == list(range(40))
+    longest = [max(planned_micro_steps(j) for j in c) for c in cohorts]
+    shortest = [min(planned_micro_steps(j) for j in c) for c in cohorts]
+    assert longest == sorted(longest, reverse=True)  # the longest cohort is handed out first
+    assert all(low >= high for low, high in zip(shortest, longest[1:]))  # cohorts do not overlap in length
+    shapes = Manifest.from_yaml(ROOT / "manifests" / "tiny-shapes.yaml")
+    steps_job = next(iter(expand(shapes, limit=1)))
+    hp = steps_job.spec.hyperparameters
+    assert planned_micro_steps(steps_job) == hp["steps"] * hp["gradient_accumulation"]

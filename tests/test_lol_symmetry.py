@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lol_models.glnet import GLGate, GLLinear, GLNet, GLNetConfig, RowDropout, _group_shapes
+from lol_models.glnet import GLGate, GLLinear, GLNet, GLNetConfig, RowDropout, _group_shapes, spectral_log_moments
 from lol_models.registry import build_model
 from lol_models.symmetry import gl_act, random_gl, random_gl_like, random_orthogonal_like
 from lol_models.synthetic import random_lora_weights
@@ -28,7 +28,7 @@ B = 4
 GL_INVARIANT = {
     "mlp_svd": {"hidden": (16,)},
     "mlp_dense": {"hidden": (16,)},
-    "glnet": {"hidden": (6, 5, 4), "head": (16, 8), "dropout": 0.2, "context": 3},
+    "glnet": {"hidden": (6, 5, 4), "head": (16, 8), "dropout": 0.2, "context": 3, "spectral_moments": 3},
     "transformer": {"token": "svd", "d_model": 8, "nhead": 2, "num_layers": 1, "dim_feedforward": 16},
 }
 
@@ -173,3 +173,13 @@ def test_random_gl_has_the_requested_condition_number():
     g = random_gl((50,), 4, max_cond=1e3, generator=torch.Generator().manual_seed(0))
     s = torch.linalg.svdvals(g)
     torch.testing.assert_close(s[:, 0] / s[:, -1], torch.full((50,), 1e3, dtype=torch.float64))
+
+
+def test_spectral_log_moments_are_the_power_sums_of_the_singular_values():
+    gen = torch.Generator().manual_seed(3)
+    u, v = torch.randn(5, 7, 3, generator=gen, dtype=torch.float64), torch.randn(5, 9, 3, generator=gen, dtype=torch.float64)
+    sigma = torch.linalg.svdvals(u @ v.transpose(-1, -2))  # (5, 7): the dense way, for reference
+    expected = torch.stack([(sigma ** (2 * p)).sum(-1).log() / p for p in (1, 2, 3)], -1)
+    torch.testing.assert_close(spectral_log_moments(u, v, 3), expected)
+    zero = spectral_log_moments(torch.zeros(2, 4, 3), torch.zeros(2, 6, 3), 2)
+    assert torch.isfinite(zero).all()

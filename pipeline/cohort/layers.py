@@ -9,7 +9,8 @@ paths with two batched matrix products (`torch.bmm`) over the rows of each adapt
 
 Mixed ranks are stacked by padding A with zero rows and B with zero columns up to the largest
 rank, which leaves every B A unchanged. Rows of slot -1 get no LoRA (the bare base). When the
-adapters have unequal row counts the low-rank paths run one slot at a time.
+adapters have unequal row counts, each group is padded with zero rows to the largest (S·M ≤ 2N
+rows in all), or else the low-rank paths run one slot at a time.
 
 Shapes: N rows (dim 0 of the model's input, e.g. the batch), L positions per row (flattened
 middle dims), S adapters present in the batch, M rows per adapter, r rank, in/out features.
@@ -43,10 +44,25 @@ class RoutePlan:
     counts: tuple[int, ...]  # rows of each slot
     gather: torch.Tensor | None  # (Σ counts,) row indices grouping rows by slot; None when already grouped and no base-only rows
     rows: int  # N, the rows the model's input has
+    pad: torch.Tensor | None = None  # (S·M,) for unequal counts: the grouped row padded into place j·M + i, or Σ counts (a zero row)
+    unpad: torch.Tensor | None = None  # (Σ counts,) where each grouped row sits among the S·M padded ones
 
     @property
     def equal(self) -> bool:
         return len(set(self.counts)) == 1
+
+
+def padding(counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(pad, unpad) indices that lay row groups of `counts` out as S equal groups of M = max(counts)
+    rows, or None when that would more than double the rows."""
+    S, M, total = len(counts), max(counts), sum(counts)
+    if S * M > 2 * total:
+        return None
+    starts = torch.tensor([0, *counts[:-1]]).cumsum(0)  # (S,)
+    position = torch.arange(M)  # (M,)
+    valid = position[None, :] < torch.tensor(counts)[:, None]  # (S, M)
+    pad = torch.where(valid, starts[:, None] + position[None, :], total).flatten()  # (S·M,)
+    return pad, torch.nonzero(valid.flatten()).flatten()
 
 
 class Routing:
@@ -68,7 +84,8 @@ class Routing:
         counts = tuple(int((slot == s).sum()) for s in slots)
         grouped = torch.cat([torch.nonzero(slot == s).flatten() for s in slots]) if slots else torch.zeros(0, dtype=torch.long)
         identity = len(grouped) == len(slot) and bool((grouped == torch.arange(len(slot))).all())
-        self.plan = RoutePlan(slots, counts, None if identity else grouped, len(slot))
+        padded = padding(counts) if slots and len(set(counts)) > 1 else None
+        self.plan = RoutePlan(slots, counts, None if identity else grouped, len(slot), *(padded or (None, None)))
 
     def set_blocks(self, slots: Sequence[int], rows_per_slot: Sequence[int]) -> None:
         """Rows grouped in consecutive blocks: `rows_per_slot[j]` rows of `slots[j]`, in order."""
@@ -124,7 +141,11 @@ class CohortLoraLinear(nn.Module):
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)  # (N, L, in)
         grouped = flat if plan.gather is None else flat.index_select(0, plan.gather.to(x.device))
         if plan.equal:
-            delta = self._batched(grouped, plan)
+            delta = self._batched(grouped, len(plan.slots), plan)
+        elif plan.pad is not None:  # zero rows pad every group to M, then the same two bmm's
+            zero = grouped.new_zeros((1,) + grouped.shape[1:])
+            padded = torch.cat([grouped, zero]).index_select(0, plan.pad.to(x.device))  # (S·M, L, in)
+            delta = self._batched(padded, len(plan.slots), plan).index_select(0, plan.unpad.to(x.device))
         else:
             delta = torch.cat([self._one(chunk, slot) for chunk, slot in zip(grouped.split(list(plan.counts)), plan.slots)])
         if plan.gather is not None:  # back to the input's row order; base-only rows get no delta
@@ -132,12 +153,15 @@ class CohortLoraLinear(nn.Module):
                 0, plan.gather.to(x.device), delta)
         return y + delta.reshape(y.shape).to(y.dtype)
 
-    def _batched(self, grouped: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
-        """(Σ counts, L, out) low-rank paths of equal-sized row groups, as two bmm's."""
-        S, (M, L, n_in) = len(plan.slots), (plan.counts[0], grouped.shape[1], grouped.shape[2])
-        rank = max(self.lora_A[str(s)].shape[0] for s in plan.slots)
-        A = torch.stack([F.pad(self.lora_A[str(s)], (0, 0, 0, rank - self.lora_A[str(s)].shape[0])) for s in plan.slots])  # (S, r, in)
-        B = torch.stack([F.pad(self.lora_B[str(s)], (0, rank - self.lora_B[str(s)].shape[1])) for s in plan.slots])  # (S, out, r)
+    def _batched(self, grouped: torch.Tensor, S: int, plan: RoutePlan) -> torch.Tensor:
+        """(S·M, L, out) low-rank paths of S equal-sized row groups (S·M, L, in), as two bmm's."""
+        M, L, n_in = grouped.shape[0] // S, grouped.shape[1], grouped.shape[2]
+        ranks = [self.lora_A[str(s)].shape[0] for s in plan.slots]
+        rank = max(ranks)
+        A = torch.stack([self.lora_A[str(s)] if r == rank else F.pad(self.lora_A[str(s)], (0, 0, 0, rank - r))
+                         for s, r in zip(plan.slots, ranks)])  # (S, r, in)
+        B = torch.stack([self.lora_B[str(s)] if r == rank else F.pad(self.lora_B[str(s)], (0, rank - r))
+                         for s, r in zip(plan.slots, ranks)])  # (S, out, r)
         scaling = torch.tensor([self.scaling[s] for s in plan.slots], dtype=A.dtype, device=A.device).view(S, 1, 1)
         xs = self._drop(grouped.reshape(S, M * L, n_in), [self.dropout[s] for s in plan.slots])  # (S, M·L, in)
         delta = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2)) * scaling  # (S, M·L, out)

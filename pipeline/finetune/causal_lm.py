@@ -210,8 +210,28 @@ def last_logits(model, batch: dict[str, torch.Tensor], accepted: frozenset[str],
 def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, K: int) -> torch.Tensor:
     """Mean cross-entropy of the last K labels (B, T) from the logits (B, ≥ K + 1, V) that predict them."""
     predicting = logits[:, -(K + 1):-1]  # (B, K, V): position t predicts token t + 1
-    return torch.nn.functional.cross_entropy(predicting.flatten(0, 1).float(), labels[:, -K:].flatten(),
+    return torch.nn.functional.cross_entropy(at_least_float32(predicting.flatten(0, 1)), labels[:, -K:].flatten(),
                                              ignore_index=IGNORE_INDEX)
+
+
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 logits upcast for the loss; float32 and float64 as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def block_answer_losses(logits: torch.Tensor, labels: torch.Tensor, K: int, rows: Sequence[int]) -> list[torch.Tensor]:
+    """Each block's mean answer cross-entropy from one joined batch: logits (N, ≥ K + 1, V) and labels
+    (N, T) of consecutive blocks of `rows[j]` rows → one scalar per block.
+
+    One cross-entropy over all N rows, then per-block sums of a (N,) vector: slicing the logits
+    per block instead would make autograd zero-fill a full (N, K + 1, V) gradient for every block.
+    """
+    predicting = logits[:, -(K + 1):-1]  # (N, K, V)
+    targets = labels[:, -K:]  # (N, K)
+    token_loss = torch.nn.functional.cross_entropy(at_least_float32(predicting.flatten(0, 1)), targets.flatten(),
+                                                   ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    row_loss, row_tokens = token_loss.sum(-1), (targets != IGNORE_INDEX).sum(-1)  # (N,), (N,)
+    return [loss.sum() / tokens.sum() for loss, tokens in zip(row_loss.split(list(rows)), row_tokens.split(list(rows)))]
 
 
 def join_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -220,6 +240,14 @@ def join_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dic
     fill = {"input_ids": pad_id, "attention_mask": 0, "position_ids": 0, "labels": IGNORE_INDEX}
     return {key: torch.cat([torch.nn.functional.pad(b[key], (length - b[key].shape[1], 0), value=value) for b in batches])
             for key, value in fill.items()}
+
+
+# How much longer than the shortest a batch joined into a cohort forward may be. On a CPU compute
+# grows with the padded tokens and per-forward overhead is small, so only batches of equal length
+# are joined: 32 tiny-arc jobs, cohorts of 16, one thread, took 82.2 s at slack 1.0, 83.3 s at 1.1,
+# 91.4 s at 1.25, 97.6 s at 1.5 and 90.8 s one job at a time (bench/tuning/lm_join_slack.py).
+# On a GPU fewer, fuller forwards are worth some padding.
+JOIN_SLACK = {"cpu": 1.0, "cuda": 1.25}
 
 
 def length_groups(lengths: Sequence[int], slack: float = 1.25) -> list[list[int]]:
@@ -401,16 +429,15 @@ class CausalLMTrainer:
                 draws = [m.data.draw() for m in active]
                 batches = [{k: v.to(self.device) for k, v in batch.items()} for batch, _ in draws]
                 losses: list[torch.Tensor | None] = [None] * len(active)
-                for group in length_groups([b["input_ids"].shape[1] for b in batches]):  # one forward per group
-                    routing.set_blocks([active[i].slot for i in group], [len(batches[i]["input_ids"]) for i in group])
-                    lengths = [answer_length(batches[i]["labels"]) for i in group]
+                slack = JOIN_SLACK.get(self.device.type, JOIN_SLACK["cuda"])
+                for group in length_groups([b["input_ids"].shape[1] for b in batches], slack):  # one forward per group
+                    rows = [len(batches[i]["input_ids"]) for i in group]
+                    routing.set_blocks([active[i].slot for i in group], rows)
                     joined = join_batches([batches[i] for i in group], pad_id)
-                    logits = last_logits(self.model, joined, self.forward_args, max(lengths) + 1)
-                    row = 0
-                    for i, K in zip(group, lengths):
-                        rows = len(batches[i]["labels"])
-                        losses[i] = answer_cross_entropy(logits[row:row + rows], batches[i]["labels"], K)
-                        row += rows
+                    K = answer_length(joined["labels"])
+                    logits = last_logits(self.model, joined, self.forward_args, K + 1)
+                    for i, loss in zip(group, block_answer_losses(logits, joined["labels"], K, rows)):
+                        losses[i] = loss
                 return losses, [ended for _, ended in draws]
 
             self.model.train()

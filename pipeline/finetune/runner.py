@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -124,11 +125,23 @@ def cohort_sizer(manifest: Manifest, cohort_size: int | None = None) -> CohortSi
     return CohortSizer(cohort_size or execution.requested_cohort_size, execution.memory_fraction)
 
 
+def planned_micro_steps(job: Job) -> float:
+    """How many forward/backward passes the job takes: steps × accumulation, or epochs × batches
+    per epoch where the job trains for epochs (batches from the size of its data subset)."""
+    hp, data = job.spec.hyperparameters, job.spec.data
+    accumulation = float(hp.get("gradient_accumulation") or 1)
+    if hp.get("steps"):
+        return float(hp["steps"]) * accumulation
+    examples = (data.get("examples_per_source", 0) * len(data.get("sources", ()))
+                or data.get("images_per_class", 0) * len(data.get("classes", ()))
+                or data.get("group_size", 0))
+    batches = math.ceil(examples / int(hp.get("batch_size") or 1)) if examples else 1
+    return float(hp.get("epochs") or 1) * batches
+
+
 def cohort_order(job: Job) -> tuple:
     """Jobs of similar length share a cohort, so its batch stays full until the end."""
-    hp = job.spec.hyperparameters
-    length = float(hp.get("steps") or hp.get("epochs") or 0) * float(hp.get("gradient_accumulation") or 1)
-    return (length, str(hp.get("batch_size")), job.index)
+    return (planned_micro_steps(job), str(job.spec.hyperparameters.get("batch_size")), job.index)
 
 
 def run_jobs(population, jobs: Sequence[Job], get_trainer: Callable[[], Trainer], worker: str,
