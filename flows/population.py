@@ -243,9 +243,9 @@ def plan_cohorts(jobs: list[Job], manifest: Manifest, workers: int) -> list[list
     requested = manifest.execution.requested_cohort_size
     if requested == 1 or not jobs:
         return [[job] for job in jobs]
-    ordered = sorted(jobs, key=cohort_order)
+    ordered = sorted(jobs, key=cohort_order, reverse=True)  # a partial cohort, if any, holds the shortest jobs
     size = max(1, min(requested, math.ceil(len(ordered) / workers)))
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)][::-1]
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
 def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[Job]:

@@ -64,8 +64,8 @@ class GLNetConfig:
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_positive_ints(name, hidden=self.hidden, head=self.head, context=self.context)
-        if self.spectral_moments < 0:
-            raise ValueError(f"{name}.spectral_moments must be ≥ 0 (0 turns them off), got {self.spectral_moments}")
+        if isinstance(self.spectral_moments, bool) or not isinstance(self.spectral_moments, int) or self.spectral_moments < 0:
+            raise ValueError(f"{name}.spectral_moments must be an integer ≥ 0 (0 turns them off), got {self.spectral_moments!r}")
         check_probability(name, dropout=self.dropout, head_dropout=self.head_dropout)
 
 
@@ -74,19 +74,25 @@ def frobenius_sq(u: Tensor, v: Tensor) -> Tensor:
     return ((u.transpose(-1, -2) @ u) * (v.transpose(-1, -2) @ v)).sum((-1, -2))
 
 
+SPECTRAL_CLIP = 10.0  # standardised moments are clipped: a layer zero on the whole training set has std ~0
+
+
 def spectral_log_moments(u: Tensor, v: Tensor, powers: int) -> Tensor:
     """log(Σ_k σ_k^2p) / p of ΔW = U Vᵀ for p = 1..powers: u (..., n, r), v (..., m, r) → (..., powers).
 
-    Σ_k σ_k^2p = tr(M^p) with M = (UᵀU)(VᵀV) (r×r), so ΔW is never formed. A zero ΔW gives
-    log(1e-30) / p rather than -inf.
+    Σ_k σ_k^2p = tr(M^p) with M = (UᵀU)(VᵀV) (r×r), so ΔW is never formed. The r×r work runs in
+    float64 on M / tr M (log tr M^p / p = log tr M + log tr((M / tr M)^p) / p), which neither
+    underflows nor overflows and keeps float32 inputs with ill-conditioned factors accurate.
+    A zero ΔW gives log(1e-30) rather than -inf.
     """
-    m = (u.transpose(-1, -2) @ u) @ (v.transpose(-1, -2) @ v)  # (..., r, r)
-    power, moments = m, []
-    for p in range(1, powers + 1):
-        if p > 1:
-            power = power @ m
-        moments.append(power.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-30).log() / p)
-    return torch.stack(moments, -1)
+    m = (u.double().transpose(-1, -2) @ u.double()) @ (v.double().transpose(-1, -2) @ v.double())  # (..., r, r)
+    trace = m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-30)  # (...,) = ‖ΔW‖_F²
+    unit = m / trace[..., None, None]
+    power, moments = unit, [trace.log()]
+    for p in range(2, powers + 1):
+        power = power @ unit
+        moments.append(trace.log() + power.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-300).log() / p)
+    return torch.stack(moments[:powers], -1).to(u.dtype)
 
 
 def _group_shapes(layout: Layout) -> list[tuple[int, int, int]]:
@@ -202,8 +208,9 @@ class GLNet(LoLModel):
         self.readout_bias = nn.Parameter(torch.zeros(d))
         P = cfg.spectral_moments
         self.spectral = nn.Linear(sum(sizes) * P, d, bias=False) if P else None
-        self.register_buffer("spectral_mean", torch.zeros(sum(sizes) * P))  # (L·P,) training-set statistics
-        self.register_buffer("spectral_std", torch.ones(sum(sizes) * P))
+        if P:  # (L·P,) training-set statistics
+            self.register_buffer("spectral_mean", torch.zeros(sum(sizes) * P))
+            self.register_buffer("spectral_std", torch.ones(sum(sizes) * P))
         self.head = nn.Sequential(nn.GELU(), MLP(d, cfg.head[1:], out_dim, cfg.head_dropout))
 
     def input_scales(self) -> list[Tensor]:
@@ -244,7 +251,7 @@ class GLNet(LoLModel):
         """Standardised spectral moments of every input layer: (B, L·P), layers in layout order."""
         x = self.prepare(weights)
         moments = torch.cat([spectral_log_moments(g.u, g.v, self.cfg.spectral_moments).flatten(1) for g in x.groups], -1)
-        return (moments - self.spectral_mean) / self.spectral_std
+        return ((moments - self.spectral_mean) / self.spectral_std).clamp(-SPECTRAL_CLIP, SPECTRAL_CLIP)
 
     def invariants(self, weights: LoraWeights) -> list[Tensor]:
         """P_i = (W U_i)(W' V_i)ᵀ per group: Tensors (B, L_g, h, h). GL-invariant."""

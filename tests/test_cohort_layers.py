@@ -36,7 +36,9 @@ def reference(cohort: CohortLoraLinear, x: torch.Tensor, row_slot: list[int]) ->
     [0, 0, 0, 1, 1, 2, 2, 2, 2],  # unequal, padded to 4 rows each (12 ≤ 2 · 9)
     [0, 1, 2, 2, 2, 2, 2, 2, 2, 2],  # unequal, padding would more than double the rows: one slot at a time
     [2, -1, 0, 2, 1, -1, 0],  # interleaved, with rows of the bare base
-], ids=["equal", "padded", "per-slot", "interleaved"])
+    [1, -1, 0, 0, -1, 1],  # equal groups, interleaved with the bare base
+    [0, 0, 1, -1],  # slot 2 absent: its factors get no gradient
+], ids=["equal", "padded", "per-slot", "interleaved", "equal-interleaved", "absent-slot"])
 def test_each_row_gets_its_own_adapter_and_gradients_reach_only_it(row_slot):
     cohort = layer()
     x = torch.randn(len(row_slot), 3, 6, dtype=torch.float64, requires_grad=True)  # (N, L, in)
@@ -44,11 +46,14 @@ def test_each_row_gets_its_own_adapter_and_gradients_reach_only_it(row_slot):
     got = cohort(x)
     torch.testing.assert_close(got, reference(cohort, x, row_slot), rtol=1e-12, atol=1e-12)
     weights = torch.randn_like(got)
-    grads = torch.autograd.grad((got * weights).sum(), [*cohort.parameters()][2:])  # the LoRA factors
+    grads = torch.autograd.grad((got * weights).sum(), [*cohort.parameters()][2:], allow_unused=True)  # the LoRA factors
     expected = torch.autograd.grad((reference(cohort, x, row_slot) * weights).sum(), [*cohort.parameters()][2:],
                                    allow_unused=True)
-    for g, e in zip(grads, expected):
-        torch.testing.assert_close(g, torch.zeros_like(g) if e is None else e, rtol=1e-12, atol=1e-12)
+    for p, g, e in zip([*cohort.parameters()][2:], grads, expected):
+        zero = torch.zeros_like(p)
+        torch.testing.assert_close(zero if g is None else g, zero if e is None else e, rtol=1e-12, atol=1e-12)
+    absent = set(RANKS) - set(row_slot)
+    assert all((g is None) == (e is None) for g, e in zip(grads, expected)) and (absent or all(g is not None for g in grads))
 
 
 def test_padding_lays_groups_out_equally_or_declines():

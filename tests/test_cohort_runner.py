@@ -105,6 +105,10 @@ def test_cohorts_group_jobs_of_equal_length_and_the_longest_run_first():
     shortest = [min(planned_micro_steps(j) for j in c) for c in cohorts]
     assert longest == sorted(longest, reverse=True)  # the longest cohort is handed out first
     assert all(low >= high for low, high in zip(shortest, longest[1:]))  # cohorts do not overlap in length
+    uneven = plan_cohorts(jobs[:37], arc, workers=2)
+    assert [len(c) for c in uneven] == [8, 8, 8, 8, 5]  # the partial cohort runs last, with the shortest jobs
+    qwen = Manifest.from_yaml(ROOT / "manifests" / "qwen2-arc.yaml", overrides=["count=6"])  # no per-source cap
+    assert all(planned_micro_steps(j) >= 1 for j in expand(qwen))
     shapes = Manifest.from_yaml(ROOT / "manifests" / "tiny-shapes.yaml")
     steps_job = next(iter(expand(shapes, limit=1)))
     hp = steps_job.spec.hyperparameters

@@ -112,8 +112,18 @@ def lm_tasks(tmp_path: Path, prefix: str, batch_sizes=(4, 4, 4, 4)) -> list[Coho
     return tasks
 
 
-@pytest.mark.parametrize("batch_sizes", [(4, 4, 4, 4), (3, 4, 2, 5)], ids=["equal-batches", "unequal-batches"])
-def test_causal_lm_cohort_equals_each_adapter_trained_alone(lm_trainer, tmp_path, batch_sizes):
+@pytest.mark.parametrize("batch_sizes,slack", [((4, 4, 4, 4), None), ((3, 4, 2, 5), None), ((3, 4, 2, 5), 3.0)],
+                         ids=["equal-batches", "unequal-batches", "joined-left-padded"])
+def test_causal_lm_cohort_equals_each_adapter_trained_alone(lm_trainer, tmp_path, monkeypatch, batch_sizes, slack):
+    """slack None: the CPU default (batches of equal length joined); 3.0: members' batches of
+    different lengths joined into one left-padded forward, as on a GPU."""
+    import pipeline.finetune.causal_lm as causal_lm
+
+    if slack is not None:
+        monkeypatch.setitem(causal_lm.JOIN_SLACK, "cpu", slack)
+        joins = []
+        real = causal_lm.join_batches
+        monkeypatch.setattr(causal_lm, "join_batches", lambda batches, pad: joins.append(len(batches)) or real(batches, pad))
     tasks = lm_tasks(tmp_path, "alone", batch_sizes)
     alone_metrics = [lm_trainer.train(t.examples, t.config, t.hyperparameters, t.seed, t.out_dir) for t in tasks]
     cohort = lm_tasks(tmp_path, "cohort", batch_sizes)
@@ -129,6 +139,32 @@ def test_causal_lm_cohort_equals_each_adapter_trained_alone(lm_trainer, tmp_path
         differences.append(max_relative_difference(together.out_dir / "adapter", alone.out_dir / "adapter"))
     print("max relative differences", differences)
     assert max(differences) <= TOLERANCE, differences
+    if slack is not None:
+        assert max(joins) == 4  # every member's batch in one forward
+
+
+def test_block_losses_of_a_joined_batch_equal_each_batch_alone():
+    from pipeline.finetune.causal_lm import IGNORE_INDEX, answer_cross_entropy, block_answer_losses, join_batches
+
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for rows, length, answer in [(2, 5, 2), (3, 7, 1), (1, 4, 3)]:
+        ids = torch.randint(2, 50, (rows, length), generator=gen)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, -answer:] = ids[:, -answer:]
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(length).expand(rows, -1),
+                        "labels": labels})
+    joined = join_batches(batches, pad_id=0)
+    logits = torch.randn(6, 7, 50, generator=gen, dtype=torch.float64)  # (N, T, V) for the joined rows
+    K = 3
+    got = block_answer_losses(logits, joined["labels"], K, [2, 3, 1])
+    row = 0
+    for batch, loss in zip(batches, got):
+        rows, length = batch["labels"].shape
+        own_k = int((batch["labels"] != IGNORE_INDEX).sum(-1).max())
+        expected = answer_cross_entropy(logits[row:row + rows, -length:], batch["labels"], own_k)
+        torch.testing.assert_close(loss, expected)
+        row += rows
 
 
 def test_a_diverging_adapter_is_dropped_and_the_others_match_training_alone(diffusion_trainer, tmp_path):

@@ -183,3 +183,12 @@ def test_spectral_log_moments_are_the_power_sums_of_the_singular_values():
     torch.testing.assert_close(spectral_log_moments(u, v, 3), expected)
     zero = spectral_log_moments(torch.zeros(2, 4, 3), torch.zeros(2, 6, 3), 2)
     assert torch.isfinite(zero).all()
+
+
+def test_spectral_log_moments_stay_invariant_in_float32_with_ill_conditioned_factors():
+    gen = torch.Generator().manual_seed(4)
+    x = random_lora_weights(16, 4, generator=gen)
+    gx = gl_act(x, random_gl_like(x, max_cond=1e3, generator=gen))
+    for g, h in zip(x.groups, gx.groups):
+        exact = spectral_log_moments(g.u.double(), g.v.double(), 4)
+        torch.testing.assert_close(spectral_log_moments(h.u.float(), h.v.float(), 4).double(), exact, rtol=0, atol=1e-3)

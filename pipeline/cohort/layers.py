@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,17 @@ class RoutePlan:
     rows: int  # N, the rows the model's input has
     pad: torch.Tensor | None = None  # (S·M,) for unequal counts: the grouped row padded into place j·M + i, or Σ counts (a zero row)
     unpad: torch.Tensor | None = None  # (Σ counts,) where each grouped row sits among the S·M padded ones
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def equal(self) -> bool:
         return len(set(self.counts)) == 1
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+        """(gather, pad, unpad) on `device`, copied there once per plan rather than once per layer."""
+        if device not in self._on_device:
+            self._on_device[device] = tuple(None if t is None else t.to(device) for t in (self.gather, self.pad, self.unpad))
+        return self._on_device[device]
 
 
 def padding(counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -138,19 +145,20 @@ class CohortLoraLinear(nn.Module):
             raise RuntimeError(f"{self.name}: input has {x.shape[0]} rows in dim 0 but the cohort routed {plan.rows}; "
                                "cohort LoRA layers need the batch in dim 0 of every targeted Linear's input")
         dtype = self.lora_A[str(plan.slots[0])].dtype
+        gather, pad, unpad = plan.indices(x.device)
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)  # (N, L, in)
-        grouped = flat if plan.gather is None else flat.index_select(0, plan.gather.to(x.device))
+        grouped = flat if gather is None else flat.index_select(0, gather)
         if plan.equal:
             delta = self._batched(grouped, len(plan.slots), plan)
-        elif plan.pad is not None:  # zero rows pad every group to M, then the same two bmm's
+        elif pad is not None:  # zero rows pad every group to M, then the same two bmm's
             zero = grouped.new_zeros((1,) + grouped.shape[1:])
-            padded = torch.cat([grouped, zero]).index_select(0, plan.pad.to(x.device))  # (S·M, L, in)
-            delta = self._batched(padded, len(plan.slots), plan).index_select(0, plan.unpad.to(x.device))
+            padded = torch.cat([grouped, zero]).index_select(0, pad)  # (S·M, L, in)
+            delta = self._batched(padded, len(plan.slots), plan).index_select(0, unpad)
         else:
             delta = torch.cat([self._one(chunk, slot) for chunk, slot in zip(grouped.split(list(plan.counts)), plan.slots)])
-        if plan.gather is not None:  # back to the input's row order; base-only rows get no delta
+        if gather is not None:  # back to the input's row order; base-only rows get no delta
             delta = torch.zeros(flat.shape[:-1] + (delta.shape[-1],), dtype=delta.dtype, device=delta.device).index_copy(
-                0, plan.gather.to(x.device), delta)
+                0, gather, delta)
         return y + delta.reshape(y.shape).to(y.dtype)
 
     def _batched(self, grouped: torch.Tensor, S: int, plan: RoutePlan) -> torch.Tensor:

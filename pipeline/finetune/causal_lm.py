@@ -225,6 +225,8 @@ def block_answer_losses(logits: torch.Tensor, labels: torch.Tensor, K: int, rows
 
     One cross-entropy over all N rows, then per-block sums of a (N,) vector: slicing the logits
     per block instead would make autograd zero-fill a full (N, K + 1, V) gradient for every block.
+    A block whose loss is not finite (left out of the backward by `train_members`) cannot spoil the
+    others: rows never mix in the model and only each block's own LoRA factors are trainable.
     """
     predicting = logits[:, -(K + 1):-1]  # (N, K, V)
     targets = labels[:, -K:]  # (N, K)

@@ -127,14 +127,15 @@ def cohort_sizer(manifest: Manifest, cohort_size: int | None = None) -> CohortSi
 
 def planned_micro_steps(job: Job) -> float:
     """How many forward/backward passes the job takes: steps × accumulation, or epochs × batches
-    per epoch where the job trains for epochs (batches from the size of its data subset)."""
+    per epoch where the job trains for epochs (batches from the size of its data subset; a source
+    without a per-source cap counts as one example, which keeps the order by number of sources)."""
     hp, data = job.spec.hyperparameters, job.spec.data
     accumulation = float(hp.get("gradient_accumulation") or 1)
     if hp.get("steps"):
         return float(hp["steps"]) * accumulation
-    examples = (data.get("examples_per_source", 0) * len(data.get("sources", ()))
-                or data.get("images_per_class", 0) * len(data.get("classes", ()))
-                or data.get("group_size", 0))
+    examples = ((data.get("examples_per_source") or 1) * len(data.get("sources") or ())
+                or (data.get("images_per_class") or 1) * len(data.get("classes") or ())
+                or data.get("group_size") or 0)
     batches = math.ceil(examples / int(hp.get("batch_size") or 1)) if examples else 1
     return float(hp.get("epochs") or 1) * batches
 
