@@ -86,3 +86,25 @@ def test_bases_cli_builds_and_lists(linear, tmp_path, run_cli):
     code, out, _ = run_cli("bases", "list", "--store", tmp_path / "s")
     assert code == 0 and "linear-smoke-" in out
 
+
+
+def test_concurrent_workers_build_a_missing_base_once(linear, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    real_build = linear.build
+
+    def slow_build(config, out_dir, progress=None):  # long enough for the second worker to arrive mid-build
+        time.sleep(0.5)
+        return real_build(config, out_dir, progress)
+
+    monkeypatch.setattr(linear, "build", slow_build)
+    store_url = str(tmp_path / "store")
+    sources: list[str] = []
+    workers = [threading.Thread(target=lambda: sources.append(ensure_base("linear", Store(store_url), size="smoke").source))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(sources) == ["built", "cache"] and len(linear.BUILDS) == 1

@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.bases import BaseModelError, tiny_module
 from storage import Store
+from storage.locks import file_lock
 from storage.store import sha256_bytes
 
 BUILD_FILE = "BUILD.json"
@@ -87,7 +88,21 @@ class BuiltBase:
 
 def ensure_base(name: str, store: Store, size: str = "full", force: bool = False,
                 progress: Progress | None = None, log: Callable[[str], None] = lambda _: None) -> BuiltBase:
-    """The built base `tiny:NAME`, building it (once) if the store does not hold it yet."""
+    """The built base `tiny:NAME`, building it (once) if the store does not hold it yet.
+
+    Workers of one host that need the same missing base build it once: the first holds a lock
+    (`.locks/` in a local store) while it builds, the others wait for it and then find it cached.
+    """
+    if not store.is_local:
+        return _ensure_base(name, store, size, force, progress, log)
+    locks = store.local_path(".locks")
+    locks.mkdir(parents=True, exist_ok=True)
+    with file_lock(locks / f"base-{recipe_for(name, size).folder}.lock"):
+        return _ensure_base(name, store, size, force, progress, log)
+
+
+def _ensure_base(name: str, store: Store, size: str, force: bool, progress: Progress | None,
+                 log: Callable[[str], None]) -> BuiltBase:
     recipe = recipe_for(name, size)
     rel = f"bases/{recipe.folder}"
     if not force:
