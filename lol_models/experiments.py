@@ -184,8 +184,12 @@ def _predictor_order(name: str) -> int:
     return order.index(name) if name in order else len(order)
 
 
-def report(out_dir: str | Path, title: str = "Learning on LoRAs") -> Path:
-    """report.md with the main table and figures: predicted vs true per regression task, bars per task."""
+def report(out_dir: str | Path, title: str = "Learning on LoRAs", scaling_figure: Path | None = None) -> Path:
+    """report.md with the main table and figures (predicted vs true per regression task, bars per
+    task), then every experiment found in the store's learn area (`out_dir`'s parent: rank
+    generalisation, transfer, speed) and the scaling figure, when given."""
+    from lol_models.report_sections import experiment_sections
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,6 +235,7 @@ def report(out_dir: str | Path, title: str = "Learning on LoRAs") -> Path:
             fig.savefig(scatter, dpi=110)
             plt.close(fig)
             lines += [f"![{name} scatter](figures/{scatter.name})", ""]
+    lines += experiment_sections(out.parent, figures, scaling_figure)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -5,9 +5,13 @@ Each is idempotent: storage decides what is done. The CLI and the Prefect flows 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 from storage import PopulationStore, StatusReport, Store
+
+SCALING_RESULTS = Path("bench/results")  # where `lol bench scaling` writes, relative to the working directory
 
 
 def prepare(manifest: Manifest, store: Store, manifest_text: str) -> PopulationStore:
@@ -92,4 +96,6 @@ def evaluate(manifest: Manifest, store: Store):
 def report(manifest: Manifest, store: Store):
     from lol_models.experiments import report as write_report
 
-    return write_report(learn_target(manifest, store)[1], title=f"Learning on LoRAs: {manifest.population.name}")
+    scaling = sorted(SCALING_RESULTS.glob("scaling-*.png"))  # `lol bench scaling` output, newest last (timestamped names)
+    return write_report(learn_target(manifest, store)[1], title=f"Learning on LoRAs: {manifest.population.name}",
+                        scaling_figure=scaling[-1] if scaling else None)

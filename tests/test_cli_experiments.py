@@ -35,3 +35,12 @@ def test_experiment_transfer_tests_on_the_other_population(run_cli, tmp_path):
     assert code == 0, err
     assert "tiny-shapes → tiny-shapes-continued" in out and "b_test" in out
     assert (tmp_path / "store" / "learn" / "tiny-shapes-continued" / "transfer-from-tiny-shapes" / "transfer.json").is_file()
+    # the report of the source population shows the experiment beside its main table
+    for command in ("train", "report"):
+        code, out, err = run_cli(command, SHAPES, *FAST, "--store", tmp_path / "store")
+        assert code == 0, err
+    learn = tmp_path / "store" / "learn" / "tiny-shapes"
+    report = (learn / "report.md").read_text()
+    assert "## Main table" in report and "## Transfer: trained on tiny-shapes, tested on tiny-shapes and on tiny-shapes-continued" in report
+    assert "| tiny-shapes test | tiny-shapes-continued test |" in report
+    assert (learn / "figures" / "transfer-tiny-shapes-tiny-shapes-continued.png").is_file()
