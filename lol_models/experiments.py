@@ -188,9 +188,9 @@ def report(out_dir: str | Path, title: str = "Learning on LoRAs", scaling_figure
     """report.md with the main table and figures (predicted vs true per regression task, bars per
     task), then every experiment found in the store's learn area (`out_dir`'s parent: rank
     generalisation, transfer, speed) and the scaling figure, when given."""
-    from lol_models.report_sections import experiment_sections
-
     import matplotlib
+
+    from lol_models.report_sections import experiment_sections
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

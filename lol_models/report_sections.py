@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lol_models import rank_generalisation, transfer
-from lol_models.shift import metric_of
+from lol_models.shift import metric_cells
 
 __all__ = ["experiment_sections"]
 
@@ -55,13 +55,7 @@ def _shift_section(title: str, tasks: dict[str, Any], tests: dict[str, str], fig
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task, entry in tasks.items():
         for predictor in entry["predictors"]:
-            cells = []
-            for test in tests:
-                try:
-                    mean, std = metric_of(tasks, task, predictor, test)
-                    cells.append(f"{mean:.3f} ± {std:.3f}")
-                except (KeyError, ValueError):
-                    cells.append("—")
+            cells = metric_cells(tasks, task, predictor, list(tests))
             rows.append(f"| {task} | {entry['metric']} | {predictor} | " + " | ".join(cells) + " |")
     lines = [f"## {title}", "", *rows, ""]
     if figure.is_file():

@@ -130,6 +130,18 @@ def metric_of(tasks: Mapping[str, Any], task: str, predictor: str, test: str,
     return cell["mean"][key], cell["std"][key]
 
 
+def metric_cells(tasks: Mapping[str, Any], task: str, predictor: str, tests: Sequence[str]) -> list[str]:
+    """"mean ± std" of the task's main metric per test set, "—" where the predictor has none."""
+    cells = []
+    for test in tests:
+        try:
+            mean, std = metric_of(tasks, task, predictor, test)
+            cells.append(f"{mean:.3f} ± {std:.3f}")
+        except (KeyError, ValueError):
+            cells.append("—")
+    return cells
+
+
 def settings_json(settings: LearnSettings) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
 

@@ -552,21 +552,14 @@ app.add_typer(experiment_app, name="experiment")
 
 def _shift_table(title: str, tasks: dict, tests: tuple[str, ...]) -> Table:
     """One row per task × predictor: mean ± std of the task's main metric on each test set."""
-    from lol_models.shift import metric_of
+    from lol_models.shift import metric_cells
 
     table = Table(title=title)
     for column in ("task", "predictor", *tests):
         table.add_column(column, justify="right")
     for task, entry in tasks.items():
         for predictor in entry["predictors"]:
-            cells = []
-            for test in tests:
-                try:
-                    mean, std = metric_of(tasks, task, predictor, test)
-                    cells.append(f"{mean:.3f} ± {std:.3f}")
-                except (KeyError, ValueError):
-                    cells.append("—")
-            table.add_row(task, predictor, *cells)
+            table.add_row(task, predictor, *metric_cells(tasks, task, predictor, tests))
     return table
 
 

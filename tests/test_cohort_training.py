@@ -144,7 +144,12 @@ def test_causal_lm_cohort_equals_each_adapter_trained_alone(lm_trainer, tmp_path
 
 
 def test_block_losses_of_a_joined_batch_equal_each_batch_alone():
-    from pipeline.finetune.causal_lm import IGNORE_INDEX, answer_cross_entropy, block_answer_losses, join_batches
+    from pipeline.finetune.causal_lm import (
+        IGNORE_INDEX,
+        answer_cross_entropy,
+        block_answer_losses,
+        join_batches,
+    )
 
     gen = torch.Generator().manual_seed(0)
     batches = []

@@ -12,7 +12,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lol_models.glnet import GLGate, GLLinear, GLNet, GLNetConfig, RowDropout, _group_shapes, spectral_log_moments
+from lol_models.glnet import (
+    GLGate,
+    GLLinear,
+    GLNet,
+    GLNetConfig,
+    RowDropout,
+    _group_shapes,
+    spectral_log_moments,
+)
 from lol_models.registry import build_model
 from lol_models.symmetry import gl_act, random_gl, random_gl_like, random_orthogonal_like
 from lol_models.synthetic import random_lora_weights
