@@ -225,7 +225,8 @@ class GLNet(LoLModel):
         """Training-set statistics: the spectral moments' mean and std (when on), and each layer's
         scale so the RMS entry of ΔW_i over the training set is 1 (with `normalize_input`)."""
         if self.spectral is not None:
-            self.spectral_mean.zero_(), self.spectral_std.fill_(1.0)
+            self.spectral_mean.zero_()  # raw moments first: spectral_features standardises with these
+            self.spectral_std.fill_(1.0)
             moments = torch.cat([self.spectral_features(c) for c in self.chunks(weights, chunk_size)])  # (B, L·P)
             self.spectral_mean.copy_(moments.mean(0))
             self.spectral_std.copy_(moments.std(0).clamp(min=1e-6) if len(moments) > 1 else torch.ones_like(moments[0]))
