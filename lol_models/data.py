@@ -14,9 +14,12 @@ a hub dataset with `datasets.load_dataset`; `stream(...)` walks parquet shards b
 with bounded memory, for populations larger than memory.
 
 Published data comes from outside, so it is checked before use: `layout.json` must place
-every block inside the row (`check_layout`), JSON files are size-capped, the `weights` column
-must be fixed-size float32, and rows holding NaN/Inf weights fail the load — or, with
-`non_finite="skip"`, are left out and counted in `LoraDataset.skipped`.
+every block inside the row (`check_layout`), JSON files are size- and depth-capped, the
+`weights` column must be fixed-size float32, and rows holding NaN/Inf weights, alpha or labels
+fail the load — or, with `non_finite="skip"`, are left out and counted in `LoraDataset.skipped`
+(weights) and `LoraDataset.skipped_labels` (labels). A local folder is read only through the
+files it lists (`arrow/dataset_dict.json`, each split's `state.json`), each a plain file name
+that resolves inside the folder; nothing outside the folder is ever opened.
 
 Shapes: N LoRAs, D floats per LoRA, T targets.
 """
@@ -24,6 +27,8 @@ Shapes: N LoRAs, D floats per LoRA, T targets.
 from __future__ import annotations
 
 import json
+import re
+import reprlib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +42,12 @@ from torch import Tensor
 from lol_models.weights import LoraWeights
 
 MAX_JSON_BYTES = 64 << 20  # layout.json / labels.json of any real population are far smaller
+MAX_JSON_DEPTH = 32  # layout.json and labels.json are 3 levels deep
 MAX_MODULES = 100_000
+MAX_SHARDS = 100_000
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # split names and data file names: no '/', no '..'
+_brief = reprlib.Repr()
+_brief.maxlevel, _brief.maxstring, _brief.maxother = 2, 60, 60
 NON_FINITE_POLICIES = ("fail", "skip")
 META_COLUMNS = ("job_id", "population", "index", "base_ref", "base_revision", "rank", "alpha", "target_modules",
                 "lora_dropout", "seed", "hyperparameters", "data", "group", "adapter_config", "split", "weights")
@@ -57,7 +67,8 @@ class LoraDataset(torch.utils.data.Dataset):
     groups: list[str]
     ranks: Tensor  # (N,)
     label_info: dict[str, dict[str, str]]
-    skipped: dict[str, int] = field(default_factory=dict)  # job_id -> NaN/Inf count of rows left out
+    skipped: dict[str, int] = field(default_factory=dict)  # job_id -> NaN/Inf weights (and alpha) of rows left out
+    skipped_labels: dict[str, int] = field(default_factory=dict)  # job_id -> NaN/Inf labels of rows left out
 
     def __len__(self) -> int:
         return len(self.job_ids)
@@ -93,25 +104,60 @@ def read_layout(repo_or_path: str | Path) -> tuple[dict[str, Any], dict[str, Any
         if missing:
             there = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
             raise PulledDataError(f"{folder} is not a published LoRA dataset: missing {', '.join(missing)} (it holds: {there})")
-        layout_path, labels_path = folder / "layout.json", folder / "labels.json"
+        layout_path, labels_path = _inside(folder, "layout.json"), _inside(folder, "labels.json")
     else:
         from huggingface_hub import hf_hub_download
 
         layout_path = Path(hf_hub_download(str(repo_or_path), "layout.json", repo_type="dataset"))
         labels_path = Path(hf_hub_download(str(repo_or_path), "labels.json", repo_type="dataset"))
     layout, labels = _read_json(layout_path), _read_json(labels_path)
-    if not isinstance(labels, dict) or not all(isinstance(v, dict) for v in labels.values()):
-        raise PulledDataError(f"{labels_path}: expected an object of label column -> {{scorer, scorer_id, label}}")
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for k, v in labels.items()):
+        raise PulledDataError(f"{labels_path}: expected an object of label column -> {{scorer, scorer_id, label}} (strings)")
     return check_layout(layout), labels
 
 
-def _read_json(path: Path) -> Any:
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise PulledDataError(f"{path} is {path.stat().st_size} bytes; a published dataset's JSON files are far smaller")
+def _inside(folder: Path, *parts: str) -> Path:
+    """`folder/parts…`, refused unless every part is a plain name and the file (symlinks followed)
+    lies inside the folder: a published folder never makes `pull` read anything outside it."""
+    for part in parts:
+        if not PLAIN_NAME.fullmatch(part):
+            raise PulledDataError(f"{_brief.repr(part)} is not a plain file or split name (letters, digits, '.', '_', '-'; "
+                                  f"no '/' or leading '.'), refused: {folder} may only name files inside itself")
+    root = folder.resolve()
+    path = folder.joinpath(*parts)
     try:
-        return json.loads(path.read_bytes())
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        return path
+    if not resolved.is_relative_to(root):
+        raise PulledDataError(f"{path} resolves to {resolved}, outside the published folder {root}; refused")
+    return resolved
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise PulledDataError(f"{path} is {size} bytes; a published dataset's JSON files are far smaller")
+        value = json.loads(path.read_bytes())
     except (UnicodeDecodeError, ValueError) as exc:
         raise PulledDataError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise PulledDataError(f"{path} is nested too deeply to be a published dataset's JSON (at most {MAX_JSON_DEPTH} levels)") from None
+    except OSError as exc:
+        raise PulledDataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    depth, stack = 0, [(value, 1)]
+    while stack:  # iterative: the value may be nested up to the recursion limit
+        item, level = stack.pop()
+        depth = max(depth, level)
+        if depth > MAX_JSON_DEPTH:
+            raise PulledDataError(f"{path} is nested more than {MAX_JSON_DEPTH} levels deep; a published dataset's JSON is not")
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return value
 
 
 def check_layout(layout: Any, width: int | None = None) -> dict[str, Any]:
@@ -128,20 +174,21 @@ def check_layout(layout: Any, width: int | None = None) -> dict[str, Any]:
         raise fail("expected an object with a `modules` list")
     size, r_max, modules = layout.get("size"), layout.get("max_rank"), layout["modules"]
     if not count(size, 0) or not count(r_max, 1) or not 1 <= len(modules) <= MAX_MODULES:
-        raise fail(f"size {size!r}, max_rank {r_max!r}, {len(modules)} modules")
+        raise fail(f"size {_brief.repr(size)}, max_rank {_brief.repr(r_max)}, {len(modules)} modules")
     if width is not None and width != size:
         raise fail(f"it describes {size} floats per row, the rows hold {width}")
     blocks, names = [], set()
     for module in modules:
         if not isinstance(module, dict):
-            raise fail(f"module entry {str(module)[:60]} is not an object")
+            raise fail(f"module entry {_brief.repr(module)} is not an object")
         name = module.get("name")
         if not isinstance(name, str) or not name or len(name) > 512 or not name.isprintable() or name in names:
-            raise fail(f"module name {str(name)[:60]!r} is empty, repeated or not plain text")
+            raise fail(f"module name {_brief.repr(name)} is empty, repeated or not plain text")
         names.add(name)
         n_in, n_out, a_at, b_at = (module.get(k) for k in ("in", "out", "a_offset", "b_offset"))
         if not (count(n_in, 1) and count(n_out, 1) and count(a_at, 0) and count(b_at, 0)):
-            raise fail(f"module {name!r}: in/out must be ≥ 1 and offsets ≥ 0, got {n_in!r}, {n_out!r}, {a_at!r}, {b_at!r}")
+            raise fail(f"module {name!r}: in/out must be ≥ 1 and offsets ≥ 0, got "
+                       + ", ".join(_brief.repr(v) for v in (n_in, n_out, a_at, b_at)))
         blocks += [(a_at, a_at + r_max * n_in, name), (b_at, b_at + n_out * r_max, name)]
     end = 0
     for start, stop, name in sorted(blocks):
@@ -183,24 +230,91 @@ def _weights_matrix(table) -> np.ndarray:
 def pull(repo_or_path: str | Path, split: str = "train", non_finite: str = "fail") -> LoraDataset:
     """One split of a published population as tensors (memory-mapped for local folders).
 
-    Rows with NaN/Inf weights raise PulledDataError, or with `non_finite="skip"` are left out
-    (their job ids and counts in `.skipped`).
+    Rows with NaN/Inf weights, alpha or labels raise PulledDataError, or with `non_finite="skip"`
+    are left out (their job ids and counts in `.skipped` and `.skipped_labels`).
     """
-    import datasets
-
     _check_policy(non_finite)
     layout, label_info = read_layout(repo_or_path)
-    if _is_local(repo_or_path) and (Path(repo_or_path) / "arrow").is_dir():
-        dataset = datasets.load_from_disk(str(Path(repo_or_path) / "arrow"))
-        if split not in dataset:
-            raise PulledDataError(f"unknown split {split!r}; this dataset has: {', '.join(dataset)}")
-        table = dataset[split].data.table
+    if _is_local(repo_or_path):
+        table = _local_table(Path(repo_or_path), split)
     else:
+        import datasets
+
         try:
             table = datasets.load_dataset(str(repo_or_path), split=split).data.table
         except ValueError as exc:
             raise PulledDataError(f"cannot load split {split!r} of {repo_or_path}: {exc}") from None
     return _from_table(table, layout, label_info, non_finite)
+
+
+def _local_table(folder: Path, split: str):
+    """The rows of `split` of a local published folder: its Arrow files memory-mapped (zero-copy),
+    else its parquet shards; only files the folder lists, each inside the folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if (folder / "arrow").is_dir():
+        paths, read = _arrow_files(folder, split), _read_arrow
+    else:
+        paths, read = _parquet_files(folder, split), lambda path: pq.read_table(path, memory_map=True)
+    tables = []
+    for path in paths:
+        try:
+            tables.append(read(path))
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise PulledDataError(f"corrupt shard {path}: {exc}") from None
+    try:
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    except pa.ArrowException as exc:
+        raise PulledDataError(f"the shards of split {split!r} in {folder} disagree: {exc}") from None
+    if table.num_rows == 0:
+        raise PulledDataError(f"split {split!r} of {folder} holds 0 rows; a published split holds at least one LoRA")
+    return table
+
+
+def _read_arrow(path: Path):
+    """One Arrow stream file (as `save_to_disk` writes them), memory-mapped."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    table.validate()
+    return table
+
+
+def _arrow_files(folder: Path, split: str) -> list[Path]:
+    """The Arrow files of `split`, as `arrow/dataset_dict.json` and `arrow/{split}/state.json` list them."""
+    _inside(folder, "arrow")
+    listing = _read_json(_inside(folder, "arrow", "dataset_dict.json")) if (folder / "arrow" / "dataset_dict.json").exists() else None
+    splits = listing.get("splits") if isinstance(listing, dict) else None
+    if not isinstance(splits, list) or not all(isinstance(name, str) for name in splits):
+        there = ", ".join(sorted(p.name for p in (folder / "arrow").iterdir())[:20]) or "nothing"
+        raise PulledDataError(f"{folder / 'arrow'} is not a saved DatasetDict: no dataset_dict.json with a list of "
+                              f"split names (it holds: {there})")
+    if split not in splits:
+        raise PulledDataError(f"unknown split {_brief.repr(split)}; this dataset has: {', '.join(map(_brief.repr, splits))}")
+    state = _read_json(_inside(folder, "arrow", split, "state.json"))
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files):
+        raise PulledDataError(f"{folder / 'arrow' / split / 'state.json'}: expected `_data_files`, a list of {{filename}}")
+    if not 1 <= len(files) <= MAX_SHARDS:
+        raise PulledDataError(f"split {split!r} of {folder} lists {len(files)} data files (0 rows); "
+                              "a published split holds at least one LoRA")
+    paths = []
+    for entry in files:
+        name = entry["filename"]
+        if not name.endswith(".arrow"):
+            raise PulledDataError(f"split {split!r} lists the data file {_brief.repr(name)}, not an .arrow file; refused")
+        paths.append(_inside(folder, "arrow", split, name))
+    return paths
+
+
+def _parquet_files(folder: Path, split: str) -> list[Path]:
+    _inside(folder, split)  # the split name is part of the file names: plain names only
+    data = folder / "data"
+    shards = sorted(data.glob(f"{split}-*.parquet")) if data.is_dir() else []
+    if not shards:
+        raise PulledDataError(f"no parquet shards for split {split!r} in {folder}")
+    return [_inside(folder, "data", shard.name) for shard in shards]
 
 
 def _check_policy(non_finite: str) -> None:
@@ -217,46 +331,73 @@ def non_finite_counts(flat: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
     return counts
 
 
+def _non_finite_labels(table, names: Sequence[str]) -> np.ndarray:
+    """(N,) number of NaN/Inf values per row among the float label columns `names`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    counts = np.zeros(table.num_rows, dtype=np.int64)
+    for name in names:
+        column = table.column(name)
+        if pa.types.is_floating(column.type):
+            finite = pc.fill_null(pc.is_finite(column), True)
+            counts += ~finite.to_numpy(zero_copy_only=False)
+    return counts
+
+
 def _from_table(table, layout: dict[str, Any], label_info: dict[str, Any], non_finite: str = "fail") -> LoraDataset:
     import pyarrow as pa
 
     missing_columns = [c for c in ("weights", "rank", "alpha", "job_id", "group") if c not in table.column_names]
     if missing_columns:
         raise PulledDataError(f"no {', '.join(missing_columns)} column(s); columns: {', '.join(table.column_names)}")
+    missing = sorted(set(label_info) - set(table.column_names))
+    if missing:
+        raise PulledDataError(f"label column(s) {missing} named in labels.json are missing from the rows")
     flat = _weights_matrix(table)
     if flat.shape[1] != layout["size"]:
         raise PulledDataError(f"rows hold {flat.shape[1]} floats but layout.json describes {layout['size']}: rows and layout disagree")
-    counts = non_finite_counts(flat)
+    try:
+        counts = non_finite_counts(flat) + _non_finite_labels(table, ["alpha"])  # alpha scales U: part of the weights
+        label_counts = _non_finite_labels(table, sorted(label_info))
+    except pa.ArrowException as exc:
+        raise PulledDataError(f"alpha and label columns must be numeric: {exc}") from None
     skipped: dict[str, int] = {}
-    if counts.any():
-        bad = np.flatnonzero(counts)
+    skipped_labels: dict[str, int] = {}
+    if counts.any() or label_counts.any():
         ids = table.column("job_id").to_pylist()
         if non_finite == "fail":
-            raise PulledDataError(f"{len(bad)} row(s) hold NaN/Inf weights, e.g. {ids[bad[0]]} ({counts[bad[0]]} values); "
-                                  "pass non_finite='skip' (lol pull --non-finite skip) to leave them out")
-        skipped = {ids[i]: int(counts[i]) for i in bad}
-        table = table.filter(pa.array(counts == 0))
+            hint = "pass non_finite='skip' (lol pull --non-finite skip) to leave them out"
+            if counts.any():
+                bad = np.flatnonzero(counts)
+                raise PulledDataError(f"{len(bad)} row(s) hold NaN/Inf weights, e.g. {ids[bad[0]]} ({counts[bad[0]]} values); {hint}")
+            bad = np.flatnonzero(label_counts)
+            row = table.slice(int(bad[0]), 1)
+            names = [n for n in sorted(label_info) if _non_finite_labels(row, [n]).any()]
+            raise PulledDataError(f"{len(bad)} row(s) hold NaN/Inf labels, e.g. {ids[bad[0]]} ({', '.join(names)}); {hint}")
+        skipped = {ids[i]: int(counts[i]) for i in np.flatnonzero(counts)}
+        skipped_labels = {ids[i]: int(label_counts[i]) for i in np.flatnonzero(label_counts) if not counts[i]}
+        table = table.filter(pa.array((counts == 0) & (label_counts == 0)))
         flat = _weights_matrix(table)
     try:
         with warnings.catch_warnings():  # read-only Arrow buffers, never written to
             warnings.simplefilter("ignore", UserWarning)
             rank = torch.as_tensor(table.column("rank").to_numpy())
             alpha = torch.as_tensor(table.column("alpha").to_numpy())
-            labels = {name: torch.as_tensor(table.column(name).to_numpy()) for name in label_info if name in table.column_names}
+            labels = {name: torch.as_tensor(table.column(name).to_numpy()) for name in label_info}
     except (TypeError, ValueError, RuntimeError, pa.ArrowException) as exc:
         raise PulledDataError(f"rank, alpha and label columns must be numeric: {exc}") from None
+    if not pa.types.is_integer(table.column("rank").type):
+        raise PulledDataError(f"the `rank` column is {table.column('rank').type}, not integers")
     if rank.numel() and (int(rank.min()) < 1 or int(rank.max()) > layout["max_rank"]):
         raise PulledDataError(f"ranks {int(rank.min())}..{int(rank.max())} are outside 1..{layout['max_rank']} (layout.json)")
     with warnings.catch_warnings():  # memory-mapped Arrow buffers are read-only; we never write to them
         warnings.simplefilter("ignore", UserWarning)
         flat_t = torch.from_numpy(flat)
-    missing = sorted(set(label_info) - set(labels))
-    if missing:
-        raise PulledDataError(f"label column(s) {missing} named in labels.json are missing from the rows")
     return LoraDataset(
         weights=factors_from_flat(flat_t, layout, alpha, rank), labels=labels,
         job_ids=table.column("job_id").to_pylist(), groups=table.column("group").to_pylist(),
-        ranks=rank, label_info=label_info, skipped=skipped,
+        ranks=rank, label_info=label_info, skipped=skipped, skipped_labels=skipped_labels,
     )
 
 
@@ -271,7 +412,8 @@ def stream(repo_or_path: str | Path, split: str = "train", batch_size: int = 256
 
     _check_policy(non_finite)
     layout, label_info = read_layout(repo_or_path)
-    arrow_files = sorted((Path(repo_or_path) / "arrow" / split).glob("*.arrow")) if _is_local(repo_or_path) else []
+    local = _is_local(repo_or_path)
+    arrow_files = _arrow_files(Path(repo_or_path), split) if local and (Path(repo_or_path) / "arrow").is_dir() else []
     if arrow_files:
         for path in arrow_files:
             try:
@@ -280,7 +422,7 @@ def stream(repo_or_path: str | Path, split: str = "train", batch_size: int = 256
                     for start in range(0, table.num_rows, batch_size):
                         yield _from_table(table.slice(start, batch_size), layout, label_info, non_finite)
                     del table
-            except (OSError, pa.ArrowException) as exc:
+            except (OSError, ValueError, pa.ArrowException) as exc:
                 raise PulledDataError(f"corrupt Arrow shard {path}: {exc}") from None
         return
     yield from _stream_parquet(repo_or_path, split, batch_size, layout, label_info, non_finite)
@@ -296,7 +438,7 @@ def _stream_parquet(repo_or_path, split: str, batch_size: int, layout, label_inf
         files = [f for f in HfApi().list_repo_files(str(repo_or_path), repo_type="dataset") if f.startswith(f"data/{split}-")]
         shards = [Path(hf_hub_download(str(repo_or_path), f, repo_type="dataset")) for f in files]
     else:
-        shards = sorted((Path(repo_or_path) / "data").glob(f"{split}-*.parquet"))
+        shards = _parquet_files(Path(repo_or_path), split)
     if not shards:
         raise PulledDataError(f"no parquet shards for split {split!r} in {repo_or_path}")
     for shard in shards:

@@ -738,7 +738,7 @@ def _run_publish(loaded: Manifest, target: Store, push: bool = True, trust_remot
 def pull_command(
     repo_or_path: Annotated[str, typer.Argument(help="Hub dataset id or published folder.", show_default=False)],
     split: Annotated[str, typer.Option(help="Split to load.")] = "train",
-    non_finite: Annotated[str, typer.Option("--non-finite", help="Rows with NaN/Inf weights: fail, or skip them (counted).")] = "fail",
+    non_finite: Annotated[str, typer.Option("--non-finite", help="Rows with NaN/Inf weights or labels: fail, or skip them (counted).")] = "fail",
 ) -> int:
     """Load a published population as tensors and describe what the LoL models will see."""
     import time
@@ -761,6 +761,9 @@ def pull_command(
     if dataset.skipped:
         out.print(f"skipped {len(dataset.skipped)} row(s) with NaN/Inf weights: "
                   + ", ".join(f"{job} ({count})" for job, count in list(dataset.skipped.items())[:5]))
+    if dataset.skipped_labels:
+        out.print(f"skipped {len(dataset.skipped_labels)} row(s) with NaN/Inf labels: "
+                  + ", ".join(f"{job} ({count})" for job, count in list(dataset.skipped_labels.items())[:5]))
     return 0
 
 
