@@ -121,6 +121,10 @@ def draw_data(manifest: Manifest, index: int) -> dict[str, Any]:
     data, seed = manifest.data, manifest.seed
     subsets = data.subsets
     descriptor: dict[str, Any] = {"source": data.source, "revision": data.revision, "split": data.split}
+    if data.config is not None:  # only when set, so the job ids of manifests without them stay as they were
+        descriptor["config"] = data.config
+    if data.columns is not None:
+        descriptor["columns"] = data.columns.model_dump(mode="json", exclude_defaults=True)
     if isinstance(subsets, IdentityGroups):
         group = min(int(unit_draw(seed, index, "data:group") * subsets.num_groups), subsets.num_groups - 1)
         descriptor.update(kind="identity_groups", group=group, num_groups=subsets.num_groups, group_size=subsets.group_size)

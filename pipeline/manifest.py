@@ -29,6 +29,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -225,11 +226,40 @@ class SourceSubsets(StrictModel):
 SubsetSpec = Annotated[Union[IdentityGroups, ClassSubsets, SourceSubsets], Field(discriminator="kind")]
 
 
+class DataColumns(StrictModel):
+    """Which columns of an `hf:` / `folder:` dataset mean what. Unset entries take the dataset's
+    known defaults (`pipeline.data.hub.KNOWN_DATASETS`), else are detected from its features."""
+
+    id: str | None = Field(None, description="Unique example id; default `id` if present, else a hash of the row's content.")
+    image: str | None = Field(None, description="Image column (an `Image` feature); default: the first one.")
+    caption: str | None = Field(None, description="Caption column; default: the class name, else empty.")
+    identity: str | None = Field(None, description="Identity column for identity_groups (CelebA: `celeb_id`).")
+    label: str | None = Field(None, description="Class column for class_subsets (a ClassLabel or strings); default: the first ClassLabel.")
+    label_names: dict[str, str] | None = Field(None, description="Class names as the dataset stores them → as the manifest writes them.")
+    attributes: list[str] | None = Field(None, description="Per-image attribute columns; default: every bool column.")
+    question: str | None = Field(None, description="QA: question column (default `question`).")
+    choices: str | None = Field(None, description="QA: choices column, a list of strings or {text: [...], label: [...]} (default `choices`).")
+    answer: str | None = Field(None, description="QA: answer column: a key in choices.label, a letter A.., a 1-based digit string, or a 0-based int (default `answerKey` or `answer`).")
+    source: str | None = Field(None, description="QA: each question's source: `id_prefix` (id up to the first `_`), `config`, `column:NAME` or `=NAME` (constant).")
+    min_identity_images: int = Field(1, ge=1, description="Identities with fewer images are not groups.")
+
+
+def _omit_none(data: dict, keys: tuple[str, ...]) -> dict:
+    """Leave unset optional dataset fields out of dumps, so adding them changes no existing hash."""
+    return {k: v for k, v in data.items() if not (k in keys and v is None)}
+
+
 class DataSection(StrictModel):
     source: str = Field(description="`shapes`, `qa` (built in), `hf:<dataset id>` or `folder:<path>`.")
     revision: str | None = Field(None, description="Revision of an `hf:` dataset.")
-    split: str = Field("train", description="Split of the source that jobs draw from.")
+    config: str | list[str] | None = Field(None, description="Config(s) of an `hf:` / `folder:` dataset (a list is pooled); default: the dataset's known default.")
+    columns: DataColumns | None = Field(None, description="Column mapping of an `hf:` / `folder:` dataset.")
+    split: str = Field("train", description="Split of the source that jobs draw from (`a+b` pools splits).")
     subsets: SubsetSpec
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict:
+        return _omit_none(handler(self), ("config", "columns"))
 
     @field_validator("source")
     @classmethod
@@ -356,10 +386,17 @@ class MembershipScorer(StrictModel):
 
 class McAccuracyScorer(StrictModel):
     name: Literal["mc_accuracy"]
-    benchmark: str = Field(description="`qa:<set>` (tiny world) or `hf:<dataset id>`.")
+    benchmark: str = Field(description="`qa:<set>` (tiny world), `hf:<dataset id>` or `folder:<path>`.")
     split: str = "test"
     limit: int | None = Field(None, ge=1, description="Score the first N questions only.")
     batch_size: int = Field(16, ge=1)
+    config: str | list[str] | None = Field(None, description="Config(s) of an `hf:` / `folder:` dataset; default: its known default.")
+    revision: str | None = Field(None, description="Revision of an `hf:` dataset.")
+    columns: DataColumns | None = Field(None, description="Column mapping of an `hf:` / `folder:` QA dataset.")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict:
+        return _omit_none(handler(self), ("config", "revision", "columns"))
 
 
 class EvalLossScorer(StrictModel):
@@ -368,6 +405,13 @@ class EvalLossScorer(StrictModel):
     split: str = "validation"
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
+    config: str | list[str] | None = Field(None, description="Config(s) of an `hf:` / `folder:` dataset; default: its known default.")
+    revision: str | None = Field(None, description="Revision of an `hf:` dataset.")
+    columns: DataColumns | None = Field(None, description="Column mapping of an `hf:` / `folder:` QA dataset.")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict:
+        return _omit_none(handler(self), ("config", "revision", "columns"))
 
 
 class SourcesScorer(StrictModel):

@@ -15,20 +15,34 @@ from typing import Protocol, Union, runtime_checkable
 
 @dataclass(frozen=True)
 class ImageExample:
-    """One training image. `attributes` are per-example labels (strings or 0/1 ints)."""
+    """One training image. `attributes` are per-example labels (strings or 0/1 ints).
+
+    The image is a file (`image_path`) or, for images stored inside a dataset (parquet, arrow),
+    its encoded bytes (`image_bytes`); `origin` says where it came from, for error messages.
+    """
 
     id: str
-    image_path: Path
+    image_path: Path | None
     caption: str
     label: str  # the class (tiny world: the shape; Imagenette: the class name)
     attributes: dict[str, Union[str, int]] = field(default_factory=dict)
+    image_bytes: bytes | None = field(default=None, repr=False, compare=False)
+    origin: str = field(default="", compare=False)
 
     def load_image(self):
-        """The image as an RGB `PIL.Image.Image`."""
-        from PIL import Image
+        """The image as an RGB `PIL.Image.Image`; DataSourceError naming the image if it cannot be decoded."""
+        import io
 
-        with Image.open(self.image_path) as image:
-            return image.convert("RGB")
+        from PIL import Image, UnidentifiedImageError
+
+        where = self.origin or str(self.image_path)
+        try:
+            source = io.BytesIO(self.image_bytes) if self.image_bytes is not None else self.image_path
+            with Image.open(source) as image:
+                return image.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DataSourceError(f"image {self.id!r} ({where}) cannot be read as an image: {exc}; "
+                                  "valid: an encoded PNG/JPEG/WebP… file or bytes") from None
 
 
 @dataclass(frozen=True)

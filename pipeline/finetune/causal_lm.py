@@ -39,10 +39,10 @@ import torch
 
 from pipeline.bases.loading import resolve_base
 from pipeline.bases.qa_lm import encode_documents
-from pipeline.data import get_source
+from pipeline.data import select_job_examples, source_examples, source_provenance
 from pipeline.data.base import DataSourceError, QAExample
 from pipeline.data.qa import format_question, validate_example
-from pipeline.data.subsets import job_examples, source_subset
+from pipeline.data.subsets import source_subset
 from pipeline.finetune.cohort import (
     CohortTask,
     Member,
@@ -299,7 +299,7 @@ class CausalLMTrainer:
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def setup(self, manifest: Manifest, store: Store) -> None:
-        examples = get_source(manifest.data.source).examples(manifest.data.split)
+        examples = source_examples(manifest)
         if not examples:
             raise DataSourceError(f"data split {manifest.data.split!r} of {manifest.data.source!r} is empty")
         if not isinstance(examples[0], QAExample):
@@ -308,6 +308,7 @@ class CausalLMTrainer:
         if isinstance(manifest.data.subsets, SourceSubsets):  # unknown source names fail here, before any job
             source_subset(examples, manifest.data.subsets.sources, 1, manifest.seed)
         self.examples = examples  # checked before the base loads (a hub model can take minutes)
+        self.data_provenance = source_provenance(manifest)
         model, tokenizer = load_causal_lm(manifest.base.model_dump(), store, self.device)
         self.use_model(model, tokenizer, manifest.lora.target_modules)
 
@@ -320,7 +321,7 @@ class CausalLMTrainer:
         self.forward_args = forward_args(model)
 
     def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
-        examples = job_examples(self.examples, job.spec.data, job.spec.seed)
+        examples = select_job_examples(self.examples, job.spec.data, job.spec.seed)
         return self.train(examples, self.lora_config(job), job.spec.hyperparameters, job.spec.seed, out_dir)
 
     def sequences(self, examples: Sequence[QAExample], hp: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
@@ -393,7 +394,7 @@ class CausalLMTrainer:
                           target_modules=list(spec.target_modules), task_type=TaskType.CAUSAL_LM)
 
     def cohort_task(self, job: Job, out_dir: Path) -> CohortTask:
-        return CohortTask(job.job_id, self.lora_config(job), job_examples(self.examples, job.spec.data, job.spec.seed),
+        return CohortTask(job.job_id, self.lora_config(job), select_job_examples(self.examples, job.spec.data, job.spec.seed),
                           job.spec.hyperparameters, job.spec.seed, out_dir)
 
     def train_cohort(self, tasks: Sequence[CohortTask]) -> dict[str, dict[str, Any] | Exception]:
@@ -467,6 +468,7 @@ class CausalLMTrainer:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if self.device.type == "cuda" else None,
             "versions": versions(),
+            **({"data": self.data_provenance} if getattr(self, "data_provenance", None) else {}),
         }
 
 

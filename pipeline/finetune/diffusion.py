@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.bases.loading import load_diffusion_pipeline
-from pipeline.data import get_source
-from pipeline.data.subsets import job_examples
+from pipeline.data import select_job_examples, source_examples, source_provenance
 from pipeline.finetune.cohort import (
     CohortTask,
     Member,
@@ -57,11 +56,11 @@ class DiffusionTrainer:
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def setup(self, manifest: Manifest, store: Store) -> None:
-        self.use_pipeline(load_diffusion_pipeline(manifest.base.model_dump(), store), manifest.lora.target_modules)
-        source = get_source(manifest.data.source)
-        self.examples = source.examples(manifest.data.split)
+        self.examples = source_examples(manifest)  # bad or missing data fails before the base loads
         if not self.examples:
             raise ValueError(f"data split {manifest.data.split!r} of {manifest.data.source!r} is empty")
+        self.data_provenance = source_provenance(manifest)
+        self.use_pipeline(load_diffusion_pipeline(manifest.base.model_dump(), store), manifest.lora.target_modules)
 
     def use_pipeline(self, pipe, target_modules: list[str] | tuple[str, ...]) -> None:
         """Train on an already loaded `StableDiffusionPipeline` (frozen here, moved to the device)."""
@@ -100,7 +99,7 @@ class DiffusionTrainer:
         raise ValueError(f"unsupported prediction_type {kind!r}")
 
     def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
-        examples = job_examples(self.examples, job.spec.data, job.spec.seed)
+        examples = select_job_examples(self.examples, job.spec.data, job.spec.seed)
         return self.train(examples, self.lora_config(job), job.spec.hyperparameters, job.spec.seed, out_dir)
 
     def lora_config(self, job: Job):
@@ -111,7 +110,7 @@ class DiffusionTrainer:
                           target_modules=list(spec.target_modules), init_lora_weights="gaussian")
 
     def cohort_task(self, job: Job, out_dir: Path) -> CohortTask:
-        return CohortTask(job.job_id, self.lora_config(job), job_examples(self.examples, job.spec.data, job.spec.seed),
+        return CohortTask(job.job_id, self.lora_config(job), select_job_examples(self.examples, job.spec.data, job.spec.seed),
                           job.spec.hyperparameters, job.spec.seed, out_dir)
 
     def stream(self, examples, hp: dict[str, Any], seed: int) -> DiffusionStream:
@@ -225,6 +224,7 @@ class DiffusionTrainer:
             "num_images": num_images, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if self.device.type == "cuda" else None,
             "versions": _versions(),
+            **({"data": self.data_provenance} if getattr(self, "data_provenance", None) else {}),
         }
 
 

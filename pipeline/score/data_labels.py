@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.data import get_source
+from pipeline.data import manifest_source, select_job_examples
 from pipeline.data.base import DataSourceError
-from pipeline.data.subsets import job_examples
 from pipeline.jobs import Job
 from pipeline.manifest import ClassSubsets, Manifest, SourceSubsets
 from storage import Store
@@ -38,7 +37,7 @@ class AttributesScorer:
         self.tests = [(test, *parse_attribute_test(test)) for test in spec.attributes]
 
     def setup(self, manifest: Manifest, store: Store) -> None:
-        self.examples = get_source(manifest.data.source).examples(manifest.data.split)
+        self.examples = manifest_source(manifest).examples(manifest.data.split)
         known: dict[str, set[str]] = {}
         for example in self.examples[:2000]:
             for key, value in example.attributes.items():
@@ -52,7 +51,7 @@ class AttributesScorer:
                 raise DataSourceError(f"{test!r}: {name} is not a 0/1 attribute; write {name}=VALUE with one of {', '.join(sorted(known[name]))}")
 
     def score(self, job: Job, adapter_dir: Path | None = None) -> dict[str, int]:
-        examples = job_examples(self.examples, job.spec.data, job.spec.seed)
+        examples = select_job_examples(self.examples, job.spec.data, job.spec.seed)
         return {test: int(2 * sum(passes(e.attributes[name], wanted) for e in examples) > len(examples))
                 for test, name, wanted in self.tests}
 

@@ -14,8 +14,9 @@ head only on the continuation positions).
 - `eval_loss`: the mean negative log-likelihood per answer token of the correct continuation,
   over every question of the held-out set: the training loss, on data the LoRA never saw.
 
-Questions come from `qa:<set>` (the tiny world's `qa` source, hashed splits) and are checked up
-front (an empty choice list or an answer index out of range names the question). The base is
+Questions come from `qa:<set>` (the tiny world's `qa` source, hashed splits) or from an `hf:` /
+`folder:` QA dataset (`pipeline.data.hub`: ARC as on the hub, its splits as the hub names them), and
+are checked up front (an empty choice list or an answer index out of range names the question). The base is
 loaded once in `setup`; each adapter is put on it with `PeftModel.from_pretrained` and taken off
 again with `unload()`, so the base is never reloaded. `score_cohort` scores K adapters in the same
 forwards: each batch repeated K times, copy k routed to adapter k (`pipeline.cohort.layers`).
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data import get_source
+from pipeline.data import dataset_options, get_source
 from pipeline.data.base import DataSourceError, QAExample
 from pipeline.finetune.causal_lm import (
     IGNORE_INDEX,
@@ -54,12 +55,22 @@ from storage import Store
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def benchmark_examples(name: str, split: str, limit: int | None = None) -> list[QAExample]:
-    """The first `limit` questions of `split` of a benchmark named `qa:<set>`."""
-    if not name.startswith("qa:"):
-        raise DataSourceError(f"benchmark {name!r} is not available in this build; use qa:<set> "
-                              f"(a bundled QA set of the `qa` source, e.g. qa:arc_challenge)")
-    examples = list(get_source("qa", sets=[name.removeprefix("qa:")]).examples(split))[:limit]
+def benchmark_examples(name: str, split: str, limit: int | None = None, spec: Any = None) -> list[QAExample]:
+    """The first `limit` questions of `split` of a benchmark: `qa:<set>` (the tiny world's bundled
+    sets), or an `hf:<dataset id>` / `folder:<path>` QA dataset with the scorer's config, revision and
+    columns (`spec`; ARC by default pools ARC-Challenge then ARC-Easy, in stored order)."""
+    if name.startswith("qa:"):
+        examples = list(get_source("qa", sets=[name.removeprefix("qa:")]).examples(split))[:limit]
+    elif name.startswith(("hf:", "folder:")):
+        loaded = get_source(name, **dataset_options(spec))
+        pool = loaded.examples(split)
+        if pool and not isinstance(pool[0], QAExample):
+            raise DataSourceError(f"benchmark {name!r} holds images, not questions; map its question/choices/answer "
+                                  "columns (columns: {question: …, choices: …, answer: …}) or name a QA dataset")
+        examples = list(pool)[:limit]
+    else:
+        raise DataSourceError(f"benchmark {name!r}: use qa:<set> (a bundled QA set, e.g. qa:arc_challenge), "
+                              f"hf:<dataset id> (e.g. hf:allenai/ai2_arc) or folder:<path>")
     if not examples:
         raise DataSourceError(f"benchmark {name!r} has no questions in split {split!r}")
     return examples
@@ -202,7 +213,7 @@ class McAccuracyScorer(_LogLikelihoodScorer):
     """`acc` and `acc_norm` on the first `limit` questions of `benchmark`'s `split`."""
 
     def examples(self) -> list[QAExample]:
-        return benchmark_examples(self.spec.benchmark, self.spec.split, self.spec.limit)
+        return benchmark_examples(self.spec.benchmark, self.spec.split, self.spec.limit, self.spec)
 
     def pairs(self):
         return [(q.context, cont) for q in self.questions for cont in q.continuations]
@@ -224,7 +235,7 @@ class EvalLossScorer(_LogLikelihoodScorer):
     """Mean loss per answer token on the first `limit` questions of `dataset`'s `split`."""
 
     def examples(self) -> list[QAExample]:
-        return benchmark_examples(self.spec.dataset, self.spec.split, self.spec.limit)
+        return benchmark_examples(self.spec.dataset, self.spec.split, self.spec.limit, self.spec)
 
     def pairs(self):
         return [(q.context, q.answer) for q in self.questions]
