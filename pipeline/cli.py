@@ -86,20 +86,29 @@ def status(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOp
     for state, count in (("done", len(report.done)), ("failed", len(report.failed)),
                          ("claimed", len(report.claimed)), ("pending", len(report.pending))):
         table.add_row(state, str(count))
+    if report.damaged:
+        table.add_row("damaged (unsafe folder)", str(len(report.damaged)))
     if report.unplanned:
         table.add_row("done, not in this plan", str(len(report.unplanned)))
     out.print(table)
     for reason, count in report.failures_by_reason.most_common():
         out.print(f"  failed × {count}: {reason}")
+    for job_id, why in list(report.damaged.items())[:10]:
+        out.print(f"  damaged: {job_id}: {why} (`lol finetune` retrains it)", highlight=False)
     return 0
 
 
 @app.command()
-def verify(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
-    """Re-hash every stored LoRA and its scores; list corrupt, missing or stray files; exit 1 if any."""
+def verify(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
+           reseal: Annotated[bool, typer.Option("--reseal", help="First seal the records and scores written before "
+                                                "seals existed (each only if its identity and checksums check out).")] = False) -> int:
+    """Re-hash every stored LoRA and its scores; list corrupt, missing, foreign, unsealed or stray files; exit 1 if any."""
     loaded = load(manifest, overrides)
     population = Store(store, create=False).population(loaded.population.name)
     ids = population.job_ids()
+    if reseal:
+        resealed = population.reseal(ids)
+        out.print(f"resealed {sum(map(len, resealed.values()))} file(s) of {len(resealed)} job(s) written before seals existed")
     problems, checked = [], 0
     with _progress() as progress:
         task = progress.add_task("verifying", total=len(ids))

@@ -49,8 +49,7 @@ import numpy as np
 from pipeline.jobs import Job, canonical_json, expand, unit_draw
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
-from storage import Store
-from storage.locks import file_lock
+from storage import Store, StoreError
 
 LAYOUT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -141,6 +140,21 @@ def module_factors(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray
     if incomplete:
         raise PublishError(f"modules without both lora_A and lora_B: {incomplete[:5]}")
     return {name: (parts["A"], parts["B"]) for name, parts in sorted(modules.items())}
+
+
+def check_factor_shapes(factors: dict[str, tuple[np.ndarray, np.ndarray]], rank: int, job_id: str) -> None:
+    """PublishError unless every module is lora_A (rank, in) and lora_B (out, rank) with in, out ≥ 1.
+
+    Checked before anything is allocated from these shapes: a header may declare any shape for a
+    zero-byte tensor (e.g. lora_A of [2**40, 0]), and the layout's size is computed from them.
+    """
+    for name, (a, b) in factors.items():
+        ok = (a.ndim == 2 and b.ndim == 2 and a.shape[0] == rank and b.shape[1] == rank
+              and a.shape[1] >= 1 and b.shape[0] >= 1)
+        if not ok:
+            raise PublishError(f"job {job_id}: module {name} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; "
+                               f"its spec's rank {rank} needs lora_A [{rank}, in] and lora_B [out, {rank}] with in, out ≥ 1 "
+                               "— the adapter is not this job's; `lol finetune` retrains it once it is removed")
 
 
 def make_layout(factors: dict[str, tuple[np.ndarray, np.ndarray]], max_rank: int) -> dict[str, Any]:
@@ -263,7 +277,13 @@ def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False
         if weights.non_finite:
             excluded[job.job_id] = f"{weights.non_finite_total} NaN/Inf weight value(s)"
             continue
-        factors_by_row.append(module_factors(weights.tensors))
+        factors = module_factors(weights.tensors)
+        check_factor_shapes(factors, job.spec.rank, job.job_id)
+        if factors_by_row and [(a.shape[1], b.shape[0]) for a, b in factors.values()] != \
+                [(a.shape[1], b.shape[0]) for a, b in factors_by_row[0].values()]:
+            raise PublishError(f"job {job.job_id}: its modules' shapes differ from the population's other LoRAs "
+                               f"(job {rows[0]['job_id']}); every LoRA of a population adapts the same base")
+        factors_by_row.append(factors)
         spec = job.spec
         rows.append({
             "job_id": job.job_id, "population": job.population, "index": job.index,
@@ -395,20 +415,27 @@ def _install(store: Store, staging: Path, rel: str) -> None:
     the new, never a mix. Versions other than the current one — the previous version, and what
     a killed publish left half-copied — are removed only after the swap. Publishes of one
     population are serialised by a lock, so this cleanup never removes a version in the making.
+    Every path is the store's `write_path` (no link between the root and it is followed), so a
+    `.versions`, lock or version planted as a link is refused or unlinked, never written through.
     """
     if store.is_local:
-        link = store.local_path(rel)
-        versions = link.parent / ".versions"
-        versions.mkdir(parents=True, exist_ok=True)
-        with file_lock(link.parent / f".lock-{link.name}"):
-            version = versions / f"{link.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        parent, name = rel.rsplit("/", 1)
+        versions_rel = f"{parent}/.versions"
+        versions = Path(store.write_path(f"{versions_rel}/{name}"))
+        if store.is_link(versions_rel):
+            raise StoreError(f"{versions_rel!r} is a symbolic link; the store never writes through links — remove it")
+        versions.parent.mkdir(parents=True, exist_ok=True)
+        with store.lock(f"{parent}/.lock-{name}"):
+            version_name = f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            version = Path(store.write_path(f"{versions_rel}/{version_name}"))
             shutil.copytree(staging, version)
+            link = Path(store.write_path(rel))
             if link.exists() and not link.is_symlink():  # a plain folder from elsewhere: keep it aside
-                os.rename(link, versions / f"{link.name}-replaced-{uuid.uuid4().hex[:8]}")
-            temporary_link = link.parent / f".link-{link.name}-{uuid.uuid4().hex[:8]}"
+                os.rename(link, store.write_path(f"{versions_rel}/{name}-replaced-{uuid.uuid4().hex[:8]}"))
+            temporary_link = Path(store.write_path(f"{parent}/.link-{name}-{uuid.uuid4().hex[:8]}"))
             os.symlink(os.path.relpath(version, link.parent), temporary_link)
             os.replace(temporary_link, link)
-            _remove_stale(link, versions, keep=version)
+            _remove_stale(store, parent, name, keep=version_name)
         return
     # Object stores: upload every file, the card last (a reader that finds the card finds the data).
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "README.md")
@@ -417,12 +444,14 @@ def _install(store: Store, staging: Path, rel: str) -> None:
     store.write_bytes(f"{rel}/README.md", (staging / "README.md").read_bytes())
 
 
-def _remove_stale(link: Path, versions: Path, keep: Path) -> None:
-    """Remove every version of `link`'s population but `keep` (kept-aside folders stay), and
-    temporary links a killed publish left."""
-    ours = re.compile(rf"{re.escape(link.name)}-\d{{8}}T\d{{6}}-[0-9a-f]{{8}}")  # not another population's
-    for entry in versions.iterdir():
-        if ours.fullmatch(entry.name) and entry != keep:
-            shutil.rmtree(entry, ignore_errors=True)
-    for entry in link.parent.glob(f".link-{link.name}-*"):
-        entry.unlink(missing_ok=True)
+def _remove_stale(store: Store, parent: str, name: str, keep: str) -> None:
+    """Remove every version of population `name` but `keep` (kept-aside folders stay), and the
+    temporary links a killed publish left — through `store.delete`, which unlinks links and never
+    follows them."""
+    ours = re.compile(rf"{re.escape(name)}-\d{{8}}T\d{{6}}-[0-9a-f]{{8}}")  # not another population's
+    for entry in store.list_dir(f"{parent}/.versions"):
+        if ours.fullmatch(entry) and entry != keep:
+            store.delete(f"{parent}/.versions/{entry}")
+    for entry in store.list_dir(parent):
+        if entry.startswith(f".link-{name}-"):
+            store.delete(f"{parent}/{entry}")

@@ -12,7 +12,7 @@ from pathlib import Path
 @contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """Hold `flock(LOCK_EX)` on `path` (created if missing) for the body; released however it ends."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)  # never through a planted link
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

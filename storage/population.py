@@ -3,11 +3,22 @@
 `record.json` and score files are sealed (storage/seal.py): a changed byte anywhere in a job
 folder — weights, config, spec, record or label — is found by `verify`, and a LoRA that does
 not verify is not done: the next `lol finetune` clears it and trains it again.
+
+Content is bound to identity: `spec.json` hashes to its folder's job id, and the record and
+every score name the job (and population) of the folder they are in, so a job folder swapped
+with another's, or a file copied from one job to another, is damage — not a valid LoRA. A
+symbolic link anywhere in a job folder is damage too. Files without a seal (written before
+seals existed) are refused unless migrated once with `reseal` (`lol verify --reseal`).
+
+Damage is per job: every per-job read here turns a refused path into that job's problem, so
+one bad job never stops `verify`, `status`, `finetune` or `publish` from seeing the others.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -18,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage.locks import file_lock
 from storage.seal import CorruptFile, seal, unseal
 from storage.store import _TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 
@@ -29,9 +39,13 @@ RECORD = "record.json"
 FAILED = "failed.json"
 SPEC = "spec.json"
 SCORES = "scores"
-# Keys of the records and scores written before seals existed (read as they are).
+# Keys of the records and scores written before seals existed (read only by `reseal`).
 LEGACY_RECORD_KEYS = frozenset({"job_id", "population", "files", "metrics", "committed_at"})
 LEGACY_SCORE_KEYS = frozenset({"job_id", "scorer", "scorer_id", "settings", "labels", "versions", "scored_at"})
+# A claim's `expires` may lie at most its lease (itself at most MAX_LEASE_S) plus this margin for
+# clocks that differ between hosts beyond now; a claim further ahead is stale (swept, taken over).
+CLOCK_SKEW_S = 300.0
+MAX_LEASE_S = 24 * 3600.0
 _memory_claim_locks: dict[str, threading.Lock] = {}
 log = logging.getLogger(__name__)
 
@@ -42,7 +56,7 @@ class Problem:
 
     job_id: str
     path: str
-    kind: str  # "corrupt" | "missing" | "unexpected" | "incomplete" | "unsafe"
+    kind: str  # "corrupt" | "missing" | "unexpected" | "incomplete" | "unsafe" | "mismatch" | "unsealed"
     detail: str = ""
 
     def __str__(self) -> str:
@@ -55,6 +69,12 @@ class Claim:
     worker: str
     token: str
     expires: float
+    lease_s: float = 0.0  # 0: written before leases were recorded; the reader's bound then is MAX_LEASE_S
+
+    def is_live(self, now: float) -> bool:
+        """Unexpired, and not further ahead than its lease allows (an absurd expiry is stale)."""
+        lease = self.lease_s if 0 < self.lease_s <= MAX_LEASE_S else MAX_LEASE_S
+        return now < self.expires <= now + lease + CLOCK_SKEW_S
 
 
 @dataclass
@@ -65,6 +85,7 @@ class StatusReport:
     failed: dict[str, str] = field(default_factory=dict)  # job_id -> reason
     claimed: dict[str, str] = field(default_factory=dict)  # job_id -> worker
     pending: list[str] = field(default_factory=list)
+    damaged: dict[str, str] = field(default_factory=dict)  # job_id -> why its folder cannot be read safely
     unplanned: list[str] = field(default_factory=list)  # records of jobs not in this plan
 
     @property
@@ -110,11 +131,52 @@ class PopulationStore:
     # ------------------------------------------------------------ records
 
     def record(self, job_id: str) -> dict | None:
-        """The job's record, or None if it has not completed (or the record is damaged)."""
+        """The job's record, or None if it has not completed (or the record is damaged, unsealed,
+        another job's, or reached through a link)."""
         try:
-            return unseal(self.store.read_bytes(self.job_rel(job_id, RECORD)), LEGACY_RECORD_KEYS)
-        except (FileNotFoundError, CorruptFile):
+            record = self._read_record(job_id)
+        except (FileNotFoundError, CorruptFile, StoreError):
             return None
+        return record
+
+    def _read_record(self, job_id: str) -> dict:
+        """The sealed record of this folder's job; CorruptFile if it is not (FileNotFoundError, StoreError)."""
+        if self.store.is_link(self.job_rel(job_id)):
+            raise StoreError(f"job folder {job_id} is a symbolic link")
+        record = unseal(self.store.read_bytes(self.job_rel(job_id, RECORD)))
+        mismatch = _identity_mismatch(record, job_id, self.name)
+        if mismatch:
+            raise CorruptFile(f"record of {mismatch}")
+        return record
+
+    def _read_score(self, job_id: str, scorer_id: str) -> dict:
+        """The sealed score of this folder's job by `scorer_id`; CorruptFile if it is not."""
+        score = unseal(self.store.read_bytes(self.score_rel(job_id, scorer_id)))
+        mismatch = _identity_mismatch(score, job_id, self.name)
+        if mismatch or score.get("scorer_id") != scorer_id:
+            raise CorruptFile(f"score of {mismatch or 'scorer ' + repr(score.get('scorer_id'))}")
+        return score
+
+    def spec_problem(self, job_id: str) -> str:
+        """Why the folder's spec.json is not this job's ('' if it is): its id, population and content hash."""
+        try:
+            spec = json.loads(self.store.read_bytes(self.job_rel(job_id, SPEC)))
+        except FileNotFoundError:
+            return "no spec.json"
+        except (ValueError, UnicodeDecodeError) as exc:
+            return f"spec.json is not JSON: {str(exc)[:60]}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("spec"), dict):
+            return "spec.json holds no job spec"
+        mismatch = _identity_mismatch(spec, job_id, self.name)
+        if mismatch:
+            return f"spec.json is the spec of {mismatch}"
+        try:
+            digest = hashlib.sha256(_canonical_json(spec["spec"]).encode()).hexdigest()
+        except ValueError:
+            return "spec.json holds values that are not canonical JSON"
+        if not digest.startswith(job_id):
+            return f"spec.json's content hashes to {digest[:len(job_id)]}, not to its job id {job_id}"
+        return ""
 
     def is_done(self, job_id: str, verify: bool | None = None) -> bool:
         """Whether the job's LoRA exists: a record whose files verify.
@@ -123,7 +185,7 @@ class PopulationStore:
         object stores (hashing would download every adapter); True always hashes; False trusts
         the record.
         """
-        if self.record(job_id) is None:
+        if self.record(job_id) is None or (verify is not False and self.spec_problem(job_id)):
             return False
         if verify is False:
             return True
@@ -136,8 +198,14 @@ class PopulationStore:
         verify is not done, so its record goes too). The record goes first, so a crash midway
         leaves a job that is plainly not done.
         """
+        folder = self.job_rel(job_id)
+        if self.store.is_link(folder):  # a job folder that is a link: unlink it (never follow), start afresh
+            self.store.delete(folder)
+            return
         self.store.delete(self.job_rel(job_id, RECORD))
-        for path in self.store.list_files(self.job_rel(job_id)):
+        for link in self.store.links_under(folder):  # unlinked, never followed
+            self.store.delete(f"{folder}/{link}")
+        for path in self.store.list_files(folder):
             if path not in (SPEC, FAILED):
                 self.store.delete(self.job_rel(job_id, path))
 
@@ -171,18 +239,34 @@ class PopulationStore:
         by `verify_scores`: a damaged label is rescored, it does not make the LoRA retrain.
         """
         try:
-            record = unseal(self.store.read_bytes(self.job_rel(job_id, RECORD)), LEGACY_RECORD_KEYS)
-        except FileNotFoundError:
-            return [Problem(job_id, RECORD, "missing")]
-        except CorruptFile as exc:
-            return [Problem(job_id, RECORD, "corrupt", str(exc)[:80])]
+            links = self.store.links_under(self.job_rel(job_id))
         except StoreError as exc:
-            return [Problem(job_id, RECORD, "unsafe", str(exc)[:120])]
+            return [Problem(job_id, "", "unsafe", str(exc)[:120])]
+        if "" in links:
+            return [Problem(job_id, "", "unsafe", "the job folder is a symbolic link")]
+        problems = [Problem(job_id, link, "unsafe", "a symbolic link in a job folder") for link in links]
+        try:
+            record = unseal(self.store.read_bytes(self.job_rel(job_id, RECORD)))
+        except FileNotFoundError:
+            return problems + [Problem(job_id, RECORD, "missing")]
+        except CorruptFile as exc:
+            kind = "unsealed" if _is_legacy(self.store, self.job_rel(job_id, RECORD), LEGACY_RECORD_KEYS) else "corrupt"
+            return problems + [Problem(job_id, RECORD, kind, str(exc)[:80] if kind == "corrupt" else
+                                       "written before seals existed: `lol verify --reseal` checks and seals it")]
+        except StoreError as exc:
+            return problems + [Problem(job_id, RECORD, "unsafe", str(exc)[:120])]
+        mismatch = _identity_mismatch(record, job_id, self.name)
+        if mismatch:
+            return problems + [Problem(job_id, RECORD, "mismatch", f"the record of {mismatch}")]
+        spec_problem = self.spec_problem(job_id)
+        if spec_problem:
+            problems.append(Problem(job_id, SPEC, "mismatch", spec_problem))
         listed = record.get("files")
         if not isinstance(listed, dict):
-            return [Problem(job_id, RECORD, "corrupt", "no file list")]
-        problems = []
+            return problems + [Problem(job_id, RECORD, "corrupt", "no file list")]
         for name, meta in sorted(listed.items()):
+            if name in links:  # named above; never read through
+                continue
             try:
                 check_rel(name)
                 if hashes:
@@ -190,7 +274,7 @@ class PopulationStore:
                     size, digest = len(data), sha256_bytes(data)
                 else:
                     size, digest = self.store.size(self.job_rel(job_id, name)), meta.get("sha256")
-            except FileNotFoundError:
+            except (FileNotFoundError, IsADirectoryError):
                 problems.append(Problem(job_id, name, "missing"))
                 continue
             except StoreError as exc:
@@ -200,20 +284,29 @@ class PopulationStore:
                 problems.append(Problem(job_id, name, "corrupt", f"{size} bytes, sha256 {str(digest)[:12]}… ≠ "
                                         f"recorded {meta.get('size')} bytes, {str(meta.get('sha256'))[:12]}…"))
         for name in self.store.list_files(self.job_rel(job_id)):
-            if name not in listed and name not in (RECORD, FAILED) and not _is_score_file(name) and _TMP_MARK not in name:
+            if name not in listed and name not in links and name not in (RECORD, FAILED) and not _is_score_file(name) and _TMP_MARK not in name:
                 problems.append(Problem(job_id, name, "unexpected", "a file the record does not list"))
         return problems
 
     def verify_scores(self, job_id: str) -> list[Problem]:
         """Problems of the job's score files (each is sealed)."""
         problems = []
-        for name in self.store.list_dir(self.job_rel(job_id, SCORES)):
+        try:
+            names = self.store.list_dir(self.job_rel(job_id, SCORES))
+        except StoreError as exc:
+            return [Problem(job_id, SCORES, "unsafe", str(exc)[:120])]
+        for name in names:
             if _TMP_MARK in name:
                 continue
             try:
-                unseal(self.store.read_bytes(self.job_rel(job_id, SCORES, name)), LEGACY_SCORE_KEYS)
+                if not name.endswith(".json"):
+                    raise FileNotFoundError(name)
+                self._read_score(job_id, name.removesuffix(".json"))
             except CorruptFile as exc:
-                problems.append(Problem(job_id, f"{SCORES}/{name}", "corrupt", str(exc)[:80]))
+                legacy = _is_legacy(self.store, self.job_rel(job_id, SCORES, name), LEGACY_SCORE_KEYS)
+                problems.append(Problem(job_id, f"{SCORES}/{name}", "unsealed" if legacy else "corrupt",
+                                        "written before seals existed: `lol verify --reseal` checks and seals it"
+                                        if legacy else str(exc)[:80]))
             except StoreError as exc:
                 problems.append(Problem(job_id, f"{SCORES}/{name}", "unsafe", str(exc)[:120]))
             except (FileNotFoundError, IsADirectoryError):
@@ -223,15 +316,20 @@ class PopulationStore:
     def leftovers(self, job_id: str) -> list[str]:
         """Files of a job without a record beyond its spec and failure: what a dead commit, or a
         deleted record, leaves. Empty for a job that has a record or is claimed right now."""
-        if self.store.exists(self.job_rel(job_id, RECORD)) or job_id in self.active_claims():
+        if self._has_record_file(job_id) or job_id in self.active_claims():
             return []
         return [f for f in self.store.list_files(self.job_rel(job_id)) if f not in (SPEC, FAILED) and _TMP_MARK not in f]
 
     def damage(self, job_id: str) -> list[Problem]:
         """Everything wrong with one stored job: its LoRA, its scores, or files left without a record."""
-        if self.store.exists(self.job_rel(job_id, RECORD)):
-            return self.verify_job(job_id) + self.verify_scores(job_id)
-        left = self.leftovers(job_id)
+        try:
+            if self.store.is_link(self.job_rel(job_id)):
+                return [Problem(job_id, "", "unsafe", "the job folder is a symbolic link")]
+            if self._has_record_file(job_id):
+                return self.verify_job(job_id) + self.verify_scores(job_id)
+            left = self.leftovers(job_id)
+        except StoreError as exc:
+            return [Problem(job_id, "", "unsafe", str(exc)[:120])]
         if left:
             return [Problem(job_id, RECORD, "incomplete", f"{len(left)} file(s) such as {left[0]} but no record "
                             "(an interrupted commit or a deleted record)")]
@@ -240,8 +338,55 @@ class PopulationStore:
     def verify(self, job_ids: Iterable[str] | None = None) -> Iterator[tuple[str, list[Problem]]]:
         """(job_id, problems) for every stored job (of `job_ids`, default all) that holds a LoRA or its remains."""
         for job_id in job_ids if job_ids is not None else self.job_ids():
-            if self.store.exists(self.job_rel(job_id, RECORD)) or self.leftovers(job_id):
+            try:
+                check_name(job_id, "job id")
+                holds = self.store.is_link(self.job_rel(job_id)) or self._has_record_file(job_id) or self.leftovers(job_id)
+            except StoreError as exc:
+                yield job_id, [Problem(job_id, "", "unsafe", str(exc)[:120])]
+                continue
+            if holds:
                 yield job_id, self.damage(job_id)
+
+    def _has_record_file(self, job_id: str) -> bool:
+        return self.store.exists(self.job_rel(job_id, RECORD))
+
+    def reseal(self, job_ids: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """One-time migration: seal the records and scores written before seals existed.
+
+        A file is sealed only if it has exactly the old key set, names this folder's job (and the
+        score its scorer id), and — for a record — every file it lists verifies and the spec is
+        the job's. Returns {job_id: [resealed paths]}; anything else is left for `verify` to name.
+        """
+        done: dict[str, list[str]] = {}
+        for job_id in job_ids if job_ids is not None else self.job_ids():
+            try:
+                check_name(job_id, "job id")
+                if self.store.is_link(self.job_rel(job_id)):
+                    continue
+                sealed = self._reseal_job(job_id)
+            except (StoreError, FileNotFoundError):
+                continue
+            if sealed:
+                done[job_id] = sealed
+        return done
+
+    def _reseal_job(self, job_id: str) -> list[str]:
+        sealed = []
+        rel = self.job_rel(job_id, RECORD)
+        record = _legacy_value(self.store, rel, LEGACY_RECORD_KEYS)
+        if record is not None and not _identity_mismatch(record, job_id, self.name) and not self.spec_problem(job_id):
+            self.store.write_bytes(rel, seal(record))
+            if self.verify_job(job_id):  # a listed file does not verify: put the unsealed record back
+                self.store.write_json(rel, record)
+            else:
+                sealed.append(RECORD)
+        for name in self.store.list_dir(self.job_rel(job_id, SCORES)):
+            rel = self.job_rel(job_id, SCORES, name)
+            score = _legacy_value(self.store, rel, LEGACY_SCORE_KEYS)
+            if score is not None and not _identity_mismatch(score, job_id, self.name) and f"{score.get('scorer_id')}.json" == name:
+                self.store.write_bytes(rel, seal(score))
+                sealed.append(f"{SCORES}/{name}")
+        return sealed
 
     # ------------------------------------------------------------ failures
 
@@ -253,10 +398,12 @@ class PopulationStore:
         })
 
     def failure(self, job_id: str) -> dict | None:
+        """The job's failed.json (None if absent, unreadable, or another job's)."""
         try:
-            return self.store.read_json(self.job_rel(job_id, FAILED))
-        except (FileNotFoundError, ValueError):
+            failure = self.store.read_json(self.job_rel(job_id, FAILED))
+        except (FileNotFoundError, IsADirectoryError, ValueError, UnicodeDecodeError):
             return None
+        return failure if isinstance(failure, dict) and failure.get("job_id") == job_id else None
 
     # ------------------------------------------------------------ scores
 
@@ -264,13 +411,16 @@ class PopulationStore:
         return self.job_rel(job_id, "scores", f"{check_name(scorer_id, 'scorer id')}.json")
 
     def write_score(self, job_id: str, scorer_id: str, payload: dict) -> None:
-        self.store.write_bytes(self.score_rel(job_id, scorer_id), seal(payload))
+        """Seal and write a score; it names its job, population and scorer id (checked on every read)."""
+        assert payload.get("job_id") == job_id and payload.get("scorer_id") == scorer_id, "a score names its job and scorer"
+        self.store.write_bytes(self.score_rel(job_id, scorer_id), seal({**payload, "population": self.name}))
 
     def read_score(self, job_id: str, scorer_id: str) -> dict | None:
-        """The stored score, or None if there is none or it is damaged (then it is scored again)."""
+        """The stored score, or None if there is none or it is damaged, unsealed or another job's
+        (then it is scored again)."""
         try:
-            return unseal(self.store.read_bytes(self.score_rel(job_id, scorer_id)), LEGACY_SCORE_KEYS)
-        except (FileNotFoundError, CorruptFile):
+            return self._read_score(job_id, scorer_id)
+        except (FileNotFoundError, CorruptFile, StoreError, IsADirectoryError):
             return None
 
     def has_score(self, job_id: str, scorer_id: str) -> bool:
@@ -288,9 +438,10 @@ class PopulationStore:
         rel = self.rel("claims", check_name(job_id, "job id"))
         with self._claims_lock():
             current = self._read_claim(job_id)
-            if current and current.worker != worker and current.expires > time.time():
+            if current and current.worker != worker and current.is_live(time.time()):
                 return None
-            claim = Claim(job_id, worker, uuid.uuid4().hex, time.time() + lease_s)
+            lease_s = min(float(lease_s), MAX_LEASE_S)
+            claim = Claim(job_id, worker, uuid.uuid4().hex, time.time() + lease_s, lease_s)
             self.store.write_json(rel, claim.__dict__)
         if not self.store.is_local:
             # Object stores have no lock: read back, the last writer wins and the others yield.
@@ -305,7 +456,8 @@ class PopulationStore:
             current = self._read_claim(claim.job_id)
             if current is None or current.token != claim.token:
                 return False
-            claim.expires = time.time() + lease_s
+            claim.lease_s = min(float(lease_s), MAX_LEASE_S)
+            claim.expires = time.time() + claim.lease_s
             self.store.write_json(self.rel("claims", claim.job_id), claim.__dict__)
             return True
 
@@ -363,7 +515,7 @@ class PopulationStore:
                     removed += 1
                     continue
                 claim = self._read_claim(name)
-                if claim is None or claim.expires <= now:
+                if claim is None or not claim.is_live(now):
                     self.store.delete(self.rel("claims", name))
                     removed += 1
         return removed
@@ -375,23 +527,28 @@ class PopulationStore:
             if job_id.startswith(".") or _TMP_MARK in job_id:
                 continue
             claim = self._read_claim(job_id)
-            if claim is not None and claim.expires > now:
+            if claim is not None and claim.is_live(now):
                 claims[job_id] = claim
         return claims
 
     def _read_claim(self, job_id: str) -> Claim | None:
+        """The claim file's claim, or None if absent or not a claim of this job (unreadable, wrong types)."""
         try:
-            return Claim(**self.store.read_json(self.rel("claims", job_id)))
-        except (FileNotFoundError, ValueError, TypeError):
+            value = self.store.read_json(self.rel("claims", job_id))
+            claim = Claim(**value)
+        except (FileNotFoundError, IsADirectoryError, ValueError, TypeError, UnicodeDecodeError):
             return None
+        numbers_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+                         for v in (claim.expires, claim.lease_s))
+        if claim.job_id != job_id or not isinstance(claim.token, str) or not numbers_ok:
+            return None
+        return claim
 
     @contextlib.contextmanager
     def _claims_lock(self) -> Iterator[None]:
         """Serialise claim updates: flock on local disks, a process lock for memory://."""
         if self.store.is_local:
-            directory = self.store.local_path(self.rel("claims"))
-            directory.mkdir(parents=True, exist_ok=True)
-            with file_lock(directory / ".lock"):
+            with self.store.lock(self.rel("claims", ".lock")):
                 yield
         else:
             lock = _memory_claim_locks.setdefault(self.store.path(self.rel("claims")), threading.Lock())
@@ -405,7 +562,14 @@ class PopulationStore:
         claims = self.active_claims()
         planned = set(planned_ids)
         for job_id in planned_ids:
-            if self.store.exists(self.job_rel(job_id, RECORD)):
+            try:
+                has_record = not self.store.is_link(self.job_rel(job_id)) and self._has_record_file(job_id)
+            except StoreError as exc:
+                report.damaged[job_id] = str(exc)[:200]
+                continue
+            if self.store.is_link(self.job_rel(job_id)):
+                report.damaged[job_id] = "the job folder is a symbolic link"
+            elif has_record:
                 report.done.append(job_id)
             elif job_id in claims:
                 report.claimed[job_id] = claims[job_id].worker
@@ -413,9 +577,42 @@ class PopulationStore:
                 report.failed[job_id] = failure.get("reason", "unknown")
             else:
                 report.pending.append(job_id)
-        report.unplanned = [j for j in self.job_ids() if j not in planned and self.store.exists(self.job_rel(j, RECORD))]
+        report.unplanned = [j for j in self.job_ids() if j not in planned and _safe_has_record(self, j)]
         return report
 
+
+
+def _identity_mismatch(value: dict, job_id: str, population: str) -> str:
+    """'' if `value` names `job_id` (and `population`, when it names one); else whose it is."""
+    named_job, named_population = value.get("job_id"), value.get("population", population)
+    if named_job == job_id and named_population == population:
+        return ""
+    return f"job {str(named_job)[:40]!r} of population {str(named_population)[:60]!r}, not of {job_id} in {population!r}"
+
+
+def _canonical_json(value: Any) -> str:
+    """The job id's hash input (as `pipeline.jobs.canonical_json` writes it)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _legacy_value(store: Store, rel: str, keys: frozenset[str]) -> dict | None:
+    """The JSON object at `rel` if it is an unsealed file with exactly `keys`, else None."""
+    try:
+        value = json.loads(store.read_bytes(rel))
+    except (FileNotFoundError, IsADirectoryError, ValueError, UnicodeDecodeError, StoreError):
+        return None
+    return value if isinstance(value, dict) and set(value) == keys else None
+
+
+def _is_legacy(store: Store, rel: str, keys: frozenset[str]) -> bool:
+    return _legacy_value(store, rel, keys) is not None
+
+
+def _safe_has_record(population: PopulationStore, job_id: str) -> bool:
+    try:
+        return not population.store.is_link(population.job_rel(job_id)) and population._has_record_file(job_id)
+    except StoreError:
+        return False
 
 
 def _is_score_file(name: str) -> bool:

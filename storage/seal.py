@@ -10,9 +10,10 @@ file is ordinary JSON whose first key holds the sha256 of the exact bytes of the
       …
     }
 
-so any change to its bytes is caught. Files written before seals existed are read when their
-keys are exactly the keys such files had (a damaged seal line changes the keys, so it is not
-mistaken for an old file).
+so any change to its bytes is caught. A file without a seal is refused: removing the seal line
+must not turn an edited file into an "old" one. Files written before seals existed are sealed
+once, after their identity and checksums are checked, by `PopulationStore.reseal`
+(`lol verify --reseal`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def seal(value: dict[str, Any]) -> bytes:
     return f"{_PREFIX}{digest}{_AFTER_DIGEST}{body[2:]}\n".encode()
 
 
-def unseal(data: bytes, legacy_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
+def unseal(data: bytes) -> dict[str, Any]:
     """The value of a sealed file (without the seal key); `CorruptFile` if its bytes were changed."""
     try:
         text = data.decode("utf-8")
@@ -54,10 +55,8 @@ def unseal(data: bytes, legacy_keys: frozenset[str] = frozenset()) -> dict[str, 
         if hashlib.sha256(body.encode()).hexdigest() != digest:
             raise CorruptFile(f"content does not match its seal {digest[:12]}…")
         return _as_dict(body)
-    value = _as_dict(text)
-    if not legacy_keys or set(value) != legacy_keys:
-        raise CorruptFile(f"no seal, and keys {sorted(value)[:6]} are not those of an older unsealed file")
-    return value
+    _as_dict(text)
+    raise CorruptFile("no seal (an unsealed file is refused; `lol verify --reseal` migrates files written before seals)")
 
 
 def _as_dict(text: str) -> dict[str, Any]:

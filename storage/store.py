@@ -18,17 +18,25 @@ stores. A LoRA exists iff its `record.json` exists and the checksums in it verif
 
 Every path goes through `path(rel)`, which keeps it inside the store: `rel` may not be
 absolute or hold a `..` component, and on local disks the resolved path (symlinks followed)
-must lie under the resolved root, so a symlink planted in the store cannot lead a read, a
-write or a delete outside it. Imports only the standard library and fsspec.
+must lie under the resolved root, so a symlink planted in the store cannot lead a read
+outside it. Writes and deletes are stricter (`write_path`): on local disks no folder between
+the root and the target may be a symbolic link at all, so a link planted in the store — even
+one that points inside it — is never followed by a write, a rename, a lock or a delete; a
+target that is itself a link is replaced or unlinked, never written through. Imports only the
+standard library and fsspec.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +129,75 @@ class Store:
                                  "(a symlink leaves the store); remove the link or use another --store")
         return full
 
+    def write_path(self, rel: str) -> str:
+        """The full path of `rel` for a write, rename, lock or delete: `path(rel)`'s checks, and on
+        local disks no folder from the root down to `rel`'s parent may be a symbolic link (the
+        target itself may be one: it is then replaced or unlinked, never written through)."""
+        full = "/".join([self.root.rstrip("/"), check_rel(rel)])
+        if self.is_local:
+            parts = [p for p in rel.split("/") if p not in ("", ".")]
+            current = self.root.rstrip("/") or "/"
+            for index, part in enumerate(parts[:-1]):
+                current = os.path.join(current, part)
+                if os.path.islink(current):
+                    target = os.path.realpath(current)
+                    inside = target == self._real_root or target.startswith(self._real_root.rstrip(os.sep) + os.sep)
+                    where = "inside the store" if inside else f"to {target}, outside the store {self._real_root}"
+                    raise StoreError(f"{'/'.join(parts[:index + 1])!r} is a symbolic link {where}; the store never "
+                                     f"writes or deletes through links, so {rel!r} was not touched — remove the link "
+                                     "(`lol verify` lists such damage)")
+            parent = os.path.realpath(os.path.dirname(full))
+            if parent != self._real_root and not parent.startswith(self._real_root.rstrip(os.sep) + os.sep):
+                raise StoreError(f"{rel!r} resolves to {parent}, outside the store {self._real_root}")
+        return full
+
+    def is_link(self, rel: str) -> bool:
+        """Whether `rel` or a folder above it (below the root) is a symbolic link; False on object stores."""
+        if not self.is_local:
+            return False
+        current = self.root.rstrip("/") or "/"
+        for part in check_rel(rel).split("/"):
+            if part in ("", "."):
+                continue
+            current = os.path.join(current, part)
+            if os.path.islink(current):
+                return True
+        return False
+
+    def links_under(self, rel: str) -> list[str]:
+        """Symbolic links at or below `rel` (paths relative to `rel`, '' for `rel` itself); [] on object stores."""
+        if not self.is_local:
+            return []
+        base = "/".join([self.root.rstrip("/"), check_rel(rel)])
+        if os.path.islink(base):
+            return [""]
+        found = []
+        for folder, dirs, files in os.walk(base, followlinks=False):
+            for name in dirs + files:
+                full = os.path.join(folder, name)
+                if os.path.islink(full):
+                    found.append(os.path.relpath(full, base).replace(os.sep, "/"))
+        return sorted(found)
+
+    @contextlib.contextmanager
+    def lock(self, rel: str) -> Iterator[None]:
+        """An exclusive `flock` on the local file `rel` (created if missing, never through a link)."""
+        assert self.is_local, "lock() needs a local store"
+        path = self.write_path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if os.path.islink(path):
+                raise StoreError(f"lock file {rel!r} is a symbolic link; remove it") from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
@@ -136,7 +213,7 @@ class Store:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write atomically: readers see the old content or the new, never a prefix."""
-        target = self.path(rel)
+        target = self.write_path(rel)
         if self.is_local:
             directory = os.path.dirname(target)
             os.makedirs(directory, exist_ok=True)
@@ -172,7 +249,14 @@ class Store:
         return local_dir
 
     def delete(self, rel: str) -> None:
-        path = self.path(rel)
+        """Remove a file or folder; a symbolic link is unlinked, never followed (nor are links inside a folder)."""
+        path = self.write_path(rel)
+        if self.is_local:
+            if os.path.islink(path) or os.path.isfile(path):
+                os.unlink(path)
+            elif os.path.isdir(path):
+                shutil.rmtree(path)  # does not follow the links it finds inside
+            return
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 

@@ -9,12 +9,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from job_specs import spec_json  # noqa: E402
 
 from storage import Store  # noqa: E402
 
 
-def commit_slowly(store_url: str, job_id: str, staged: str, ready: str) -> None:
-    """Commit a job, but stall for a minute after the first staged file lands (to be killed)."""
+def commit_slowly(store_url: str, tag: str, staged: str, ready: str) -> None:
+    """Commit the job `spec_json("pop", tag)`, but stall for a minute after the first staged file lands (to be killed)."""
     store = Store(store_url)
     population = store.population("pop")
     original = store.write_bytes
@@ -26,7 +29,8 @@ def commit_slowly(store_url: str, job_id: str, staged: str, ready: str) -> None:
             time.sleep(60)
 
     store.write_bytes = stalling_write
-    population.write_spec(job_id, json.dumps({"job": job_id}))
+    job_id, text = spec_json("pop", tag)
+    population.write_spec(job_id, text)
     population.commit(job_id, staged, {"loss": 1.0})
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from job_specs import spec_json, stored_spec
+
 from storage import LAYOUT_VERSION, Store, StoreError
 
 WORKERS = Path(__file__).with_name("store_workers.py")
@@ -34,51 +36,51 @@ def staged_adapter(tmp_path: Path, payload: bytes = b"\x00" * 4096) -> Path:
 
 def test_commit_writes_files_then_a_record_with_checksums(store, tmp_path):
     population = store.population("pop")
-    population.write_spec("job1", '{"a": 1}')
-    assert not population.is_done("job1")
-    record = population.commit("job1", staged_adapter(tmp_path), {"final_loss": 0.5})
-    assert population.is_done("job1", verify=True)
+    job = stored_spec(population, "job1")
+    assert not population.is_done(job)
+    record = population.commit(job, staged_adapter(tmp_path), {"final_loss": 0.5})
+    assert population.is_done(job, verify=True)
     assert set(record["files"]) == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "spec.json"}
-    assert record["metrics"] == {"final_loss": 0.5}
-    stored = store.read_bytes(population.job_rel("job1", "adapter/adapter_model.safetensors"))
+    assert record["metrics"] == {"final_loss": 0.5} and (record["job_id"], record["population"]) == (job, "pop")
+    stored = store.read_bytes(population.job_rel(job, "adapter/adapter_model.safetensors"))
     assert stored == b"\x00" * 4096
-    assert population.verify_job("job1") == []
+    assert population.verify_job(job) == []
 
 
 def test_verify_reports_a_flipped_byte_and_a_missing_file(store, tmp_path):
     population = store.population("pop")
-    for job in ("good", "flipped", "gone"):
-        population.write_spec(job, "{}")
+    good, flipped, gone = (stored_spec(population, tag) for tag in ("good", "flipped", "gone"))
+    for job in (good, flipped, gone):
         population.commit(job, staged_adapter(tmp_path, bytes(range(256)) * 8), {})
-    rel = population.job_rel("flipped", "adapter/adapter_model.safetensors")
+    rel = population.job_rel(flipped, "adapter/adapter_model.safetensors")
     data = bytearray(store.read_bytes(rel))
     data[100] ^= 0x01
     store.write_bytes(rel, bytes(data))
-    store.delete(population.job_rel("gone", "adapter/adapter_config.json"))
+    store.delete(population.job_rel(gone, "adapter/adapter_config.json"))
     results = dict(population.verify())
-    assert results["good"] == []
-    assert [(p.path, p.kind) for p in results["flipped"]] == [("adapter/adapter_model.safetensors", "corrupt")]
-    assert [(p.path, p.kind) for p in results["gone"]] == [("adapter/adapter_config.json", "missing")]
-    assert not population.is_done("flipped", verify=True)
+    assert results[good] == []
+    assert [(p.path, p.kind) for p in results[flipped]] == [("adapter/adapter_model.safetensors", "corrupt")]
+    assert [(p.path, p.kind) for p in results[gone]] == [("adapter/adapter_config.json", "missing")]
+    assert not population.is_done(flipped, verify=True)
 
 
 def test_failed_jobs_are_recorded_and_cleared_by_success(store, tmp_path):
     population = store.population("pop")
-    population.write_spec("j", "{}")
-    population.write_failed("j", "non-finite loss", "loss=nan at step 3")
-    population.write_failed("j", "non-finite loss", "again")
-    assert population.failure("j")["attempts"] == 2
-    report = population.status(["j", "k"])
-    assert report.failed == {"j": "non-finite loss"} and report.pending == ["k"]
-    population.commit("j", staged_adapter(tmp_path), {})
-    assert population.failure("j") is None and population.status(["j"]).done == ["j"]
+    j = stored_spec(population, "j")
+    population.write_failed(j, "non-finite loss", "loss=nan at step 3")
+    population.write_failed(j, "non-finite loss", "again")
+    assert population.failure(j)["attempts"] == 2
+    report = population.status([j, "k"])
+    assert report.failed == {j: "non-finite loss"} and report.pending == ["k"]
+    population.commit(j, staged_adapter(tmp_path), {})
+    assert population.failure(j) is None and population.status([j]).done == [j]
 
 
 def test_scores_are_kept_per_scorer_id(store):
     population = store.population("pop")
-    population.write_score("j", "clip_score-aaaa", {"value": 1.0})
-    population.write_score("j", "clip_score-bbbb", {"value": 2.0})
-    assert population.read_score("j", "clip_score-aaaa") == {"value": 1.0}
+    population.write_score("j", "clip_score-aaaa", {"job_id": "j", "scorer_id": "clip_score-aaaa", "value": 1.0})
+    population.write_score("j", "clip_score-bbbb", {"job_id": "j", "scorer_id": "clip_score-bbbb", "value": 2.0})
+    assert population.read_score("j", "clip_score-aaaa") == {"job_id": "j", "population": "pop", "scorer_id": "clip_score-aaaa", "value": 1.0}
     assert population.has_score("j", "clip_score-bbbb") and not population.has_score("j", "clip_score-cccc")
 
 
@@ -132,7 +134,7 @@ def test_store_url_defaults_to_env_then_cwd(monkeypatch, tmp_path):
 def test_sigkill_mid_commit_leaves_no_record_and_a_rerun_completes(tmp_path):
     store_url = str(tmp_path / "store")
     staged = staged_adapter(tmp_path, b"\x07" * (1 << 20))
-    ready = tmp_path / "ready"
+    ready, job = tmp_path / "ready", spec_json("pop", "job1")[0]
     child = subprocess.Popen([sys.executable, str(WORKERS), "commit_slowly", store_url, "job1", str(staged), str(ready)])
     try:
         deadline = time.time() + 60
@@ -146,15 +148,15 @@ def test_sigkill_mid_commit_leaves_no_record_and_a_rerun_completes(tmp_path):
         if child.poll() is None:
             child.kill()
     population = Store(store_url).population("pop")
-    assert population.record("job1") is None and not population.is_done("job1")
-    assert population.status(["job1"]).pending == ["job1"]
+    assert population.record(job) is None and not population.is_done(job)
+    assert population.status([job]).pending == [job]
     # The rerun: claim, clear what the dead attempt left, commit again.
-    claim = population.claim("job1", "rerun")
-    population.clear_partial("job1")
-    population.commit("job1", staged, {"attempt": 2})
+    claim = population.claim(job, "rerun")
+    population.clear_partial(job)
+    population.commit(job, staged, {"attempt": 2})
     population.release(claim)
-    assert population.is_done("job1", verify=True)
-    leftovers = [p for p in population.store.list_files(population.job_rel("job1")) if ".tmp-" in p]
+    assert population.is_done(job, verify=True)
+    leftovers = [p for p in population.store.list_files(population.job_rel(job)) if ".tmp-" in p]
     assert leftovers == []
 
 

@@ -28,7 +28,6 @@ from typing import Any
 
 from pipeline.bases import BaseModelError, tiny_module
 from storage import Store
-from storage.locks import file_lock
 from storage.store import sha256_bytes
 
 BUILD_FILE = "BUILD.json"
@@ -95,9 +94,7 @@ def ensure_base(name: str, store: Store, size: str = "full", force: bool = False
     """
     if not store.is_local:
         return _ensure_base(name, store, size, force, progress, log)
-    locks = store.local_path(".locks")
-    locks.mkdir(parents=True, exist_ok=True)
-    with file_lock(locks / f"base-{recipe_for(name, size).folder}.lock"):
+    with store.lock(f".locks/base-{recipe_for(name, size).folder}.lock"):
         return _ensure_base(name, store, size, force, progress, log)
 
 

@@ -32,7 +32,7 @@ from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
 from pipeline.finetune import staging
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
-from storage import Claim, Store
+from storage import Claim, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def run_cohort(population, jobs: Sequence[Job], trainer, worker: str, lease_s: f
             job = by_id[job_id]
             try:
                 _prepare(population, job)
-            except OSError as exc:  # the store refused a write: this job fails, the others go on
+            except (OSError, StoreError) as exc:  # the store refused a write: this job fails, the others go on
                 outcomes.append((job, _record_failure(population, job, exc, "preparing the job folder")))
                 continue
             staged[job_id] = stack.enter_context(staging.job_dir(job_id))
@@ -263,7 +263,7 @@ def run_job(population, job: Job, get_trainer: Callable[[], Trainer], worker: st
         trainer = get_trainer()
         try:
             _prepare(population, job)
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             return _record_failure(population, job, exc, "preparing the job folder")
         return _train_one(trainer, job, population, worker, claim, lease_s)
 
@@ -279,9 +279,9 @@ def _claim(population, job: Job, worker: str, lease_s: float) -> tuple[str, Clai
 
 
 def _prepare(population, job: Job) -> None:
-    """The job's spec in its folder, and nothing an earlier attempt left."""
-    population.write_spec(job.job_id, job.to_json())
+    """Nothing an earlier attempt (or damage: another job's files, a link) left, and the job's spec in its folder."""
     population.clear_partial(job.job_id)
+    population.write_spec(job.job_id, job.to_json())
 
 
 def _train_one(trainer: Trainer, job: Job, population, worker: str, claim: Claim, lease_s: float) -> str:
@@ -326,7 +326,7 @@ def _record_failure(population, job: Job, exc: BaseException, during: str = "") 
         detail = "".join(traceback.format_exception(exc)) if exc.__traceback__ else repr(exc)
     try:
         population.write_failed(job.job_id, reason, detail)
-    except OSError as write_error:  # e.g. the disk that failed the job is still full
+    except (OSError, StoreError) as write_error:  # e.g. the disk that failed the job is still full
         log.warning("job %s failed (%s) and failed.json could not be written: %s", job.job_id, reason, write_error)
         return f"{reason} [failed.json not written: {_short(write_error)}]"
     return reason

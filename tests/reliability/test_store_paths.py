@@ -67,7 +67,8 @@ def test_a_population_folder_linked_outside_the_store_is_refused(tmp_path):
     os.makedirs(store.local_path("populations"), exist_ok=True)
     os.symlink(outside, store.local_path("populations/evil"))
     population = store.population("evil")
-    for call in (lambda: population.write_spec("job1", "{}"), lambda: population.record("job1"),
+    assert population.record("job1") is None and dict(population.verify(["job1"]))["job1"][0].kind == "unsafe"
+    for call in (lambda: population.write_spec("job1", "{}"), lambda: population.read_spec("job1"),
                  lambda: population.write_manifest("x: 1"), lambda: store.delete("populations/evil/precious.txt"),
                  lambda: store.local_path("populations/evil")):
         with pytest.raises(StoreError, match="outside the store"):
@@ -95,9 +96,10 @@ def test_publish_through_a_planted_symlink_is_refused_and_its_target_survives(sm
     link = store.local_path("published") / manifest.population.name
     link.unlink()
     os.symlink(outside, link)
-    with pytest.raises(StoreError, match="outside the store"):
-        publish_population(manifest, store)
+    publish_population(manifest, store)  # the planted link is replaced, never followed
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
     assert (outside / "precious.txt").read_text() == "do not touch"
+    assert os.path.realpath(link).startswith(os.path.realpath(store.local_path("published/.versions")))
 
 
 def test_a_symlinked_file_inside_a_job_is_reported_by_verify(smoke_copy, tmp_path, run_cli):
