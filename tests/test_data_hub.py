@@ -22,7 +22,13 @@ from hub_standins import (
 
 from pipeline.data import get_source, select_job_examples, source_examples
 from pipeline.data.base import DataSourceError, ImageExample, QAExample
-from pipeline.data.hub import CELEBA_ATTRIBUTES, IMAGENETTE_CLASSES, DatasetUnavailableError, HubSource, arc_source
+from pipeline.data.hub import (
+    CELEBA_ATTRIBUTES,
+    IMAGENETTE_CLASSES,
+    DatasetUnavailableError,
+    HubSource,
+    arc_source,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +129,7 @@ def test_imagenette_class_subsets_are_the_real_classes_by_name(standins):
 
 
 def test_a_partial_download_of_one_config_is_still_recognised(standins, tmp_path):
-    """`huggingface-cli download frgfm/imagenette … --include 'full_size/*' --local-dir DIR` leaves one config
+    """`hf download frgfm/imagenette … --include 'full_size/*' --local-dir DIR` leaves one config
     folder and the download metadata under .cache/."""
     shutil.copytree(standins / "imagenette" / "full_size", tmp_path / "imagenette" / "full_size")
     (tmp_path / "imagenette" / ".cache" / "huggingface").mkdir(parents=True)
@@ -248,7 +254,7 @@ def test_an_uncached_hub_dataset_offline_fails_fast_with_the_fetch_command():
     assert time.monotonic() - started < 10
     message = str(info.value)
     assert "\n" not in message
-    assert ("huggingface-cli download flwrlabs/celeba --repo-type dataset --include 'img_align+identity+attr/*' "
+    assert ("hf download flwrlabs/celeba --repo-type dataset --include 'img_align+identity+attr/*' "
             "--local-dir datasets/celeba") in message
     assert "HF_HOME=" in message and "data.source=folder:datasets/celeba" in message
 
@@ -257,7 +263,7 @@ def test_lol_finetune_of_a_paper_manifest_offline_is_one_line_and_exit_2(run_cli
     code, out, err = run_cli("finetune", str(ROOT / "manifests" / "qwen2-arc.yaml"), "--store", str(tmp_path / "store"))
     assert code == 2
     assert "Traceback" not in out + err
-    assert "huggingface-cli download allenai/ai2_arc --repo-type dataset" in err
+    assert "hf download allenai/ai2_arc --repo-type dataset" in err
     assert not (tmp_path / "store" / "populations" / "qwen2-arc" / "jobs").exists()
 
 

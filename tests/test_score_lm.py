@@ -170,10 +170,14 @@ def test_malformed_questions_are_named(population, choices, answer, message):
         encode_questions(tokenizer, [good, bad])
 
 
-def test_unknown_benchmark_or_split_is_refused_before_the_base_loads(population):
+def test_unknown_benchmark_or_split_is_refused_before_the_base_loads(population, monkeypatch, tmp_path):
     store, manifest, _, _ = population
     spec = next(s for s in manifest.scorers if s.name == "mc_accuracy")
     with pytest.raises(DataSourceError, match="use qa:<set>"):
+        McAccuracyScorer(spec.model_copy(update={"benchmark": "arc"})).setup(manifest, store)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(DataSourceError, match="hf download allenai/ai2_arc --repo-type dataset"):
         McAccuracyScorer(spec.model_copy(update={"benchmark": "hf:allenai/ai2_arc"})).setup(manifest, store)
     with pytest.raises(DataSourceError, match="no split 'dev'; valid: pretrain, train, validation, test"):
         McAccuracyScorer(spec.model_copy(update={"split": "dev"})).setup(manifest, store)

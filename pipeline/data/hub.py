@@ -9,7 +9,7 @@ define them), else are detected from the dataset's features.
 Where the data comes from:
 - `hf:<id>`: `datasets.load_dataset(id, config, split=…, revision=…)`, from the cache when it is
   there. When the hub cannot be reached (or `HF_HUB_OFFLINE=1`) and the dataset is not cached,
-  `DatasetUnavailableError` names what is missing and the exact `huggingface-cli download`
+  `DatasetUnavailableError` names what is missing and the exact `hf download` (huggingface_hub ≥ 1 names its CLI `hf`)
   command, within seconds (a 3 s probe, then an offline load: no retries, no hang).
 - `folder:<path>`: a local copy of a hub dataset repo as a download leaves it — parquet, arrow,
   json/csv or image files, with or without its README (with a README that declares `configs`,
@@ -190,18 +190,25 @@ def _hub_host() -> tuple[str, int]:
     return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
 
 
-@functools.cache
-def hub_reachable() -> bool:
-    """Whether the hub answers a TCP connection within PROBE_TIMEOUT_S (False when offline mode is set)."""
+def offline_mode() -> bool:
+    """HF_HUB_OFFLINE, as set now (the environment, or huggingface_hub's flag)."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return False
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+@functools.cache
+def _probe(host: str, port: int) -> bool:
     try:
-        with socket.create_connection(_hub_host(), timeout=PROBE_TIMEOUT_S):
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
             return True
     except OSError:
         return False
+
+
+def hub_reachable() -> bool:
+    """Whether the hub answers a TCP connection within PROBE_TIMEOUT_S (once per process); False offline."""
+    return not offline_mode() and _probe(*_hub_host())
 
 
 @contextlib.contextmanager
@@ -225,7 +232,7 @@ def local_copy_dir(ref: DatasetRef) -> str:
 
 def fetch_command(ref: DatasetRef) -> str:
     """The shell command that downloads `ref` as a local copy that `folder:` reads (run where the hub is reachable)."""
-    parts = ["huggingface-cli", "download", ref.target, "--repo-type", "dataset"]
+    parts = ["hf", "download", ref.target, "--repo-type", "dataset"]  # huggingface_hub ≥ 1 ships `hf` (no huggingface-cli)
     if ref.revision:
         parts += ["--revision", ref.revision]
     for config in ref.config:
@@ -252,7 +259,7 @@ def _load_hub(ref: DatasetRef, config: str | None, split: str):
     import datasets
 
     reachable = hub_reachable()
-    why = "cannot be reached" if not os.environ.get("HF_HUB_OFFLINE") else "is off (HF_HUB_OFFLINE=1)"
+    why = "is off (HF_HUB_OFFLINE=1)" if offline_mode() else "cannot be reached"
     try:
         with (contextlib.nullcontext() if reachable else _offline()):
             return datasets.load_dataset(ref.target, config, split=split, revision=ref.revision)
