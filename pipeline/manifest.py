@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.yaml_source import Loc, YamlSource, YamlSyntaxError, load_yaml
+from pipeline.yaml_source import Loc, YamlDuplicateKeyError, YamlSource, YamlSyntaxError, load_yaml
 
 ModelKind = Literal["diffusion", "causal_lm"]
 
@@ -48,6 +48,31 @@ BUILTIN_DATA_SOURCES = ("shapes", "qa")
 PREDICTORS = ("mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet")
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a page of YAML; anything near this size is not one
 MAX_SHOWN_PROBLEMS = 50
+
+# Upper bounds of every count a manifest can hold. Each lies far beyond what any real population
+# uses (the paper's: 3,000 LoRAs, rank ≤ 32, ≤ 200 steps, 3 predictor seeds), yet turns a slip
+# (1e9 for 1e3, a misplaced exponent) into an error at validation instead of a job that never
+# finishes or a worker that allocates the machine away.
+MAX_COUNT = 10_000_000  # LoRAs in a population; also distinct identity groups
+MAX_RANK = 4_096  # the hidden width of the largest bases in use (Llama-3-8B); a LoRA's rank is far smaller
+MAX_STEPS = 100_000  # optimiser steps of one LoRA: 500× the paper's 200 (hours per LoRA on SD-1.4)
+MAX_EPOCHS = 10_000  # passes over one job's data (ARC populations use 2–4)
+MAX_BATCH = 4_096  # examples per step (the largest batch in the shipped manifests is 128)
+MAX_ACCUMULATION = 1_024  # micro-batches per optimiser step
+MAX_RESOLUTION = 4_096  # image side in pixels (SD-1.x trains at 512, SDXL at 1024)
+MAX_LENGTH = 131_072  # tokens per example: the longest context of a Qwen2 model
+MAX_GROUP_SIZE = 100_000  # images of one identity group (a CelebA identity has at most 35)
+MAX_SUBSET_EXAMPLES = 1_000_000  # images per class / examples per source drawn into one job
+MAX_LEARN_SEEDS = 100  # predictor trainings per (predictor, target); the paper reports 3–5 seeds
+MAX_LEARN_EPOCHS = 100_000  # predictor epochs (default 50)
+MAX_HIDDEN = 16_384  # predictor width (the paper's predictors use at most 1,024)
+MAX_DENOISING_STEPS = 1_000  # steps of a scheduler's full schedule (DDPM trains with 1,000)
+MAX_IMAGES_PER_PROMPT = 1_000
+MAX_SCORE_LIMIT = 10_000_000  # questions / texts a scorer reads
+MAX_COHORT = 1_024  # LoRAs trained in one pass over the base
+# Examples in a built-in source, all splits pooled (known without loading the data): a group
+# cannot hold more distinct images than the source has.
+BUILTIN_SOURCE_EXAMPLES = {"shapes": 5_000}  # easy-vqa 1.0: 4,000 train + 1,000 test images
 
 
 class ManifestError(ValueError):
@@ -150,7 +175,7 @@ def _as_list(value: Any) -> Any:
 
 class PopulationSection(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Lower-case slug naming the population in the store.")
-    version: int = Field(1, ge=1, description="Bump when the population's meaning changes.")
+    version: int = Field(1, ge=1, le=1_000_000, description="Bump when the population's meaning changes (1..1,000,000).")
     description: str = Field("", max_length=2000, description="One line for humans and the dataset card.")
 
     @field_validator("name")
@@ -185,8 +210,10 @@ class IdentityGroups(StrictModel):
     """Each LoRA trains on one group of images (CelebA: one identity)."""
 
     kind: Literal["identity_groups"]
-    num_groups: int = Field(ge=1, description="How many distinct groups jobs are drawn from.")
-    group_size: int = Field(20, ge=1, description="Images per group (tiny world; CelebA uses the identity's images).")
+    num_groups: int = Field(ge=1, le=MAX_COUNT, description=f"How many distinct groups jobs are drawn from (1..{MAX_COUNT:,}).")
+    group_size: int = Field(20, ge=1, le=MAX_GROUP_SIZE, description=(
+        f"Images per group (tiny world; CelebA uses the identity's images): 1..{MAX_GROUP_SIZE:,}, and at most the "
+        "images the source holds (checked at validation for built-in sources, else when the job draws its data)."))
 
 
 class ClassSubsets(StrictModel):
@@ -194,9 +221,9 @@ class ClassSubsets(StrictModel):
 
     kind: Literal["class_subsets"]
     classes: list[str] = Field(min_length=1, description="Class names jobs draw subsets of.")
-    min_classes: int = Field(1, ge=1)
-    max_classes: int | None = Field(None, ge=1, description="Default: all classes.")
-    images_per_class: int = Field(10, ge=1)
+    min_classes: int = Field(1, ge=1, description="Fewest classes a job draws (≤ the number of classes).")
+    max_classes: int | None = Field(None, ge=1, description="Most classes a job draws (≤ the number of classes); default: all classes.")
+    images_per_class: int = Field(10, ge=1, le=MAX_SUBSET_EXAMPLES, description=f"Images of each drawn class (1..{MAX_SUBSET_EXAMPLES:,}).")
 
     @model_validator(mode="after")
     def _bounds(self) -> ClassSubsets:
@@ -213,7 +240,7 @@ class SourceSubsets(StrictModel):
 
     kind: Literal["source_subsets"]
     sources: list[str] = Field(min_length=2, description="Source names (ARC: id prefixes such as MCAS, TIMSS).")
-    examples_per_source: int | None = Field(None, ge=1, description="Cap per source; default: all.")
+    examples_per_source: int | None = Field(None, ge=1, le=MAX_SUBSET_EXAMPLES, description=f"Cap per source (1..{MAX_SUBSET_EXAMPLES:,}); default: all.")
 
     @field_validator("sources")
     @classmethod
@@ -270,8 +297,8 @@ class DataSection(StrictModel):
 
 
 class LoraSection(StrictModel):
-    rank: Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_as_list)] = Field(
-        min_length=1, description="LoRA rank, or a list of ranks each job draws one of."
+    rank: Annotated[list[Annotated[int, Field(ge=1, le=MAX_RANK)]], BeforeValidator(_as_list)] = Field(
+        min_length=1, max_length=64, description=f"LoRA rank (1..{MAX_RANK:,}), or a list of up to 64 ranks each job draws one of."
     )
     alpha: float = Field(gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     target_modules: list[str] = Field(min_length=1, description="Module names (suffixes) that get LoRA layers.")
@@ -282,15 +309,15 @@ class Hyperparameters(StrictModel):
     """Each entry is a fixed value or a distribution; job k draws its own values."""
 
     learning_rate: HyperValue | None = None
-    steps: HyperValue | None = None
-    epochs: HyperValue | None = None
-    batch_size: HyperValue | None = None
-    gradient_accumulation: HyperValue | None = None
+    steps: HyperValue | None = Field(None, description=f"Optimiser steps per LoRA, 1..{MAX_STEPS:,}.")
+    epochs: HyperValue | None = Field(None, description=f"Passes over the job's data (causal LM), 1..{MAX_EPOCHS:,}.")
+    batch_size: HyperValue | None = Field(None, description=f"Examples per micro-batch, 1..{MAX_BATCH:,}.")
+    gradient_accumulation: HyperValue | None = Field(None, description=f"Micro-batches per optimiser step, 1..{MAX_ACCUMULATION:,}.")
     weight_decay: HyperValue | None = None
     lora_dropout: HyperValue | None = None
     instance_prompt: HyperValue | None = None
-    resolution: HyperValue | None = None
-    max_length: HyperValue | None = None
+    resolution: HyperValue | None = Field(None, description=f"Training image side in pixels (diffusion), 1..{MAX_RESOLUTION:,}.")
+    max_length: HyperValue | None = Field(None, description=f"Tokens per example (causal LM), 1..{MAX_LENGTH:,}.")
     mixed_precision: HyperValue | None = None
 
     @field_validator("*")
@@ -317,29 +344,33 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _is_count(value: Any, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
+
+
+def _count_up_to(most: int) -> Any:
+    return lambda value: _is_count(value, most)
+
+
+# The largest value each count hyperparameter may take (distributions: every value they can draw).
+HYPERPARAMETER_MAXIMA = {"steps": MAX_STEPS, "epochs": MAX_EPOCHS, "batch_size": MAX_BATCH,
+                         "gradient_accumulation": MAX_ACCUMULATION, "resolution": MAX_RESOLUTION, "max_length": MAX_LENGTH}
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 # name -> (kind of value, check of one value). Distributions are checked on every value they can draw.
 HYPERPARAMETER_RULES: dict[str, tuple[str, Any]] = {
     "learning_rate": ("number", lambda v: _is_number(v) and v > 0),
-    "steps": ("count", _is_count),
-    "epochs": ("count", _is_count),
-    "batch_size": ("count", _is_count),
-    "gradient_accumulation": ("count", _is_count),
+    **{name: ("count", _count_up_to(most)) for name, most in HYPERPARAMETER_MAXIMA.items()},
     "weight_decay": ("number", lambda v: _is_number(v) and v >= 0),
     "lora_dropout": ("number", lambda v: _is_number(v) and 0 <= v < 1),
     "instance_prompt": ("text", lambda v: isinstance(v, str)),
-    "resolution": ("count", _is_count),
-    "max_length": ("count", _is_count),
     "mixed_precision": ("text", lambda v: v in MIXED_PRECISION),
 }
 HYPERPARAMETER_HELP = {
     "learning_rate": "numbers > 0", "weight_decay": "numbers ≥ 0", "lora_dropout": "numbers in [0, 1)",
     "instance_prompt": "strings", "mixed_precision": f"one of {', '.join(MIXED_PRECISION)}",
-    **{name: "whole numbers ≥ 1" for name in ("steps", "epochs", "batch_size", "gradient_accumulation", "resolution", "max_length")},
+    **{name: f"whole numbers 1..{most:,}" for name, most in HYPERPARAMETER_MAXIMA.items()},
 }
 
 
@@ -362,10 +393,10 @@ class ClipScoreScorer(StrictModel):
     size: Literal["full", "smoke"] = Field("full", description="For `tiny:` CLIP models: `smoke` builds in seconds (tests).")
     prompts: str | list[str] = Field(description="A prompt list, or a preset: `paper33`, `shapes-captions`.")
     seed: int = 0
-    steps: int = Field(25, ge=1, description="Denoising steps per image.")
+    steps: int = Field(25, ge=1, le=MAX_DENOISING_STEPS, description=f"Denoising steps per image, 1..{MAX_DENOISING_STEPS:,}.")
     guidance_scale: float = Field(7.5, ge=0)
-    images_per_prompt: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)
+    images_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT, description=f"Images per prompt, 1..{MAX_IMAGES_PER_PROMPT:,}.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description=f"Images per generation batch, 1..{MAX_BATCH:,}.")
 
     @field_validator("prompts")
     @classmethod
@@ -388,8 +419,8 @@ class McAccuracyScorer(StrictModel):
     name: Literal["mc_accuracy"]
     benchmark: str = Field(description="`qa:<set>` (tiny world), `hf:<dataset id>` or `folder:<path>`.")
     split: str = "test"
-    limit: int | None = Field(None, ge=1, description="Score the first N questions only.")
-    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1, le=MAX_SCORE_LIMIT, description=f"Score the first N questions only (1..{MAX_SCORE_LIMIT:,}).")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description=f"Questions per batch, 1..{MAX_BATCH:,}.")
     config: str | list[str] | None = Field(None, description="Config(s) of an `hf:` / `folder:` dataset; default: its known default.")
     revision: str | None = Field(None, description="Revision of an `hf:` dataset.")
     columns: DataColumns | None = Field(None, description="Column mapping of an `hf:` / `folder:` QA dataset.")
@@ -403,8 +434,8 @@ class EvalLossScorer(StrictModel):
     name: Literal["eval_loss"]
     dataset: str = Field(description="Held-out text set, named as for mc_accuracy.")
     split: str = "validation"
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1, le=MAX_SCORE_LIMIT, description=f"Score the first N texts only (1..{MAX_SCORE_LIMIT:,}).")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description=f"Texts per batch, 1..{MAX_BATCH:,}.")
     config: str | list[str] | None = Field(None, description="Config(s) of an `hf:` / `folder:` dataset; default: its known default.")
     revision: str | None = Field(None, description="Revision of an `hf:` dataset.")
     columns: DataColumns | None = Field(None, description="Column mapping of an `hf:` / `folder:` QA dataset.")
@@ -461,20 +492,20 @@ class LearnSection(StrictModel):
         default_factory=lambda: list(PREDICTORS), min_length=1
     )
     targets: list[str] = Field(default_factory=list, description="Label names; default: every label.")
-    seeds: int = Field(3, ge=1)
-    epochs: int = Field(50, ge=1)
-    batch_size: int = Field(64, ge=1)
+    seeds: int = Field(3, ge=1, le=MAX_LEARN_SEEDS, description=f"Trainings per predictor and target (mean ± std over them), 1..{MAX_LEARN_SEEDS}.")
+    epochs: int = Field(50, ge=1, le=MAX_LEARN_EPOCHS, description=f"Predictor training epochs, 1..{MAX_LEARN_EPOCHS:,}.")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description=f"LoRAs per predictor batch, 1..{MAX_BATCH:,}.")
     learning_rate: float = Field(1e-3, gt=0)
-    hidden: int = Field(64, ge=1)
+    hidden: int = Field(64, ge=1, le=MAX_HIDDEN, description=f"Predictor width, 1..{MAX_HIDDEN:,}.")
 
 
 class ExecutionSection(StrictModel):
     """How jobs run; never part of a job's identity (a LoRA is the same whatever trained it)."""
 
-    cohort_size: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
-        "auto", description="LoRAs trained (and scored) in the same passes over the base: a number, or auto "
+    cohort_size: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_COHORT)] = Field(
+        "auto", description=f"LoRAs trained (and scored) in the same passes over the base: a number (1..{MAX_COHORT:,}), or auto "
                             "(max_cohort_size, reduced to what free memory holds). 1: one at a time.")
-    max_cohort_size: int = Field(16, ge=1, description="The largest cohort `auto` forms.")
+    max_cohort_size: int = Field(16, ge=1, le=MAX_COHORT, description=f"The largest cohort `auto` forms, 1..{MAX_COHORT:,}.")
     memory_fraction: float = Field(0.5, gt=0, le=1, description="Share of the free memory a cohort may fill.")
 
     @property
@@ -488,7 +519,7 @@ class Manifest(StrictModel):
     data: DataSection
     lora: LoraSection
     hyperparameters: Hyperparameters
-    count: int = Field(ge=1, le=10_000_000, description="How many LoRAs the population holds.")
+    count: int = Field(ge=1, le=MAX_COUNT, description=f"How many LoRAs the population holds, 1..{MAX_COUNT:,}.")
     seed: int = Field(0, ge=0, description="Root seed; job k depends only on (job content, seed, k).")
     scorers: list[ScorerSpec] = Field(default_factory=list)
     publish: PublishSection = Field(default_factory=PublishSection)
@@ -520,6 +551,11 @@ class Manifest(StrictModel):
         for i, scorer in enumerate(self.scorers):
             if scorer.name not in SCORERS_BY_KIND[kind]:
                 problems.append((("scorers", i, "name"), f"scorer {scorer.name!r} does not apply to {kind} bases (valid: {', '.join(SCORERS_BY_KIND[kind])})"))
+        subsets, known = self.data.subsets, BUILTIN_SOURCE_EXAMPLES.get(self.data.source)
+        if isinstance(subsets, IdentityGroups) and known is not None and subsets.group_size > known:
+            problems.append((("data", "subsets", "group_size"),
+                             f"{subsets.group_size:,} images per group, but source {self.data.source!r} holds {known:,} images "
+                             "in all; a group cannot hold more distinct images than its source"))
         names = [s.name for s in self.scorers]
         if len(set(names)) != len(names):
             problems.append((("scorers",), f"each scorer may appear once, got {names}"))
@@ -554,6 +590,9 @@ class Manifest(StrictModel):
             raise ManifestError(source, [f"the text is longer than {MAX_MANIFEST_BYTES} characters; a manifest is a page of YAML"])
         try:
             data, yaml_source = load_yaml(text)
+        except YamlDuplicateKeyError as exc:  # every duplicate, each with its path and both lines
+            raise ManifestError(source, [f"{_path_text(loc)} (line {line}): duplicate key, first written on line {first}; "
+                                         "YAML would keep only the last — write it once" for loc, line, first in exc.duplicates]) from None
         except YamlSyntaxError as exc:
             raise ManifestError(source, [f"not valid YAML: {exc}"]) from None
         if not isinstance(data, dict):

@@ -7,7 +7,8 @@ can say ``lora.rank[2] (line 12): ...``.
 Manifests come from anywhere, so loading is bounded: plain JSON-like values only (no
 `!!set`, `!!binary`, `!!omap`, `!!pairs`: a set's order would change job ids between runs),
 nesting at most `MAX_DEPTH` deep, integers of at most `MAX_INT_DIGITS` digits, strings that
-are valid Unicode (no lone surrogates from `"\\ud800"` escapes).
+are valid Unicode (no lone surrogates from `"\\ud800"` escapes), and no key written twice in one
+mapping (YAML would keep the last silently): `YamlDuplicateKeyError` lists each with both lines.
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ class YamlSyntaxError(ValueError):
         self.line, self.column = line, column
         where = f"line {line}, column {column}: " if line else ""
         super().__init__(f"{where}{message}")
+
+
+class YamlDuplicateKeyError(YamlSyntaxError):
+    """Keys written twice in one mapping; `duplicates` holds (location, line, line first written)."""
+
+    def __init__(self, duplicates: list[tuple[Loc, int, int]]):
+        self.duplicates = duplicates
+        loc, line, first = duplicates[0]
+        more = f" (and {len(duplicates) - 1} more)" if len(duplicates) > 1 else ""
+        super().__init__(f"the key {str(loc[-1])[:40]!r} is written twice, on line {first} and line {line}{more}", None, None)
+        self.line = line
 
 
 @dataclass(frozen=True)
@@ -124,12 +136,49 @@ def _check_depth(text: str) -> None:
             depth -= 1
 
 
+def _duplicate_keys(root: yaml.Node | None) -> list[tuple[Loc, int, int]]:
+    """(location, line, first line) of every key written a second time in the same mapping.
+
+    Keys are compared as the loader constructs them (`1` and `0x1` are one key), merge keys
+    (`<<: *defaults`) are not duplicates, and a node reached again through an alias is walked once.
+    """
+    constructor = _ManifestLoader("")
+    found: list[tuple[Loc, int, int]] = []
+    seen_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, Loc]] = [(root, ())] if root is not None else []
+    while stack:  # iterative: aliases can chain nodes deeper than the recursion limit
+        node, loc = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, (*loc, i)) for i, child in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = constructor.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        found.append(((*loc, key), line, first[key]))
+                    else:
+                        first[key] = line
+                except TypeError:  # an unhashable key: the loader refuses it with its own message
+                    continue
+                stack.append((value_node, (*loc, key)))
+    return sorted(found, key=lambda item: item[1])
+
+
 def load_yaml(text: str) -> tuple[Any, YamlSource]:
-    """Parse YAML text safely; raise `YamlSyntaxError` with a line number if it is not usable YAML."""
+    """Parse YAML text safely; raise `YamlSyntaxError` with a line number if it is not usable YAML,
+    `YamlDuplicateKeyError` (a subclass) if a mapping holds a key twice."""
     try:
         _check_depth(text)
         node = yaml.compose(text, Loader=_ManifestLoader)
         data = yaml.load(text, Loader=_ManifestLoader)  # noqa: S506 - a SafeLoader subclass
+        duplicates = _duplicate_keys(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -137,4 +186,6 @@ def load_yaml(text: str) -> tuple[Any, YamlSource]:
         raise YamlSyntaxError(str(exc.problem or exc.context or exc), line, column) from None
     except yaml.YAMLError as exc:  # the reader's errors (control characters, bad encodings) carry no mark
         raise YamlSyntaxError(str(exc), None, None) from None
+    if duplicates:
+        raise YamlDuplicateKeyError(duplicates)
     return data, YamlSource(node)

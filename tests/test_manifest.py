@@ -137,3 +137,160 @@ def test_schema_imports_no_torch():
     code = "import sys, pipeline.manifest, pipeline.jobs; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- issue 20, finding 7: manifests that never finish
+
+ABSURD = [  # (override, path of the problem, words of the message): each validated before the bounds
+    ("data.subsets.group_size=1000000000", "data.subsets.group_size", "less than or equal to 100000"),
+    ("data.subsets.group_size=5001", "data.subsets.group_size", "source 'shapes' holds 5,000 images"),
+    ("learn.seeds=100000000000000000000", "learn.seeds", "less than or equal to 100"),
+    ("hyperparameters.steps=100000000000", "hyperparameters.steps", "1..100,000"),
+    ("hyperparameters.steps={int_range: [1, 100000000000]}", "hyperparameters.steps", "1..100,000"),
+    ("hyperparameters.batch_size={choice: [4, 10000000]}", "hyperparameters.batch_size", "1..4,096"),
+    ("hyperparameters.gradient_accumulation=100000", "hyperparameters.gradient_accumulation", "1..1,024"),
+    ("hyperparameters.resolution=1000000", "hyperparameters.resolution", "1..4,096"),
+    ("lora.rank=100000000", "lora.rank[0]", "less than or equal to 4096"),
+    ("lora.rank=[4, 100000000]", "lora.rank[1]", "less than or equal to 4096"),
+    ("count=100000000", "count", "less than or equal to 10000000"),
+    ("data.subsets.num_groups=1000000000000", "data.subsets.num_groups", "less than or equal to 10000000"),
+    ("learn.epochs=1000000000", "learn.epochs", "less than or equal to 100000"),
+    ("learn.batch_size=1000000000", "learn.batch_size", "less than or equal to 4096"),
+    ("learn.hidden=1000000000", "learn.hidden", "less than or equal to 16384"),
+    ("execution.max_cohort_size=1000000000", "execution.max_cohort_size", "less than or equal to 1024"),
+    ("execution.cohort_size=1000000000", "execution.cohort_size", "1024"),
+    ("scorers=[{name: clip_score, prompts: [a], steps: 1000000000}]", "scorers[0].steps", "less than or equal to 1000"),
+    ("scorers=[{name: clip_score, prompts: [a], images_per_prompt: 1000000000}]", "scorers[0].images_per_prompt", "1000"),
+]
+
+
+@pytest.mark.parametrize(("override", "path", "words"), ABSURD)
+def test_absurd_counts_are_refused_with_their_yaml_path(tiny_manifest_text, override, path, words):
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_text(tiny_manifest_text, overrides=[override])
+    matching = [p for p in info.value.problems if p.startswith(path)]
+    assert matching and any(words in p for p in matching), info.value.problems
+
+
+@pytest.mark.parametrize("override", [
+    "data.subsets.group_size=5000", "learn.seeds=100", "hyperparameters.steps=100000", "lora.rank=[1, 4096]",
+    "hyperparameters.batch_size={int_range: [1, 4096]}", "execution.cohort_size=1024", "count=10000000",
+])
+def test_the_bounds_themselves_are_valid(tiny_manifest_text, override):
+    Manifest.from_text(tiny_manifest_text, overrides=[override])
+
+
+def test_the_group_size_bound_is_reported_at_its_line(tiny_manifest_text):
+    text = tiny_manifest_text.replace("group_size: 20", "group_size: 1000000")
+    problems = _errors(text)
+    line = next(i + 1 for i, row in enumerate(text.splitlines()) if "group_size: 1000000" in row)
+    assert problems == [p for p in problems if p.startswith(f"data.subsets.group_size (line {line}):")], problems
+
+
+def _int_fields():
+    """(model, field name, FieldInfo) of every integer field of the schema."""
+    import typing
+
+    from pydantic import BaseModel
+
+    stack, seen, found = [Manifest], set(), []
+    while stack:
+        annotation = stack.pop()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation in seen:
+                continue
+            seen.add(annotation)
+            for name, info in annotation.model_fields.items():
+                flat = str(info.annotation)
+                if "int" in flat and "float" not in flat and "Scalar" not in flat:
+                    found.append((annotation, name, info))
+                stack.append(info.annotation)
+        else:
+            stack.extend(typing.get_args(annotation))
+    return found
+
+
+SEEDS = {"seed", "split_seed"}  # seeds name a random stream, they count nothing
+# Bounded elsewhere, or not an amount of work: min/max_classes by the class list (ClassSubsets), int_range
+# by the hyperparameter it draws (HYPERPARAMETER_MAXIMA), min_identity_images is a threshold (more only drops identities).
+BOUNDED_ELSEWHERE = {"min_classes", "max_classes", "int_range", "min_identity_images"}
+
+
+def test_every_count_a_user_can_type_has_an_upper_bound_stated_in_its_description():
+    import annotated_types
+
+    def upper(info):
+        metadata = list(info.metadata)
+        for arg in typing_args(info.annotation):
+            metadata += getattr(arg, "metadata", [])
+        return [m.le for m in metadata if isinstance(m, annotated_types.Le)]
+
+    def typing_args(annotation):
+        import typing
+
+        out, stack = [], [annotation]
+        while stack:
+            item = stack.pop()
+            out.append(item)
+            stack.extend(typing.get_args(item))
+        return out
+
+    fields = [(model.__name__, name, info) for model, name, info in _int_fields() if name not in SEEDS]
+    assert len(fields) >= 15, [f"{m}.{n}" for m, n, _ in fields]
+    unbounded = [f"{m}.{n}" for m, n, info in fields if not upper(info) and n not in BOUNDED_ELSEWHERE]
+    assert not unbounded, unbounded
+    unstated = [f"{m}.{n}" for m, n, info in fields if upper(info)
+                and f"{max(upper(info)):,}" not in (info.description or "") and str(max(upper(info))) not in (info.description or "")]
+    assert not unstated, unstated
+
+
+def test_count_hyperparameters_are_bounded_on_every_value_they_can_draw():
+    from pipeline.manifest import HYPERPARAMETER_MAXIMA, Hyperparameters
+
+    for name, most in HYPERPARAMETER_MAXIMA.items():
+        Hyperparameters.model_validate({name: {"int_range": [1, most]}})
+        for value in (most + 1, {"int_range": [1, most + 1]}, {"choice": [1, most + 1]}, 0):
+            with pytest.raises(ValueError, match=f"1..{most:,}"):
+                Hyperparameters.model_validate({name: value})
+        assert f"{most:,}" in Hyperparameters.model_fields[name].description
+
+
+DUPLICATED = """population:
+  name: dup
+base: {ref: "tiny:shapes-sd", kind: diffusion}
+count: 4
+data:
+  source: shapes
+  subsets: {kind: identity_groups, num_groups: 4}
+lora:
+  rank: 4
+  alpha: 4
+  rank: 8
+  target_modules: [to_q]
+hyperparameters: {learning_rate: 0.001, steps: 2}
+count: 40
+"""
+
+
+def test_duplicate_keys_are_errors_naming_both_lines():
+    problems = _errors(DUPLICATED)
+    assert problems == [
+        "lora.rank (line 11): duplicate key, first written on line 9; YAML would keep only the last — write it once",
+        "count (line 14): duplicate key, first written on line 4; YAML would keep only the last — write it once",
+    ], problems
+
+
+def test_duplicate_keys_in_flow_mappings_lists_and_overrides_are_errors(tiny_manifest_text):
+    text = tiny_manifest_text.replace("batch_size: 4", "batch_size: {choice: [4], choice: [8]}")
+    problems = _errors(text)
+    assert len(problems) == 1 and problems[0].startswith("hyperparameters.batch_size.choice (line "), problems
+    text = tiny_manifest_text.replace("scorers:", "scorers:\n  - {name: membership, name: attributes}", 1)
+    assert any(p.startswith("scorers[0].name (line") for p in _errors(text))
+    with pytest.raises(ManifestError, match="written twice"):
+        Manifest.from_text(tiny_manifest_text, overrides=["lora={rank: 4, rank: 8}"])
+
+
+def test_merge_keys_and_aliases_are_not_duplicates(tiny_manifest_text):
+    text = tiny_manifest_text.replace("lora:\n", "defaults: &d {rank: 2, alpha: 4}\nlora:\n  <<: *d\n", 1)
+    problems = _errors(text)  # the only problem: the extra top-level key; `rank` given by the merge and again is fine
+    assert problems and all("defaults" in p for p in problems), problems

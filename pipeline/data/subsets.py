@@ -37,7 +37,14 @@ def group_profile(group: int, colors: Sequence[str], shapes: Sequence[str]) -> d
 
 
 def identity_group(examples: Sequence[ImageExample], group: int, group_size: int) -> list[ImageExample]:
-    """The `group_size` images of group `group` (distinct while the pool allows)."""
+    """The `group_size` images of group `group` (distinct while the pool allows).
+
+    A group larger than the data is refused (DataSourceError: the job fails with the reason)
+    rather than drawn slot by slot: it cannot hold more distinct images than there are.
+    """
+    if not 1 <= group_size <= len(examples):
+        raise DataSourceError(f"data.subsets.group_size is {group_size:,}, but the split holds {len(examples):,} images: "
+                              f"a group holds 1..{len(examples):,} distinct images; lower group_size")
     by_kind: dict[tuple[str, str], list[ImageExample]] = defaultdict(list)
     for example in examples:
         by_kind[(str(example.attributes["color"]), str(example.attributes["shape"]))].append(example)

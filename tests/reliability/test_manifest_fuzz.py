@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.jobs import expand
-from pipeline.manifest import DISTRIBUTIONS, Manifest, ManifestError
+from pipeline.manifest import DISTRIBUTIONS, MAX_COUNT, Manifest, ManifestError
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "manifests").glob("*.yaml"))
@@ -87,7 +87,21 @@ def check_loads_cleanly(text: str, overrides: list[str] | None = None) -> Manife
     for job in jobs:
         json.dumps(json.loads(job.to_json()), allow_nan=False)
         assert job.spec.rank >= 1 and 0 <= job.spec.lora_dropout < 1
+    check_counts_bounded(manifest.model_dump(mode="json"))
     return manifest
+
+
+def check_counts_bounded(node, key: str = "") -> None:
+    """Every whole number of a valid manifest, seeds aside, is at most MAX_COUNT: nothing it asks for
+    (groups, steps, seeds of the predictors, ranks, cohorts) can keep a worker busy forever."""
+    if isinstance(node, dict):
+        for k, value in node.items():
+            check_counts_bounded(value, str(k))
+    elif isinstance(node, list):
+        for value in node:
+            check_counts_bounded(value, key)
+    elif isinstance(node, int) and not isinstance(node, bool) and key not in ("seed", "split_seed"):
+        assert abs(node) <= MAX_COUNT, (key, node)
 
 
 def _paths(node, prefix=()) -> list[tuple]:
@@ -258,6 +272,10 @@ HOSTILE_FILES = {
     "escape.yaml": TEXTS[0].replace("name: ", "name: ../../outside #", 1),
     "alias-loop.yaml": "population: &a [*a]\n",
     "tabs.yaml": "population:\n\tname: x\n",
+    "duplicate-key.yaml": TEXTS[0] + "\ncount: 4\n",
+    "huge-group.yaml": TEXTS[-1].replace("group_size: 20", "group_size: 1000000000", 1),
+    "huge-seeds.yaml": TEXTS[-1].replace("seeds: 3", "seeds: 100000000000000000000", 1),
+    "huge-steps.yaml": TEXTS[-1].replace("steps: {choice: [24, 32, 40, 48]}", "steps: 100000000000", 1),
 }
 
 
@@ -310,3 +328,103 @@ def test_lol_validate_in_process_on_fuzzed_files(run_cli, tmp_path, seed):
     path.write_text(_seeded_damage(seed), encoding="utf-8")
     code, out, err = run_cli("validate", path)
     assert (code == 0 and "✓" in out) or (code == 2 and "error:" in err), (code, out, err)
+
+
+# ---------------------------------------------------------------- issue 20, finding 7: valid manifests that never finish
+
+UNFINISHABLE = {  # hostile file -> the problem `lol validate` must name (before: each validated, then ran forever)
+    "duplicate-key.yaml": "count (line",
+    "huge-group.yaml": "data.subsets.group_size (line",
+    "huge-seeds.yaml": "learn.seeds (line",
+    "huge-steps.yaml": "hyperparameters.steps (line",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNFINISHABLE))
+def test_lol_validate_names_the_count_that_would_never_finish(run_cli, tmp_path, name):
+    assert all(HOSTILE_FILES[n] != TEXTS[-1] and HOSTILE_FILES[n] != TEXTS[0] for n in UNFINISHABLE)  # each edit applied
+    code, out, err = run_cli("validate", _write_hostile(tmp_path, name))
+    assert code == 2 and UNFINISHABLE[name] in " ".join(err.split()), (code, out, err)
+
+
+@st.composite
+def duplicated_lines(draw) -> tuple[str, int]:
+    """A shipped manifest with one `key: value` line written twice, consecutively."""
+    text = draw(st.sampled_from(TEXTS))
+    lines = text.splitlines(keepends=True)
+    candidates = [i for i, line in enumerate(lines)
+                  if ":" in line and not line.lstrip().startswith(("#", "- ")) and line.split(":")[0].strip().isidentifier()
+                  and line.count("[") == line.count("]") and line.count("{") == line.count("}")]  # not a flow spanning lines
+    i = draw(st.sampled_from(candidates))
+    return "".join(lines[:i + 1] + lines[i:]), i + 1
+
+
+@settings(FUZZ, max_examples=100)
+@given(duplicated_lines())
+def test_a_key_written_twice_is_an_error_naming_both_lines(case):
+    text, first = case
+    with pytest.raises(ManifestError) as info:
+        Manifest.from_text(text)
+    key = text.splitlines()[first - 1].split(":")[0].strip()
+    assert any(f"(line {first + 1}): duplicate key, first written on line {first}" in p and key in p
+               for p in info.value.problems), info.value.problems
+
+
+def _images(n: int):
+    from pipeline.data.base import ImageExample
+
+    colors, shapes = ("red", "blue", "green"), ("circle", "triangle")
+    return [ImageExample(f"img{i}", Path(f"/nonexistent/{i}.png"), "a circle", shapes[i % 2],
+                         {"color": colors[i % 3], "shape": shapes[i % 2]}) for i in range(n)]
+
+
+def test_a_group_larger_than_the_data_fails_at_once_instead_of_spinning():
+    """`identity_group` drew a billion slots one by one (the worker renewing its claims all along)."""
+    import threading
+
+    from pipeline.data import DataSourceError
+    from pipeline.data.subsets import job_examples
+
+    outcome: list = []
+
+    def draw() -> None:
+        try:
+            job_examples(_images(30), {"kind": "identity_groups", "group": 0, "group_size": 10**9}, 0)
+            outcome.append("drawn")
+        except DataSourceError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=draw, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "identity_group is still drawing a 10⁹-image group after 20 s"
+    assert "group_size is 1,000,000,000, but the split holds 30 images" in outcome[0], outcome
+    assert len(job_examples(_images(30), {"kind": "identity_groups", "group": 0, "group_size": 30}, 0)) == 30
+
+
+class _DataTrainer:
+    """Draws each job's data as the real trainers do (no torch); writes a tiny adapter."""
+
+    def setup(self, manifest: Manifest, store) -> None:
+        self.examples = _images(40)  # a split smaller than the manifest's groups
+
+    def run(self, job, out_dir: Path) -> dict:
+        from pipeline.data.subsets import job_examples
+
+        job_examples(self.examples, job.spec.data, job.spec.seed)
+        (out_dir / "adapter").mkdir(parents=True)
+        (out_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 64)
+        (out_dir / "adapter" / "adapter_config.json").write_text("{}")
+        return {"final_loss": 0.5}
+
+
+def test_a_job_whose_group_outgrows_its_split_fails_with_the_reason(tmp_path):
+    """A group size within the source (≤ 5,000 images) can still outgrow the split a job draws from:
+    the job fails with the reason in failed.json and the run's summary; the run ends."""
+    from pipeline.finetune.runner import finetune_population
+    from storage import Store
+
+    manifest = Manifest.from_text(TEXTS[-1], overrides=["count=3", "data.subsets.group_size=4000", "execution.cohort_size=1"])
+    summary = finetune_population(manifest, Store(str(tmp_path / "store")), _DataTrainer, lease_s=5)
+    assert not summary.trained and len(summary.failed) == 3, summary
+    assert all("group_size is 4,000, but the split holds 40 images" in why for why in summary.failed.values()), summary.failed
