@@ -14,6 +14,28 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# What one job promises across cohort compositions, worker counts, thread counts and CPUs
+# (docs/cohorts.md#what-a-job-promises): its inputs are equal bit for bit, and every trained
+# adapter tensor agrees to ‖a − b‖_F / ‖b‖_F ≤ this bound. Measured with
+# `python bench/tuning/cohort_agreement.py RANDOM_SD 3 1,2,4,8` (bench/results/cohort-agreement-*.jsonl):
+# ≤ 2.4e-4 after 1 step and ≤ 1e-4 after 4, float64 training included; the bound leaves 40-100× for
+# other CPUs' rounding (Adam's first steps can flip the sign of near-zero gradient entries).
+ADAPTER_REL_FRO_TOLERANCE = 1e-2
+
+
+def check_same_job_adapters(a: dict, b: dict, others: dict | None = None) -> float:
+    """Assert two saved adapters of one job agree within ADAPTER_REL_FRO_TOLERANCE per tensor;
+    with `others` (an adapter of a different job), assert that one does not (the bound tells
+    jobs apart). Returns the largest relative Frobenius difference found."""
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    worst = max(float((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp(min=1e-30)) for k in a)
+    assert worst <= ADAPTER_REL_FRO_TOLERANCE, f"same job, relative difference {worst:.2e} > {ADAPTER_REL_FRO_TOLERANCE}"
+    if others is not None:
+        apart = max(float((others[k].double() - b[k].double()).norm() / b[k].double().norm()) for k in b if k in others)
+        assert apart > 10 * ADAPTER_REL_FRO_TOLERANCE, f"a different job is only {apart:.2e} away"
+    return worst
+
+
 @pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "store"

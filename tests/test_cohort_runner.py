@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import ROOT
+from conftest import ROOT, check_same_job_adapters
 from safetensors.torch import load_file
 
 from pipeline.cohort.sizing import CohortSizer, saved_tensor_bytes
@@ -15,7 +15,7 @@ from storage import Store
 
 def manifest(base, *extra) -> Manifest:
     return Manifest.from_yaml(ROOT / "manifests" / "tiny-shapes.yaml",
-                              overrides=[f"base.ref={base}", "count=4", "hyperparameters.steps=2",
+                              overrides=[f"base.ref={base}", "count=4", "hyperparameters.steps=4",
                                          "hyperparameters.batch_size=2", *extra])
 
 
@@ -34,9 +34,9 @@ def test_cohorts_are_the_default_and_store_what_one_at_a_time_stores(random_sd, 
     finetune_population(manifest(random_sd, "execution.cohort_size=1"), alone, DiffusionTrainer)
     a, b = adapters(together), adapters(alone)
     assert sorted(a) == sorted(b) and len(a) == 4
-    for job_id in a:  # float32 here: equal to rounding
-        for key in a[job_id]:
-            torch.testing.assert_close(a[job_id][key], b[job_id][key], rtol=1e-4, atol=1e-6)
+    ids = sorted(a)
+    for k, job_id in enumerate(ids):  # float32: equal within the measured bound, not bit for bit (docs/cohorts.md)
+        check_same_job_adapters(a[job_id], b[job_id], others=b[ids[(k + 1) % len(ids)]])
 
 
 def test_out_of_memory_halves_the_cohort_and_says_so(random_sd, tmp_path, monkeypatch):
@@ -113,3 +113,14 @@ def test_cohorts_group_jobs_of_equal_length_and_the_longest_run_first():
     steps_job = next(iter(expand(shapes, limit=1)))
     hp = steps_job.spec.hyperparameters
     assert planned_micro_steps(steps_job) == hp["steps"] * hp["gradient_accumulation"]
+
+
+def test_the_same_job_on_the_same_machine_with_the_same_cohort_gives_the_same_bits(random_sd, tmp_path):
+    """The strict half of the promise (docs/cohorts.md): same cohort composition, process and thread
+    count → bit-identical adapters. Across compositions only the relative bound holds (above)."""
+    first, second = Store(str(tmp_path / "first")), Store(str(tmp_path / "second"))
+    for store in (first, second):
+        finetune_population(manifest(random_sd, "count=2"), store, DiffusionTrainer)
+    a, b = adapters(first), adapters(second)
+    assert sorted(a) == sorted(b) and len(a) == 2
+    assert all(torch.equal(a[j][k], b[j][k]) for j in a for k in a[j])
