@@ -187,7 +187,7 @@ class Store:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
+        except OSError:
             if os.path.islink(path):
                 raise StoreError(f"lock file {rel!r} is a symbolic link; remove it") from None
             raise

@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.publish import publish_population
 from storage.seal import seal
 
 from .conftest import SHAPES, smoke_overrides
