@@ -77,7 +77,7 @@ def learn_target(manifest: Manifest, store: Store):
     settings = LearnSettings(predictors=tuple(learn.predictors), targets=tuple(learn.targets), seeds=learn.seeds,
                              epochs=learn.epochs, batch_size=learn.batch_size, learning_rate=learn.learning_rate)
     name = manifest.population.name
-    return store.local_path(f"published/{name}"), store.local_path(f"learn/{name}"), settings
+    return store.local_path(f"published/{name}"), store.local_write_dir(f"learn/{name}"), settings
 
 
 def train(manifest: Manifest, store: Store, on_run=None):

@@ -282,6 +282,12 @@ class Store:
         prefix_len = len(self.fs._strip_protocol(base).rstrip("/")) + 1
         return sorted(self.fs._strip_protocol(f)[prefix_len:] for f in found)
 
+    def local_write_dir(self, rel: str) -> Path:
+        """The on-disk folder `rel` for a caller that writes files into it (only local stores):
+        neither it nor a folder above it may be a link (see `write_path`)."""
+        assert self.is_local, "local_write_dir() needs a local store"
+        return Path(os.path.dirname(self.write_path(f"{check_rel(rel)}/_")))
+
     def local_path(self, rel: str) -> Path:
         """The on-disk path of `rel`; only for local stores."""
         assert self.is_local, "local_path() needs a local store"
