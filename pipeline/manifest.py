@@ -388,8 +388,12 @@ REQUIRED_HYPERPARAMETERS: dict[str, tuple[tuple[str, ...], ...]] = {
 
 class ClipScoreScorer(StrictModel):
     name: Literal["clip_score"]
-    model: str = Field("tiny:shapes-clip", description="open_clip model name, or `tiny:shapes-clip`.")
-    pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. `openai`).")
+    model: str = Field("tiny:shapes-clip", min_length=1, description=(
+        "An open_clip model name (`ViT-B-16`), `hf-hub:<repo>` or `local-dir:<folder>` (open_clip's hub layout: "
+        "open_clip_config.json + weights), or `tiny:shapes-clip`."))
+    pretrained: str | None = Field(None, description=(
+        "With an open_clip model name: a pretrained tag (`openai`; weights from the hub cache, `lol fetch` fills it) or a "
+        "local `.safetensors` checkpoint file; unset: random weights. Not with `hf-hub:` / `local-dir:` (they carry their weights)."))
     size: Literal["full", "smoke"] = Field("full", description="For `tiny:` CLIP models: `smoke` builds in seconds (tests).")
     prompts: str | list[str] = Field(description="A prompt list, or a preset: `paper33`, `shapes-captions`.")
     seed: int = 0
@@ -404,6 +408,12 @@ class ClipScoreScorer(StrictModel):
         if isinstance(value, list) and (not value or any(not p.strip() for p in value)):
             raise ValueError("the prompt list must hold at least one non-empty prompt")
         return value
+
+    @model_validator(mode="after")
+    def _weights_named_once(self) -> ClipScoreScorer:
+        if self.pretrained is not None and self.model.startswith(("hf-hub:", "local-dir:")):
+            raise ValueError(f"model {self.model!r} carries its weights; leave pretrained unset (got {self.pretrained!r})")
+        return self
 
 
 class AttributesScorer(StrictModel):

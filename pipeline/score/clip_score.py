@@ -17,7 +17,12 @@ Shapes: P prompts, I images (P × images_per_prompt), D CLIP embedding width.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import hashlib
 import importlib.metadata
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.artefacts import HubFiles, hub_cache_dir, unavailable
 from pipeline.bases.loading import load_diffusion_pipeline
 from pipeline.jobs import Job
 from pipeline.manifest import Manifest
@@ -39,7 +45,14 @@ PEFT_PREFIX = "base_model.model"  # how peft's save_pretrained prefixes the UNet
 
 
 def load_clip(model: str, pretrained: str | None, store: Store, size: str = "full", device: torch.device | None = None):
-    """(model, preprocess, tokenizer) from open_clip, or from the tiny cache for `tiny:shapes-clip`."""
+    """(model, preprocess, tokenizer) from open_clip, or from the tiny cache for `tiny:shapes-clip`.
+
+    Anything open_clip loads: a model name with a `pretrained` tag (`ViT-B-16` / `openai`; the weights
+    come from the hub cache, downloaded when the hub is reachable), a model name with a local
+    `.safetensors` checkpoint as `pretrained`, `hf-hub:<repo>` or `local-dir:<folder>` (open_clip's
+    layout: open_clip_config.json + weights). Offline, weights that are not cached raise
+    ArtefactUnavailableError with the `hf download` command.
+    """
     if model.startswith("tiny:"):
         from pipeline.bases import tiny_module
         from pipeline.bases.cache import ensure_base
@@ -48,8 +61,102 @@ def load_clip(model: str, pretrained: str | None, store: Store, size: str = "ful
         return tiny_module(model).load(built.path, device=device or "cpu")
     import open_clip
 
-    clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
-    return clip_model.eval(), preprocess, open_clip.get_tokenizer(model)
+    from pipeline.artefacts import hub_offline, hub_reachable
+
+    ref = clip_ref(model, pretrained)
+    offline = ref.kind in ("tag", "hf-hub") and not hub_reachable()
+    if offline and ref.checkpoint() is None:
+        where = f" ({ref.files.describe()})" if ref.files else f" ({ref.url})"
+        raise unavailable(f"CLIP weights {ref.describe()}{where}", ref.files)
+    try:
+        with hub_offline() if offline else contextlib.nullcontext():
+            clip_model, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=ref.pretrained, device=device, cache_dir=hub_cache_dir(), force_quick_gelu=ref.quick_gelu)
+            tokenizer = open_clip.get_tokenizer(model, cache_dir=hub_cache_dir())
+    except (RuntimeError, ValueError, OSError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"CLIP model {ref.describe()} cannot be loaded by open_clip: {first}") from None
+    return clip_model.eval(), preprocess, tokenizer
+
+
+@dataclass(frozen=True)
+class ClipRef:
+    """What a clip_score spec's (model, pretrained) names, checked before anything is built.
+
+    kind: `tag` (open_clip pretrained tag), `file` (local checkpoint), `hf-hub`, `local-dir` or `random`
+    (a model name without weights: random initialisation, for tests). `files` are the hub files the
+    weights come from (None for local ones)."""
+
+    model: str
+    pretrained: str | None
+    kind: str
+    files: HubFiles | None = None
+    quick_gelu: bool = False
+    url: str = ""  # a tag whose weights come from a URL, not the hub
+
+    def describe(self) -> str:
+        return self.model + (f" / {self.pretrained}" if self.pretrained else "")
+
+    def checkpoint(self) -> str | None:
+        """The local weights file, where known without loading (a file, or cached hub weights)."""
+        if self.kind == "file":
+            return self.pretrained
+        if self.url:
+            path = Path(hub_cache_dir()) / os.path.basename(self.url)
+            return str(path) if path.is_file() else None
+        return self.files.cached() if self.files is not None else None
+
+
+def clip_ref(model: str, pretrained: str | None) -> ClipRef:
+    """Resolve and check a clip_score (model, pretrained); ValueError naming what would be valid."""
+    import open_clip
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.pretrained import _get_safe_alternatives
+
+    if model.startswith("hf-hub:"):
+        repo = model.removeprefix("hf-hub:")
+        if pretrained:
+            raise ValueError(f"clip_score: model {model!r} carries its weights; leave pretrained unset (got {pretrained!r})")
+        return ClipRef(model, None, "hf-hub", HubFiles(repo, files=((HF_CONFIG_NAME,), (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME))))
+    if model.startswith("local-dir:"):
+        folder = Path(model.removeprefix("local-dir:")).expanduser()
+        if not (folder / HF_CONFIG_NAME).is_file():
+            there = sorted(p.name for p in folder.iterdir())[:20] if folder.is_dir() else []
+            raise ValueError(f"clip_score: {model!r} needs a folder with {HF_CONFIG_NAME} and weights (open_clip's hub layout); "
+                             f"{folder} holds: {', '.join(there) or 'nothing (it does not exist)'}")
+        if pretrained:
+            raise ValueError(f"clip_score: model {model!r} carries its weights; leave pretrained unset (got {pretrained!r})")
+        return ClipRef(model, None, "local-dir")
+    name = model.replace("/", "-")
+    if name not in open_clip.list_models():
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        raise ValueError(f"clip_score: {model!r} is not an open_clip model name"
+                         + (f" (did you mean {', '.join(close)}?)" if close else "")
+                         + "; valid: an open_clip name (open_clip.list_models()), hf-hub:<repo>, local-dir:<folder> or tiny:shapes-clip")
+    if not pretrained:
+        return ClipRef(model, None, "random")
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if cfg:
+        quick = bool(cfg.get("quick_gelu")) and not bool((open_clip.get_model_config(name) or {}).get("quick_gelu"))
+        hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+        if hub:  # as open_clip's download_pretrained: 'org/repo/' (default weights name) or 'org/repo/file'
+            repo, filename = os.path.split(hub)
+            filename = filename or HF_WEIGHTS_NAME
+            return ClipRef(model, pretrained, "tag", HubFiles(repo, files=((*_get_safe_alternatives(filename), filename),)), quick)
+        return ClipRef(model, pretrained, "tag", None, quick, url=url)
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"clip_score: checkpoint {pretrained!r} is not a .safetensors file; pickle checkpoints "
+                             "(.pt/.bin/.pth) are refused — save the state dict with safetensors.torch.save_file")
+        return ClipRef(model, str(path), "file")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    looks_like_path = any(c in pretrained for c in "/\\") or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth"))
+    if looks_like_path:
+        there = sorted(p.name for p in path.parent.iterdir())[:20] if path.parent.is_dir() else []
+        raise ValueError(f"clip_score: checkpoint file {pretrained!r} does not exist; {path.parent} holds: {', '.join(there) or 'nothing'}")
+    raise ValueError(f"clip_score: pretrained {pretrained!r} is neither a tag of {model} ({', '.join(tags) or 'none'}) "
+                     "nor an existing .safetensors file")
 
 
 class ClipScoreScorer:
@@ -63,6 +170,7 @@ class ClipScoreScorer:
         self.pipe = load_diffusion_pipeline(manifest.base.model_dump(), store).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.clip, self.preprocess, self.tokenizer = load_clip(spec.model, spec.pretrained, store, spec.size, self.device)
+        self.clip_provenance = clip_provenance(spec.model, spec.pretrained)
         with torch.no_grad():
             text = self.clip.encode_text(self.tokenizer(self.prompts).to(self.device)).float()
         self.text_features = text / text.norm(dim=-1, keepdim=True)  # (P, D)
@@ -146,5 +254,27 @@ class ClipScoreScorer:
         scores = self.clip_scores(self.generate(adapter_dir))
         return {"clip_score": float(scores.mean())}
 
-    def provenance(self) -> dict[str, str]:
-        return {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "open_clip_torch", "peft")}
+    def provenance(self) -> dict[str, Any]:
+        """Library versions and which CLIP weights scored (model, pretrained, checkpoint file and its sha256)."""
+        versions = {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "open_clip_torch", "peft")}
+        return {"versions": versions, "clip": getattr(self, "clip_provenance", None)}
+
+
+def clip_provenance(model: str, pretrained: str | None) -> dict[str, Any]:
+    """{model, pretrained, checkpoint, sha256}: the weights file a CLIP model was loaded from, where there is one."""
+    out: dict[str, Any] = {"model": model, "pretrained": pretrained}
+    if model.startswith("tiny:"):
+        return out
+    ref = clip_ref(model, pretrained)
+    path = ref.checkpoint()
+    if ref.kind == "local-dir":
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        path = _find_checkpoint_in_dir(Path(model.removeprefix("local-dir:")).expanduser())
+    if path:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        out.update(checkpoint=os.path.basename(path), sha256=digest.hexdigest())
+    return out
