@@ -46,8 +46,8 @@ def finetune_seconds(store: Path, population: str) -> list[float]:
     seconds = []
     for record in sorted((store / "populations" / population / "jobs").glob("*/record.json")):
         metrics = json.loads(record.read_text()).get("metrics", {})
-        if "seconds" in metrics:
-            seconds.append(float(metrics["seconds"]))
+        if "train_seconds" in metrics:
+            seconds.append(float(metrics["train_seconds"]))
     return seconds
 
 

@@ -164,3 +164,13 @@ def test_exact_config_rehearsal(run_cli, population, tmp_path_factory, tmp_path)
     assert sum(t.numel() for t in load_file(str(adapter / "adapter_model.safetensors")).values()) == 99_648 * RANK[population]
     if population == "celeba-sd14":
         check_loads_in_diffusers(paths["sd"], adapter, tmp_path)
+
+
+def test_gpu_script_parses_and_runs_both_benchmarks():
+    """bench/gpu.sh (not runnable without a GPU) is valid bash and runs what docs/paper-populations.md says."""
+    import subprocess
+
+    script = paper_rehearsal.ROOT / "bench" / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "bench/rehearsal.py --scale exact --paper-shapes" in text and "bench unet --config sd15 --adapters 8 --dtype bf16" in text
