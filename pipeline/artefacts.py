@@ -253,6 +253,15 @@ def resolve_hub_model(ref: str, revision: str | None, kind: str) -> tuple[str, s
     return folder, None
 
 
+def partly_cached(ref: str, revision: str | None, kind: str, exc: Exception) -> ArtefactUnavailableError:
+    """The error for a base whose cached snapshot is incomplete (an interrupted or filtered download)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    files = base_files(ref, revision, kind)
+    return ArtefactUnavailableError(f"base model {files.describe()} is only partly in the cache (HF_HOME={hf_home()}: {first}) "
+                                    f"and the hub {why_unreachable()}; where the hub is reachable run `{files.command()}` "
+                                    "with the same HF_HOME (or `lol fetch MANIFEST`)")
+
+
 __all__ = ["ArtefactUnavailableError", "BASE_PATTERNS", "HubFiles", "base_files", "hf_home", "hub_cache_dir",
-           "hub_offline", "hub_reachable", "is_hub_model_ref", "offline_mode", "resolve_hub_model", "unavailable",
+           "hub_offline", "hub_reachable", "is_hub_model_ref", "offline_mode", "partly_cached", "resolve_hub_model", "unavailable",
            "why_unreachable"]

@@ -39,7 +39,9 @@ def code_version() -> str:
 
 
 def dataset_card(manifest: Manifest, dataset, shards: dict[str, list[str]], layout: dict[str, Any],
-                 label_names: dict[str, dict[str, str]]) -> str:
+                 label_names: dict[str, dict[str, str]], data_provenance: list[tuple[dict[str, Any], int]] | None = None) -> str:
+    """The card; `data_provenance` holds the distinct (provenance, LoRA count) of the training data the
+    records name (an `hf:` / `folder:` source's config, revision and fingerprints)."""
     first = next(iter(dataset.values()))
     header = {
         "license": manifest.publish.license,
@@ -50,6 +52,8 @@ def dataset_card(manifest: Manifest, dataset, shards: dict[str, list[str]], layo
         "dataset_info": {"features": first.features._to_yaml_list(),
                          "splits": [{"name": name, "num_examples": len(split)} for name, split in dataset.items()]},
     }
+    if manifest.data.source.startswith("hf:"):
+        header["source_datasets"] = [manifest.data.source.removeprefix("hf:")]
     lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
              f"# {manifest.population.name}", "",
              manifest.population.description or "A population of LoRA finetunes.", "",
@@ -81,6 +85,7 @@ def dataset_card(manifest: Manifest, dataset, shards: dict[str, list[str]], layo
     lines += ["", "## Provenance", "",
               f"- manifest: `{manifest.population.name}` v{manifest.population.version}, canonical hash `{manifest_hash}` (copy in `manifest.yaml`)",
               f"- base: `{manifest.base.ref}` revision `{manifest.base.revision or 'n/a'}`",
+              *_data_lines(manifest, data_provenance or []),
               f"- splits: group-disjoint, fractions {dict(manifest.publish.splits)}, seed {manifest.publish.split_seed}",
               f"- code: lol-pipeline {code_version()}",
               "- libraries: " + ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "diffusers", "transformers", "peft", "datasets")),
@@ -89,3 +94,19 @@ def dataset_card(manifest: Manifest, dataset, shards: dict[str, list[str]], layo
         lines.append(f"  - `{scorer_id(spec)}`: `{json.dumps(spec.model_dump(mode='json'), sort_keys=True)}`")
     lines += ["", f"License: {manifest.publish.license}.", ""]
     return "\n".join(lines)
+
+
+def _data_lines(manifest: Manifest, provenance: list[tuple[dict[str, Any], int]]) -> list[str]:
+    """`- data: …` with the source's config, revision, split and per-config fingerprint and row count."""
+    data = manifest.data
+    if not provenance:
+        return [f"- data: `{data.source}`, split `{data.split}`" + (" (built in)" if ":" not in data.source else "")]
+    lines = []
+    for entry, count in provenance:
+        configs = ", ".join(entry.get("config") or []) or "default"
+        fingerprints = ", ".join(f"{c}: `{fp}` ({(entry.get('num_rows') or {}).get(c, '?')} rows)"
+                                 for c, fp in sorted((entry.get("fingerprints") or {}).items()))
+        lines.append(f"- data: `{entry.get('source', data.source)}` config {configs}, revision `{entry.get('revision') or 'n/a'}`, "
+                     f"split `{entry.get('split', data.split)}`; fingerprints {fingerprints or 'n/a'}"
+                     + (f" — {count} LoRAs" if len(provenance) > 1 else ""))
+    return lines

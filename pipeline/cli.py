@@ -60,6 +60,32 @@ def validate(manifest: ManifestArg, overrides: OverridesArg = None) -> int:
 
 
 @app.command()
+def fetch(manifest: ManifestArg, overrides: OverridesArg = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be fetched (and what is cached) without downloading.")] = False) -> int:
+    """Download everything the manifest needs (base at its revision, hf: datasets and benchmarks, CLIP weights) into the HF cache."""
+    from pipeline.fetch import fetch_manifest
+
+    loaded = load(manifest, overrides)
+    out.print(f"{'would fetch' if dry_run else 'fetching'} what {loaded.population.name} needs into the cache (HF_HOME={_hf_home()}):",
+              highlight=False, soft_wrap=True)
+    outcomes = fetch_manifest(loaded, dry_run=dry_run, on_artefact=lambda o: out.print(
+        f"  {o.status:<11} {o.artefact.kind:<9} {o.artefact.describe()}  ({', '.join(o.artefact.used_by)})"
+        + (f"\n      {o.detail}" if o.status in ("would fetch", "local") and o.detail else ""), soft_wrap=True, highlight=False))
+    problems = [o for o in outcomes if o.status in ("missing", "failed")]
+    for o in problems:
+        err.print(Text.assemble(("error: ", "bold red"), o.detail), highlight=False)
+    if not problems and not dry_run:
+        out.print(f"all {len(outcomes)} artefact(s) cached or local", highlight=False)
+    return EXIT_BAD_INPUT if problems else 0
+
+
+def _hf_home() -> str:
+    from pipeline.artefacts import hf_home
+
+    return hf_home()
+
+
+@app.command()
 def plan(manifest: ManifestArg, overrides: OverridesArg = None,
          show: Annotated[int, typer.Option(help="How many jobs to list.")] = 5) -> int:
     """Expand a manifest into jobs: the first few, and the distribution of each hyperparameter."""

@@ -318,7 +318,17 @@ class Hyperparameters(StrictModel):
     instance_prompt: HyperValue | None = None
     resolution: HyperValue | None = Field(None, description=f"Training image side in pixels (diffusion), 1..{MAX_RESOLUTION:,}.")
     max_length: HyperValue | None = Field(None, description=f"Tokens per example (causal LM), 1..{MAX_LENGTH:,}.")
-    mixed_precision: HyperValue | None = None
+    mixed_precision: HyperValue | None = Field(None, description="no, fp16, bf16 or fp8 (an unquoted YAML `no` reads as false and means no).")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted `no` (`mixed_precision=no`, `mixed_precision: no`) as false: it means "no"."""
+        if value is False:
+            return "no"
+        if isinstance(value, dict) and isinstance(value.get("choice"), list):
+            return {**value, "choice": ["no" if v is False else v for v in value["choice"]]}
+        return value
 
     @field_validator("*")
     @classmethod

@@ -367,8 +367,23 @@ def write_folder(manifest: Manifest, store: Store, folder: Path, rows, weights, 
         (folder / "manifest.yaml").write_bytes(store.read_bytes(manifest_rel))
     from pipeline.card import dataset_card
 
-    (folder / "README.md").write_text(dataset_card(manifest, dataset, shards, layout, label_names))
+    (folder / "README.md").write_text(dataset_card(manifest, dataset, shards, layout, label_names,
+                                                   data_provenance(store, manifest, rows)))
     return {name: len(split) for name, split in dataset.items()}
+
+
+def data_provenance(store: Store, manifest: Manifest, rows) -> list[tuple[dict[str, Any], int]]:
+    """The distinct data provenances (source, config, revision, fingerprints) the published LoRAs' records
+    hold, each with how many LoRAs trained on it; empty for built-in sources, which record none."""
+    population = store.population(manifest.population.name)
+    counts: dict[str, int] = {}
+    for row in rows:
+        record = population.record(row["job_id"]) or {}
+        data = (record.get("metrics") or {}).get("data")
+        if isinstance(data, dict):
+            key = json.dumps(data, sort_keys=True)
+            counts[key] = counts.get(key, 0) + 1
+    return [(json.loads(key), n) for key, n in sorted(counts.items(), key=lambda kv: -kv[1])]
 
 
 def published_rel(manifest: Manifest) -> str:

@@ -56,6 +56,15 @@ def test_qwen2_arc_finetunes_and_scores_from_a_folder_of_arc(tmp_path):
         assert metrics["data"]["source"] == bench and set(metrics["data"]["fingerprints"]) == {"ARC-Challenge", "ARC-Easy"}
     scored = stages.score(m, store)
     assert not scored.failed
+    from pipeline.score import scorer_id
+
+    for spec, split in ((m.scorers[0], "test"), (m.scorers[1], "validation")):  # the benchmark's fingerprint in each score
+        read = population.read_score(jobs[0].job_id, scorer_id(spec))["provenance"]["dataset"]
+        assert read["source"] == bench and read["split"] == split and set(read["fingerprints"]) == {"ARC-Challenge", "ARC-Easy"}
+    stages.publish(m, store, push=False)
+    card = (tmp_path / "store" / "published" / "qwen2-arc" / "README.md").read_text()
+    fingerprint = metrics["data"]["fingerprints"]["ARC-Easy"]
+    assert f"- data: `{bench}` config ARC-Challenge, ARC-Easy, revision `n/a`, split `train`" in card and fingerprint in card
     labels = scored.labels
     assert len(labels["acc"]) == len(labels["acc_norm"]) == len(labels["eval_loss"]) == 2
     assert all(0 <= v <= 1 for v in labels["acc"] + labels["acc_norm"]) and all(v > 0 for v in labels["eval_loss"])

@@ -39,21 +39,24 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 import re
-import socket
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from pipeline.artefacts import (
+    ArtefactUnavailableError,
+    hf_home,
+    hub_offline,
+    hub_reachable,
+    offline_mode,
+)
 from pipeline.data.base import DataSourceError, ImageExample, QAExample
 from pipeline.jobs import unit_draw
 
 GROUP_SEED = 7_919  # as pipeline.data.subsets: identity groups are a property of the data
-PROBE_TIMEOUT_S = 3.0
 DATA_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_WORDS = {"train", "training", "valid", "validation", "val", "dev", "test", "testing", "eval", "holdout"}
@@ -107,7 +110,7 @@ KNOWN_DATASETS: dict[str, KnownDataset] = {
 }
 
 
-class DatasetUnavailableError(DataSourceError):
+class DatasetUnavailableError(ArtefactUnavailableError, DataSourceError):
     """A hub dataset that is neither cached nor reachable; the message says how to fetch it."""
 
 
@@ -183,46 +186,8 @@ def _known_for_folder(root: Path, config: str | Sequence[str] | None) -> KnownDa
 # Loading one split of one config
 
 
-def _hub_host() -> tuple[str, int]:
-    from huggingface_hub import constants
-
-    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
-    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-
-
-def offline_mode() -> bool:
-    """HF_HUB_OFFLINE, as set now (the environment, or huggingface_hub's flag)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-@functools.cache
-def _probe(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
-def hub_reachable() -> bool:
-    """Whether the hub answers a TCP connection within PROBE_TIMEOUT_S (once per process); False offline."""
-    return not offline_mode() and _probe(*_hub_host())
-
-
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Offline mode for `datasets` and `huggingface_hub` (both read these flags at call time)."""
-    import datasets.config as dconfig
-    from huggingface_hub import constants
-
-    saved = (dconfig.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
-    dconfig.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        dconfig.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+# The hub probe and offline switch are shared with bases and CLIP weights (pipeline.artefacts).
+_offline = hub_offline
 
 
 def local_copy_dir(ref: DatasetRef) -> str:
@@ -242,17 +207,14 @@ def fetch_command(ref: DatasetRef) -> str:
     return " ".join(parts)
 
 
-def _hf_home() -> str:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HOME") or str(Path(constants.HF_HUB_CACHE).parent)
+_hf_home = hf_home
 
 
 def _unavailable(ref: DatasetRef, why: str) -> DatasetUnavailableError:
     return DatasetUnavailableError(
         f"dataset {ref.describe()} is not in the cache (HF_HOME={_hf_home()}) and the hub {why}; "
         f"where the hub is reachable run `{fetch_command(ref)}`, bring that folder here and set "
-        f"data.source=folder:{local_copy_dir(ref)} (or load the dataset once there with the same HF_HOME, shared or copied)")
+        f"data.source=folder:{local_copy_dir(ref)} (or run `lol fetch MANIFEST` there with the same HF_HOME, shared or copied)")
 
 
 def _load_hub(ref: DatasetRef, config: str | None, split: str):

@@ -80,6 +80,10 @@ def load_causal_lm(base: dict[str, Any], store: Store, device: torch.device | st
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if path != base["ref"] and not base["ref"].startswith("tiny:") and not Path(base["ref"]).expanduser().exists():
+            from pipeline.artefacts import partly_cached  # an HF id, read from the hub cache
+
+            raise partly_cached(base["ref"], base.get("revision"), "causal_lm", exc) from None
         raise ValueError(f"base {base['ref']!r} cannot be loaded as a transformers causal LM "
                          f"(AutoModelForCausalLM / AutoTokenizer on {path!r}): {first}") from None
     if start_token(tokenizer) is None:

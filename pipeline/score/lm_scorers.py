@@ -205,12 +205,28 @@ class _LogLikelihoodScorer:
     def labels(self, logliks: np.ndarray) -> dict[str, float]:
         raise NotImplementedError
 
-    def provenance(self) -> dict[str, str]:
-        return {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft")}
+    def dataset_name(self) -> str:
+        raise NotImplementedError
+
+    def provenance(self) -> dict[str, Any]:
+        """Library versions and, for an `hf:` / `folder:` dataset, what was read: source, config(s), revision,
+        split, and per config the dataset fingerprint and row count."""
+        out: dict[str, Any] = {"versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft")}}
+        name = self.dataset_name()
+        if name.startswith(("hf:", "folder:")):
+            source = get_source(name, **dataset_options(self.spec))
+            out["dataset"] = source.provenance(self.spec.split)
+        else:
+            out["dataset"] = {"source": name, "split": self.spec.split}
+        out["dataset"]["limit"] = self.spec.limit
+        return out
 
 
 class McAccuracyScorer(_LogLikelihoodScorer):
     """`acc` and `acc_norm` on the first `limit` questions of `benchmark`'s `split`."""
+
+    def dataset_name(self) -> str:
+        return self.spec.benchmark
 
     def examples(self) -> list[QAExample]:
         return benchmark_examples(self.spec.benchmark, self.spec.split, self.spec.limit, self.spec)
@@ -233,6 +249,9 @@ class McAccuracyScorer(_LogLikelihoodScorer):
 
 class EvalLossScorer(_LogLikelihoodScorer):
     """Mean loss per answer token on the first `limit` questions of `dataset`'s `split`."""
+
+    def dataset_name(self) -> str:
+        return self.spec.dataset
 
     def examples(self) -> list[QAExample]:
         return benchmark_examples(self.spec.dataset, self.spec.split, self.spec.limit, self.spec)

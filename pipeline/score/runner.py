@@ -119,7 +119,7 @@ def score_jobs(population: PopulationStore, jobs: list[Job], spec, sid: str, sco
                 yield (job, *score_job(population, job, spec, sid, scorer))
             continue
         for job, values in zip(cohort, labels):
-            yield (job, *_store(population, job, spec, sid, values))
+            yield (job, *_store(population, job, spec, sid, values, scorer))
 
 
 def score_job(population: PopulationStore, job: Job, spec, sid: str, scorer) -> tuple[str, dict | None]:
@@ -129,13 +129,27 @@ def score_job(population: PopulationStore, job: Job, spec, sid: str, scorer) -> 
             labels = scorer.score(job, adapter_dir)
     except Exception as exc:  # one LoRA's failure must not stop the population
         return f"{type(exc).__name__}: {exc}"[:300], None
-    return _store(population, job, spec, sid, labels)
+    return _store(population, job, spec, sid, labels, scorer)
 
 
-def _store(population: PopulationStore, job: Job, spec, sid: str, labels: dict) -> tuple[str, dict | None]:
+def scorer_provenance(scorer) -> dict[str, Any] | None:
+    """What a set-up scorer read beyond its settings (benchmark fingerprints, CLIP checkpoint), computed once."""
+    if not hasattr(scorer, "_lol_provenance"):
+        method = getattr(scorer, "provenance", None)
+        try:
+            scorer._lol_provenance = method() if method is not None else None
+        except Exception as exc:  # provenance is a record, never a reason to lose a label
+            scorer._lol_provenance = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return scorer._lol_provenance
+
+
+def _store(population: PopulationStore, job: Job, spec, sid: str, labels: dict, scorer=None) -> tuple[str, dict | None]:
     """Write one score: ('scored', payload), or (reason, None) when the store refuses the write."""
     payload = {"job_id": job.job_id, "scorer": spec.name, "scorer_id": sid, "settings": scorer_settings(spec),
                "labels": labels, "versions": _versions(), "scored_at": time.time()}
+    provenance = scorer_provenance(scorer) if scorer is not None else None
+    if provenance:
+        payload["provenance"] = provenance
     try:
         population.write_score(job.job_id, sid, payload)
     except OSError as exc:  # a full disk, an I/O error: this label is missing, a rerun adds it
