@@ -192,6 +192,13 @@ def run(
         raise ValueError(f"--stages {stages!r}: choose from {', '.join(valid)}")
     if workers < 1:
         raise ValueError(f"--workers must be ≥ 1, got {workers}")
+    if {"finetune", "score"} & set(chosen):  # hub artefacts first: one line each, before any task starts
+        from pipeline.fetch import missing_artefacts
+
+        if missing := missing_artefacts(loaded):
+            for line in missing:
+                err.print(Text.assemble(("error: ", "bold red"), line), highlight=False)
+            return EXIT_BAD_INPUT
     results = commands.run(str(manifest), list(overrides or []), store, api_url, limit, chosen, workers)
     table = Table(title=f"run {loaded.population.name}")
     table.add_column("stage")

@@ -205,6 +205,14 @@ def fetch_manifest(manifest: Manifest, dry_run: bool = False,
     return outcomes
 
 
+def missing_artefacts(manifest: Manifest) -> list[str]:
+    """One line per artefact the manifest needs that is neither cached nor fetchable now (the hub is off or
+    unreachable); empty where the hub is reachable (the stages fetch what they need)."""
+    if hub_reachable():
+        return []
+    return [_missing_line(a) for a in manifest_artefacts(manifest) if a.local is None and not a.cached()]
+
+
 def _missing_line(artefact: Artefact) -> str:
     head = f"{artefact.kind} {artefact.describe()} is not in the cache (HF_HOME={hf_home()}) and the hub {why_unreachable()}; "
     if artefact.dataset is not None:
@@ -212,10 +220,10 @@ def _missing_line(artefact: Artefact) -> str:
 
         return head + (f"where the hub is reachable run `lol fetch MANIFEST` with the same HF_HOME (datasets.load_dataset prepares "
                        f"HF_HOME/datasets), or `{fetch_command(artefact.dataset)}` and set "
-                       f"{artefact.used_by[0]}=folder:{local_copy_dir(artefact.dataset)}")
+                       + " and ".join(f"{u}=folder:{local_copy_dir(artefact.dataset)}" for u in artefact.used_by))
     how = artefact.command()
     how = f"`{how}`" if how.startswith("hf ") else how
     return head + f"where the hub is reachable run {how} with the same HF_HOME (or `lol fetch MANIFEST` there)"
 
 
-__all__ = ["Artefact", "ArtefactUnavailableError", "FetchOutcome", "fetch_manifest", "manifest_artefacts"]
+__all__ = ["Artefact", "ArtefactUnavailableError", "FetchOutcome", "fetch_manifest", "manifest_artefacts", "missing_artefacts"]

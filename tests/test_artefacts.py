@@ -111,6 +111,19 @@ def test_lol_finetune_with_an_uncached_hf_dataset_exits_2_with_one_line(run_cli,
     assert code == 2 and "dataset hf:flwrlabs/celeba" in line and "hf download flwrlabs/celeba --repo-type dataset" in line
 
 
+def test_lol_run_checks_hub_artefacts_before_any_task_one_line_each(run_cli, capsys, tmp_path):
+    arc = write_arc(tmp_path / "arc")
+    capsys.readouterr()
+    code, _, err = run_cli("run", MANIFESTS / "qwen2-arc.yaml", f"data.source=folder:{arc}", "count=1",
+                           "--store", tmp_path / "store")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 2, err
+    assert errors[0].startswith("error: base Qwen/Qwen2-0.5B @ main is not in the cache")
+    assert errors[1].startswith("error: benchmark hf:allenai/ai2_arc") and \
+        "scorers[0].benchmark=folder:datasets/ai2_arc and scorers[1].dataset=folder:datasets/ai2_arc" in errors[1]
+    assert not (tmp_path / "store" / "populations" / "qwen2-arc" / "jobs").exists()
+
+
 # ------------------------------------------------------------------ lol fetch
 
 EXPECTED = {
