@@ -12,10 +12,8 @@ each base / scorer once and reuses it for every task it runs.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
-import time
 from collections import Counter
 from typing import Any
 
@@ -25,12 +23,17 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from pipeline.finetune.runner import (  # noqa: E402
-    cohort_order,
+    JobOutcome,
+    Outcome,
     cohort_sizer,
     default_lease_s,
     default_worker_name,
+    failed,
+    plan_cohorts,
+    plan_jobs,
     run_job,
     run_jobs,
+    settle_busy,
 )
 from pipeline.jobs import Job, expand, job_at, shard  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
@@ -142,7 +145,7 @@ def _scorer(manifest: Manifest, store: Store, spec):
 
 
 @task(name="finetune-job", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
-def finetune_job(manifest: str, overrides: list[str], store: str | None, index: int) -> str:
+def finetune_job(manifest: str, overrides: list[str], store: str | None, index: int) -> JobOutcome:
     """Train job `index` unless the store holds it; returns the outcome."""
     _apply_thread_budget()
     loaded, _ = load_manifest(manifest, overrides)
@@ -154,7 +157,7 @@ def finetune_job(manifest: str, overrides: list[str], store: str | None, index: 
 
 
 @task(name="finetune-cohort", tags=["gpu"], retries=DEFAULT_RETRIES, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
-def finetune_cohort(manifest: str, overrides: list[str], store: str | None, indices: list[int]) -> list[str]:
+def finetune_cohort(manifest: str, overrides: list[str], store: str | None, indices: list[int]) -> list[JobOutcome]:
     """Train jobs `indices` together (the cohort may split to fit memory); returns each job's outcome."""
     _apply_thread_budget()
     loaded, _ = load_manifest(manifest, overrides)
@@ -166,7 +169,7 @@ def finetune_cohort(manifest: str, overrides: list[str], store: str | None, indi
                                                                      None, sizer))
     for note in sizer.notes:
         get_run_logger().warning(note)
-    get_run_logger().info("cohort of %d: %s", len(jobs), dict(Counter(done.values())))
+    get_run_logger().info("cohort of %d: %s", len(jobs), dict(Counter(str(o) for o in done.values())))
     return [done[job.job_id] for job in jobs]
 
 
@@ -236,18 +239,6 @@ def _outcome(call, retries: int) -> tuple[Any, str | None]:
         return None, f"task failed after {retries + 1} attempt(s): {type(exc).__name__}: {message}".rstrip(": ")
 
 
-def plan_cohorts(jobs: list[Job], manifest: Manifest, workers: int) -> list[list[Job]]:
-    """The flow's task units: jobs of similar length together, cohorts of the manifest's size, at
-    least one per worker; one job per unit when the cohort size is 1. Longest cohorts first, so
-    that no worker starts a long one while the others run out of work."""
-    requested = manifest.execution.requested_cohort_size
-    if requested == 1 or not jobs:
-        return [[job] for job in jobs]
-    ordered = sorted(jobs, key=cohort_order, reverse=True)  # a partial cohort, if any, holds the shortest jobs
-    size = max(1, min(requested, math.ceil(len(ordered) / workers)))
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
-
-
 def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[Job]:
     return shard(list(expand(loaded, limit=limit)), shard_spec)
 
@@ -259,50 +250,37 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
                         workers: int = 1) -> dict[str, int]:
     """Finetune every planned LoRA the store lacks, one task per cohort of jobs (`workers` local processes).
 
-    A job claimed by another worker is retried until it is done there or the claim expires
-    (at most `busy_wait_s`, default three claim leases).
+    Planning, the cohorts and the busy policy are the library's (`pipeline.finetune.runner`), as
+    in `lol finetune`: a job claimed by another worker is waited for until it is done there or the
+    claim expires (at most `busy_wait_s`, default three claim leases), then trained here.
     """
     overrides = list(overrides or [])
     loaded, text = load_manifest(manifest, overrides)
     target = Store(store)
     population = target.population(loaded.population.name)
     population.write_manifest(text)
-    outcomes: Counter = Counter()
+    done, todo = plan_jobs(loaded, population, limit, shard_spec)
+    outcomes: Counter = Counter({Outcome.ALREADY_DONE.value: len(done)} if done else {})
     busy: list[Job] = []
-    todo = []
-    for job in _jobs(loaded, limit, shard_spec):
-        if population.is_done(job.job_id):
-            outcomes["already done"] += 1
-        else:
-            todo.append(job)
     cohorts = plan_cohorts(todo, loaded, workers)
     names = [f"finetune-{c[0].job_id}" if len(c) == 1 else f"finetune-cohort-{c[0].job_id}-x{len(c)}" for c in cohorts]
     results = _run_units(finetune_cohort, names, [[job.index for job in c] for c in cohorts], retries, workers,
                          manifest, overrides, store)
     for cohort, (result, failure) in zip(cohorts, results):
-        for job, outcome in zip(cohort, result or [failure] * len(cohort)):
-            if outcome == "busy":
+        for job, outcome in zip(cohort, result or [failed(failure)] * len(cohort)):
+            if outcome.kind is Outcome.BUSY:
                 busy.append(job)
             else:
-                outcomes[outcome] += 1
-    # Jobs another worker holds: wait for them to finish there, or for a dead worker's claim
-    # to expire (claims are renewed while alive), then train them here.
-    deadline = time.monotonic() + (busy_wait_s if busy_wait_s is not None else 3 * default_lease_s())
-    while busy:
-        job = busy.pop(0)
-        if population.is_done(job.job_id):
-            outcomes["done by another worker"] += 1
-            continue
+                outcomes[str(outcome)] += 1
+
+    def retry(job: Job) -> JobOutcome:
         runner = _retrying(finetune_job, f"finetune-{job.job_id}", retries)
-        outcome, failure = _outcome(lambda runner=runner, job=job: runner(manifest, overrides, store, job.index), retries)
-        outcome = outcome or failure
-        if outcome != "busy":
-            outcomes[outcome] += 1
-        elif time.monotonic() < deadline:
-            busy.append(job)
-            time.sleep(2.0)
-        else:
-            outcomes["claimed by another worker"] += 1
+        outcome, failure = _outcome(lambda: runner(manifest, overrides, store, job.index), retries)
+        return outcome or failed(failure)
+
+    wait_s = busy_wait_s if busy_wait_s is not None else 3 * default_lease_s()
+    for _, outcome in settle_busy(population, busy, retry, wait_s):
+        outcomes[str(outcome)] += 1
     _artifact("finetune", loaded, outcomes)
     return dict(outcomes)
 

@@ -89,7 +89,7 @@ def test_saved_tensor_bytes_counts_activations_not_the_frozen_weights():
 
 
 def test_cohorts_group_jobs_of_equal_length_and_the_longest_run_first():
-    from flows.population import plan_cohorts
+    from pipeline.finetune.runner import plan_cohorts
     from pipeline.finetune.runner import planned_micro_steps
     from pipeline.jobs import expand
 

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.base import QAExample
-from pipeline.data.qa import SETS, QASource, format_question
+from pipeline.data.qa import SETS, QASource, encode_documents, format_question
 from pipeline.data.qa import data_fingerprint as qa_data_fingerprint
 
 NAME = "qa-lm"
@@ -279,13 +279,6 @@ def train_tokenizer(texts: Sequence[str], settings: TokenizerSettings, model_max
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
-
-
-def encode_documents(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens."""
-    if not texts:
-        return []
-    return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def token_stream(documents: Sequence[Sequence[int]], eos_id: int) -> torch.Tensor:

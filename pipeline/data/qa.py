@@ -561,3 +561,10 @@ def format_question(example: QAExample) -> tuple[str, tuple[str, ...]]:
     log-likelihood of continuation i given the prompt.
     """
     return f"Question: {example.question}\nAnswer:", tuple(f" {c}" for c in example.choices)
+
+
+def encode_documents(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens (`tokenizer`: a transformers tokenizer)."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]

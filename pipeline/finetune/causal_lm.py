@@ -38,10 +38,9 @@ from typing import Any
 import torch
 
 from pipeline.bases.loading import resolve_base
-from pipeline.bases.qa_lm import encode_documents
 from pipeline.data import select_job_examples, source_examples, source_provenance
 from pipeline.data.base import DataSourceError, QAExample
-from pipeline.data.qa import format_question, validate_example
+from pipeline.data.qa import encode_documents, format_question, validate_example
 from pipeline.data.subsets import source_subset
 from pipeline.finetune.cohort import (
     CohortTask,

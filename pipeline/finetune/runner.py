@@ -10,6 +10,11 @@ committing. Each is recorded in the job's failed.json with its reason (and in th
 when the store cannot take even that write). The runner retries nothing by itself except the
 jobs of a cohort that ran out of memory, in halved cohorts down to one job: bounded. A killed
 worker leaves a claim that expires, and staging folders the next run on the host removes.
+
+This module is the one orchestration core: `lol finetune` (`finetune_population`) and the Prefect
+flows (`flows/population.py`) plan with `plan_jobs` / `plan_cohorts`, train through `run_jobs` /
+`run_job`, and settle jobs another worker holds with `settle_busy` — so both treat a claimed job
+the same way. Each job ends with a `JobOutcome`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,15 +59,55 @@ class Trainer(Protocol):
         ...
 
 
+class Outcome(Enum):
+    """What became of one job in one run."""
+
+    TRAINED = "trained"
+    ALREADY_DONE = "already done"  # the store held it when the run planned
+    DONE_ELSEWHERE = "done by another worker"  # finished by another worker while this run got to it
+    BUSY = "busy"  # another worker holds its claim right now (settled by `settle_busy`)
+    CLAIMED_ELSEWHERE = "claimed by another worker"  # still claimed when `settle_busy` gave up waiting
+    FAILED = "failed"  # with the reason (also in the job's failed.json)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """A job's `Outcome`, with the reason when it failed. `str()` is what summaries count by."""
+
+    kind: Outcome
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return self.reason if self.kind is Outcome.FAILED else self.kind.value
+
+
+TRAINED, ALREADY_DONE, DONE_ELSEWHERE = JobOutcome(Outcome.TRAINED), JobOutcome(Outcome.ALREADY_DONE), JobOutcome(Outcome.DONE_ELSEWHERE)
+BUSY, CLAIMED_ELSEWHERE = JobOutcome(Outcome.BUSY), JobOutcome(Outcome.CLAIMED_ELSEWHERE)
+
+
+def failed(reason: str) -> JobOutcome:
+    return JobOutcome(Outcome.FAILED, reason)
+
+
 @dataclass
 class FinetuneSummary:
     notes: list[str] = field(default_factory=list)  # e.g. cohorts reduced to fit memory
     planned: int = 0
     trained: list[str] = field(default_factory=list)
-    skipped: int = 0  # already done
-    busy: int = 0  # claimed by another worker
+    skipped: int = 0  # already done, or done by another worker meanwhile
+    busy: int = 0  # still claimed by another worker when the wait for it ran out
     failed: dict[str, str] = field(default_factory=dict)  # job_id -> reason
     seconds: float = 0.0
+
+    def add(self, job: Job, outcome: JobOutcome) -> None:
+        if outcome.kind is Outcome.TRAINED:
+            self.trained.append(job.job_id)
+        elif outcome.kind in (Outcome.ALREADY_DONE, Outcome.DONE_ELSEWHERE):
+            self.skipped += 1
+        elif outcome.kind in (Outcome.BUSY, Outcome.CLAIMED_ELSEWHERE):
+            self.busy += 1
+        else:
+            self.failed[job.job_id] = outcome.reason
 
     @property
     def loras_per_minute(self) -> float:
@@ -82,19 +128,19 @@ def finetune_population(
     lease_s: float | None = None,
     on_job: Callable[[Job, str], None] | None = None,
     cohort_size: int | None = None,
+    busy_wait_s: float | None = None,
 ) -> FinetuneSummary:
     """Train every planned job the store lacks. `on_job(job, outcome)` reports progress.
 
     Jobs train in cohorts (`pipeline.finetune.cohort`) sized by the manifest's `execution`
     section (or `cohort_size`), one at a time when the size is 1 or the trainer has no cohorts.
+    Jobs another worker holds are settled by `settle_busy` (waited for, at most `busy_wait_s`).
     """
     started = time.perf_counter()
     worker = worker or default_worker_name()
-    jobs = shard(list(expand(manifest, limit=limit)), shard_spec)
     population = store.population(manifest.population.name)
-    summary = FinetuneSummary(planned=len(jobs))
-    pending = [job for job in jobs if not population.is_done(job.job_id)]
-    summary.skipped = len(jobs) - len(pending)
+    done, pending = plan_jobs(manifest, population, limit, shard_spec)
+    summary = FinetuneSummary(planned=len(done) + len(pending), skipped=len(done))
     trainer: Trainer | None = None
 
     def get_trainer() -> Trainer:  # load the base only when there is work
@@ -105,19 +151,65 @@ def finetune_population(
         return trainer
 
     sizer = cohort_sizer(manifest, cohort_size)
+    busy = []
     for job, outcome in run_jobs(population, pending, get_trainer, worker, lease_s, sizer):
-        if outcome == "trained":
-            summary.trained.append(job.job_id)
-        elif outcome == "busy":
-            summary.busy += 1
-        elif outcome == "skipped":
-            summary.skipped += 1
-        else:
-            summary.failed[job.job_id] = outcome
+        if outcome.kind is Outcome.BUSY:
+            busy.append(job)
+            continue
+        summary.add(job, outcome)
+        _report(on_job, job, outcome)
+    retry = lambda job: run_job(population, job, get_trainer, worker, lease_s)  # noqa: E731
+    wait_s = busy_wait_s if busy_wait_s is not None else 3 * (lease_s or default_lease_s())
+    for job, outcome in settle_busy(population, busy, retry, wait_s):
+        summary.add(job, outcome)
         _report(on_job, job, outcome)
     summary.notes = sizer.notes
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def plan_jobs(manifest: Manifest, population, limit: int | None = None,
+              shard_spec: str | None = None) -> tuple[list[Job], list[Job]]:
+    """(done, to do): the planned jobs (the first `limit`, this worker's `shard_spec`) that the
+    store holds, and those it lacks (or holds damaged)."""
+    jobs = shard(list(expand(manifest, limit=limit)), shard_spec)
+    done = [job for job in jobs if population.is_done(job.job_id)]
+    held = {job.job_id for job in done}
+    return done, [job for job in jobs if job.job_id not in held]
+
+
+def plan_cohorts(jobs: Sequence[Job], manifest: Manifest, workers: int) -> list[list[Job]]:
+    """Task units for `workers` parallel workers: jobs of similar length together, cohorts of the
+    manifest's size, at least one per worker; one job per unit when the cohort size is 1. Longest
+    cohorts first, so that no worker starts a long one while the others run out of work."""
+    requested = manifest.execution.requested_cohort_size
+    if requested == 1 or not jobs:
+        return [[job] for job in jobs]
+    ordered = sorted(jobs, key=cohort_order, reverse=True)  # a partial cohort, if any, holds the shortest jobs
+    size = max(1, min(requested, math.ceil(len(ordered) / workers)))
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
+def settle_busy(population, busy: Sequence[Job], retry: Callable[[Job], JobOutcome], wait_s: float | None = None,
+                poll_s: float = 2.0) -> Iterator[tuple[Job, JobOutcome]]:
+    """Jobs another worker held when this run reached them: wait until each is done there
+    (DONE_ELSEWHERE) or its claim expires (a dead worker's: `retry` trains it here), polling every
+    `poll_s`; after `wait_s` (default three claim leases) a job still claimed is CLAIMED_ELSEWHERE."""
+    queue = list(busy)
+    deadline = time.monotonic() + (wait_s if wait_s is not None else 3 * default_lease_s())
+    while queue:
+        job = queue.pop(0)
+        if population.is_done(job.job_id):
+            yield job, DONE_ELSEWHERE
+            continue
+        outcome = retry(job)
+        if outcome.kind is not Outcome.BUSY:
+            yield job, outcome
+        elif time.monotonic() < deadline:
+            queue.append(job)
+            time.sleep(poll_s)
+        else:
+            yield job, CLAIMED_ELSEWHERE
 
 
 def cohort_sizer(manifest: Manifest, cohort_size: int | None = None) -> CohortSizer:
@@ -146,7 +238,7 @@ def cohort_order(job: Job) -> tuple:
 
 
 def run_jobs(population, jobs: Sequence[Job], get_trainer: Callable[[], Trainer], worker: str,
-             lease_s: float | None, sizer: CohortSizer) -> Iterator[tuple[Job, str]]:
+             lease_s: float | None, sizer: CohortSizer) -> Iterator[tuple[Job, JobOutcome]]:
     """Train `jobs` (in cohorts where the sizer and the trainer allow): yields (job, outcome) as they finish.
 
     First removes what killed workers left: their staging folders on this host, and expired
@@ -184,19 +276,19 @@ class CohortOutOfMemory(RuntimeError):
     """A cohort did not fit in memory; its jobs are retried in smaller cohorts."""
 
 
-def run_cohort(population, jobs: Sequence[Job], trainer, worker: str, lease_s: float | None = None) -> list[tuple[Job, str]]:
+def run_cohort(population, jobs: Sequence[Job], trainer, worker: str, lease_s: float | None = None) -> list[tuple[Job, JobOutcome]]:
     """Claim the jobs that are not done or busy, train them in one cohort, commit each (or record its failure).
 
     Outcomes are those of `run_job`. A cohort that fails as a whole (not one member) falls back to
     training its jobs one at a time, so one job's bug cannot fail the others.
     """
     lease_s = lease_s or default_lease_s()
-    outcomes: list[tuple[Job, str]] = []
+    outcomes: list[tuple[Job, JobOutcome]] = []
     with contextlib.ExitStack() as stack:
         claims: dict[str, Claim] = {}
         for job in jobs:
             if population.is_done(job.job_id):
-                outcomes.append((job, "skipped"))
+                outcomes.append((job, DONE_ELSEWHERE))
                 continue
             outcome, claim = _claim(population, job, worker, lease_s)
             if claim is None:
@@ -204,7 +296,7 @@ def run_cohort(population, jobs: Sequence[Job], trainer, worker: str, lease_s: f
                 continue
             stack.enter_context(population.holding(claim, lease_s))
             if population.is_done(job.job_id):  # finished by another worker meanwhile
-                outcomes.append((job, "skipped"))
+                outcomes.append((job, DONE_ELSEWHERE))
                 continue
             claims[job.job_id] = claim
         staged, tasks = {}, []
@@ -245,21 +337,21 @@ def default_lease_s() -> float:
     return float(os.environ.get("LOL_CLAIM_LEASE_S", "120"))
 
 
-def run_job(population, job: Job, get_trainer: Callable[[], Trainer], worker: str, lease_s: float | None = None) -> str:
-    """Claim one job and train it unless it is done: 'trained', 'skipped', 'busy' or a failure reason.
+def run_job(population, job: Job, get_trainer: Callable[[], Trainer], worker: str, lease_s: float | None = None) -> JobOutcome:
+    """Claim one job and train it unless it is done: TRAINED, DONE_ELSEWHERE, BUSY or a failure.
 
     The claim is renewed in the background while the job trains and released after, so a
     worker that dies mid-job leaves a claim that expires within one lease.
     """
     lease_s = lease_s or default_lease_s()
     if population.is_done(job.job_id):
-        return "skipped"
+        return DONE_ELSEWHERE
     outcome, claim = _claim(population, job, worker, lease_s)
     if claim is None:
         return outcome
     with population.holding(claim, lease_s):
         if population.is_done(job.job_id):  # finished by another worker meanwhile
-            return "skipped"
+            return DONE_ELSEWHERE
         trainer = get_trainer()
         try:
             _prepare(population, job)
@@ -268,14 +360,14 @@ def run_job(population, job: Job, get_trainer: Callable[[], Trainer], worker: st
         return _train_one(trainer, job, population, worker, claim, lease_s)
 
 
-def _claim(population, job: Job, worker: str, lease_s: float) -> tuple[str, Claim | None]:
-    """('claimed', claim), ('busy', None) when another worker holds it, or (reason, None) when the
+def _claim(population, job: Job, worker: str, lease_s: float) -> tuple[JobOutcome | None, Claim | None]:
+    """(None, claim), (BUSY, None) when another worker holds it, or (a failure, None) when the
     store refused the claim (nothing is written for the job then: it is not ours)."""
     try:
         claim = population.claim(job.job_id, worker, lease_s)
     except OSError as exc:
-        return f"store error while claiming: {_short(exc)} [failed.json not written: the job was not claimed]", None
-    return ("claimed", claim) if claim is not None else ("busy", None)
+        return failed(f"store error while claiming: {_short(exc)} [failed.json not written: the job was not claimed]"), None
+    return (None, claim) if claim is not None else (BUSY, None)
 
 
 def _prepare(population, job: Job) -> None:
@@ -284,8 +376,8 @@ def _prepare(population, job: Job) -> None:
     population.write_spec(job.job_id, job.to_json())
 
 
-def _train_one(trainer: Trainer, job: Job, population, worker: str, claim: Claim, lease_s: float) -> str:
-    """'trained', 'busy' (the claim was lost), or the failure reason recorded in failed.json."""
+def _train_one(trainer: Trainer, job: Job, population, worker: str, claim: Claim, lease_s: float) -> JobOutcome:
+    """TRAINED, BUSY (the claim was lost), or a failure (its reason recorded in failed.json)."""
     with staging.job_dir(job.job_id) as tmp:
         try:
             metrics = trainer.run(job, tmp)
@@ -294,8 +386,8 @@ def _train_one(trainer: Trainer, job: Job, population, worker: str, claim: Claim
         return _commit(population, job, tmp, metrics, worker, claim, lease_s)
 
 
-def _commit(population, job: Job, staged: Path, metrics: dict[str, Any], worker: str, claim: Claim, lease_s: float) -> str:
-    """Commit a trained job if its claim is still ours: 'trained', 'busy', or a failure reason.
+def _commit(population, job: Job, staged: Path, metrics: dict[str, Any], worker: str, claim: Claim, lease_s: float) -> JobOutcome:
+    """Commit a trained job if its claim is still ours: TRAINED, BUSY, or a failure.
 
     A worker whose lease ran out while training (a stalled process) may have lost the job to
     another worker; committing then would store a second copy over the other's, so it yields.
@@ -307,18 +399,18 @@ def _commit(population, job: Job, staged: Path, metrics: dict[str, Any], worker:
         return _record_failure(population, job, exc, "renewing the claim before committing")
     if not ours:
         log.warning("job %s: the claim was lost while training (lease %.0f s); not committing", job.job_id, lease_s)
-        return "busy"
+        return BUSY
     try:
         population.commit(job.job_id, staged, {**metrics, "worker": worker})
     except OSError as exc:
         with contextlib.suppress(OSError):
             population.clear_partial(job.job_id)
         return _record_failure(population, job, exc, "committing")
-    return "trained"
+    return TRAINED
 
 
-def _record_failure(population, job: Job, exc: BaseException, during: str = "") -> str:
-    """Write failed.json for `job`; returns the short reason (noting when failed.json could not be written)."""
+def _record_failure(population, job: Job, exc: BaseException, during: str = "") -> JobOutcome:
+    """Write failed.json for `job`; returns the failure with its short reason (noting when failed.json could not be written)."""
     if isinstance(exc, NonFiniteLoss):
         reason, detail = "non-finite loss", str(exc)
     else:
@@ -328,8 +420,8 @@ def _record_failure(population, job: Job, exc: BaseException, during: str = "") 
         population.write_failed(job.job_id, reason, detail)
     except (OSError, StoreError) as write_error:  # e.g. the disk that failed the job is still full
         log.warning("job %s failed (%s) and failed.json could not be written: %s", job.job_id, reason, write_error)
-        return f"{reason} [failed.json not written: {_short(write_error)}]"
-    return reason
+        return failed(f"{reason} [failed.json not written: {_short(write_error)}]")
+    return failed(reason)
 
 
 def _short(exc: BaseException) -> str:
@@ -338,6 +430,6 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}".rstrip(": ")
 
 
-def _report(on_job: Callable[[Job, str], None] | None, job: Job, outcome: str) -> None:
+def _report(on_job: Callable[[Job, str], None] | None, job: Job, outcome: JobOutcome) -> None:
     if on_job is not None:
-        on_job(job, outcome)
+        on_job(job, str(outcome))
