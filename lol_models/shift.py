@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lol_models.data import LoraDataset, PulledDataError
-from lol_models.experiments import MAIN_METRIC, SECOND_METRIC, LearnSettings, Task, _predictor_order
+from lol_models.tasks import MAIN_METRIC, SECOND_METRIC, LearnSettings, Task, predictor_order
 from lol_models.train import LabeledLoras, TrainConfig, evaluate, train_and_evaluate
 
 __all__ = ["labeled", "mean_std", "metric_of", "shift_bars", "shift_experiment", "train_and_test"]
@@ -161,7 +161,7 @@ def shift_bars(results: Mapping[str, Any], test_names: Sequence[str], labels: Se
     for ax, name in zip(axes[0], tasks):
         task = results[name]
         metric = task["metric"]
-        predictors = sorted(task["predictors"], key=_predictor_order)
+        predictors = sorted(task["predictors"], key=predictor_order)
         for j, (test, label) in enumerate(zip(test_names, labels)):
             means, stds = [], []
             for p in predictors:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from lol_models.data import PulledDataError, pull
-from lol_models.experiments import LearnSettings, _jsonable, load_splits, tasks_of
 from lol_models.shift import labeled, metric_of, settings_json, shift_bars, shift_experiment
+from lol_models.tasks import LearnSettings, jsonable, load_splits, tasks_of
 
 __all__ = ["Transfer", "train_on_a_test_on_b"]
 
@@ -84,7 +84,7 @@ def train_on_a_test_on_b(published_a: str | Path, published_b: str | Path, setti
     record = {"experiment": "transfer", "published_a": str(published_a), "published_b": str(published_b),
               "rows": rows, "skipped_tasks": skipped, "settings": settings_json(settings), "tasks": results}
     outcome.results_path = out / RESULTS_FILE
-    outcome.results_path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+    outcome.results_path.write_text(json.dumps(record, indent=1, default=jsonable) + "\n")
     outcome.figure_path = shift_bars(results, ["a_test", "b_test"], ["A's test split (same base)", "B's test split (other base)"],
                                      out / FIGURE_FILE, "Transfer: trained on A, tested on A and B (mean ± std over seeds)")
     return outcome

@@ -41,7 +41,7 @@ def clip_score_speed(manifest: Manifest, store: Store, out_dir: str | Path | Non
     """
     import torch
 
-    from lol_models.experiments import load_splits
+    from lol_models.tasks import load_splits
     from lol_models.train import LabeledLoras, TrainConfig, train_and_evaluate
     from lol_models.weights import collate
     from pipeline.publish import label_column

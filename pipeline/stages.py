@@ -68,7 +68,7 @@ def publish(manifest: Manifest, store: Store, push: bool | None = None, trust_re
 
 def learn_target(manifest: Manifest, store: Store):
     """(published folder, output folder, LearnSettings) of a population's learn stage."""
-    from lol_models.experiments import LearnSettings
+    from lol_models.tasks import LearnSettings
 
     if not store.is_local:
         raise ValueError(f"the learn stages read the published folder from a local store; {store.url} is remote — "
@@ -94,7 +94,7 @@ def evaluate(manifest: Manifest, store: Store):
 
 
 def report(manifest: Manifest, store: Store):
-    from lol_models.experiments import report as write_report
+    from lol_models.report import report as write_report
 
     scaling = sorted(SCALING_RESULTS.glob("scaling-*.png"))  # `lol bench scaling` output, newest last (timestamped names)
     return write_report(learn_target(manifest, store)[1], title=f"Learning on LoRAs: {manifest.population.name}",

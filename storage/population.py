@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from storage.paths import TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 from storage.seal import CorruptFile, seal, unseal
-from storage.store import _TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 
 if TYPE_CHECKING:
     from storage.store import Store
@@ -284,7 +284,7 @@ class PopulationStore:
                 problems.append(Problem(job_id, name, "corrupt", f"{size} bytes, sha256 {str(digest)[:12]}… ≠ "
                                         f"recorded {meta.get('size')} bytes, {str(meta.get('sha256'))[:12]}…"))
         for name in self.store.list_files(self.job_rel(job_id)):
-            if name not in listed and name not in links and name not in (RECORD, FAILED) and not _is_score_file(name) and _TMP_MARK not in name:
+            if name not in listed and name not in links and name not in (RECORD, FAILED) and not _is_score_file(name) and TMP_MARK not in name:
                 problems.append(Problem(job_id, name, "unexpected", "a file the record does not list"))
         return problems
 
@@ -296,7 +296,7 @@ class PopulationStore:
         except StoreError as exc:
             return [Problem(job_id, SCORES, "unsafe", str(exc)[:120])]
         for name in names:
-            if _TMP_MARK in name:
+            if TMP_MARK in name:
                 continue
             try:
                 if not name.endswith(".json"):
@@ -318,7 +318,7 @@ class PopulationStore:
         deleted record, leaves. Empty for a job that has a record or is claimed right now."""
         if self._has_record_file(job_id) or job_id in self.active_claims():
             return []
-        return [f for f in self.store.list_files(self.job_rel(job_id)) if f not in (SPEC, FAILED) and _TMP_MARK not in f]
+        return [f for f in self.store.list_files(self.job_rel(job_id)) if f not in (SPEC, FAILED) and TMP_MARK not in f]
 
     def damage(self, job_id: str) -> list[Problem]:
         """Everything wrong with one stored job: its LoRA, its scores, or files left without a record."""
@@ -510,7 +510,7 @@ class PopulationStore:
             for name in self.store.list_dir(self.rel("claims")):
                 if name.startswith("."):
                     continue
-                if _TMP_MARK in name:
+                if TMP_MARK in name:
                     self.store.delete(self.rel("claims", name))
                     removed += 1
                     continue
@@ -524,7 +524,7 @@ class PopulationStore:
         now = time.time()
         claims = {}
         for job_id in self.store.list_dir(self.rel("claims")):
-            if job_id.startswith(".") or _TMP_MARK in job_id:
+            if job_id.startswith(".") or TMP_MARK in job_id:
                 continue
             claim = self._read_claim(job_id)
             if claim is not None and claim.is_live(now):

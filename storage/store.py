@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -43,41 +41,22 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.paths import TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
+from storage.population import PopulationStore
+
+__all__ = ["DEFAULT_STORE", "LAYOUT_FILE", "LAYOUT_VERSION", "Store", "StoreError", "TMP_MARK", "check_name",
+           "check_rel", "resolve_store_url", "sha256_bytes"]
+
 if TYPE_CHECKING:
     from storage.population import PopulationStore
 
 LAYOUT_VERSION = 1
 LAYOUT_FILE = "LAYOUT.json"
 DEFAULT_STORE = "./lol-store"
-_TMP_MARK = ".tmp-"
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class StoreError(ValueError):
-    """The store cannot be used as asked: unreachable, newer layout, unsafe name…"""
-
-
 def resolve_store_url(url: str | None = None) -> str:
     """`--store URL`, else `$LOL_STORE`, else `./lol-store`."""
     return url or os.environ.get("LOL_STORE") or DEFAULT_STORE
 
-
-def check_name(name: str, what: str) -> str:
-    """A path component we create: no separators, no `..`, no leading dot."""
-    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
-        raise StoreError(f"{what} {name!r} is not a safe name: use letters, digits, '.', '_' and '-' (not starting with '.' and without '..')")
-    return name
-
-
-def check_rel(rel: str) -> str:
-    """A path relative to the store root: not absolute, no `..` component, no NUL byte."""
-    if not isinstance(rel, str) or rel.startswith(("/", "~")) or "\x00" in rel or ".." in rel.split("/"):
-        raise StoreError(f"path {rel!r} would leave the store: store paths are relative, without '..'")
-    return rel
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class Store:
@@ -217,7 +196,7 @@ class Store:
         if self.is_local:
             directory = os.path.dirname(target)
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f"{os.path.basename(target)}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+            tmp = os.path.join(directory, f"{os.path.basename(target)}{TMP_MARK}{uuid.uuid4().hex[:8]}")
             try:
                 with open(tmp, "wb") as handle:
                     handle.write(data)
@@ -296,8 +275,6 @@ class Store:
     # ------------------------------------------------------------ areas
 
     def population(self, name: str) -> PopulationStore:
-        from storage.population import PopulationStore
-
         return PopulationStore(self, check_name(name, "population name"))
 
     def list_populations(self) -> list[str]:

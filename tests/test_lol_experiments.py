@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lol_models.experiments import LearnSettings, evaluate, report, tasks_of, train_all
+from lol_models.experiments import evaluate, train_all
+from lol_models.report import report
+from lol_models.tasks import LearnSettings, tasks_of
 from pipeline.publish import _dataset, flatten, make_layout
 
 

@@ -10,8 +10,8 @@ from conftest import ROOT
 from published_format import BIG, NORM, gl_population, write_published
 
 from lol_models.data import PulledDataError
-from lol_models.experiments import LearnSettings
 from lol_models.rank_generalisation import rank_generalisation, split_ranks
+from lol_models.tasks import LearnSettings
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 

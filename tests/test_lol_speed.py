@@ -10,8 +10,8 @@ from conftest import ROOT
 
 pytest.importorskip("easy_vqa", reason="the shapes data needs `pip install --no-deps easy-vqa==1.0`")
 
-from lol_models.experiments import load_splits  # noqa: E402
 from lol_models.speed import compare_speed, time_predictions  # noqa: E402
+from lol_models.tasks import load_splits  # noqa: E402
 from lol_models.train import LabeledLoras, TrainConfig, predict, train_and_evaluate  # noqa: E402
 from pipeline import stages  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402

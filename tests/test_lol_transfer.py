@@ -8,7 +8,7 @@ import pytest
 from published_format import BIG, NORM, gl_population, write_published
 
 from lol_models.data import PulledDataError
-from lol_models.experiments import LearnSettings
+from lol_models.tasks import LearnSettings
 from lol_models.transfer import train_on_a_test_on_b
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

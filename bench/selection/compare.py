@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from lol_models.experiments import MAIN_METRIC, _labeled, load_splits, tasks_of
+from lol_models.tasks import MAIN_METRIC, labeled_for, load_splits, tasks_of
 from lol_models.train import TrainConfig, run_seeds
 
 Candidate = tuple[str, dict[str, Any] | None]  # (model name, model config or None for its defaults)
@@ -22,7 +22,7 @@ def compare(paths: Sequence[str], candidates: Sequence[Candidate], epochs: int =
     for path in paths:
         splits = load_splits(path)
         for task in tasks_of(splits["train"]):
-            data = {n: _labeled(s, task) for n, s in splits.items()}
+            data = {n: labeled_for(s, task) for n, s in splits.items()}
             metric = MAIN_METRIC[task.kind]
             for name, model_cfg in candidates:
                 started = time.perf_counter()

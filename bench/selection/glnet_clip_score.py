@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from lol_models.experiments import _labeled, load_splits, tasks_of
+from lol_models.tasks import labeled_for, load_splits, tasks_of
 from lol_models.train import TrainConfig, run_seeds
 
 CANDIDATES = [  # (model, model config, training overrides)
@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
     splits = load_splits(sys.argv[1])
     task = next(t for t in tasks_of(splits["train"]) if "clip_score" in t.name)
-    data = {n: _labeled(s, task) for n, s in splits.items()}
+    data = {n: labeled_for(s, task) for n, s in splits.items()}
     for name, model_cfg, train_cfg in CANDIDATES:
         started = time.perf_counter()
         config = TrainConfig(task="regression", **{"epochs": 50, "lr": 1e-3, **train_cfg})

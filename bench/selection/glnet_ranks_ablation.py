@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-from lol_models.experiments import LearnSettings
 from lol_models.rank_generalisation import rank_generalisation
 from lol_models.shift import metric_of
+from lol_models.tasks import LearnSettings
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

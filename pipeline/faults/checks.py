@@ -16,7 +16,7 @@ from pipeline.finetune import staging
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 from storage import Store
-from storage.store import _TMP_MARK
+from storage.paths import TMP_MARK
 
 
 @dataclass
@@ -78,10 +78,10 @@ def inspect_population(manifest: Manifest, store_url: str, tmp_dir: Path | None 
     for sid in {name.removesuffix(".json") for job_id in state.verified
                 for name in store.list_dir(population.job_rel(job_id, "scores"))}:
         state.scored[sid] = [job_id for job_id in state.verified if population.has_score(job_id, sid)]
-    state.tmp_files = [path for path in store.list_files("") if _TMP_MARK in path]  # anywhere in the store
+    state.tmp_files = [path for path in store.list_files("") if TMP_MARK in path]  # anywhere in the store
     state.live_claims = sorted(population.active_claims())
     state.expired_claims = [name for name in store.list_dir(population.rel("claims"))
-                            if not name.startswith(".") and _TMP_MARK not in name and name not in state.live_claims]
+                            if not name.startswith(".") and TMP_MARK not in name and name not in state.live_claims]
     if tmp_dir is not None:
         state.dead_staging = [str(f) for f in staging.dead_worker_folders(Path(tmp_dir) / staging.ROOT_NAME)]
     return state

@@ -1,0 +1,97 @@
+"""The bottom layer of the LoL experiments: what a task is, which metrics rank it, the learn
+settings, the splits of a published population, and how results are written as JSON.
+
+Layers (each imports only those below it): `tasks` → `experiments` (the main table), `shift`
+(train on one set, test on others) → `rank_generalisation`, `transfer` → `report_sections` → `report`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lol_models.data import LoraDataset, PulledDataError, pull
+from lol_models.train import LabeledLoras
+
+MAIN_METRIC = {"regression": "r2", "multilabel": "roc_auc"}
+SECOND_METRIC = {"regression": "kendall_tau", "multilabel": "accuracy"}
+
+
+@dataclass(frozen=True)
+class LearnSettings:
+    """What to train: the manifest's `learn` section, as plain values."""
+
+    predictors: tuple[str, ...] = ("mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet")
+    targets: tuple[str, ...] = ()  # label columns or scorer names; empty: every task
+    seeds: int = 3
+    epochs: int = 50
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "regression" | "multilabel"
+    columns: tuple[str, ...]
+
+
+def tasks_of(dataset: LoraDataset, wanted: Sequence[str] = ()) -> list[Task]:
+    """Group label columns into tasks; `wanted` filters by column or scorer name."""
+    by_scorer: dict[str, list[str]] = {}
+    for column, info in sorted(dataset.label_info.items()):
+        by_scorer.setdefault(info["scorer"], []).append(column)
+    tasks = []
+    for scorer, columns in by_scorer.items():
+        binary = all(set(torch.unique(dataset.labels[c]).tolist()) <= {0, 1} for c in columns)
+        if binary and scorer in ("attributes", "membership", "sources"):
+            tasks.append(Task(scorer, "multilabel", tuple(columns)))
+        else:
+            tasks.extend(Task(column, "regression", (column,)) for column in columns)
+    if wanted:
+        known = {t.name for t in tasks} | {c for t in tasks for c in t.columns}
+        unknown = sorted(set(wanted) - known)
+        if unknown:
+            raise PulledDataError(f"unknown target(s) {unknown}; targets of this dataset: {', '.join(sorted(known))}")
+        tasks = [t for t in tasks if t.name in wanted or any(c in wanted for c in t.columns)]
+    return tasks
+
+
+def load_splits(published: str | Path) -> dict[str, LoraDataset]:
+    splits = {}
+    for name in ("train", "validation", "test"):
+        try:
+            splits[name] = pull(published, split=name)
+        except PulledDataError as exc:
+            if "unknown split" not in str(exc):
+                raise
+    missing = [s for s in ("train", "validation", "test") if s not in splits]
+    if missing:
+        raise PulledDataError(f"{published} lacks split(s) {missing}; learning needs train, validation and test "
+                              "(set publish.splits in the manifest and publish again)")
+    return splits
+
+
+def labeled_for(dataset: LoraDataset, task: Task) -> LabeledLoras:
+    """The (weights, targets) of `task`'s columns in `dataset`."""
+    return LabeledLoras(dataset.weights, dataset.targets(task.columns))
+
+
+def jsonable(value: Any) -> Any:
+    """`json.dumps(default=…)`: tensors as lists, non-finite floats as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def predictor_order(name: str) -> int:
+    """Sort key: the predictors in the order of the paper's tables, unknown names last."""
+    order = ["mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet"]
+    return order.index(name) if name in order else len(order)
