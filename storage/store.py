@@ -29,7 +29,6 @@ standard library and fsspec.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.locks import file_lock
 from storage.paths import TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 from storage.population import PopulationStore
 
@@ -163,19 +163,11 @@ class Store:
         """An exclusive `flock` on the local file `rel` (created if missing, never through a link)."""
         assert self.is_local, "lock() needs a local store"
         path = self.write_path(rel)
+        if os.path.islink(path):
+            raise StoreError(f"lock file {rel!r} is a symbolic link; the store never opens a lock through a link — remove it")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
-        except OSError:
-            if os.path.islink(path):
-                raise StoreError(f"lock file {rel!r} is a symbolic link; remove it") from None
-            raise
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with file_lock(path):  # O_NOFOLLOW: a link planted after the check is refused, not followed
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
