@@ -227,3 +227,71 @@ def test_clip_score_cohort_equals_scoring_each_adapter_alone(trained, rows_per_c
     scores = scorer.score_cohort(jobs, dirs)
     for job, d, got in zip(jobs, dirs, scores):
         assert got["clip_score"] == pytest.approx(scorer.score(job, d)["clip_score"], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def alpha_not_rank(random_sd, tmp_path_factory):
+    """Two peft adapters of the random SD UNet with rank 4 and alpha 16 (scale alpha/r = 4), B drawn at
+    random so they act without training (alpha = r, as in tiny-shapes, would hide a wrong scale)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("alpha-not-rank")
+    unet = UNet2DConditionModel.from_pretrained(random_sd, subfolder="unet")
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = get_peft_model(unet, LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_v"]))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.05)
+        model.save_pretrained(str(root / f"adapter-{seed}"))
+        unet = model.unload()
+        dirs.append(root / f"adapter-{seed}")
+    return dirs
+
+
+def test_clip_score_alone_applies_alpha_over_rank_as_peft_and_the_cohort_do(random_sd, alpha_not_rank, tmp_path):
+    """Scoring one adapter at a time loads it at strength alpha/r: the UNet output equals peft's
+    `PeftModel.from_pretrained`, and images and scores equal the cohort route's (which reads alpha/r itself)."""
+    import json
+
+    import torch
+    from peft import PeftModel
+
+    from pipeline.score.clip_score import ClipScoreScorer
+
+    config = json.loads((alpha_not_rank[0] / "adapter_config.json").read_text())
+    assert config["lora_alpha"] / config["r"] == 4
+    manifest = Manifest.from_yaml(SHAPES, overrides=[f"base.ref={random_sd}"] + clip_overrides("seed: 0, images_per_prompt: 2"))
+    scorer = ClipScoreScorer(manifest.scorers[0], device="cpu")
+    scorer.setup(manifest, Store(str(tmp_path / "store")))
+    unet = scorer.pipe.unet
+    c = unet.config
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=generator)
+    states = torch.randn(2, 77, c.cross_attention_dim, generator=generator)
+    t = torch.tensor([500, 20])
+    base_keys = set(unet.state_dict())
+    with torch.no_grad():
+        base = unet(x, t, states).sample
+        via_peft = PeftModel.from_pretrained(unet, alpha_not_rank[0])  # peft reads alpha from adapter_config.json
+        try:
+            reference = via_peft(x, t, states).sample
+        finally:
+            via_peft.unload()
+        with scorer.adapter_loaded(alpha_not_rank[0]):
+            loaded = unet(x, t, states).sample
+    assert set(unet.state_dict()) == base_keys
+    effect = float((reference - base).abs().max())
+    assert effect > 1e-2 and float((loaded - reference).abs().max()) <= 5e-7 * max(1.0, float(reference.abs().max()))
+
+    together = scorer.generate_cohort(alpha_not_rank)  # (K, I, H, W, 3)
+    alone = [scorer.generate(d) for d in alpha_not_rank]
+    within = max(abs(together[k] - alone[k]).max() for k in range(len(alpha_not_rank)))
+    assert within < 1e-4 and abs(alone[0] - scorer.generate(None)).max() > 100 * within
+    jobs = [None] * len(alpha_not_rank)
+    for d, got in zip(alpha_not_rank, scorer.score_cohort(jobs, alpha_not_rank)):
+        assert got["clip_score"] == pytest.approx(scorer.score(None, d)["clip_score"], abs=1e-3)

@@ -41,7 +41,6 @@ ADAPTER_NAME = "lol_scored_adapter"
 # UNet rows per pipeline call for cohorts on a CPU: the tiny UNet costs 3.7 / 3.2 / 3.4 / 3.8 / 4.3 ms
 # per row at 16 / 32 / 64 / 128 / 256 rows (2 cores), so larger batches only lose there.
 CPU_ROWS_PER_CALL = 32
-PEFT_PREFIX = "base_model.model"  # how peft's save_pretrained prefixes the UNet's module names
 
 
 def load_clip(model: str, pretrained: str | None, store: Store, size: str = "full", device: torch.device | None = None):
@@ -179,11 +178,7 @@ class ClipScoreScorer:
         """(I, H, W, 3) float images in [0, 1]: every prompt × images_per_prompt, in order."""
         spec = self.spec
         prompts = [p for p in self.prompts for _ in range(spec.images_per_prompt)]
-        unet = self.pipe.unet
-        if adapter_dir is not None:
-            unet.load_lora_adapter(str(adapter_dir), weight_name="adapter_model.safetensors",
-                                   adapter_name=ADAPTER_NAME, prefix=PEFT_PREFIX)
-        try:
+        with self.adapter_loaded(adapter_dir) if adapter_dir is not None else contextlib.nullcontext():
             batches = []
             for start in range(0, len(prompts), spec.batch_size):
                 chunk = prompts[start:start + spec.batch_size]
@@ -191,10 +186,25 @@ class ClipScoreScorer:
                 out = self.pipe(chunk, num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
                                 generator=generators, output_type="np")
                 batches.append(out.images)
-        finally:
-            if adapter_dir is not None:
-                unet.unload_lora()  # removes the LoRA layers too: the next LoRA meets the plain base
         return np.concatenate(batches)
+
+    @contextlib.contextmanager
+    def adapter_loaded(self, adapter_dir: Path):
+        """The stored peft adapter in the pipeline's UNet, ΔW = (alpha/r)·B·A as peft applies it; removed on exit.
+
+        diffusers' `load_lora_adapter` reads no adapter_config.json: given peft's folder it would build the
+        layers with lora_alpha = r, i.e. strength 1 instead of alpha/r. The state dict of
+        `pipeline.lora_export` carries alpha/r in B, as the cohort route applies it (both read the adapter with
+        `read_factors`, which refuses rsLoRA, DoRA and per-module rank/alpha patterns rather than mis-scale them)."""
+        from pipeline.lora_export import diffusers_lora_state_dict
+
+        unet = self.pipe.unet
+        state = {k: v.to(self.device) for k, v in diffusers_lora_state_dict(adapter_dir).items()}
+        unet.load_lora_adapter(state, adapter_name=ADAPTER_NAME, prefix="unet")
+        try:
+            yield unet
+        finally:
+            unet.unload_lora()  # removes the LoRA layers too: the next LoRA meets the plain base
 
     @torch.no_grad()
     def generate_cohort(self, adapter_dirs) -> np.ndarray:
