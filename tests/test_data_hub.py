@@ -238,6 +238,65 @@ def test_an_unreadable_image_names_the_row(tmp_path):
         train[0].load_image()
 
 
+def write_image_folder(folder: Path, metadata: str, rows: list[dict]) -> None:
+    """Images named by rows' `file_name`, and the rows as `datasets`' imagefolder metadata (csv or jsonl)."""
+    import csv
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, row in enumerate(rows):
+        Image.new("RGB", (8, 8), (30 * i, 60, 90)).save(folder / row["file_name"])
+    with open(folder / f"metadata.{metadata}", "w", newline="") as f:
+        if metadata == "csv":
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+@pytest.mark.parametrize("metadata", ["csv", "jsonl"])
+def test_an_image_folder_with_metadata_beside_the_images_reads_as_datasets_imagefolder(tmp_path, metadata):
+    """my-images/{img*.png, metadata.csv} (and train/ test/ folders each with their own metadata): the
+    metadata file's columns join the images, as `datasets.load_dataset("imagefolder")` joins them."""
+    import datasets
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    from pipeline.data.hub import IMAGEFOLDER_METADATA
+
+    assert set(IMAGEFOLDER_METADATA) == set(ImageFolder.METADATA_FILENAMES)
+    rows = [{"file_name": f"img{i}.png", "caption": f"a photo of {p}", "person": p, "smiling": i % 2 == 0}
+            for i, p in enumerate(["bo", "ana", "bo", "ana", "cy"])]
+    write_image_folder(tmp_path / "flat", metadata, rows)
+    columns = {"caption": "caption", "identity": "person", "attributes": ["smiling"]}
+    train = fresh(f"folder:{tmp_path / 'flat'}", columns=columns).examples("train")
+    assert len(train) == 5 and train.identities() == ["ana", "bo", "cy"]
+    assert sorted(e.caption for e in train) == sorted(r["caption"] for r in rows)
+    assert sorted(e.attributes["smiling"] for e in train) == [0, 0, 1, 1, 1]
+    expected = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "flat"), split="train")
+    assert sorted(train[i].caption for i in range(5)) == sorted(expected["caption"])
+
+    write_image_folder(tmp_path / "splits" / "train", metadata, rows[:3])
+    write_image_folder(tmp_path / "splits" / "test", metadata, rows[3:])
+    source = fresh(f"folder:{tmp_path / 'splits'}", columns=columns)
+    assert source.splits() == ("test", "train")
+    assert sorted(e.caption for e in source.examples("test")) == ["a photo of ana", "a photo of cy"]
+    assert source.examples("train").identities() == ["ana", "bo"]
+
+
+def test_a_metadata_file_joins_images_only(tmp_path):
+    """Beside images a metadata file belongs to the image folder; alone it is a data file (a csv dataset
+    may be called metadata.csv), and beside other data files it is still a mixed split."""
+    from pipeline.data.hub import _builder
+
+    assert _builder([str(tmp_path / "x.png"), str(tmp_path / "metadata.jsonl")]) == "imagefolder"
+    assert _builder([str(tmp_path / "metadata.csv")]) == "csv"
+    with pytest.raises(DataSourceError, match=r"mixed file types \['csv', 'parquet'\]"):
+        _builder([str(tmp_path / "train-00000-of-00001.parquet"), str(tmp_path / "metadata.csv")])
+
+
 def test_a_missing_folder_says_what_is_there(tmp_path):
     (tmp_path / "celeba-download").mkdir()
     with pytest.raises(DataSourceError, match=r"does not exist; .* holds: celeba-download"):

@@ -55,8 +55,6 @@ def run_stages(run_cli, manifest: str, args: list[str], store: Path, stages=("fi
         assert code == 0, f"lol {stage}: {err}\n{out[-2000:]}"
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/data/hub.py reads an imagefolder's metadata.csv as a second data file "
-                   "('mixed file types [csv, imagefolder] in one split'); datasets' own imagefolder layout, see the report")
 def test_own_image_folder_runs_with_the_example_manifest(run_cli, tmp_path):
     models = tmp_path / "models"
     sd, clip = paper_standins.build("sd14-small", models), paper_standins.build("vit-b-16-small", models)

@@ -59,6 +59,9 @@ from pipeline.jobs import unit_draw
 GROUP_SEED = 7_919  # as pipeline.data.subsets: identity groups are a property of the data
 DATA_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The metadata files `datasets`' imagefolder reads beside the images (FolderBasedBuilder.METADATA_FILENAMES):
+# a `file_name` column naming each image, plus captions, labels, attributes.
+IMAGEFOLDER_METADATA = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 SPLIT_WORDS = {"train", "training", "valid", "validation", "val", "dev", "test", "testing", "eval", "holdout"}
 _SHARD = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)-\d{5}-of-\d{5}")
 
@@ -287,7 +290,12 @@ def _data_files(base: Path) -> dict[str, list[str]]:
 
 
 def _builder(files: Sequence[str]) -> str:
-    kinds = {DATA_EXTENSIONS.get(Path(f).suffix.lower(), "imagefolder") for f in files}
+    """The `datasets` builder of one split's files. Images with `metadata.csv|jsonl|parquet` beside them
+    are one image folder, as `datasets`' imagefolder reads it; elsewhere a metadata file is a data file."""
+    kinds = {DATA_EXTENSIONS.get(Path(f).suffix.lower(), "imagefolder") for f in files
+             if Path(f).name not in IMAGEFOLDER_METADATA}
+    if kinds != {"imagefolder"}:
+        kinds = {DATA_EXTENSIONS.get(Path(f).suffix.lower(), "imagefolder") for f in files}
     if len(kinds) != 1:
         raise DataSourceError(f"mixed file types {sorted(kinds)} in one split: {list(files)[:5]}…")
     return kinds.pop()
