@@ -76,8 +76,9 @@ def read_factors(adapter_dir: Path, device: torch.device | str = "cpu") -> tuple
         raise ValueError(f"{adapter_dir} is not a peft adapter (needs adapter_config.json and adapter_model.safetensors; it holds: {there})")
     config = json.loads(config_file.read_text())
     if config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(f"{adapter_dir}: rsLoRA, DoRA and per-module rank/alpha patterns are not plain LoRAs; "
-                         "score such adapters one at a time")
+        raise ValueError(f"{adapter_dir}: rsLoRA, DoRA and per-module rank/alpha patterns are not plain LoRAs, which "
+                         "is all this pipeline trains and scores with clip_score; the LM scorers score them with "
+                         "execution.cohort_size=1")
     tensors = load_file(str(weights_file), device=str(device))
     factors: dict[str, LoraFactors] = {}
     for key, A in tensors.items():
