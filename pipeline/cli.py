@@ -35,7 +35,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = Console(soft_wrap=True)  # a line is one line in logs and pipes, whatever the path lengths
 err = Console(stderr=True, soft_wrap=True)
 
 USER_ERRORS = (ManifestError, StoreError, DataSourceError, BaseModelError, PublishError, ValueError, FileNotFoundError)

@@ -21,6 +21,15 @@ def test_validate_ok(run_cli):
     assert code == 0 and "tiny-shapes" in out and "320 LoRAs" in out
 
 
+def test_validate_prints_one_line_whatever_the_path_length(run_cli, tmp_path):
+    """A fresh clone in a long temporary path once wrapped '320 LoRAs' across two lines."""
+    deep = tmp_path / ("x" * 80) / "tiny-shapes.yaml"
+    deep.parent.mkdir()
+    deep.write_text(TINY.read_text())
+    code, out, _ = run_cli("validate", deep)
+    assert code == 0 and len(out.strip().splitlines()) == 1 and "(320 LoRAs of tiny:shapes-sd" in out
+
+
 def test_validate_bad_manifest_exits_2_with_every_error_and_no_traceback(run_cli, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text().replace("rank: 4", "rank: -1").replace("count: 320", "cont: 320"))
