@@ -32,7 +32,6 @@ trusted); a LoRA holding NaN/Inf weights is left out and listed with its count.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -40,6 +39,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,8 @@ ADAPTER_PICKLE = "adapter_model.bin"  # what peft wrote before safetensors; read
 ADAPTER_CONFIG = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
 ROWS_PER_SHARD = 1000
+MAX_SHARD_BYTES = 256 << 20  # a parquet shard holds at most this many bytes of weights (fewer rows for big LoRAs)
+BATCH_BYTES = 64 << 20  # weights of the rows written to Arrow at once
 # Float weights do not compress and dictionary encoding only slows them down.
 PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
@@ -108,7 +110,17 @@ def read_adapter(store: Store, rel: str, trust_remote_pickle: bool = False):
 
     NaN/Inf values are counted, not refused (`Weights.non_finite`): the caller decides.
     """
-    from pipeline.safe_weights import load_weights, max_file_bytes
+    from pipeline.safe_weights import load_weights
+
+    name = _adapter_weights_name(store, rel)
+    weights = load_weights(store.read_bytes(f"{rel}/{name}"), f"{rel}/{name}", non_finite="count",
+                           trust_remote_pickle=trust_remote_pickle)
+    return weights, read_adapter_config(store, rel)
+
+
+def _adapter_weights_name(store: Store, rel: str) -> str:
+    """The weights file of the adapter folder `rel` (safetensors, else a pickle), its sizes checked."""
+    from pipeline.safe_weights import max_file_bytes
 
     names = store.list_dir(rel)
     name = ADAPTER_WEIGHTS if ADAPTER_WEIGHTS in names else ADAPTER_PICKLE if ADAPTER_PICKLE in names else None
@@ -117,15 +129,18 @@ def read_adapter(store: Store, rel: str, trust_remote_pickle: bool = False):
                            f"it holds: {', '.join(names) or 'nothing'}")
     if store.size(f"{rel}/{name}") > max_file_bytes() or store.size(f"{rel}/{ADAPTER_CONFIG}") > MAX_CONFIG_BYTES:
         raise PublishError(f"{rel}: the adapter files are larger than any LoRA's")
-    weights = load_weights(store.read_bytes(f"{rel}/{name}"), f"{rel}/{name}", non_finite="count",
-                           trust_remote_pickle=trust_remote_pickle)
+    return name
+
+
+def read_adapter_config(store: Store, rel: str) -> dict[str, Any]:
+    """The adapter_config.json of the adapter folder `rel`, as a dict."""
     try:
         config = json.loads(store.read_bytes(f"{rel}/{ADAPTER_CONFIG}"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise PublishError(f"{rel}/{ADAPTER_CONFIG} is not JSON: {exc}") from None
     if not isinstance(config, dict):
         raise PublishError(f"{rel}/{ADAPTER_CONFIG} holds a JSON {type(config).__name__}, not an object")
-    return weights, config
+    return config
 
 
 def module_factors(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -242,17 +257,35 @@ def label_column(scorer: str, label: str) -> str:
     return f"{scorer}.{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}"
 
 
-def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False) -> tuple[list[dict[str, Any]], np.ndarray, dict, dict, dict[str, str]]:
-    """(rows, weights (N, D), layout, label columns, excluded) for every publishable LoRA.
+@dataclass
+class Assembled:
+    """What a publish writes, before any weights are read: one metadata row per LoRA (no weights,
+    each with its split), the layout of the weight vector, the label columns, and the jobs left
+    out with why. Weights are read row by row while the folder is written (`weighted_rows`), so
+    memory does not grow with the population."""
 
-    Raises PublishError if any planned LoRA is damaged (see `refuse_damage`).
+    rows: list[dict[str, Any]]
+    layout: dict[str, Any]
+    label_names: dict[str, dict[str, str]]
+    excluded: dict[str, str]
+    adapters: dict[str, str]  # job_id -> the adapter folder's store path
+    ranks: dict[str, int]  # job_id -> the rank its spec trains
+
+
+def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False) -> Assembled:
+    """Every publishable LoRA's row (without weights), the layout, label columns and exclusions.
+
+    Raises PublishError if any planned LoRA is damaged (see `refuse_damage`). The layout comes
+    from the first row's adapter (its module shapes, checked against its spec's rank) and the
+    largest rank of the rows; every other adapter is checked against it when it is read.
     """
     population = store.population(manifest.population.name)
     refuse_damage(manifest, population)
     scorers = [(spec.name, scorer_id(spec)) for spec in manifest.scorers]
     excluded: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
-    factors_by_row: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
+    adapters: dict[str, str] = {}
+    ranks: dict[str, int] = {}
     label_names: dict[str, dict[str, str]] = {}
     for job in expand(manifest):
         record = population.record(job.job_id)
@@ -273,17 +306,9 @@ def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False
         if missing:
             excluded[job.job_id] = f"not scored by {', '.join(missing)}"
             continue
-        weights, config = read_adapter(store, population.job_rel(job.job_id, "adapter"), trust_remote_pickle)
-        if weights.non_finite:
-            excluded[job.job_id] = f"{weights.non_finite_total} NaN/Inf weight value(s)"
-            continue
-        factors = module_factors(weights.tensors)
-        check_factor_shapes(factors, job.spec.rank, job.job_id)
-        if factors_by_row and [(a.shape[1], b.shape[0]) for a, b in factors.values()] != \
-                [(a.shape[1], b.shape[0]) for a, b in factors_by_row[0].values()]:
-            raise PublishError(f"job {job.job_id}: its modules' shapes differ from the population's other LoRAs "
-                               f"(job {rows[0]['job_id']}); every LoRA of a population adapts the same base")
-        factors_by_row.append(factors)
+        adapters[job.job_id] = population.job_rel(job.job_id, "adapter")
+        ranks[job.job_id] = job.spec.rank
+        config = read_adapter_config(store, adapters[job.job_id])
         spec = job.spec
         rows.append({
             "job_id": job.job_id, "population": job.population, "index": job.index,
@@ -303,13 +328,34 @@ def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False
     if gaps:
         column, ids = next(iter(gaps.items()))
         raise PublishError(f"label {column!r} is missing from {len(ids)} row(s), e.g. {ids[:5]}; rescore those LoRAs")
-    max_rank = max(a.shape[0] for factors in factors_by_row for a, _ in factors.values())
-    layout = make_layout(factors_by_row[0], max_rank)
-    weights = np.stack([flatten(factors, layout) for factors in factors_by_row])
+    first = rows[0]["job_id"]
+    weights, _ = read_adapter(store, adapters[first], trust_remote_pickle)
+    factors = module_factors(weights.tensors)
+    check_factor_shapes(factors, ranks[first], first)
+    layout = make_layout(factors, max(ranks.values()))
     fractions = dict(manifest.publish.splits)
     for row in rows:
         row["split"] = split_of(row["group"], fractions, manifest.publish.split_seed)
-    return rows, weights, layout, label_names, excluded
+    return Assembled(rows, layout, label_names, excluded, adapters, ranks)
+
+
+def weighted_rows(assembled: Assembled, store: Store, rows: list[dict[str, Any]],
+                  trust_remote_pickle: bool = False) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """(row, its (D,) float32 weight vector) for each of `rows`, one adapter read at a time; a LoRA
+    holding NaN/Inf weights is skipped and added to `assembled.excluded` with its count."""
+    for row in rows:
+        job_id = row["job_id"]
+        weights, _ = read_adapter(store, assembled.adapters[job_id], trust_remote_pickle)
+        if weights.non_finite:
+            assembled.excluded[job_id] = f"{weights.non_finite_total} NaN/Inf weight value(s)"
+            continue
+        factors = module_factors(weights.tensors)
+        check_factor_shapes(factors, assembled.ranks[job_id], job_id)
+        try:
+            yield row, flatten(factors, assembled.layout)
+        except PublishError as exc:
+            raise PublishError(f"job {job_id}: {exc}; every LoRA of a population adapts the same base "
+                               f"(the layout is job {assembled.rows[0]['job_id']}'s)") from None
 
 
 def refuse_damage(manifest: Manifest, population) -> None:
@@ -328,48 +374,111 @@ def refuse_damage(manifest: Manifest, population) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def _dataset(rows: list[dict[str, Any]], weights: np.ndarray):
-    import datasets
+def _metadata_table(rows: list[dict[str, Any]]):
+    """The rows' columns (no weights) as one Arrow table: its types are the published schema's."""
     import pyarrow as pa
 
-    columns = {key: [row[key] for row in rows] for key in rows[0]}
-    table = pa.table(columns)
-    flat = pa.array(weights.reshape(-1), type=pa.float32())
-    table = table.append_column("weights", pa.FixedSizeListArray.from_arrays(flat, weights.shape[1]))
-    return datasets.Dataset(table)
+    return pa.table({key: [row[key] for row in rows] for key in rows[0]})
 
 
-def write_folder(manifest: Manifest, store: Store, folder: Path, rows, weights, layout, label_names) -> dict[str, int]:
+def _record_batch(rows: list[dict[str, Any]], vectors: list[np.ndarray], schema):
+    import pyarrow as pa
+
+    columns = [pa.array([row[field.name] for row in rows], type=field.type) for field in schema if field.name != "weights"]
+    flat = pa.array(np.concatenate(vectors), type=pa.float32())
+    columns.append(pa.FixedSizeListArray.from_arrays(flat, len(vectors[0])))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _write_split(assembled: Assembled, store: Store, rows: list[dict[str, Any]], path: Path, schema,
+                 trust_remote_pickle: bool) -> list[dict[str, Any]]:
+    """Stream `rows` with their weights into the Arrow file `path`, a few rows per batch; returns
+    the rows written (LoRAs with NaN/Inf weights are left out)."""
+    import pyarrow as pa
+
+    batch_rows = max(1, min(64, BATCH_BYTES // (4 * assembled.layout["size"])))
+    written: list[dict[str, Any]] = []
+    pending: tuple[list, list] = ([], [])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for row, vector in weighted_rows(assembled, store, rows, trust_remote_pickle):
+            pending[0].append(row)
+            pending[1].append(vector)
+            written.append(row)
+            if len(pending[0]) == batch_rows:
+                writer.write_batch(_record_batch(*pending, schema))
+                pending = ([], [])
+        if pending[0]:
+            writer.write_batch(_record_batch(*pending, schema))
+    return written
+
+
+def write_folder(manifest: Manifest, store: Store, folder: Path, assembled: Assembled,
+                 trust_remote_pickle: bool = False) -> dict[str, int]:
+    """Write the published folder for `assembled` into `folder`, in memory bounded by a few rows'
+    weights and one parquet shard (≤ MAX_SHARD_BYTES), whatever the number of LoRAs."""
     import datasets
     import pyarrow.parquet as pq
 
+    size = assembled.layout["size"]
+    schema = _schema_of(_metadata_table(assembled.rows), size)  # column types inferred over every row
+    work = folder.parent / f"{folder.name}-arrow-work"
+    work.mkdir()
     splits: dict[str, Any] = {}
+    published: list[dict[str, Any]] = []
     for name in ("train", "validation", "test"):
-        index = [i for i, row in enumerate(rows) if row["split"] == name]
-        if index:
-            splits[name] = _dataset([rows[i] for i in index], weights[index])
+        rows = [row for row in assembled.rows if row["split"] == name]
+        if not rows:
+            continue
+        written = _write_split(assembled, store, rows, work / f"{name}.arrow", schema, trust_remote_pickle)
+        if written:
+            splits[name] = datasets.Dataset.from_file(str(work / f"{name}.arrow"))  # memory-mapped
+            published += written
+    if not splits:
+        raise PublishError(f"population {manifest.population.name!r} has no LoRA with finite weights to publish; "
+                           f"excluded: {'; '.join(sorted(set(assembled.excluded.values()))[:5])}")
     dataset = datasets.DatasetDict(splits)
     dataset.save_to_disk(str(folder / "arrow"), max_shard_size="256MB")  # `stream` maps one shard at a time
     shards: dict[str, list[str]] = {}
     (folder / "data").mkdir()
+    rows_per_shard = max(1, min(ROWS_PER_SHARD, MAX_SHARD_BYTES // (4 * size)))
     for name, split in dataset.items():
-        for start in range(0, len(split), ROWS_PER_SHARD):
-            buffer = io.BytesIO()
-            pq.write_table(split.data.table.slice(start, ROWS_PER_SHARD), buffer, **PARQUET_OPTIONS)
-            digest = hashlib.sha256(buffer.getvalue()).hexdigest()[:12]
-            path = f"data/{name}-{digest}.parquet"
-            (folder / path).write_bytes(buffer.getvalue())
+        for start in range(0, len(split), rows_per_shard):
+            part = folder / "data" / f".{name}-part.parquet"
+            pq.write_table(split.data.table.slice(start, rows_per_shard), part, **PARQUET_OPTIONS)
+            path = f"data/{name}-{_file_sha256(part)[:12]}.parquet"
+            part.rename(folder / path)
             shards.setdefault(name, []).append(path)
-    (folder / "layout.json").write_text(json.dumps(layout, indent=1) + "\n")
-    (folder / "labels.json").write_text(json.dumps(label_names, indent=1, sort_keys=True) + "\n")
+    (folder / "layout.json").write_text(json.dumps(assembled.layout, indent=1) + "\n")
+    (folder / "labels.json").write_text(json.dumps(assembled.label_names, indent=1, sort_keys=True) + "\n")
     manifest_rel = store.population(manifest.population.name).rel("manifest.yaml")
     if store.exists(manifest_rel):
         (folder / "manifest.yaml").write_bytes(store.read_bytes(manifest_rel))
     from pipeline.card import dataset_card
 
-    (folder / "README.md").write_text(dataset_card(manifest, dataset, shards, layout, label_names,
-                                                   data_provenance(store, manifest, rows)))
-    return {name: len(split) for name, split in dataset.items()}
+    (folder / "README.md").write_text(dataset_card(manifest, dataset, shards, assembled.layout, assembled.label_names,
+                                                   data_provenance(store, manifest, published)))
+    counts = {name: len(split) for name, split in dataset.items()}
+    del dataset, splits  # release the memory maps before the work files go
+    shutil.rmtree(work)
+    return counts
+
+
+def _schema_of(metadata, size: int):
+    """The published schema (with its `datasets` features) for `metadata`'s columns plus `weights`."""
+    import datasets
+    import pyarrow as pa
+
+    one = metadata.slice(0, 1).append_column(
+        "weights", pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(size, np.float32)), size))
+    return datasets.Dataset(one).features.arrow_schema
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def data_provenance(store: Store, manifest: Manifest, rows) -> list[tuple[dict[str, Any], int]]:
@@ -393,14 +502,14 @@ def published_rel(manifest: Manifest) -> str:
 def publish_population(manifest: Manifest, store: Store, push: bool | None = None,
                        trust_remote_pickle: bool = False) -> PublishSummary:
     """Assemble, write the folder atomically, and push when a token is set (and `push` allows)."""
-    rows, weights, layout, label_names, excluded = assemble(manifest, store, trust_remote_pickle)
+    assembled = assemble(manifest, store, trust_remote_pickle)
     rel = published_rel(manifest)
     with tempfile.TemporaryDirectory(prefix="lol-publish-") as tmp:
         staging = Path(tmp) / "folder"
         staging.mkdir()
-        counts = write_folder(manifest, store, staging, rows, weights, layout, label_names)
+        counts = write_folder(manifest, store, staging, assembled, trust_remote_pickle)
         _install(store, staging, rel)
-    summary = PublishSummary(folder=store.path(rel), rows=counts, excluded=excluded)
+    summary = PublishSummary(folder=store.path(rel), rows=counts, excluded=assembled.excluded)
     from pipeline.hub import push_folder, redact, token_from_env
 
     token = token_from_env()
