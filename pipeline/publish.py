@@ -374,6 +374,18 @@ def refuse_damage(manifest: Manifest, population) -> None:
 # ---------------------------------------------------------------- writing
 
 
+def in_memory_dataset(rows: list[dict[str, Any]], weights: np.ndarray):
+    """A published split held in memory: `rows` (dicts of columns) with their (N, D) float32
+    `weights` as the fixed-size `weights` column — the schema `publish_population` streams to
+    disk (small populations and tests)."""
+    import datasets
+    import pyarrow as pa
+
+    table = pa.table({key: [row[key] for row in rows] for key in rows[0]})
+    flat = pa.array(np.ascontiguousarray(weights, np.float32).reshape(-1), type=pa.float32())
+    return datasets.Dataset(table.append_column("weights", pa.FixedSizeListArray.from_arrays(flat, weights.shape[1])))
+
+
 def _metadata_table(rows: list[dict[str, Any]]):
     """The rows' columns (no weights) as one Arrow table: its types are the published schema's."""
     import pyarrow as pa
@@ -390,64 +402,138 @@ def _record_batch(rows: list[dict[str, Any]], vectors: list[np.ndarray], schema)
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def _write_split(assembled: Assembled, store: Store, rows: list[dict[str, Any]], path: Path, schema,
-                 trust_remote_pickle: bool) -> list[dict[str, Any]]:
-    """Stream `rows` with their weights into the Arrow file `path`, a few rows per batch; returns
-    the rows written (LoRAs with NaN/Inf weights are left out)."""
-    import pyarrow as pa
+class _SplitWriter:
+    """Streams one split's record batches into `save_to_disk`-format Arrow shards (rolled over at
+    MAX_SHARD_BYTES) and parquet shards of `rows_per_shard` rows (named by their sha256), holding
+    at most one parquet shard's rows in memory and never mapping what it wrote."""
 
+    def __init__(self, folder: Path, name: str, schema, rows_per_shard: int):
+        self.folder, self.name, self.schema, self.rows_per_shard = folder, name, schema, rows_per_shard
+        self.arrow_dir = folder / "arrow" / name
+        self.arrow_dir.mkdir(parents=True)
+        self.arrow_files: list[Path] = []
+        self.parquet_files: list[str] = []
+        self._sink = self._writer = None
+        self._arrow_bytes = 0
+        self._pending: list = []
+        self._pending_rows = 0
+        self.rows = 0
+
+    def write(self, batch) -> None:
+        if self._writer is None or self._arrow_bytes >= MAX_SHARD_BYTES:
+            self._close_arrow()
+            import pyarrow as pa
+
+            self.arrow_files.append(self.arrow_dir / f".shard-{len(self.arrow_files):05d}.arrow")
+            self._sink = pa.OSFile(str(self.arrow_files[-1]), "wb")
+            self._writer = pa.ipc.new_stream(self._sink, self.schema)
+            self._arrow_bytes = 0
+        self._writer.write_batch(batch)
+        self._arrow_bytes += batch.nbytes
+        self.rows += batch.num_rows
+        start = 0
+        while start < batch.num_rows:  # parquet shards hold exactly rows_per_shard rows (the last fewer)
+            take = min(batch.num_rows - start, self.rows_per_shard - self._pending_rows)
+            self._pending.append(batch.slice(start, take))
+            self._pending_rows += take
+            start += take
+            if self._pending_rows == self.rows_per_shard:
+                self._flush_parquet()
+
+    def close(self) -> None:
+        """Finish the shards: the last parquet shard, then the Arrow shards named as `save_to_disk` names them."""
+        if self._pending_rows:
+            self._flush_parquet()
+        self._close_arrow()
+        count = len(self.arrow_files)
+        for index, path in enumerate(self.arrow_files):
+            path.rename(self.arrow_dir / f"data-{index:05d}-of-{count:05d}.arrow")
+        self.arrow_files = [self.arrow_dir / f"data-{i:05d}-of-{count:05d}.arrow" for i in range(count)]
+
+    def _close_arrow(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+
+    def _flush_parquet(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (self.folder / "data").mkdir(exist_ok=True)
+        part = self.folder / "data" / f".{self.name}-part.parquet"
+        pq.write_table(pa.Table.from_batches(self._pending, schema=self.schema), part, **PARQUET_OPTIONS)
+        path = f"data/{self.name}-{_file_sha256(part)[:12]}.parquet"
+        part.rename(self.folder / path)
+        self.parquet_files.append(path)
+        self._pending, self._pending_rows = [], 0
+
+
+def _write_split(assembled: Assembled, store: Store, rows: list[dict[str, Any]], writer: _SplitWriter,
+                 trust_remote_pickle: bool) -> list[dict[str, Any]]:
+    """Stream `rows` with their weights through `writer`, a few rows per batch; returns the rows
+    written (LoRAs with NaN/Inf weights are left out)."""
     batch_rows = max(1, min(64, BATCH_BYTES // (4 * assembled.layout["size"])))
     written: list[dict[str, Any]] = []
     pending: tuple[list, list] = ([], [])
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for row, vector in weighted_rows(assembled, store, rows, trust_remote_pickle):
-            pending[0].append(row)
-            pending[1].append(vector)
-            written.append(row)
-            if len(pending[0]) == batch_rows:
-                writer.write_batch(_record_batch(*pending, schema))
-                pending = ([], [])
-        if pending[0]:
-            writer.write_batch(_record_batch(*pending, schema))
+    for row, vector in weighted_rows(assembled, store, rows, trust_remote_pickle):
+        pending[0].append(row)
+        pending[1].append(vector)
+        written.append(row)
+        if len(pending[0]) == batch_rows:
+            writer.write(_record_batch(*pending, writer.schema))
+            pending = ([], [])
+    if pending[0]:
+        writer.write(_record_batch(*pending, writer.schema))
+    writer.close()
     return written
+
+
+def _write_arrow_metadata(folder: Path, splits: dict[str, _SplitWriter], schema) -> None:
+    """`save_to_disk`'s bookkeeping files for the streamed Arrow shards: made by `datasets` itself
+    (saving the empty splits with the same features), then pointed at the shards."""
+    import datasets
+
+    features = datasets.Features.from_arrow_schema(schema)
+    template = folder / "arrow-template"
+    datasets.DatasetDict({name: datasets.Dataset.from_dict({key: [] for key in features}, features=features)
+                          for name in splits}).save_to_disk(str(template))
+    shutil.copyfile(template / "dataset_dict.json", folder / "arrow" / "dataset_dict.json")
+    for name, writer in splits.items():
+        shutil.copyfile(template / name / "dataset_info.json", writer.arrow_dir / "dataset_info.json")
+        state = json.loads((template / name / "state.json").read_text())
+        state["_data_files"] = [{"filename": path.name} for path in writer.arrow_files]
+        (writer.arrow_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    shutil.rmtree(template)
 
 
 def write_folder(manifest: Manifest, store: Store, folder: Path, assembled: Assembled,
                  trust_remote_pickle: bool = False) -> dict[str, int]:
-    """Write the published folder for `assembled` into `folder`, in memory bounded by a few rows'
-    weights and one parquet shard (≤ MAX_SHARD_BYTES), whatever the number of LoRAs."""
+    """Write the published folder for `assembled` into `folder`, reading one adapter at a time and
+    holding at most one parquet shard (≤ MAX_SHARD_BYTES of weights): memory does not grow with
+    the number of LoRAs."""
     import datasets
-    import pyarrow.parquet as pq
 
     size = assembled.layout["size"]
     schema = _schema_of(_metadata_table(assembled.rows), size)  # column types inferred over every row
-    work = folder.parent / f"{folder.name}-arrow-work"
-    work.mkdir()
-    splits: dict[str, Any] = {}
+    rows_per_shard = max(1, min(ROWS_PER_SHARD, MAX_SHARD_BYTES // (4 * size)))
+    splits: dict[str, _SplitWriter] = {}
     published: list[dict[str, Any]] = []
     for name in ("train", "validation", "test"):
         rows = [row for row in assembled.rows if row["split"] == name]
         if not rows:
             continue
-        written = _write_split(assembled, store, rows, work / f"{name}.arrow", schema, trust_remote_pickle)
+        writer = _SplitWriter(folder, name, schema, rows_per_shard)
+        written = _write_split(assembled, store, rows, writer, trust_remote_pickle)
         if written:
-            splits[name] = datasets.Dataset.from_file(str(work / f"{name}.arrow"))  # memory-mapped
+            splits[name] = writer
             published += written
+        else:
+            shutil.rmtree(writer.arrow_dir)
     if not splits:
         raise PublishError(f"population {manifest.population.name!r} has no LoRA with finite weights to publish; "
                            f"excluded: {'; '.join(sorted(set(assembled.excluded.values()))[:5])}")
-    dataset = datasets.DatasetDict(splits)
-    dataset.save_to_disk(str(folder / "arrow"), max_shard_size="256MB")  # `stream` maps one shard at a time
-    shards: dict[str, list[str]] = {}
-    (folder / "data").mkdir()
-    rows_per_shard = max(1, min(ROWS_PER_SHARD, MAX_SHARD_BYTES // (4 * size)))
-    for name, split in dataset.items():
-        for start in range(0, len(split), rows_per_shard):
-            part = folder / "data" / f".{name}-part.parquet"
-            pq.write_table(split.data.table.slice(start, rows_per_shard), part, **PARQUET_OPTIONS)
-            path = f"data/{name}-{_file_sha256(part)[:12]}.parquet"
-            part.rename(folder / path)
-            shards.setdefault(name, []).append(path)
+    _write_arrow_metadata(folder, splits, schema)
     (folder / "layout.json").write_text(json.dumps(assembled.layout, indent=1) + "\n")
     (folder / "labels.json").write_text(json.dumps(assembled.label_names, indent=1, sort_keys=True) + "\n")
     manifest_rel = store.population(manifest.population.name).rel("manifest.yaml")
@@ -455,12 +541,11 @@ def write_folder(manifest: Manifest, store: Store, folder: Path, assembled: Asse
         (folder / "manifest.yaml").write_bytes(store.read_bytes(manifest_rel))
     from pipeline.card import dataset_card
 
+    dataset = datasets.load_from_disk(str(folder / "arrow"))  # memory-mapped: the card reads the rank column only
+    shards = {name: writer.parquet_files for name, writer in splits.items()}
     (folder / "README.md").write_text(dataset_card(manifest, dataset, shards, assembled.layout, assembled.label_names,
                                                    data_provenance(store, manifest, published)))
-    counts = {name: len(split) for name, split in dataset.items()}
-    del dataset, splits  # release the memory maps before the work files go
-    shutil.rmtree(work)
-    return counts
+    return {name: writer.rows for name, writer in splits.items()}
 
 
 def _schema_of(metadata, size: int):

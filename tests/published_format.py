@@ -1,6 +1,6 @@
 """Small populations written in the published format (what `lol publish` writes), for lol_models tests.
 
-The rows go through `pipeline.publish`'s own `make_layout`, `flatten` and `_dataset`, so the
+The rows go through `pipeline.publish`'s own `make_layout`, `flatten` and `in_memory_dataset`, so the
 folder is what `lol_models.data.pull` meets in a real run.
 
 Shape legend: N LoRAs, n/m rows of U/V (out/in features), r rank.
@@ -17,7 +17,7 @@ import torch
 
 from lol_models.symmetry import gl_act, random_gl_like
 from lol_models.weights import LoraWeights
-from pipeline.publish import _dataset, flatten, make_layout
+from pipeline.publish import flatten, in_memory_dataset, make_layout
 
 SHAPES: dict[str, tuple[int, int]] = {"block.0.to_q": (6, 8), "block.0.to_v": (6, 8), "block.1.to_q": (7, 5)}  # name: (n, m)
 NORM = {"clip_score.clip_score": {"scorer": "clip_score", "scorer_id": "clip_score-x", "label": "clip_score"}}
@@ -40,7 +40,7 @@ def write_published(folder: Path, factors: Sequence[Mapping[str, tuple[np.ndarra
     for name in ("train", "validation", "test"):
         index = [i for i, r in enumerate(rows) if r["split"] == name]
         if index:
-            splits[name] = _dataset([rows[i] for i in index], weights[index])
+            splits[name] = in_memory_dataset([rows[i] for i in index], weights[index])
     datasets.DatasetDict(splits).save_to_disk(str(folder / "arrow"))
     (folder / "layout.json").write_text(json.dumps(layout))
     (folder / "labels.json").write_text(json.dumps(label_info))

@@ -11,7 +11,7 @@ import torch
 from lol_models.experiments import evaluate, train_all
 from lol_models.report import report
 from lol_models.tasks import LearnSettings, tasks_of
-from pipeline.publish import _dataset, flatten, make_layout
+from pipeline.publish import flatten, in_memory_dataset, make_layout
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def published(tmp_path_factory):
     splits = {}
     for name in ("train", "validation", "test"):
         index = [i for i, r in enumerate(rows) if r["split"] == name]
-        splits[name] = _dataset([rows[i] for i in index], weights[index])
+        splits[name] = in_memory_dataset([rows[i] for i in index], weights[index])
     datasets.DatasetDict(splits).save_to_disk(str(folder / "arrow"))
     (folder / "layout.json").write_text(json.dumps(layout))
     labels = {"clip_score.clip_score": {"scorer": "clip_score", "scorer_id": "clip_score-x", "label": "clip_score"},

@@ -35,11 +35,11 @@ def _write(folder: Path, splits: dict[str, list[dict]]) -> Path:
     """A published folder (arrow/, layout.json, labels.json) holding `splits` (split -> rows)."""
     import datasets
 
-    from pipeline.publish import _dataset
+    from pipeline.publish import in_memory_dataset
 
     layout = _layout()
     rng = np.random.default_rng(0)
-    dataset = {name: _dataset(rows, rng.standard_normal((len(rows), layout["size"])).astype(np.float32))
+    dataset = {name: in_memory_dataset(rows, rng.standard_normal((len(rows), layout["size"])).astype(np.float32))
                for name, rows in splits.items()}
     folder.mkdir(parents=True, exist_ok=True)
     datasets.DatasetDict(dataset).save_to_disk(str(folder / "arrow"))
@@ -95,10 +95,10 @@ def test_deeply_nested_values_inside_a_valid_layout_are_refused(published, run_c
 def test_a_split_saved_with_zero_rows_is_refused(tmp_path, run_cli):
     import datasets
 
-    from pipeline.publish import _dataset
+    from pipeline.publish import in_memory_dataset
 
     folder = _write(tmp_path / "published", {"train": _rows("job", 3)})
-    empty = _dataset(_rows("x", 1), np.zeros((1, _layout()["size"]), np.float32)).select([])
+    empty = in_memory_dataset(_rows("x", 1), np.zeros((1, _layout()["size"]), np.float32)).select([])
     datasets.DatasetDict({"train": datasets.load_from_disk(str(folder / "arrow"))["train"], "test": empty}) \
         .save_to_disk(str(tmp_path / "arrow"))
     shutil.rmtree(folder / "arrow")

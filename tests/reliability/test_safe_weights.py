@@ -199,11 +199,11 @@ def test_publish_reads_stored_adapters_safely(smoke_copy, run_cli, tmp_path):
 def _published_folder(tmp_path, weights: np.ndarray, layout: dict):
     import datasets
 
-    from pipeline.publish import _dataset
+    from pipeline.publish import in_memory_dataset
 
     rows = [{"job_id": f"job{i}", "group": f"g{i}", "rank": 2, "alpha": 2.0, "label": float(i)} for i in range(len(weights))]
     folder = tmp_path / "published"
-    datasets.DatasetDict({"train": _dataset(rows, weights)}).save_to_disk(str(folder / "arrow"))
+    datasets.DatasetDict({"train": in_memory_dataset(rows, weights)}).save_to_disk(str(folder / "arrow"))
     (folder / "layout.json").write_text(json.dumps(layout))
     (folder / "labels.json").write_text(json.dumps({"label": {"scorer": "s", "scorer_id": "s-1", "label": "label"}}))
     return folder
