@@ -297,7 +297,7 @@ def score_population(manifest: str, overrides: list[str] | None = None, store: s
     outcomes: Counter = Counter()
     todo = []
     for job in _jobs(loaded, limit, shard_spec):
-        if population.record(job.job_id) is None:
+        if not population.is_done(job.job_id):  # verified, as `lol score` selects
             outcomes["not finetuned"] += 1
         elif all(population.has_score(job.job_id, sid) for sid in sids):
             outcomes["already scored"] += 1

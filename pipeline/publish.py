@@ -633,7 +633,10 @@ def _install(store: Store, staging: Path, rel: str) -> None:
         versions = Path(store.write_path(f"{versions_rel}/{name}"))
         if store.is_link(versions_rel):
             raise StoreError(f"{versions_rel!r} is a symbolic link; the store never writes through links — remove it")
-        versions.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            versions.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(f"{versions_rel!r} is not a folder; remove what stands there") from None
         with store.lock(f"{parent}/.lock-{name}"):
             version_name = f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
             version = Path(store.write_path(f"{versions_rel}/{version_name}"))

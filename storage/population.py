@@ -45,6 +45,7 @@ LEGACY_SCORE_KEYS = frozenset({"job_id", "scorer", "scorer_id", "settings", "lab
 # A claim's `expires` may lie at most its lease (itself at most MAX_LEASE_S) plus this margin for
 # clocks that differ between hosts beyond now; a claim further ahead is stale (swept, taken over).
 CLOCK_SKEW_S = 300.0
+MAX_BOOKKEEPING_BYTES = 16 << 20  # spec, record, score, claim and failure files are far smaller
 MAX_LEASE_S = 24 * 3600.0
 _memory_claim_locks: dict[str, threading.Lock] = {}
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class PopulationStore:
         another job's, or reached through a link)."""
         try:
             record = self._read_record(job_id)
-        except (FileNotFoundError, CorruptFile, StoreError):
+        except (OSError, CorruptFile, StoreError):  # absent, a folder or FIFO in its place, damaged, foreign
             return None
         return record
 
@@ -143,7 +144,7 @@ class PopulationStore:
         """The sealed record of this folder's job; CorruptFile if it is not (FileNotFoundError, StoreError)."""
         if self.store.is_link(self.job_rel(job_id)):
             raise StoreError(f"job folder {job_id} is a symbolic link")
-        record = unseal(self.store.read_bytes(self.job_rel(job_id, RECORD)))
+        record = unseal(self.store.read_bytes(self.job_rel(job_id, RECORD), max_bytes=MAX_BOOKKEEPING_BYTES))
         mismatch = _identity_mismatch(record, job_id, self.name)
         if mismatch:
             raise CorruptFile(f"record of {mismatch}")
@@ -151,7 +152,7 @@ class PopulationStore:
 
     def _read_score(self, job_id: str, scorer_id: str) -> dict:
         """The sealed score of this folder's job by `scorer_id`; CorruptFile if it is not."""
-        score = unseal(self.store.read_bytes(self.score_rel(job_id, scorer_id)))
+        score = unseal(self.store.read_bytes(self.score_rel(job_id, scorer_id), max_bytes=MAX_BOOKKEEPING_BYTES))
         mismatch = _identity_mismatch(score, job_id, self.name)
         if mismatch or score.get("scorer_id") != scorer_id:
             raise CorruptFile(f"score of {mismatch or 'scorer ' + repr(score.get('scorer_id'))}")
@@ -160,11 +161,13 @@ class PopulationStore:
     def spec_problem(self, job_id: str) -> str:
         """Why the folder's spec.json is not this job's ('' if it is): its id, population and content hash."""
         try:
-            spec = json.loads(self.store.read_bytes(self.job_rel(job_id, SPEC)))
+            spec = json.loads(self.store.read_bytes(self.job_rel(job_id, SPEC), max_bytes=MAX_BOOKKEEPING_BYTES))
         except FileNotFoundError:
             return "no spec.json"
-        except (ValueError, UnicodeDecodeError) as exc:
-            return f"spec.json is not JSON: {str(exc)[:60]}"
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # StoreError is a ValueError
+            return f"spec.json is not JSON (or not a file): {str(exc)[:60] or type(exc).__name__}"
+        except OSError as exc:
+            return f"spec.json cannot be read: {type(exc).__name__}"
         if not isinstance(spec, dict) or not isinstance(spec.get("spec"), dict):
             return "spec.json holds no job spec"
         mismatch = _identity_mismatch(spec, job_id, self.name)
@@ -199,7 +202,7 @@ class PopulationStore:
         leaves a job that is plainly not done.
         """
         folder = self.job_rel(job_id)
-        if self.store.is_link(folder):  # a job folder that is a link: unlink it (never follow), start afresh
+        if self.store.is_link(folder) or self._not_a_folder(job_id):  # a link or a file: unlink it, start afresh
             self.store.delete(folder)
             return
         self.store.delete(self.job_rel(job_id, RECORD))
@@ -246,9 +249,11 @@ class PopulationStore:
             return [Problem(job_id, "", "unsafe", "the job folder is a symbolic link")]
         problems = [Problem(job_id, link, "unsafe", "a symbolic link in a job folder") for link in links]
         try:
-            record = unseal(self.store.read_bytes(self.job_rel(job_id, RECORD)))
+            record = unseal(self.store.read_bytes(self.job_rel(job_id, RECORD), max_bytes=MAX_BOOKKEEPING_BYTES))
         except FileNotFoundError:
             return problems + [Problem(job_id, RECORD, "missing")]
+        except OSError as exc:  # a folder (or a folder above it is a file)
+            return problems + [Problem(job_id, RECORD, "corrupt", f"not a readable file: {type(exc).__name__}")]
         except CorruptFile as exc:
             kind = "unsealed" if _is_legacy(self.store, self.job_rel(job_id, RECORD), LEGACY_RECORD_KEYS) else "corrupt"
             return problems + [Problem(job_id, RECORD, kind, str(exc)[:80] if kind == "corrupt" else
@@ -269,13 +274,15 @@ class PopulationStore:
                 continue
             try:
                 check_rel(name)
-                if hashes:
-                    data = self.store.read_bytes(self.job_rel(job_id, name))
+                size, digest = self.store.size(self.job_rel(job_id, name)), meta.get("sha256")
+                if hashes and size == meta.get("size"):  # never read more than the record lists
+                    data = self.store.read_bytes(self.job_rel(job_id, name), max_bytes=size)
                     size, digest = len(data), sha256_bytes(data)
-                else:
-                    size, digest = self.store.size(self.job_rel(job_id, name)), meta.get("sha256")
-            except (FileNotFoundError, IsADirectoryError):
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 problems.append(Problem(job_id, name, "missing"))
+                continue
+            except (OSError, TypeError) as exc:
+                problems.append(Problem(job_id, name, "corrupt", f"cannot be read: {type(exc).__name__}"))
                 continue
             except StoreError as exc:
                 problems.append(Problem(job_id, name, "unsafe", str(exc)[:120]))
@@ -309,7 +316,7 @@ class PopulationStore:
                                         if legacy else str(exc)[:80]))
             except StoreError as exc:
                 problems.append(Problem(job_id, f"{SCORES}/{name}", "unsafe", str(exc)[:120]))
-            except (FileNotFoundError, IsADirectoryError):
+            except OSError:
                 problems.append(Problem(job_id, f"{SCORES}/{name}", "unexpected", "not a score file"))
         return problems
 
@@ -325,6 +332,8 @@ class PopulationStore:
         try:
             if self.store.is_link(self.job_rel(job_id)):
                 return [Problem(job_id, "", "unsafe", "the job folder is a symbolic link")]
+            if self._not_a_folder(job_id):
+                return [Problem(job_id, "", "unsafe", "the job's folder is a file (or FIFO, device)")]
             if self._has_record_file(job_id):
                 return self.verify_job(job_id) + self.verify_scores(job_id)
             left = self.leftovers(job_id)
@@ -340,6 +349,9 @@ class PopulationStore:
         for job_id in job_ids if job_ids is not None else self.job_ids():
             try:
                 check_name(job_id, "job id")
+                if self._not_a_folder(job_id):
+                    yield job_id, [Problem(job_id, "", "unsafe", "the job's folder is a file (or FIFO, device)")]
+                    continue
                 holds = self.store.is_link(self.job_rel(job_id)) or self._has_record_file(job_id) or self.leftovers(job_id)
             except StoreError as exc:
                 yield job_id, [Problem(job_id, "", "unsafe", str(exc)[:120])]
@@ -348,7 +360,13 @@ class PopulationStore:
                 yield job_id, self.damage(job_id)
 
     def _has_record_file(self, job_id: str) -> bool:
-        return self.store.exists(self.job_rel(job_id, RECORD))
+        path = self.store.path(self.job_rel(job_id, RECORD))
+        return self.store.fs.isfile(path) if self.store.is_local else self.store.fs.exists(path)
+
+    def _not_a_folder(self, job_id: str) -> bool:
+        """The job's path holds a file (or anything but a folder) where its folder should be."""
+        path = self.store.path(self.job_rel(job_id))
+        return self.store.is_local and self.store.fs.exists(path) and not self.store.fs.isdir(path)
 
     def reseal(self, job_ids: Iterable[str] | None = None) -> dict[str, list[str]]:
         """One-time migration: seal the records and scores written before seals existed.
@@ -357,8 +375,13 @@ class PopulationStore:
         score its scorer id), and — for a record — every file it lists verifies and the spec is
         the job's. Returns {job_id: [resealed paths]}; anything else is left for `verify` to name.
         """
+        ids = list(job_ids if job_ids is not None else self.job_ids())
+        if any(self.record(job_id) is not None for job_id in ids):
+            raise StoreError(f"population {self.name!r} already holds sealed records, so it was written after seals "
+                             "existed: an unsealed file in it is damage, not an old file; `--reseal` migrates only "
+                             "populations written before seals (`lol finetune` / `lol score` repair damage)")
         done: dict[str, list[str]] = {}
-        for job_id in job_ids if job_ids is not None else self.job_ids():
+        for job_id in ids:
             try:
                 check_name(job_id, "job id")
                 if self.store.is_link(self.job_rel(job_id)):
@@ -400,10 +423,13 @@ class PopulationStore:
     def failure(self, job_id: str) -> dict | None:
         """The job's failed.json (None if absent, unreadable, or another job's)."""
         try:
-            failure = self.store.read_json(self.job_rel(job_id, FAILED))
-        except (FileNotFoundError, IsADirectoryError, ValueError, UnicodeDecodeError):
+            failure = json.loads(self.store.read_bytes(self.job_rel(job_id, FAILED), max_bytes=MAX_BOOKKEEPING_BYTES))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             return None
-        return failure if isinstance(failure, dict) and failure.get("job_id") == job_id else None
+        if not isinstance(failure, dict) or failure.get("job_id") != job_id:
+            return None
+        failure["reason"] = str(failure.get("reason", "unknown"))[:500]
+        return failure
 
     # ------------------------------------------------------------ scores
 
@@ -420,7 +446,7 @@ class PopulationStore:
         (then it is scored again)."""
         try:
             return self._read_score(job_id, scorer_id)
-        except (FileNotFoundError, CorruptFile, StoreError, IsADirectoryError):
+        except (OSError, CorruptFile, StoreError):
             return None
 
     def has_score(self, job_id: str, scorer_id: str) -> bool:
@@ -534,9 +560,9 @@ class PopulationStore:
     def _read_claim(self, job_id: str) -> Claim | None:
         """The claim file's claim, or None if absent or not a claim of this job (unreadable, wrong types)."""
         try:
-            value = self.store.read_json(self.rel("claims", job_id))
+            value = json.loads(self.store.read_bytes(self.rel("claims", job_id), max_bytes=MAX_BOOKKEEPING_BYTES))
             claim = Claim(**value)
-        except (FileNotFoundError, IsADirectoryError, ValueError, TypeError, UnicodeDecodeError):
+        except (OSError, ValueError, TypeError, UnicodeDecodeError, RecursionError):
             return None
         numbers_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
                          for v in (claim.expires, claim.lease_s))
@@ -569,6 +595,8 @@ class PopulationStore:
                 continue
             if self.store.is_link(self.job_rel(job_id)):
                 report.damaged[job_id] = "the job folder is a symbolic link"
+            elif self._not_a_folder(job_id):
+                report.damaged[job_id] = "the job's folder is a file"
             elif has_record:
                 report.done.append(job_id)
             elif job_id in claims:

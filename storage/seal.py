@@ -10,7 +10,9 @@ file is ordinary JSON whose first key holds the sha256 of the exact bytes of the
       …
     }
 
-so any change to its bytes is caught. A file without a seal is refused: removing the seal line
+so any accidental change to its bytes is caught. A seal is a checksum, not a signature: whoever
+can write the store can recompute it, so it guards against damage, not against a forger (keep
+the store writable by its workers only). A file without a seal is refused: removing the seal line
 must not turn an edited file into an "old" one. Files written before seals existed are sealed
 once, after their identity and checksums are checked, by `PopulationStore.reseal`
 (`lol verify --reseal`).
@@ -64,6 +66,8 @@ def _as_dict(text: str) -> dict[str, Any]:
         value = json.loads(text)
     except ValueError as exc:
         raise CorruptFile(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise CorruptFile("JSON nested too deep") from None
     if not isinstance(value, dict):
         raise CorruptFile(f"expected a JSON object, got {type(value).__name__}")
     return value

@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,8 +80,12 @@ class Store:
         try:
             exists = self.fs.exists(path)
             if exists:
-                layout = json.loads(self.fs.cat_file(path))
-                version = int(layout.get("layout_version", 0))
+                try:
+                    layout = json.loads(self.fs.cat_file(path))
+                    version = int(layout.get("layout_version", 0))
+                except (AttributeError, TypeError, RecursionError, UnicodeDecodeError):
+                    raise StoreError(f"store {self.url}: {LAYOUT_FILE} is not a layout file "
+                                     f'(expected {{"layout_version": {LAYOUT_VERSION}}})') from None
                 if version > LAYOUT_VERSION:
                     raise StoreError(
                         f"store {self.url} was written with layout version {version}, but this lol-pipeline "
@@ -165,9 +170,16 @@ class Store:
         path = self.write_path(rel)
         if os.path.islink(path):
             raise StoreError(f"lock file {rel!r} is a symbolic link; the store never opens a lock through a link — remove it")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with file_lock(path):  # O_NOFOLLOW: a link planted after the check is refused, not followed
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            lock = file_lock(path)  # O_NOFOLLOW: a link planted after the check is refused, not followed
+            lock.__enter__()
+        except (IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+            raise StoreError(f"lock file {rel!r} cannot be opened ({exc.strerror}); remove what stands there") from None
+        try:
             yield
+        finally:
+            lock.__exit__(None, None, None)
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
@@ -176,8 +188,22 @@ class Store:
         """Size in bytes (no download on object stores); FileNotFoundError if absent."""
         return int(self.fs.size(self.path(rel)))
 
-    def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+    def read_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
+        """The file's bytes. On local disks only a regular file is read (a FIFO or device would
+        block or never end: IsADirectoryError for a folder, StoreError otherwise), and with
+        `max_bytes` a larger file is refused (StoreError) before any of it is read."""
+        path = self.path(rel)
+        if self.is_local:
+            info = os.stat(path)  # FileNotFoundError when absent
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(f"{rel!r} is a folder, not a file")
+            if not stat.S_ISREG(info.st_mode):
+                raise StoreError(f"{rel!r} is not a regular file (a FIFO, socket or device); remove it")
+            if max_bytes is not None and info.st_size > max_bytes:
+                raise StoreError(f"{rel!r} holds {info.st_size} bytes, more than the {max_bytes} expected")
+            with open(path, "rb") as handle:
+                return handle.read()
+        return self.fs.cat_file(path)
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -257,7 +283,12 @@ class Store:
         """The on-disk folder `rel` for a caller that writes files into it (only local stores):
         neither it nor a folder above it may be a link (see `write_path`)."""
         assert self.is_local, "local_write_dir() needs a local store"
-        return Path(os.path.dirname(self.write_path(f"{check_rel(rel)}/_")))
+        folder = Path(os.path.dirname(self.write_path(f"{check_rel(rel)}/_")))
+        links = self.links_under(rel)
+        if links:  # the caller writes with plain file calls: no link may stand anywhere below
+            raise StoreError(f"{rel}/{links[0]} is a symbolic link inside the store; the store never writes through "
+                             "links — remove it")
+        return folder
 
     def local_path(self, rel: str) -> Path:
         """The on-disk path of `rel`; only for local stores."""

@@ -19,7 +19,7 @@ from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
 from pipeline.score import Scorer, make_scorer, scorer_id, scorer_settings
-from storage import PopulationStore, Store
+from storage import PopulationStore, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def score_population(
     sizer = CohortSizer(cohort_size or manifest.execution.requested_cohort_size, manifest.execution.memory_fraction)
     population = store.population(manifest.population.name)
     jobs = shard(list(expand(manifest, limit=limit)), shard_spec)
-    done = [job for job in jobs if population.record(job.job_id) is not None]
+    done = [job for job in jobs if population.is_done(job.job_id)]  # verified: never score a damaged or foreign adapter
     summary = ScoreSummary(unfinished=len(jobs) - len(done))
     specs = [s for s in manifest.scorers if only is None or s.name in only]
     unknown = sorted(set(only or []) - {s.name for s in manifest.scorers})
@@ -171,6 +171,9 @@ class _adapter_dir:
     def __enter__(self) -> Path:
         rel = self.population.job_rel(self.job_id, "adapter")
         if self.population.store.is_local:
+            links = self.population.store.links_under(rel)
+            if links:  # the scorers open files directly: never through a link
+                raise StoreError(f"job {self.job_id}: {rel}/{links[0] or ''} is a symbolic link; `lol finetune` repairs the job")
             return self.population.store.local_path(rel)
         self._tmp = tempfile.TemporaryDirectory(prefix=f"lol-adapter-{self.job_id}-")
         return self.population.store.download_dir(rel, Path(self._tmp.name))

@@ -144,33 +144,40 @@ def test_a_damaged_score_is_rescored_not_retrained(smoke_copy):
         publish_population(manifest, store)
 
 
+def _unseal(store, population, job_id: str, sid: str, labels=None) -> None:
+    """Rewrite the job's record and score as files written before seals existed."""
+    for rel in (population.job_rel(job_id, "record.json"), population.score_rel(job_id, sid)):
+        value = json.loads(store.read_bytes(rel))
+        value.pop("_sha256")
+        if rel.endswith(f"{sid}.json"):
+            value.pop("population")  # scores named no population then
+            if labels is not None:
+                value["labels"] = {k: labels for k in value["labels"]}
+        store.write_json(rel, value)
+
+
 def test_unsealed_files_are_refused_until_resealed_once(smoke_copy, run_cli):
     """Red team: dropping the seal made any edit an accepted "legacy" file. Unsealed records and
-    scores are now damage; `lol verify --reseal` seals the genuine old ones (identity and
-    checksums checked), and an edited one stays damage."""
+    scores are now damage; `lol verify --reseal` migrates a population written before seals (every
+    record unsealed, identity and checksums checked) and is refused in one written after them."""
     store, manifest = smoke_copy
     population = store.population(manifest.population.name)
-    genuine, edited = sorted(population.job_ids())[:2]
-    for job_id in (genuine, edited):
-        sid = _only_scorer(population, job_id)
-        for rel in (population.job_rel(job_id, "record.json"), population.score_rel(job_id, sid)):
-            value = json.loads(store.read_bytes(rel))
-            value.pop("_sha256")
-            value.pop("population") if rel.endswith(f"{sid}.json") else None  # as scores were written then
-            if job_id == edited and rel.endswith(f"{sid}.json"):
-                value["labels"] = {k: 99999 for k in value["labels"]}
-            store.write_json(rel, value)
-    assert not population.is_done(genuine) and not population.has_score(edited, _only_scorer(population, edited))
-    kinds = {j: sorted(p.kind for p in found) for j, found in population.verify()}
-    assert kinds[genuine] == kinds[edited] == ["unsealed", "unsealed"]
+    jobs = sorted(population.job_ids())
+    overrides = smoke_overrides(manifest.base.ref)
+    edited = jobs[0]
+    _unseal(store, population, edited, _only_scorer(population, edited), labels=99999)
+    assert not population.is_done(edited) and not population.has_score(edited, _only_scorer(population, edited))
+    assert sorted(p.kind for p in dict(population.verify())[edited]) == ["unsealed", "unsealed"]
     with pytest.raises(PublishError, match="damaged"):
         publish_population(manifest, store)
-    overrides = smoke_overrides(manifest.base.ref)
+    code, _, err = run_cli("verify", SHAPES, *overrides, "--store", store.url, "--reseal")
+    assert code == 2 and "already holds sealed records" in err, err  # one unsealed file among sealed ones: damage
+
+    for job_id in jobs[1:]:  # a population written before seals: every record and score unsealed
+        _unseal(store, population, job_id, _only_scorer(population, job_id))
     code, out, _ = run_cli("verify", SHAPES, *overrides, "--store", store.url, "--reseal")
-    assert "resealed 4 file(s) of 2 job(s)" in out, out
-    # The edited label is resealed too (an unsealed file cannot prove it was not edited): the
-    # migration is for stores of one's own; its value is then checked like any label.
-    assert code == 0 and population.is_done(genuine, verify=True) and population.has_score(genuine, _only_scorer(population, genuine))
+    assert code == 0 and f"resealed {2 * len(jobs)} file(s) of {len(jobs)} job(s)" in out, out
+    assert all(population.is_done(j, verify=True) and population.has_score(j, _only_scorer(population, j)) for j in jobs)
 
 
 def _only_scorer(population, job_id: str) -> str:

@@ -168,3 +168,60 @@ def test_6_a_live_claim_within_its_lease_still_excludes():
     assert Claim("j", "w", "t", now + 120 + CLOCK_SKEW_S - 1, 120).is_live(now)
     assert not Claim("j", "w", "t", now + 120 + CLOCK_SKEW_S + 1, 120).is_live(now)
     assert not Claim("j", "w", "t", 1e300, 0).is_live(now) and not Claim("j", "w", "t", now - 1, 120).is_live(now)
+
+
+def test_review_learn_outputs_never_go_through_a_link(smoke_copy, tmp_path, run_cli):
+    """Second review: a link planted in learn/{population} made `lol evaluate` overwrite a file outside."""
+    store, manifest = smoke_copy
+    outside = _outside(tmp_path)
+    before = _listing(outside)
+    learn = store.local_path("published").parent / "learn" / manifest.population.name
+    learn.mkdir(parents=True)
+    os.symlink(outside / "precious.txt", learn / "results.md")
+    for command in ("evaluate", "report", "train"):
+        code, _, err = _cli(run_cli, command, manifest, store)
+        assert code == 2 and "symbolic link" in err, (command, err)
+    assert _listing(outside) == before
+
+
+def test_review_score_never_reads_a_linked_adapter(smoke_copy, tmp_path, run_cli):
+    """Second review: `lol score` chose jobs by their record and read an adapter linked outside,
+    sealing a label computed from foreign weights. It scores verified LoRAs only."""
+    store, manifest = smoke_copy
+    population = store.population(manifest.population.name)
+    job_id = sorted(population.job_ids())[0]
+    sid = population.store.list_dir(population.job_rel(job_id, "scores"))[0].removesuffix(".json")
+    store.delete(population.score_rel(job_id, sid))
+    weights = store.local_path(population.job_rel(job_id, "adapter/adapter_model.safetensors"))
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(weights.read_bytes())
+    weights.unlink()
+    os.symlink(foreign, weights)
+    code, _, err = _cli(run_cli, "score", manifest, store)
+    assert code in (0, 1), err
+    assert not population.has_score(job_id, sid)
+
+
+def test_review_wrong_file_types_and_deep_json_are_one_jobs_damage(smoke_copy, run_cli):
+    """Second review: a job folder that is a file, a record that is a folder, a FIFO record and
+    100,000-deep JSON made verify/status/finetune raise or hang. Each is now its job's damage."""
+    store, manifest = smoke_copy
+    population = store.population(manifest.population.name)
+    as_file, record_dir, fifo, deep = sorted(population.job_ids())
+    folder = store.local_path(population.job_rel(as_file))
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")
+    record = store.local_path(population.job_rel(record_dir, "record.json"))
+    record.unlink()
+    record.mkdir()
+    fifo_record = store.local_path(population.job_rel(fifo, "record.json"))
+    fifo_record.unlink()
+    os.mkfifo(fifo_record)
+    store.local_path(population.job_rel(deep, "spec.json")).write_text("[" * 100000)
+    code, out, err = _cli(run_cli, "verify", manifest, store)
+    assert code == 1 and "0 of 4 stored LoRAs verify" in out and all(j in out for j in (as_file, record_dir, fifo, deep)), out + err
+    code, out, err = _cli(run_cli, "status", manifest, store)
+    assert code == 0, err
+    code, _, err = _cli(run_cli, "finetune", manifest, store)
+    assert code == 0, err
+    assert all(population.is_done(j, verify=True) for j in (as_file, record_dir, fifo, deep))
