@@ -305,6 +305,8 @@ def _arrow_files(folder: Path, split: str) -> list[Path]:
         if not name.endswith(".arrow"):
             raise PulledDataError(f"split {split!r} lists the data file {_brief.repr(name)}, not an .arrow file; refused")
         paths.append(_inside(folder, "arrow", split, name))
+    if len(set(paths)) != len(paths):  # one shard listed many times would repeat its rows (and memory) at will
+        raise PulledDataError(f"split {split!r} of {folder} lists a data file more than once; refused")
     return paths
 
 

@@ -160,7 +160,10 @@ def test_split_names_that_leave_the_folder_are_refused(tmp_path, published, run_
 
 def test_hostile_state_and_listing_files_are_refused(published, run_cli):
     state = published / "arrow" / "train" / "state.json"
+    shard = json.loads(state.read_text())["_data_files"][0]["filename"]
+    repeated = json.dumps({"_data_files": [{"filename": shard}] * 15000})  # second review: 30,000 rows, 3 GB
     for text, match in (('{"_data_files": "x"}', "_data_files"), ('{"_data_files": []}', "0 rows"),
+                        (repeated, "more than once"),
                         ('{"_data_files": [{"filename": "data.parquet"}]}', "not an .arrow"),
                         ("[" * 5000 + "]" * 5000, "nested"), ("{", "not JSON")):
         state.write_text(text)
