@@ -15,7 +15,7 @@ QUIET_PIP := grep -v 'is ignored: it is neither a file nor a directory' || true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-fast test-slow test-bases test-gpu install lint clean
+.PHONY: demo test test-fast test-slow test-exact test-bases test-gpu install lint clean
 
 # The embedded default on 2 CPU cores: the first 160 of tiny-shapes' 320 LoRAs (job draws are
 # prefix-stable, so `lol run manifests/tiny-shapes.yaml` later adds the other 160), one worker
@@ -26,13 +26,16 @@ demo: $(STAMP)
 	$(LOL) run manifests/tiny-shapes.yaml --limit $(DEMO_LORAS) --workers $(DEMO_WORKERS)
 
 test: $(STAMP)
-	$(PYTEST) -m "not gpu and not full_build"
+	$(PYTEST) -m "not gpu and not full_build and not exact"
 
 test-fast: $(STAMP)
-	$(PYTEST) -m "not slow and not gpu and not full_build"
+	$(PYTEST) -m "not slow and not gpu and not full_build and not exact"
 
 test-slow: $(STAMP)
-	$(PYTEST) -m "slow and not gpu"
+	$(PYTEST) -m "slow and not gpu and not exact"
+
+test-exact: $(STAMP)
+	$(PYTEST) -m exact
 
 test-bases: $(STAMP)
 	$(PYTEST) -m full_build

@@ -626,8 +626,8 @@ def _canonical_json(value: Any) -> str:
 def _legacy_value(store: Store, rel: str, keys: frozenset[str]) -> dict | None:
     """The JSON object at `rel` if it is an unsealed file with exactly `keys`, else None."""
     try:
-        value = json.loads(store.read_bytes(rel))
-    except (FileNotFoundError, IsADirectoryError, ValueError, UnicodeDecodeError, StoreError):
+        value = json.loads(store.read_bytes(rel, max_bytes=MAX_BOOKKEEPING_BYTES))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):  # StoreError is a ValueError
         return None
     return value if isinstance(value, dict) and set(value) == keys else None
 

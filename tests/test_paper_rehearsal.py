@@ -147,7 +147,7 @@ def test_exact_configs_have_the_paper_lora_layouts():
     assert v_out == 128 and q["num_hidden_layers"] * (2 * q["hidden_size"] + q["hidden_size"] + v_out) == 67_584
 
 
-@pytest.mark.slow
+@pytest.mark.exact
 @pytest.mark.parametrize("population", paper_rehearsal.POPULATIONS)
 def test_exact_config_rehearsal(run_cli, population, tmp_path_factory, tmp_path):
     """The same at the exact SD-1.4 / Qwen2-0.5B / ViT-B-16 shapes (builds ~6.5 GB of stand-ins once; minutes)."""

@@ -1,6 +1,8 @@
 """The store fuzzed the way the red team attacked it (issue #20): on fresh copies of a real
 store, random swaps of job folders, links (to other jobs, outside the store, over `.versions`,
-the published link and the lock), files copied between jobs, unsealed edits and absurd claims.
+the published link and the lock), files copied between jobs, unsealed edits, absurd claims,
+and (from the second review) wrong file types — a job folder that is a file, bookkeeping files
+that are folders or FIFOs — and 100,000-deep JSON.
 
 For every case: `lol verify` names every damaged job (exit 1) or passes an undamaged store (exit
 0), `lol status` and `lol publish` answer with an exit code (publish refuses damage by name),
@@ -54,17 +56,24 @@ class Case:
         self.damaged: set[str] = set()
         self.done: list[str] = []
 
+    def healthy(self) -> list[str]:
+        """Jobs whose folder is still a real folder (mutations act on those)."""
+        return [j for j in self.jobs if (self.jobs_dir / j).is_dir() and not (self.jobs_dir / j).is_symlink()]
+
     def job(self) -> str:
-        return self.rng.choice(self.jobs)
+        return self.rng.choice(self.healthy() or self.jobs)
 
     def two_jobs(self) -> tuple[str, str]:
-        a, b = self.rng.sample(self.jobs, 2)
+        jobs = self.healthy()
+        a, b = self.rng.sample(jobs if len(jobs) >= 2 else self.jobs, 2)
         return a, b
 
-    def file_of(self, job: str) -> str:
+    def file_of(self, job: str) -> str | None:
+        if not (self.jobs_dir / job).is_dir():
+            return None
         files = sorted(p.relative_to(self.jobs_dir / job).as_posix() for p in (self.jobs_dir / job).rglob("*")
                        if p.is_file() and not p.is_symlink())
-        return self.rng.choice(files)
+        return self.rng.choice(files) if files else None
 
     # ---------------------------------------------------------------- mutations
 
@@ -105,6 +114,8 @@ class Case:
         if (self.jobs_dir / a).is_symlink() or (self.jobs_dir / b).is_symlink():
             return
         rel = self.file_of(a)
+        if rel is None:
+            return
         source = self.jobs_dir / b / rel
         target = source if source.is_file() and self.rng.random() < 0.5 else self.outside / "precious.txt"
         (self.jobs_dir / a / rel).unlink()
@@ -117,7 +128,7 @@ class Case:
         if (self.jobs_dir / a).is_symlink() or (self.jobs_dir / b).is_symlink():
             return
         rel = self.file_of(b)
-        if (self.jobs_dir / a / rel).is_symlink() or not (self.jobs_dir / a / rel).exists():
+        if rel is None or (self.jobs_dir / a / rel).is_symlink() or not (self.jobs_dir / a / rel).is_file():
             return
         if (self.jobs_dir / a / rel).read_bytes() == (self.jobs_dir / b / rel).read_bytes():
             return  # identical bytes in both jobs (e.g. a config): no damage
@@ -127,13 +138,18 @@ class Case:
 
     def unseal(self) -> None:
         a = self.job()
-        if (self.jobs_dir / a).is_symlink():
+        if (self.jobs_dir / a).is_symlink() or not (self.jobs_dir / a).is_dir():
             return
         sealed = [p for p in [self.jobs_dir / a / "record.json", *(self.jobs_dir / a / "scores").glob("*.json")]
                   if p.is_file() and not p.is_symlink()]
+        if not sealed:
+            return
         path = self.rng.choice(sealed)
-        value = json.loads(path.read_text())
-        if "_sha256" not in value:
+        try:
+            value = json.loads(path.read_text())
+        except (ValueError, RecursionError):  # already made deep by another mutation
+            return
+        if not isinstance(value, dict) or "_sha256" not in value:
             return
         value.pop("_sha256")
         if "labels" in value and self.rng.random() < 0.5:
@@ -173,11 +189,41 @@ class Case:
         os.symlink(self.outside / "lock-target", lock)
         self.done.append("publish lock -> outside")
 
+    def wrong_type(self) -> None:
+        """A job folder replaced by a file, or a bookkeeping file by a folder or a FIFO (second review)."""
+        a = self.job()
+        if (self.jobs_dir / a).is_symlink():
+            return
+        how = self.rng.choice(["folder-is-file", "record-is-folder", "record-is-fifo", "spec-is-fifo"])
+        if how == "folder-is-file":
+            shutil.rmtree(self.jobs_dir / a)
+            (self.jobs_dir / a).write_text("not a folder")
+        else:
+            path = self.jobs_dir / a / ("record.json" if how.startswith("record") else "spec.json")
+            if not path.is_file() or path.is_symlink():
+                return
+            path.unlink()
+            path.mkdir() if how.endswith("folder") else os.mkfifo(path)
+        self.damaged.add(a)
+        self.done.append(f"{how} {a[:6]}")
+
+    def deep_json(self) -> None:
+        """A bookkeeping file 100,000 brackets deep (second review: RecursionError)."""
+        a = self.job()
+        if (self.jobs_dir / a).is_symlink() or not (self.jobs_dir / a).is_dir():
+            return
+        name = self.rng.choice(["record.json", "spec.json"])
+        if not (self.jobs_dir / a / name).is_file() or (self.jobs_dir / a / name).is_symlink():
+            return
+        (self.jobs_dir / a / name).write_text("[" * 100_000)
+        self.damaged.add(a)
+        self.done.append(f"deep {a[:6]}/{name}")
+
     def baseline_outside_refresh(self) -> None:
         self.outside_before = _digest(self.outside)
 
     MUTATIONS = ("swap", "link_job_to_job", "link_job_outside", "link_file", "copy_file", "unseal", "absurd_claim",
-                 "link_versions", "link_published", "link_lock")
+                 "link_versions", "link_published", "link_lock", "wrong_type", "deep_json")
 
 
 @pytest.fixture(scope="module")
