@@ -89,8 +89,7 @@ def test_saved_tensor_bytes_counts_activations_not_the_frozen_weights():
 
 
 def test_cohorts_group_jobs_of_equal_length_and_the_longest_run_first():
-    from pipeline.finetune.runner import plan_cohorts
-    from pipeline.finetune.runner import planned_micro_steps
+    from pipeline.finetune.runner import plan_cohorts, planned_micro_steps
     from pipeline.jobs import expand
 
     arc = Manifest.from_yaml(ROOT / "manifests" / "tiny-arc.yaml", overrides=["count=40", "execution.cohort_size=8"])

@@ -281,11 +281,11 @@ def test_streamed_publish_writes_the_bytes_an_in_memory_writer_writes(published)
 def test_big_loras_get_smaller_shards_and_load_whole(population, tmp_path, monkeypatch):
     """A shard holds at most MAX_SHARD_BYTES of weights: with a tiny bound every row is its own
     shard, and plain `datasets.load_dataset` still reads every row in order."""
+    import shutil
+
     import datasets
 
     import pipeline.publish as publish
-
-    import shutil
 
     original, manifest = population
     shutil.copytree(original.root, tmp_path / "store", symlinks=True)

@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from job_specs import spec_json, stored_spec
 
 from storage import LAYOUT_VERSION, Store, StoreError
