@@ -46,7 +46,7 @@ LEGACY_SCORE_KEYS = frozenset({"job_id", "scorer", "scorer_id", "settings", "lab
 # clocks that differ between hosts beyond now; a claim further ahead is stale (swept, taken over).
 CLOCK_SKEW_S = 300.0
 MAX_BOOKKEEPING_BYTES = 16 << 20  # spec, record, score, claim and failure files are far smaller
-MAX_LEASE_S = 24 * 3600.0
+MAX_LEASE_S = 3600.0  # claims renew every third of their lease, so no worker needs a longer one
 _memory_claim_locks: dict[str, threading.Lock] = {}
 log = logging.getLogger(__name__)
 

@@ -168,6 +168,10 @@ def test_6_a_live_claim_within_its_lease_still_excludes():
     assert Claim("j", "w", "t", now + 120 + CLOCK_SKEW_S - 1, 120).is_live(now)
     assert not Claim("j", "w", "t", now + 120 + CLOCK_SKEW_S + 1, 120).is_live(now)
     assert not Claim("j", "w", "t", 1e300, 0).is_live(now) and not Claim("j", "w", "t", now - 1, 120).is_live(now)
+    # second review: a claim declaring a day-long lease held its job a day; leases are capped at MAX_LEASE_S
+    from storage.population import MAX_LEASE_S
+
+    assert MAX_LEASE_S <= 3600 and not Claim("j", "w", "t", now + 86000, 86400).is_live(now)
 
 
 def test_review_learn_outputs_never_go_through_a_link(smoke_copy, tmp_path, run_cli):
