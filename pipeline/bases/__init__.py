@@ -32,7 +32,8 @@ def tiny_module(name: str) -> ModuleType:
         return importlib.import_module(TINY_MODULES[name])
     except ModuleNotFoundError as exc:
         if exc.name == TINY_MODULES[name]:
-            raise BaseModelError(f"the built-in base 'tiny:{name}' is not built into this version yet") from None
+            raise BaseModelError(f"the builder of 'tiny:{name}' ({TINY_MODULES[name]}) is missing from this installation; "
+                                 "reinstall lol-pipeline (`make install`)") from None
         raise
 
 
