@@ -140,6 +140,11 @@ def overrides(population: str, paths: dict[str, Path], scale: str, count: int = 
     raise ValueError(f"no rehearsal for {population!r}; populations: {', '.join(POPULATIONS)}")
 
 
+def run_argv(population: str, args: list[str], store: Path) -> list[str]:
+    """`lol run MANIFEST OVERRIDES… --store STORE`: every stage through Prefect (run_population)."""
+    return ["run", str(manifest(population)), *args, "--store", str(store)]
+
+
 def stage_argv(stage: str, population: str, args: list[str], store: Path) -> list[str]:
     """`lol STAGE MANIFEST OVERRIDES… --store STORE` (publish never pushes)."""
     return [stage, str(manifest(population)), *args, "--store", str(store), *(["--no-push"] if stage == "publish" else [])]

@@ -21,7 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+from pipeline.manifest import Manifest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "prefect_harness")
 
 SD_TARGETS = ("attn1.to_q", "attn1.to_v", "attn2.to_q", "attn2.to_v")
 RANK = {"celeba-sd14": 4, "imagenette-sd14-r32": 32, "qwen2-arc": 4}
@@ -35,12 +37,13 @@ def small(tmp_path_factory):
 
 
 def check_rehearsal(run_cli, population: str, paths: dict[str, Path], scale: str, store: Path, count: int) -> dict:
-    """Run the four stages by overrides alone; return {job_id: adapter folder}."""
+    """`lol run` (finetune → score → publish → learn through Prefect) by overrides alone; {job_id: adapter folder}."""
     args = paper_rehearsal.overrides(population, paths, scale, count=count)
     assert not any(a.startswith(("lora.", "population.")) for a in args)  # the LoRAs are the manifest's
-    for stage in paper_rehearsal.STAGES:
-        code, out, err = run_cli(*paper_rehearsal.stage_argv(stage, population, args, store))
-        assert code == 0, f"lol {stage}: {err}\n{out[-2000:]}"
+    code, out, err = run_cli(*paper_rehearsal.run_argv(population, args, store))
+    assert code == 0, f"lol run: {err}\n{out[-2000:]}"
+    scorers = len(Manifest.from_yaml(paper_rehearsal.manifest(population), overrides=args).scorers)
+    assert f"trained: {count}" in out and f"scored: {count * scorers}" in out, out[-3000:]  # one score per LoRA and scorer
     jobs = sorted((store / "populations" / population / "jobs").glob("*/record.json"))
     assert len(jobs) == count
     return {p.parent.name: p.parent / "adapter" for p in jobs}
