@@ -1,9 +1,9 @@
 """Read a published LoRA population (a hub id or a local folder) as tensors for LoL models.
 
-The published format (written by `lol publish`) is the contract; this module never imports
-the pipeline. Each row holds a fixed-size float32 vector `weights`; `layout.json` says where
-each module's `lora_A` (r_max × in) and `lora_B` (out × r_max) blocks sit, and the row's
-`rank` and `alpha` give the scale, so that per module i
+The published format (`lol_models.published`, which `lol publish` writes through too) is the
+contract; this module never imports the pipeline. Each row holds a fixed-size float32 vector
+`weights`; `layout.json` says where each module's `lora_A` (r_max × in) and `lora_B`
+(out × r_max) blocks sit, and the row's `rank` and `alpha` give the scale, so that per module i
 
     U_i = lora_B_i · alpha / rank   (out × r_max)     V_i = lora_A_iᵀ   (in × r_max)
 
@@ -39,22 +39,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lol_models.published import (
+    LABELS_FILE,
+    LAYOUT_FILE,
+    READ_COLUMNS,
+    WEIGHTS_COLUMN,
+    PulledDataError,
+    blocks,
+    check_layout,
+)
 from lol_models.weights import LoraWeights
 
 MAX_JSON_BYTES = 64 << 20  # layout.json / labels.json of any real population are far smaller
 MAX_JSON_DEPTH = 32  # layout.json and labels.json are 3 levels deep
-MAX_MODULES = 100_000
 MAX_SHARDS = 100_000
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # split names and data file names: no '/', no '..'
 _brief = reprlib.Repr()
 _brief.maxlevel, _brief.maxstring, _brief.maxother = 2, 60, 60
 NON_FINITE_POLICIES = ("fail", "skip")
-META_COLUMNS = ("job_id", "population", "index", "base_ref", "base_revision", "rank", "alpha", "target_modules",
-                "lora_dropout", "seed", "hyperparameters", "data", "group", "adapter_config", "split", "weights")
-
-
-class PulledDataError(ValueError):
-    """A published dataset that cannot be read: missing files, unknown split, bad layout."""
 
 
 @dataclass
@@ -100,16 +102,16 @@ def read_layout(repo_or_path: str | Path) -> tuple[dict[str, Any], dict[str, Any
         folder = Path(repo_or_path)
         if not folder.is_dir():
             raise PulledDataError(f"no published dataset at {folder}: the folder does not exist (run `lol publish` first)")
-        missing = [f for f in ("layout.json", "labels.json") if not (folder / f).is_file()]
+        missing = [f for f in (LAYOUT_FILE, LABELS_FILE) if not (folder / f).is_file()]
         if missing:
             there = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
             raise PulledDataError(f"{folder} is not a published LoRA dataset: missing {', '.join(missing)} (it holds: {there})")
-        layout_path, labels_path = _inside(folder, "layout.json"), _inside(folder, "labels.json")
+        layout_path, labels_path = _inside(folder, LAYOUT_FILE), _inside(folder, LABELS_FILE)
     else:
         from huggingface_hub import hf_hub_download
 
-        layout_path = Path(hf_hub_download(str(repo_or_path), "layout.json", repo_type="dataset"))
-        labels_path = Path(hf_hub_download(str(repo_or_path), "labels.json", repo_type="dataset"))
+        layout_path = Path(hf_hub_download(str(repo_or_path), LAYOUT_FILE, repo_type="dataset"))
+        labels_path = Path(hf_hub_download(str(repo_or_path), LABELS_FILE, repo_type="dataset"))
     layout, labels = _read_json(layout_path), _read_json(labels_path)
     if not isinstance(labels, dict) or not all(
             isinstance(k, str) and isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for k, v in labels.items()):
@@ -160,54 +162,16 @@ def _read_json(path: Path) -> Any:
     return value
 
 
-def check_layout(layout: Any, width: int | None = None) -> dict[str, Any]:
-    """A published layout, checked: positive sizes, plain unique names, every module's lora_A
-    (r_max × in) and lora_B (out × r_max) block inside the row and no two blocks overlapping."""
-
-    def fail(why: str) -> PulledDataError:
-        return PulledDataError(f"layout.json is not a valid LoRA layout: {why}")
-
-    def count(value: Any, least: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-    if not isinstance(layout, dict) or not isinstance(layout.get("modules"), list):
-        raise fail("expected an object with a `modules` list")
-    size, r_max, modules = layout.get("size"), layout.get("max_rank"), layout["modules"]
-    if not count(size, 0) or not count(r_max, 1) or not 1 <= len(modules) <= MAX_MODULES:
-        raise fail(f"size {_brief.repr(size)}, max_rank {_brief.repr(r_max)}, {len(modules)} modules")
-    if width is not None and width != size:
-        raise fail(f"it describes {size} floats per row, the rows hold {width}")
-    blocks, names = [], set()
-    for module in modules:
-        if not isinstance(module, dict):
-            raise fail(f"module entry {_brief.repr(module)} is not an object")
-        name = module.get("name")
-        if not isinstance(name, str) or not name or len(name) > 512 or not name.isprintable() or name in names:
-            raise fail(f"module name {_brief.repr(name)} is empty, repeated or not plain text")
-        names.add(name)
-        n_in, n_out, a_at, b_at = (module.get(k) for k in ("in", "out", "a_offset", "b_offset"))
-        if not (count(n_in, 1) and count(n_out, 1) and count(a_at, 0) and count(b_at, 0)):
-            raise fail(f"module {name!r}: in/out must be ≥ 1 and offsets ≥ 0, got "
-                       + ", ".join(_brief.repr(v) for v in (n_in, n_out, a_at, b_at)))
-        blocks += [(a_at, a_at + r_max * n_in, name), (b_at, b_at + n_out * r_max, name)]
-    end = 0
-    for start, stop, name in sorted(blocks):
-        if start < end or stop > size:
-            raise fail(f"module {name!r}: block {start}..{stop} overlaps another or passes the row's {size} floats")
-        end = stop
-    return layout
-
-
 def factors_from_flat(flat: np.ndarray | Tensor, layout: dict[str, Any], alpha: Tensor, rank: Tensor) -> LoraWeights:
     """(N, D) flat rows → LoraWeights with U = lora_B·alpha/rank, V = lora_Aᵀ per module."""
     flat = torch.as_tensor(flat)
     n_rows, r_max = flat.shape[0], layout["max_rank"]
     scale = (alpha.to(flat.dtype) / rank.to(flat.dtype)).view(n_rows, 1, 1)
     names, us, vs = [], [], []
-    for module in layout["modules"]:
-        a = flat[:, module["a_offset"]:module["a_offset"] + r_max * module["in"]].view(n_rows, r_max, module["in"])
-        b = flat[:, module["b_offset"]:module["b_offset"] + module["out"] * r_max].view(n_rows, module["out"], r_max)
-        names.append(module["name"])
+    for block in blocks(layout):
+        a = flat[:, block.a].view(n_rows, r_max, block.n_in)
+        b = flat[:, block.b].view(n_rows, block.n_out, r_max)
+        names.append(block.name)
         us.append(b * scale)  # (N, out, r_max)
         vs.append(a.transpose(1, 2))  # (N, in, r_max)
     return LoraWeights.from_layers(names, us, vs)
@@ -217,11 +181,11 @@ def _weights_matrix(table) -> np.ndarray:
     """(N, D) float32 view of an Arrow `weights` FixedSizeList column (no per-row parsing)."""
     import pyarrow as pa
 
-    kind = table.schema.field("weights").type
+    kind = table.schema.field(WEIGHTS_COLUMN).type
     if not pa.types.is_fixed_size_list(kind) or kind.value_type != pa.float32():
         raise PulledDataError(f"the `weights` column is {kind}, not a fixed-size list of float32")
-    chunks = table.column("weights").chunks
-    column = chunks[0] if len(chunks) == 1 else table.column("weights").combine_chunks()
+    chunks = table.column(WEIGHTS_COLUMN).chunks
+    column = chunks[0] if len(chunks) == 1 else table.column(WEIGHTS_COLUMN).combine_chunks()
     width = column.type.list_size
     values = column.flatten().to_numpy(zero_copy_only=column.null_count == 0)
     return values.reshape(len(column), width)
@@ -350,7 +314,7 @@ def _non_finite_labels(table, names: Sequence[str]) -> np.ndarray:
 def _from_table(table, layout: dict[str, Any], label_info: dict[str, Any], non_finite: str = "fail") -> LoraDataset:
     import pyarrow as pa
 
-    missing_columns = [c for c in ("weights", "rank", "alpha", "job_id", "group") if c not in table.column_names]
+    missing_columns = [c for c in READ_COLUMNS if c not in table.column_names]
     if missing_columns:
         raise PulledDataError(f"no {', '.join(missing_columns)} column(s); columns: {', '.join(table.column_names)}")
     missing = sorted(set(label_info) - set(table.column_names))

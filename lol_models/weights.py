@@ -1,4 +1,5 @@
-"""Typed container for batches of LoRA weights, and the layout that models are built for.
+"""Typed container for batches of LoRA weights, and their layout (the layers, their shapes and the
+rank: what a model is built for, and what a published population's `layout.json` records).
 
 Shape legend
     B    batch (number of LoRAs)
@@ -113,6 +114,17 @@ class Layout:
             groups=tuple(GroupLayout(tuple(g["names"]), int(g["n"]), int(g["m"])) for g in d["groups"]),
             rank=int(d["rank"]),
         )
+
+    @classmethod
+    def from_published(cls, layout: Mapping[str, Any]) -> Layout:
+        """The layout of a published population's LoRAs (`layout.json`, see `lol_models.published`):
+        its layers grouped by (n, m) as `LoraWeights.from_layers` groups them, rank = its r_max."""
+        from lol_models.published import layer_shapes
+
+        order: dict[tuple[int, int], list[str]] = {}
+        for name, shape in layer_shapes(layout).items():
+            order.setdefault(shape, []).append(name)
+        return cls(tuple(GroupLayout(tuple(names), n, m) for (n, m), names in order.items()), int(layout["max_rank"]))
 
 
 @dataclass(frozen=True, eq=False)

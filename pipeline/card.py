@@ -12,20 +12,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from lol_models.published import COLUMNS
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
-
-COLUMN_MEANINGS = {
-    "job_id": "content hash of the job spec (names the LoRA)",
-    "population": "population name", "index": "job index k in the population",
-    "base_ref": "base model (HF id or tiny:NAME)", "base_revision": "revision of the base",
-    "rank": "LoRA rank r", "alpha": "LoRA alpha (update scaled by alpha / r)",
-    "target_modules": "module names that carry LoRA layers", "lora_dropout": "LoRA dropout",
-    "seed": "the job's own seed", "hyperparameters": "JSON of the drawn hyperparameters",
-    "data": "JSON of the job's data subset (group / classes / sources)",
-    "group": "finetuning group; splits never share a group", "adapter_config": "peft adapter_config.json",
-    "split": "train / validation / test", "weights": "flat float32 LoRA factors, see layout.json",
-}
 
 
 def code_version() -> str:
@@ -73,7 +62,7 @@ def dataset_card(manifest: Manifest, dataset, shards: dict[str, list[str]], layo
     for feature in first.features._to_yaml_list():
         name = feature["name"]
         kind = feature.get("dtype") or f"list<{feature.get('list')}>" + (f"[{feature['length']}]" if "length" in feature else "")
-        meaning = COLUMN_MEANINGS.get(name) or (
+        meaning = COLUMNS.get(name) or (
             f"label `{label_names[name]['label']}` from scorer `{label_names[name]['scorer_id']}`" if name in label_names else "")
         lines.append(f"| `{name}` | {kind} | {meaning} |")
     lines += ["", "## Label statistics", "", "| label | split | mean | std | n |", "|---|---|---|---|---|"]

@@ -1,21 +1,16 @@
 """Publish a population as a Hugging Face dataset: one row per verified, scored LoRA.
 
-The published folder is laid out as a hub dataset repo::
+What a published folder holds, a row's columns, the layout of its `weights` vector and the peft
+names of the factors are the published format, defined in `lol_models.published` (which the
+reader, `lol_models.data`, uses too); this module assembles the rows and writes the folder::
 
     {store}/published/{population}/
-        README.md                          # dataset card: YAML header (configs, splits, features, license)
+        README.md                          # dataset card (`pipeline.card`)
         data/{split}-{sha12}.parquet       # parquet shards, named by content (so pushes append)
         arrow/                             # the same splits, `save_to_disk` (memory-mapped on load)
-        layout.json                        # how the flat weight vector maps to peft tensors
+        layout.json                        # the layout: where each module's factors sit in `weights`
         labels.json                        # label column -> scorer id, scorer, original label name
         manifest.yaml                      # the manifest as run
-
-Weights: every row holds one fixed-size float32 vector `weights` (an Arrow FixedSizeList),
-so a split loads as an (N, D) array without per-row parsing. `layout.json` lists, for each
-LoRA module in order, `in`/`out` sizes and the offsets of its `lora_A` (r_max × in) and
-`lora_B` (out × r_max) blocks; rows of rank r < r_max are zero-padded (which leaves every
-B·A unchanged) and the `rank` column says how much to keep. `row_to_adapter` rebuilds the
-exact peft adapter files from a row.
 
 Splits are group-disjoint: a LoRA's group is its identity group, its set of classes or its
 set of sources; each group goes to a split by a hash of (split_seed, group) against the
@@ -46,17 +41,26 @@ from typing import Any
 
 import numpy as np
 
+from lol_models.published import (
+    ADAPTER_CONFIG,
+    ADAPTER_PICKLE,
+    ADAPTER_WEIGHTS,
+    LABELS_FILE,
+    LAYOUT_FILE,
+    MAX_CONFIG_BYTES,
+    WEIGHTS_COLUMN,
+    FormatError,
+    check_factor_shapes,
+    flatten,
+    label_column,
+    make_layout,
+    module_factors,
+)
 from pipeline.jobs import Job, canonical_json, expand, unit_draw
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
 from storage import Store, StoreError
 
-LAYOUT_VERSION = 1
-PEFT_PREFIX = "base_model.model."
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"  # what peft wrote before safetensors; read only when trusted
-ADAPTER_CONFIG = "adapter_config.json"
-MAX_CONFIG_BYTES = 1 << 20
 ROWS_PER_SHARD = 1000
 MAX_SHARD_BYTES = 256 << 20  # a parquet shard holds at most this many bytes of weights (fewer rows for big LoRAs)
 BATCH_BYTES = 64 << 20  # weights of the rows written to Arrow at once
@@ -143,118 +147,7 @@ def read_adapter_config(store: Store, rel: str) -> dict[str, Any]:
     return config
 
 
-def module_factors(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """module name -> (lora_A (r, in), lora_B (out, r)) from peft's saved keys."""
-    modules: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
-        if match is None:
-            raise PublishError(f"unexpected tensor {key!r} in a LoRA adapter (expected …lora_A.weight / …lora_B.weight)")
-        modules.setdefault(match.group(1), {})[match.group(2)] = value
-    incomplete = [name for name, parts in modules.items() if set(parts) != {"A", "B"}]
-    if incomplete:
-        raise PublishError(f"modules without both lora_A and lora_B: {incomplete[:5]}")
-    return {name: (parts["A"], parts["B"]) for name, parts in sorted(modules.items())}
-
-
-def check_factor_shapes(factors: dict[str, tuple[np.ndarray, np.ndarray]], rank: int, job_id: str) -> None:
-    """PublishError unless every module is lora_A (rank, in) and lora_B (out, rank) with in, out ≥ 1.
-
-    Checked before anything is allocated from these shapes: a header may declare any shape for a
-    zero-byte tensor (e.g. lora_A of [2**40, 0]), and the layout's size is computed from them.
-    """
-    for name, (a, b) in factors.items():
-        ok = (a.ndim == 2 and b.ndim == 2 and a.shape[0] == rank and b.shape[1] == rank
-              and a.shape[1] >= 1 and b.shape[0] >= 1)
-        if not ok:
-            raise PublishError(f"job {job_id}: module {name} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; "
-                               f"its spec's rank {rank} needs lora_A [{rank}, in] and lora_B [out, {rank}] with in, out ≥ 1 "
-                               "— the adapter is not this job's; `lol finetune` retrains it once it is removed")
-
-
-def make_layout(factors: dict[str, tuple[np.ndarray, np.ndarray]], max_rank: int) -> dict[str, Any]:
-    modules, offset = [], 0
-    for name, (a, b) in factors.items():
-        n_in, n_out = a.shape[1], b.shape[0]
-        modules.append({"name": name, "in": int(n_in), "out": int(n_out), "a_offset": offset,
-                        "b_offset": offset + max_rank * n_in})
-        offset += max_rank * (n_in + n_out)
-    return {"layout_version": LAYOUT_VERSION, "max_rank": max_rank, "size": offset, "modules": modules,
-            "scale": "U = lora_B * alpha / rank; V = lora_A^T", "peft_prefix": PEFT_PREFIX}
-
-
-def flatten(factors: dict[str, tuple[np.ndarray, np.ndarray]], layout: dict[str, Any]) -> np.ndarray:
-    """One LoRA's tensors as the layout's (D,) float32 vector, rank zero-padded."""
-    vector = np.zeros(layout["size"], dtype=np.float32)
-    r_max = layout["max_rank"]
-    names = [m["name"] for m in layout["modules"]]
-    if list(factors) != names:
-        raise PublishError(f"LoRA modules {list(factors)[:3]}… differ from the population's layout {names[:3]}…")
-    for module in layout["modules"]:
-        a, b = factors[module["name"]]
-        rank = a.shape[0]
-        if a.shape[1] != module["in"] or b.shape[0] != module["out"]:
-            raise PublishError(f"module {module['name']}: shapes {a.shape}/{b.shape} differ from the layout")
-        block_a = np.zeros((r_max, module["in"]), np.float32)
-        block_a[:rank] = a
-        block_b = np.zeros((module["out"], r_max), np.float32)
-        block_b[:, :rank] = b
-        vector[module["a_offset"]:module["a_offset"] + block_a.size] = block_a.ravel()
-        vector[module["b_offset"]:module["b_offset"] + block_b.size] = block_b.ravel()
-    return vector
-
-
-def unflatten(vector: np.ndarray, layout: dict[str, Any], rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    r_max = layout["max_rank"]
-    out = {}
-    for module in layout["modules"]:
-        a = vector[module["a_offset"]:module["a_offset"] + r_max * module["in"]].reshape(r_max, module["in"])
-        b = vector[module["b_offset"]:module["b_offset"] + module["out"] * r_max].reshape(module["out"], r_max)
-        out[module["name"]] = (a[:rank].copy(), b[:, :rank].copy())
-    return out
-
-
-def row_to_adapter(row: dict[str, Any], layout: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write the peft adapter (adapter_config.json + adapter_model.safetensors) a row holds.
-
-    Rows and layouts come from published datasets (outside data): the layout, the row's width,
-    rank and config are checked first, and a row with NaN/Inf weights is refused.
-    """
-    from safetensors.numpy import save_file
-
-    from lol_models.data import check_layout
-
-    check_layout(layout)
-    vector = np.asarray(row["weights"], dtype=np.float32)
-    rank, config_text = row.get("rank"), row.get("adapter_config")
-    if vector.shape != (layout["size"],):
-        raise PublishError(f"row {row.get('job_id')!r}: {vector.size} weights, but the layout describes {layout['size']}")
-    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or not 1 <= rank <= layout["max_rank"]:
-        raise PublishError(f"row {row.get('job_id')!r}: rank {rank!r} is not in 1..{layout['max_rank']}")
-    if not np.isfinite(vector).all():
-        raise PublishError(f"row {row.get('job_id')!r}: {int((~np.isfinite(vector)).sum())} NaN/Inf weight value(s)")
-    try:
-        config = json.loads(config_text) if isinstance(config_text, str) and len(config_text) <= MAX_CONFIG_BYTES else None
-    except ValueError:
-        config = None
-    if not isinstance(config, dict):
-        raise PublishError(f"row {row.get('job_id')!r}: adapter_config is not a JSON object")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, (a, b) in unflatten(vector, layout, int(rank)).items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
-    (out_dir / ADAPTER_CONFIG).write_text(config_text)
-    return out_dir
-
-
 # ---------------------------------------------------------------- assembling rows
-
-
-def label_column(scorer: str, label: str) -> str:
-    return f"{scorer}.{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}"
 
 
 @dataclass
@@ -330,9 +223,7 @@ def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False
         raise PublishError(f"label {column!r} is missing from {len(ids)} row(s), e.g. {ids[:5]}; rescore those LoRAs")
     first = rows[0]["job_id"]
     weights, _ = read_adapter(store, adapters[first], trust_remote_pickle)
-    factors = module_factors(weights.tensors)
-    check_factor_shapes(factors, ranks[first], first)
-    layout = make_layout(factors, max(ranks.values()))
+    layout = make_layout(job_factors(weights.tensors, ranks[first], first), max(ranks.values()))
     fractions = dict(manifest.publish.splits)
     for row in rows:
         row["split"] = split_of(row["group"], fractions, manifest.publish.split_seed)
@@ -349,13 +240,28 @@ def weighted_rows(assembled: Assembled, store: Store, rows: list[dict[str, Any]]
         if weights.non_finite:
             assembled.excluded[job_id] = f"{weights.non_finite_total} NaN/Inf weight value(s)"
             continue
-        factors = module_factors(weights.tensors)
-        check_factor_shapes(factors, assembled.ranks[job_id], job_id)
+        factors = job_factors(weights.tensors, assembled.ranks[job_id], job_id)
         try:
-            yield row, flatten(factors, assembled.layout)
-        except PublishError as exc:
+            vector = flatten(factors, assembled.layout)
+        except FormatError as exc:
             raise PublishError(f"job {job_id}: {exc}; every LoRA of a population adapts the same base "
                                f"(the layout is job {assembled.rows[0]['job_id']}'s)") from None
+        yield row, vector
+
+
+def job_factors(tensors: dict[str, np.ndarray], rank: int, job_id: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """module -> (lora_A (rank, in), lora_B (out, rank)) of job `job_id`'s adapter tensors, checked
+    against its spec's rank; PublishError naming the job otherwise."""
+    try:
+        factors = module_factors(tensors)
+    except FormatError as exc:
+        raise PublishError(f"job {job_id}: {exc}") from None
+    try:
+        check_factor_shapes(factors, rank)
+    except FormatError as exc:
+        raise PublishError(f"job {job_id}: {exc} (its spec's rank) — the adapter is not this job's; "
+                           "`lol finetune` retrains it once it is removed") from None
+    return factors
 
 
 def refuse_damage(manifest: Manifest, population) -> None:
@@ -383,7 +289,7 @@ def in_memory_dataset(rows: list[dict[str, Any]], weights: np.ndarray):
 
     table = pa.table({key: [row[key] for row in rows] for key in rows[0]})
     flat = pa.array(np.ascontiguousarray(weights, np.float32).reshape(-1), type=pa.float32())
-    return datasets.Dataset(table.append_column("weights", pa.FixedSizeListArray.from_arrays(flat, weights.shape[1])))
+    return datasets.Dataset(table.append_column(WEIGHTS_COLUMN, pa.FixedSizeListArray.from_arrays(flat, weights.shape[1])))
 
 
 def _metadata_table(rows: list[dict[str, Any]]):
@@ -396,7 +302,7 @@ def _metadata_table(rows: list[dict[str, Any]]):
 def _record_batch(rows: list[dict[str, Any]], vectors: list[np.ndarray], schema):
     import pyarrow as pa
 
-    columns = [pa.array([row[field.name] for row in rows], type=field.type) for field in schema if field.name != "weights"]
+    columns = [pa.array([row[field.name] for row in rows], type=field.type) for field in schema if field.name != WEIGHTS_COLUMN]
     flat = pa.array(np.concatenate(vectors), type=pa.float32())
     columns.append(pa.FixedSizeListArray.from_arrays(flat, len(vectors[0])))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
@@ -534,8 +440,8 @@ def write_folder(manifest: Manifest, store: Store, folder: Path, assembled: Asse
         raise PublishError(f"population {manifest.population.name!r} has no LoRA with finite weights to publish; "
                            f"excluded: {'; '.join(sorted(set(assembled.excluded.values()))[:5])}")
     _write_arrow_metadata(folder, splits, schema)
-    (folder / "layout.json").write_text(json.dumps(assembled.layout, indent=1) + "\n")
-    (folder / "labels.json").write_text(json.dumps(assembled.label_names, indent=1, sort_keys=True) + "\n")
+    (folder / LAYOUT_FILE).write_text(json.dumps(assembled.layout, indent=1) + "\n")
+    (folder / LABELS_FILE).write_text(json.dumps(assembled.label_names, indent=1, sort_keys=True) + "\n")
     manifest_rel = store.population(manifest.population.name).rel("manifest.yaml")
     if store.exists(manifest_rel):
         (folder / "manifest.yaml").write_bytes(store.read_bytes(manifest_rel))
@@ -554,7 +460,7 @@ def _schema_of(metadata, size: int):
     import pyarrow as pa
 
     one = metadata.slice(0, 1).append_column(
-        "weights", pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(size, np.float32)), size))
+        WEIGHTS_COLUMN, pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(size, np.float32)), size))
     return datasets.Dataset(one).features.arrow_schema
 
 

@@ -1,7 +1,7 @@
 """Small populations written in the published format (what `lol publish` writes), for lol_models tests.
 
-The rows go through `pipeline.publish`'s own `make_layout`, `flatten` and `in_memory_dataset`, so the
-folder is what `lol_models.data.pull` meets in a real run.
+The rows go through the published format's own `make_layout` and `flatten` (`lol_models.published`) and
+the writer's `in_memory_dataset`, so the folder is what `lol_models.data.pull` meets in a real run.
 
 Shape legend: N LoRAs, n/m rows of U/V (out/in features), r rank.
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lol_models.published import flatten, make_layout
 from lol_models.symmetry import gl_act, random_gl_like
 from lol_models.weights import LoraWeights
-from pipeline.publish import flatten, in_memory_dataset, make_layout
+from pipeline.publish import in_memory_dataset
 
 SHAPES: dict[str, tuple[int, int]] = {"block.0.to_q": (6, 8), "block.0.to_v": (6, 8), "block.1.to_q": (7, 5)}  # name: (n, m)
 NORM = {"clip_score.clip_score": {"scorer": "clip_score", "scorer_id": "clip_score-x", "label": "clip_score"}}

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from lol_models.experiments import evaluate, train_all
+from lol_models.published import flatten, make_layout
 from lol_models.report import report
 from lol_models.tasks import LearnSettings, tasks_of
-from pipeline.publish import flatten, in_memory_dataset, make_layout
+from pipeline.publish import in_memory_dataset
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ import yaml
 from conftest import ROOT
 from safetensors.numpy import load_file
 
+from lol_models.published import row_to_adapter
 from pipeline.finetune.diffusion import DiffusionTrainer
 from pipeline.finetune.runner import finetune_population
 from pipeline.hub import local_files, plan_push
 from pipeline.manifest import Manifest
-from pipeline.publish import PublishError, publish_population, row_to_adapter
+from pipeline.publish import PublishError, publish_population
 from pipeline.score.runner import score_population
 from storage import Store
 
@@ -248,7 +249,8 @@ def _in_memory_shard_names(store: Store, manifest: Manifest, folder) -> dict[str
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.publish import PARQUET_OPTIONS, assemble, flatten, module_factors, read_adapter
+    from lol_models.published import flatten, module_factors
+    from pipeline.publish import PARQUET_OPTIONS, assemble, read_adapter
 
     assembled = assemble(manifest, store)
     names: dict[str, list[str]] = {}

@@ -21,7 +21,7 @@ LABELS = {"score": {"scorer": "s", "scorer_id": "s-1", "label": "score"}}
 
 
 def _layout():
-    from pipeline.publish import make_layout
+    from lol_models.published import make_layout
 
     return make_layout({"m": (np.zeros((2, 3), np.float32), np.zeros((4, 2), np.float32))}, 2)
 

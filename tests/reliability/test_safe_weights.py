@@ -210,7 +210,7 @@ def _published_folder(tmp_path, weights: np.ndarray, layout: dict):
 
 
 def _layout():
-    from pipeline.publish import make_layout
+    from lol_models.published import make_layout
 
     return make_layout({"m": (np.zeros((2, 3), np.float32), np.zeros((4, 2), np.float32))}, 2)
 
@@ -244,7 +244,7 @@ def test_pull_fails_on_nan_rows_or_skips_them_with_a_count(tmp_path, run_cli):
 ])
 def test_hostile_layouts_are_refused_by_pull_and_row_to_adapter(tmp_path, edit, match):
     from lol_models.data import PulledDataError, pull
-    from pipeline.publish import row_to_adapter
+    from lol_models.published import row_to_adapter
 
     layout = _layout()
     weights = np.ones((2, layout["size"]), np.float32)
@@ -258,7 +258,7 @@ def test_hostile_layouts_are_refused_by_pull_and_row_to_adapter(tmp_path, edit, 
 
 
 def test_row_to_adapter_checks_the_row(tmp_path):
-    from pipeline.publish import PublishError, row_to_adapter
+    from lol_models.published import PulledDataError, row_to_adapter
 
     layout = _layout()
     good = {"job_id": "j", "rank": 2, "weights": np.ones(layout["size"], np.float32), "adapter_config": '{"r": 2}'}
@@ -266,5 +266,5 @@ def test_row_to_adapter_checks_the_row(tmp_path):
     for change, match in (({"rank": 3}, "rank"), ({"rank": "2"}, "rank"), ({"weights": np.ones(3)}, "weights"),
                           ({"adapter_config": "[1]"}, "adapter_config"), ({"adapter_config": "{"}, "adapter_config"),
                           ({"weights": np.full(layout["size"], np.nan, np.float32)}, "NaN")):
-        with pytest.raises(PublishError, match=match):
+        with pytest.raises(PulledDataError, match=match):  # a published row is outside data, like a pulled one
             row_to_adapter({**good, **change}, layout, tmp_path / "bad")
