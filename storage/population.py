@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -459,33 +459,35 @@ class PopulationStore:
         """Take the job for `worker` unless another worker holds an unexpired claim.
 
         Returns the claim, or None if someone else holds it. A claim past its expiry (a dead
-        worker's) is taken over. Claiming again as the same worker renews the lease.
+        worker's) is taken over. Claiming again as the same worker renews the lease. Of workers
+        racing for one job exactly one wins: under a lock on local disks and memory://, by
+        conditional writes on S3 (see `_put_claim_if`).
         """
-        rel = self.rel("claims", check_name(job_id, "job id"))
+        check_name(job_id, "job id")
+        lease_s = min(float(lease_s), MAX_LEASE_S)
+        claim = Claim(job_id, worker, uuid.uuid4().hex, time.time() + lease_s, lease_s)
+        if self._object_claims():
+            return claim if self._put_claim_if(job_id, _free_for(worker), claim) else None
         with self._claims_lock():
-            current = self._read_claim(job_id)
-            if current and current.worker != worker and current.is_live(time.time()):
+            if not _free_for(worker)(self._read_claim(job_id)):
                 return None
-            lease_s = min(float(lease_s), MAX_LEASE_S)
-            claim = Claim(job_id, worker, uuid.uuid4().hex, time.time() + lease_s, lease_s)
-            self.store.write_json(rel, claim.__dict__)
-        if not self.store.is_local:
-            # Object stores have no lock: read back, the last writer wins and the others yield.
-            confirmed = self._read_claim(job_id)
-            if confirmed is None or confirmed.token != claim.token:
-                return None
+            self.store.write_bytes(self.rel("claims", job_id), _claim_bytes(claim))
         return claim
 
     def renew(self, claim: Claim, lease_s: float) -> bool:
         """Extend our claim's lease; False if it is no longer ours (expired and taken over)."""
-        with self._claims_lock():
-            current = self._read_claim(claim.job_id)
-            if current is None or current.token != claim.token:
-                return False
-            claim.lease_s = min(float(lease_s), MAX_LEASE_S)
-            claim.expires = time.time() + claim.lease_s
-            self.store.write_json(self.rel("claims", claim.job_id), claim.__dict__)
-            return True
+        lease_s = min(float(lease_s), MAX_LEASE_S)
+        renewed = Claim(claim.job_id, claim.worker, claim.token, time.time() + lease_s, lease_s)
+        if self._object_claims():
+            ours = self._put_claim_if(claim.job_id, _held_by(claim.token), renewed)
+        else:
+            with self._claims_lock():
+                ours = _held_by(claim.token)(self._read_claim(claim.job_id))
+                if ours:
+                    self.store.write_bytes(self.rel("claims", claim.job_id), _claim_bytes(renewed))
+        if ours:
+            claim.expires, claim.lease_s = renewed.expires, renewed.lease_s
+        return ours
 
     @contextlib.contextmanager
     def holding(self, claim: Claim, lease_s: float) -> Iterator[None]:
@@ -520,16 +522,26 @@ class PopulationStore:
                 log.warning("could not release the claim on %s (it expires within %.0f s): %s", claim.job_id, lease_s, exc)
 
     def release(self, claim: Claim) -> None:
-        """Drop the claim if it is still ours."""
+        """Drop the claim if it is still ours (on S3: mark it ended, see `sweep_claims`)."""
+        if self._object_claims():
+            ended = Claim(claim.job_id, claim.worker, claim.token, 0.0, claim.lease_s)
+            self._put_claim_if(claim.job_id, _held_by(claim.token), ended)
+            return
         with self._claims_lock():
-            current = self._read_claim(claim.job_id)
-            if current is not None and current.token == claim.token:
+            if _held_by(claim.token)(self._read_claim(claim.job_id)):
                 self.store.delete(self.rel("claims", claim.job_id))
 
     def sweep_claims(self) -> int:
         """Remove expired claims and the temporary files of claim writes a killed worker left;
         returns how many files went. Claims are only written under the claims lock, so a
-        temporary file found while holding it belongs to a writer that died."""
+        temporary file found while holding it belongs to a writer that died.
+
+        On S3 nothing is removed: an ended or expired claim stays, one small object per job, and
+        is taken over in place (If-Match); deleting it could delete the claim a racing worker
+        has just written over it. Its writes are single PUTs, so they leave no temporary files.
+        """
+        if self._object_claims():
+            return 0
         removed = 0
         with self._claims_lock():
             now = time.time()
@@ -560,15 +572,35 @@ class PopulationStore:
     def _read_claim(self, job_id: str) -> Claim | None:
         """The claim file's claim, or None if absent or not a claim of this job (unreadable, wrong types)."""
         try:
-            value = json.loads(self.store.read_bytes(self.rel("claims", job_id), max_bytes=MAX_BOOKKEEPING_BYTES))
-            claim = Claim(**value)
-        except (OSError, ValueError, TypeError, UnicodeDecodeError, RecursionError):
+            return _parse_claim(self.store.read_bytes(self.rel("claims", job_id), max_bytes=MAX_BOOKKEEPING_BYTES), job_id)
+        except (OSError, StoreError):
             return None
-        numbers_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-                         for v in (claim.expires, claim.lease_s))
-        if claim.job_id != job_id or not isinstance(claim.token, str) or not numbers_ok:
-            return None
-        return claim
+
+    def _object_claims(self) -> bool:
+        """Whether claims here are conditional writes (S3), not lock-serialised (local disks, memory://).
+        The object store is probed on first use: ConditionalWritesUnsupported where it lacks them."""
+        if self.store.is_local or self.store.is_memory:
+            return False
+        self.store.conditional_writes(self.rel("claims"))
+        return True
+
+    def _put_claim_if(self, job_id: str, replaceable: Callable[[Claim | None], bool], new: Claim) -> bool:
+        """Write `new` as the job's claim if `replaceable(current claim)`, atomically on S3: created
+        only if no claim object exists (If-None-Match: *), else replacing only the object read
+        (If-Match: its ETag) — so of two workers that read the same claim, one writes. False if
+        `replaceable` said no or another worker's write came first."""
+        writes = self.store.conditional_writes(self.rel("claims"))
+        path = self.store.path(self.rel("claims", job_id))
+        current = writes.read(path)
+        if not replaceable(_parse_claim(current.data, job_id) if current else None):
+            return False
+        data = _claim_bytes(new)
+        if (writes.create(path, data) if current is None else writes.replace(path, data, current.etag)) is not None:
+            return True
+        # Refused: another worker's write came first — or ours landed and only its answer was
+        # lost (the client retried it). The claim object tells which.
+        again = writes.read(path)
+        return again is not None and again.data == data
 
     @contextlib.contextmanager
     def _claims_lock(self) -> Iterator[None]:
@@ -577,6 +609,7 @@ class PopulationStore:
             with self.store.lock(self.rel("claims", ".lock")):
                 yield
         else:
+            assert self.store.is_memory, "claims on object stores are conditional writes, not locked"
             lock = _memory_claim_locks.setdefault(self.store.path(self.rel("claims")), threading.Lock())
             with lock:
                 yield
@@ -608,6 +641,34 @@ class PopulationStore:
         report.unplanned = [j for j in self.job_ids() if j not in planned and _safe_has_record(self, j)]
         return report
 
+
+
+def _free_for(worker: str) -> Callable[[Claim | None], bool]:
+    """Whether a job with this claim (None: none) may be claimed by `worker`: unless another
+    worker's claim on it is live."""
+    return lambda current: current is None or current.worker == worker or not current.is_live(time.time())
+
+
+def _held_by(token: str) -> Callable[[Claim | None], bool]:
+    """Whether this claim is still the one with `token` (not expired and taken over)."""
+    return lambda current: current is not None and current.token == token
+
+
+def _claim_bytes(claim: Claim) -> bytes:
+    return (json.dumps(claim.__dict__, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _parse_claim(data: bytes, job_id: str) -> Claim | None:
+    """The claim in `data` if it is a well-formed claim of `job_id`, else None."""
+    try:
+        claim = Claim(**json.loads(data))
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
+        return None
+    numbers_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+                     for v in (claim.expires, claim.lease_s))
+    if claim.job_id != job_id or not isinstance(claim.token, str) or not numbers_ok:
+        return None
+    return claim
 
 
 def _identity_mismatch(value: dict, job_id: str, population: str) -> str:

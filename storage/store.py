@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.conditional import S3ConditionalWrites, object_claims
 from storage.locks import file_lock
 from storage.paths import TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 from storage.population import PopulationStore
@@ -68,6 +69,7 @@ class Store:
         self.fs, self.root = _filesystem(self.url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._real_root = os.path.realpath(self.root) if self.is_local else None
+        self._conditional: S3ConditionalWrites | None = None  # probed on first use (claims)
         self._check_layout(create)
 
     def __repr__(self) -> str:
@@ -180,6 +182,21 @@ class Store:
             yield
         finally:
             lock.__exit__(None, None, None)
+
+    @property
+    def is_memory(self) -> bool:
+        """A `memory://` store: one process's, so a process lock serialises its claims."""
+        return "memory" in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,))
+
+    def conditional_writes(self, probe_folder: str) -> S3ConditionalWrites:
+        """Create-if-absent and replace-if-unchanged on this object store (what claims need where
+        nothing can be locked), checked once by a probe in `probe_folder`;
+        `ConditionalWritesUnsupported` (a StoreError) where the store lacks them."""
+        if self._conditional is None:
+            writes = object_claims(self.fs)
+            writes.probe(self.path(probe_folder))
+            self._conditional = writes
+        return self._conditional
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
