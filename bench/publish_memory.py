@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from pipeline.bench import sd14_lora_modules
+from bench.measure import sd14_lora_modules
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id

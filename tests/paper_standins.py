@@ -8,12 +8,12 @@ configs are those of the real checkpoints, saved in the layout a hub download le
   scheduler/ (no safety_checker / feature_extractor: the pipeline loads SD with safety_checker=None).
   The configs below are the values of the repo's unet/config.json, vae/config.json,
   text_encoder/config.json and scheduler/scheduler_config.json. The tokenizer is OpenAI CLIP's BPE
-  (49,408 ids) rebuilt from open_clip's vocabulary (pipeline/bases/clip_tokenizer.py), with SD-1.4's
+  (49,408 ids) rebuilt from open_clip's vocabulary (tinyworld/clip_tokenizer.py), with SD-1.4's
   tokenizer_config: pad = unk = eos = "<|endoftext|>", model_max_length 77.
 - `qwen2-0.5b`: `Qwen/Qwen2-0.5B` — config.json (the values of the repo's config.json),
   model.safetensors, generation_config.json, tokenizer.json / tokenizer_config.json. The tokenizer is a
   byte-level BPE trained here with `tokenizers` through Qwen2's own text pipeline
-  (pipeline.bases.qa_lm.train_tokenizer, Qwen2's pre-tokenisation regex), at most 2,048 ids (the
+  (tinyworld.qa_lm.train_tokenizer, Qwen2's pre-tokenisation regex), at most 2,048 ids (the
   corpus below yields about 600), eos = pad =
   "<|endoftext|>", no bos (as Qwen2). Stated difference: its ids are fewer than the real tokenizer's
   151,646 and "<|endoftext|>" has id 0, not 151,643; the embedding keeps the config's exact
@@ -172,7 +172,7 @@ def _build_sd(config: dict[str, dict], out: Path) -> None:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from pipeline.bases.clip_tokenizer import write_clip_vocab
+    from tinyworld.clip_tokenizer import write_clip_vocab
 
     vocab = write_clip_vocab(out / "_vocab")
     tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), **config["tokenizer"])
@@ -210,7 +210,7 @@ def tokenizer_corpus() -> list[str]:
 def _build_qwen2(config: dict[str, Any], out: Path) -> None:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from pipeline.bases.qa_lm import TokenizerSettings, train_tokenizer
+    from tinyworld.qa_lm import TokenizerSettings, train_tokenizer
 
     settings = TokenizerSettings(vocab_size=QWEN2_TOKENIZER_VOCAB, min_frequency=1, eos_token="<|endoftext|>",
                                  pad_token="<|endoftext|>")

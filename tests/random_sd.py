@@ -16,7 +16,7 @@ def build_random_sd(out: Path) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipeline.bases.clip_tokenizer import build_clip_tokenizer
+    from tinyworld.clip_tokenizer import build_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_clip_tokenizer(out / "_tokenizer")

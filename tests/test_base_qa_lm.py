@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from pipeline.bases import qa_lm  # noqa: E402
 from pipeline.data.qa import QASource, format_question  # noqa: E402
+from tinyworld import qa_lm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is far faster on shared cores
 

@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("easy_vqa", reason="the shapes data needs `pip install --no-deps easy-vqa==1.0`")
 torch = pytest.importorskip("torch")
 
-from pipeline.bases import shapes_quality, shapes_sd  # noqa: E402
 from pipeline.data.shapes import COLORS  # noqa: E402
+from tinyworld import shapes_quality, shapes_sd  # noqa: E402
 
 
 def test_colour_examples_are_one_colour_and_seeded():
@@ -79,9 +79,9 @@ def test_the_lora_effect_uses_the_population_trainer_and_leaves_the_base_clean(t
 
 @pytest.mark.full_build
 def test_full_bases_meet_the_bars(tmp_path):
-    from pipeline.bases import shapes_clip
     from pipeline.bases.cache import ensure_base
     from storage import Store
+    from tinyworld import shapes_clip
 
     store = Store(str(tmp_path / "store"))
     pipe = shapes_sd.load(ensure_base("shapes-sd", store).path)

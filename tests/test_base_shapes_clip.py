@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from pipeline.bases import shapes_clip  # noqa: E402
 from pipeline.data.shapes import ShapesSource  # noqa: E402
+from tinyworld import shapes_clip  # noqa: E402
 
 SAMPLE_PROMPTS = ["a red circle", "a teal rectangle", "a yellow triangle", "a shape", "an image of a blue circle", ""]
 

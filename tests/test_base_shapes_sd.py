@@ -18,9 +18,9 @@ torch = pytest.importorskip("torch")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from pipeline.bases import shapes_sd  # noqa: E402
-from pipeline.bases.clip_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, build_clip_tokenizer  # noqa: E402
 from pipeline.data.shapes import ShapesSource, load_images  # noqa: E402
+from tinyworld import shapes_sd  # noqa: E402
+from tinyworld.clip_tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, build_clip_tokenizer  # noqa: E402
 
 ODD_STRINGS = [
     "",

@@ -11,11 +11,12 @@ from conftest import ROOT
 pytest.importorskip("easy_vqa", reason="the shapes data needs `pip install --no-deps easy-vqa==1.0`")
 torch = pytest.importorskip("torch")
 
-from pipeline.bases import BaseModelError, shapes_sd, shapes_sd_continued, tiny_module  # noqa: E402
+from pipeline.bases import BaseModelError, tiny_module  # noqa: E402
 from pipeline.bases.cache import ensure_base, recipe_for  # noqa: E402
 from pipeline.jobs import expand  # noqa: E402
 from pipeline.manifest import TINY_BASES, Manifest  # noqa: E402
 from storage import Store  # noqa: E402
+from tinyworld import shapes_sd, shapes_sd_continued  # noqa: E402
 
 
 def test_registered_as_a_diffusion_base_the_manifest_schema_knows():

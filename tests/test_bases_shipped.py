@@ -46,8 +46,8 @@ def test_shipped_weights_fit_the_budget():
 
 
 def test_an_empty_store_takes_the_shipped_builds_and_they_load(tmp_path):
-    from pipeline.bases import qa_lm, shapes_clip, shapes_sd
     from pipeline.data.shapes import ShapesSource
+    from tinyworld import qa_lm, shapes_clip, shapes_sd
 
     store = Store(str(tmp_path / "store"))
     built = {name: ensure_base(name, store) for name in shipped_names()}

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 
 def test_bench_finetune_writes_results(run_cli, random_sd, tmp_path, monkeypatch):
-    import pipeline.bench as bench
+    import bench.measure as bench
 
     monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path / "results")
     monkeypatch.setattr(bench.write_results, "__defaults__", (tmp_path / "results",))

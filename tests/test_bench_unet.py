@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.bench_unet import bench_unet, build_unet, step_tflop
+from bench.unet import bench_unet, build_unet, step_tflop
 
 
 def test_flops_of_a_step_match_a_second_count():
@@ -29,7 +29,7 @@ def test_both_modes_run_and_report_throughput(run_cli):
 def test_the_sd15_shape_has_sd15s_parameter_count():
     from diffusers import UNet2DConditionModel
 
-    from pipeline.bench_unet import CONFIGS
+    from bench.unet import CONFIGS
 
     with torch.device("meta"):  # shapes only, no memory
         unet = UNet2DConditionModel(**CONFIGS["sd15"])

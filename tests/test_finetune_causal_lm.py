@@ -15,7 +15,6 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from pipeline.bases.cache import ensure_base
-from pipeline.bases.qa_lm import continuation_logliks
 from pipeline.data import get_source
 from pipeline.data.base import DataSourceError
 from pipeline.finetune.causal_lm import (
@@ -32,6 +31,7 @@ from pipeline.finetune.runner import finetune_population
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 from storage import Store
+from tinyworld.qa_lm import continuation_logliks
 
 ARC = ROOT / "manifests" / "tiny-arc.yaml"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is far faster on shared cores

@@ -148,9 +148,9 @@ def ship(built: BuiltBase, shipped_dir: Path = SHIPPED_DIR) -> Path:
 
 def shipped_names() -> list[str]:
     """The bases the repository ships built (a module may opt out with `SHIPPED = False`)."""
-    from pipeline.bases import TINY_MODULES
+    from pipeline.bases import tiny_modules
 
-    return [name for name in TINY_MODULES if getattr(tiny_module(name), "SHIPPED", True)]
+    return [name for name in tiny_modules() if getattr(tiny_module(name), "SHIPPED", True)]
 
 
 def shipped_bytes(shipped_dir: Path = SHIPPED_DIR) -> dict[str, int]:

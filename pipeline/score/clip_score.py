@@ -52,12 +52,11 @@ def load_clip(model: str, pretrained: str | None, store: Store, size: str = "ful
     layout: open_clip_config.json + weights). Offline, weights that are not cached raise
     ArtefactUnavailableError with the `hf download` command.
     """
-    if model.startswith("tiny:"):
-        from pipeline.bases import tiny_module
+    if model.startswith("tiny:"):  # a built folder in open_clip's local-dir layout, loaded like a user's own
         from pipeline.bases.cache import ensure_base
 
         built = ensure_base(model, store, size=size)
-        return tiny_module(model).load(built.path, device=device or "cpu")
+        return load_clip(f"local-dir:{built.path}", None, store, device=device)
     import open_clip
 
     from pipeline.artefacts import hub_offline, hub_reachable

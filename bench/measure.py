@@ -289,7 +289,7 @@ def bench_load(count_sd: int, count_tiny: int, work_dir: Path) -> list[Measureme
     results = []
     tiny = work_dir / "tiny"
     if count_tiny:
-        _in_child(f"from pipeline.bench import write_random_population, sd14_lora_modules, _tiny_modules, _publish_arrow; from pathlib import Path; "
+        _in_child(f"from bench.measure import write_random_population, sd14_lora_modules, _tiny_modules, _publish_arrow; from pathlib import Path; "
                   f"write_random_population(Path({str(tiny)!r}), _tiny_modules(), {count_tiny}, rank=4); _publish_arrow(Path({str(tiny)!r}))")
         _, _, output = run_child([sys.executable, "-c", LOAD_WORKER, "open", str(tiny)])
         mode, n, seconds, peak = output.split()[-4:]
@@ -297,7 +297,7 @@ def bench_load(count_sd: int, count_tiny: int, work_dir: Path) -> list[Measureme
                                    {"floats_per_lora": json.loads((tiny / "layout.json").read_text())["size"]}))
     if count_sd:
         sd = work_dir / "sd14"
-        _in_child(f"from pipeline.bench import write_random_population, sd14_lora_modules, _tiny_modules, _publish_arrow; from pathlib import Path; "
+        _in_child(f"from bench.measure import write_random_population, sd14_lora_modules, _tiny_modules, _publish_arrow; from pathlib import Path; "
                   f"write_random_population(Path({str(sd)!r}), sd14_lora_modules(), {count_sd}, rank=4, per_file=True)")
         size = json.loads((sd / "layout.json").read_text())["size"]
         for mode in ("stream", "per-file"):

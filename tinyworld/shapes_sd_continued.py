@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from pipeline.bases import BaseModelError, shapes_sd
+from pipeline.bases import BaseModelError
+from tinyworld import shapes_sd
 
 NAME = "shapes-sd-continued"
 KIND = "diffusion"

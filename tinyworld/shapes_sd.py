@@ -64,8 +64,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.bases.clip_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_clip_tokenizer
 from pipeline.data.shapes import COLORS, PALETTE, SHAPES, ShapesSource
+from tinyworld.clip_tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_clip_tokenizer
 
 NAME = "shapes-sd"
 KIND = "diffusion"
@@ -694,7 +694,7 @@ def save_sample_grid(pipe, path: Path, guidance_scale: float = 4.0, seed: int = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pipeline.bases.shapes_sd SIZE OUT_DIR [GRID.png]`: build, print metrics as JSON."""
+    """`python -m tinyworld.shapes_sd SIZE OUT_DIR [GRID.png]`: build, print metrics as JSON."""
     import argparse
 
     parser = argparse.ArgumentParser(description=f"build tiny:{NAME} from scratch")

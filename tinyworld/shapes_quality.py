@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.bases import shapes_clip, shapes_sd
 from pipeline.data.shapes import COLORS, SHAPES, ShapesSource
+from tinyworld import shapes_clip, shapes_sd
 
 # The empty prompt: the base's unconditional distribution (what classifier-free guidance trained
 # it to draw without a caption), where every colour appears about as often as in the data. A

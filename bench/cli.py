@@ -1,0 +1,281 @@
+"""`lol bench …`: the benchmarks (a plugin of the `lol` CLI, registered under the `lol.commands` entry points).
+
+Results go to bench/results/ and a table; docs/performance.md summarises them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from pipeline.cli.common import (
+    EXIT_PROBLEMS,
+    ManifestArg,
+    OverridesArg,
+    StoreOpt,
+    load,
+    out,
+    progress_bar,
+)
+from pipeline.manifest import Manifest
+from storage import Store
+
+bench_app = typer.Typer(help="Benchmarks: results go to bench/results/ and a table.", no_args_is_help=True)
+BenchManifest = Annotated[Path, typer.Option("--manifest", help="Population to measure.")]
+BenchCount = Annotated[int, typer.Option(help="LoRAs per mode.")]
+
+
+def _bench_table(title: str, measurements, path: Path) -> None:
+    table = Table(title=title)
+    for column in ("benchmark", "mode", "LoRAs", "seconds", "LoRAs/hour", "peak RSS MB", "processes"):
+        table.add_column(column, justify="right")
+    for m in measurements:
+        table.add_row(m.benchmark, m.mode, str(m.loras), f"{m.seconds:.1f}", f"{m.loras_per_hour:.0f}", f"{m.peak_rss_mb:.0f}", str(m.processes))
+    out.print(table)
+    out.print(f"results: {path}")
+
+
+def _check_modes(modes: str) -> None:
+    from bench.measure import MODES
+
+    unknown = [m.strip() for m in modes.split(",") if m.strip() not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; modes: {', '.join(MODES)}")
+
+
+@bench_app.command("finetune")
+def bench_finetune_command(
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 16,
+    modes: Annotated[str, typer.Option(help="Comma-separated: process, sequential, cohort.")] = "process,sequential,cohort",
+) -> int:
+    """LoRAs per hour and peak memory of finetuning, per mode, each in fresh processes."""
+    from bench.measure import bench_finetune, write_results
+
+    load(manifest, overrides)
+    _check_modes(modes)
+    results = bench_finetune(str(manifest), list(overrides or []), count, [m.strip() for m in modes.split(",")])
+    _bench_table("lol bench finetune", results, write_results("finetune", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
+    return 0
+
+
+@bench_app.command("labels")
+def bench_labels_command(
+    manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
+    output: Annotated[Optional[Path], typer.Option(help="JSON to write (default: bench/results/labels-{population}.json).")] = None,
+) -> int:
+    """Are the labels informative? Spread of every label and Kendall τ against lr × steps/epochs and each hyperparameter."""
+    import json as json_module
+
+    from pipeline.label_stats import label_statistics
+
+    loaded = load(manifest, overrides)
+    result = label_statistics(loaded, Store(store, create=False))
+    if not result["labels"]:
+        raise ValueError(f"no scores stored for {loaded.population.name!r}; run `lol score {manifest}` first")
+    table = Table(title=f"labels of {loaded.population.name} ({result['planned']} planned)")
+    table.add_column("label", overflow="fold")  # long attribute tests wrap instead of being cut
+    for column in ("n", "mean", "std", "min", "max", "τ vs lr×length (p)"):
+        table.add_column(column, justify="right")
+    for column, s in result["labels"].items():
+        tau = s["kendall"].get("lr×length")
+        table.add_row(column, str(s["count"]), f"{s['mean']:.4g}", f"{s['std']:.4g}", f"{s['min']:.4g}", f"{s['max']:.4g}",
+                      f"{tau['tau']:+.3f} ({tau['p_value']:.2g})" if tau else "—")
+    out.print(table)
+    path = output or Path("bench/results") / f"labels-{loaded.population.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json_module.dumps(result, indent=1))
+    out.print(f"results: {path}")
+    return 0
+
+
+@bench_app.command("score")
+def bench_score_command(
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 16,
+    modes: Annotated[str, typer.Option(help="Comma-separated: process, sequential, cohort.")] = "process,sequential,cohort",
+) -> int:
+    """LoRAs per hour and peak memory of scoring, per mode (finetuning first, untimed)."""
+    from bench.measure import bench_score, write_results
+
+    load(manifest, overrides)
+    _check_modes(modes)
+    results = bench_score(str(manifest), list(overrides or []), count, [m.strip() for m in modes.split(",")])
+    _bench_table("lol bench score", results, write_results("score", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
+    return 0
+
+
+@bench_app.command("unet")
+def bench_unet_command(
+    config: Annotated[str, typer.Option(help="UNet shape: sd15 (SD-1.5, 512 px) or small.")] = "sd15",
+    adapters: Annotated[int, typer.Option(help="LoRAs K per mode (batch 1 each).")] = 8,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per LoRA.")] = 10,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bf16.")] = "bf16",
+    modes: Annotated[str, typer.Option(help="Comma-separated: sequential, cohort.")] = "sequential,cohort",
+) -> int:
+    """LoRA training throughput on an SD-shaped UNet with random weights: sequential vs cohort, TFLOP/s."""
+    import json as json_module
+    import time as time_module
+    from dataclasses import asdict
+
+    from bench.unet import bench_unet
+
+    results, facts = bench_unet(config, adapters, steps, device, dtype, tuple(m.strip() for m in modes.split(",")))
+    table = Table(title=f"lol bench unet: {config}, {facts['device']}, {dtype}")
+    for column in ("mode", "LoRAs", "steps", "seconds", "LoRA-steps/s", "TFLOP/s", "of peak", "peak MB"):
+        table.add_column(column, justify="right")
+    for m in results:
+        share = f"{m.achieved_tflops / facts['peak_tflops']:.1%}" if facts["peak_tflops"] else "—"
+        table.add_row(m.mode, str(m.adapters), str(m.steps), f"{m.seconds:.2f}", f"{m.adapter_steps_per_second:.2f}",
+                      f"{m.achieved_tflops:.2f}", share, f"{m.peak_memory_mb:.0f}")
+    out.print(table)
+    path = Path("bench/results") / f"unet-{config}-{time_module.strftime('%Y%m%dT%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json_module.dumps({"facts": facts, "results": [
+        {**asdict(m), "adapter_steps_per_second": m.adapter_steps_per_second, "achieved_tflops": m.achieved_tflops}
+        for m in results]}, indent=2) + "\n")
+    out.print(f"results: {path}")
+    return 0
+
+
+@bench_app.command("orchestration")
+def bench_orchestration_command(
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 8,
+) -> int:
+    """The same population through the library and through the Prefect flows: the overhead."""
+    from bench.measure import bench_orchestration, write_results
+
+    load(manifest, overrides)
+    results = bench_orchestration(str(manifest), list(overrides or []), count)
+    direct, flows = results
+    _bench_table("lol bench orchestration", results, write_results("orchestration", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
+    overhead = flows.seconds - direct.seconds
+    server = flows.extra.get("ephemeral_server_start_s")
+    out.print(f"orchestration overhead: {overhead:+.1f} s ({100 * overhead / direct.seconds:+.0f}% of the library run)"
+              + (f"; the ephemeral server start took {server:.1f} s of it" if server else ""))
+    return 0
+
+
+@bench_app.command("faults")
+def bench_faults_command(
+    overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"),
+    scenarios: Annotated[str, typer.Option(help="Comma-separated scenarios, or all: kill, concurrent-2, concurrent-4, job-exception, "
+                                                "non-finite-loss, out-of-memory, scorer-crash, full-disk, flaky-store.")] = "all",
+    trials: Annotated[Optional[list[str]], typer.Option(help="Seeded trials: N for every scenario, or SCENARIO=N; repeatable "
+                                                             "(default: 10 kills, 2 of each other, 1 scorer crash).")] = None,
+    lease: Annotated[float, typer.Option(help="Claim lease of the workers in seconds: a killed worker's claims expire this soon.")] = 2.0,
+    mount: Annotated[bool, typer.Option(help="Full disk as a size-limited tmpfs (needs root); --no-mount: a write quota.")] = True,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Where the trials' stores go (default: a temp dir, removed after).")] = None,
+) -> int:
+    """Fault injection: workers killed, racing, failing, on a full disk or a flaky store; a table of the promises held."""
+    import tempfile
+
+    from pipeline.faults.report import rows, write_results
+    from pipeline.faults.scenarios import SCENARIOS, run_scenarios, trial_counts
+
+    loaded = load(manifest, overrides)
+    if loaded.base.kind != "diffusion":
+        raise ValueError(f"lol bench faults injects faults into diffusion smoke populations; {manifest} is {loaded.base.kind}")
+    chosen = list(SCENARIOS) if scenarios.strip() == "all" else [s.strip() for s in scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown or not chosen:
+        raise ValueError(f"--scenarios {scenarios!r}: choose from all, {', '.join(SCENARIOS)}")
+    counts = trial_counts(chosen, _trials_option(trials or [], chosen))
+    total = sum(counts.values())
+    with tempfile.TemporaryDirectory(prefix="lol-bench-faults-", dir=work_dir) as tmp:
+        lab = _fault_lab(manifest, loaded, list(overrides or []), Path(tmp), lease, mount)
+        with progress_bar() as progress:
+            task = progress.add_task("fault trials", total=total)
+            done = run_scenarios(lab, chosen, counts, on_trial=lambda t: progress.update(
+                task, advance=1, description=f"{t.scenario} ({t.variant}) {'✓' if t.ok else '✗'}"))
+    table = Table(title=f"lol bench faults: {total} trials on a smoke population of {loaded.population.name}")
+    for column in ("scenario", "variant", "trials", "promises held", "outcomes", "measured", "s/trial"):
+        table.add_column(column, overflow="fold")
+    for row in rows(done):
+        table.add_row(row.scenario, row.variant, str(row.trials), f"{row.held} of {row.trials}", row.outcomes, row.measured,
+                      f"{row.seconds:.1f}")
+    out.print(table)
+    for trial in (t for t in done if not t.ok):
+        out.print(f"✗ {trial.scenario} ({trial.variant}) trial {trial.trial}: " + "; ".join(trial.problems), highlight=False)
+    path = write_results(done, {"manifest": str(manifest), "overrides": overrides, "scenarios": chosen, "trials": counts,
+                                "lease_s": lease, "mount": mount})
+    out.print(f"results: {path}")
+    return 0 if all(t.ok for t in done) else EXIT_PROBLEMS
+
+
+def _trials_option(values: list[str], chosen: list[str]) -> dict[str, int]:
+    """`--trials N` (every chosen scenario) and `--trials SCENARIO=N` (that one), later ones winning."""
+    counts: dict[str, int] = {}
+    for value in values:
+        name, _, number = value.rpartition("=")
+        if not number.strip().isdigit() or int(number) < 1 or (name and name not in chosen):
+            raise ValueError(f"--trials {value!r}: give N ≥ 1, or SCENARIO=N with one of {', '.join(chosen)}")
+        counts.update({name: int(number)} if name else dict.fromkeys(chosen, int(number)))
+    return counts
+
+
+def _fault_lab(manifest: Path, loaded: Manifest, overrides: list[str], work: Path, lease: float, mount: bool):
+    """A FaultLab whose base is resolved once (a `tiny:` base is built or copied here, not in every trial's store)."""
+    from pipeline.bases.loading import resolve_base
+    from pipeline.faults.lab import FaultLab
+
+    base, _ = resolve_base(loaded.base.model_dump(), Store(str(work / "bases")))
+    pinned = [f"base.ref={base}", "base.size=full"] if Path(base).exists() else []
+    return FaultLab(str(manifest), [*overrides, *pinned], work / "trials", lease_s=lease, mount=mount)
+
+
+@bench_app.command("load")
+def bench_load_command(
+    sd_loras: Annotated[int, typer.Option(help="SD-1.4-shaped rank-4 LoRAs (random weights) to stream.")] = 2000,
+    tiny_loras: Annotated[int, typer.Option(help="Tiny-world-shaped LoRAs to open as tensors.")] = 1000,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Where to write the test data (default: a temp dir).")] = None,
+) -> int:
+    """Reading published weights: tiny population as tensors; SD-shaped streamed vs per-file safetensors."""
+    import tempfile
+
+    from bench.measure import bench_load, write_results
+
+    with tempfile.TemporaryDirectory(prefix="lol-bench-load-", dir=work_dir) as tmp:
+        results = bench_load(sd_loras, tiny_loras, Path(tmp))
+    _bench_table("lol bench load", results, write_results("load", results, {"sd_loras": sd_loras, "tiny_loras": tiny_loras}))
+    per_file = next((m for m in results if m.mode.endswith("per-file")), None)
+    streamed = next((m for m in results if m.mode.endswith("stream")), None)
+    if per_file and streamed:
+        out.print(f"streaming is {per_file.seconds / streamed.seconds:.2f}× the speed of per-file safetensors "
+                  f"(peak RSS {streamed.peak_rss_mb:.0f} MB vs {per_file.peak_rss_mb:.0f} MB)")
+    return 0
+
+
+@bench_app.command("scaling")
+def bench_scaling_command(
+    models: Annotated[str, typer.Option(help="Comma-separated predictors.")] = "mlp,mlp_svd,mlp_oalign,mlp_dense,transformer,glnet",
+    memory_gb: Annotated[float, typer.Option(help="Address-space limit per measurement.")] = 16.0,
+) -> int:
+    """Forward time and peak memory of each predictor on rank-4 LoRAs shaped like GPT-3 125M…175B."""
+    import json as json_module
+    import time
+
+    from lol_models.scaling import GPT3_SIZES, as_rows, plot, scaling
+
+    chosen = [m.strip() for m in models.split(",") if m.strip()]
+    points = scaling(chosen, memory_limit_gb=memory_gb)
+    table = Table(title="forward time (ms) / peak RSS (MB), batch 1, rank 4, one d×d LoRA per layer")
+    table.add_column("model")
+    for size in GPT3_SIZES:
+        table.add_column(size, justify="right")
+    for model in chosen:
+        cells = []
+        for size in GPT3_SIZES:
+            point = next((p for p in points if p.model == model and p.size == size), None)
+            cells.append("" if point is None else f"{point.forward_ms:.1f} / {point.peak_rss_mb:.0f}" if point.status == "ok" else point.status.split(":")[0])
+        table.add_row(model, *cells)
+    out.print(table)
+    RESULTS = Path("bench/results")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    (RESULTS / f"scaling-{stamp}.json").write_text(json_module.dumps({"memory_limit_gb": memory_gb, "points": as_rows(points)}, indent=1))
+    plot(points, RESULTS / f"scaling-{stamp}.png")
+    out.print(f"results: {RESULTS / f'scaling-{stamp}.json'} and .png")
+    return 0

@@ -1,0 +1,89 @@
+"""`lol`: the front door. Every subcommand is a thin call into library functions.
+
+`main(argv)` returns the exit code instead of exiting, so tests call it directly.
+Exit codes: 0 ok, 1 the command ran and found problems (e.g. `verify`), 2 bad input.
+
+One module per command group: population.py (validate, fetch, plan, status, verify, run, deploy),
+stages.py (finetune, score, publish, pull, train, evaluate, report), experiment.py. Tooling adds
+its groups through the `lol.commands` entry points (`lol bench` from bench/, `lol bases` from
+tinyworld/), so the library never imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.metadata import entry_points
+
+import click
+import typer
+from rich.text import Text
+
+from pipeline.bases import BaseModelError
+from pipeline.cli import experiment, population, stages
+from pipeline.cli.common import EXIT_BAD_INPUT, err
+from pipeline.data.base import DataSourceError
+from pipeline.manifest import ManifestError
+from pipeline.publish import PublishError
+from storage import StoreError
+
+PLUGIN_GROUP = "lol.commands"
+
+app = typer.Typer(
+    name="lol",
+    help="Populations of finetuned LoRAs: finetune, score, publish, and learn on them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(population.app)
+app.add_typer(stages.app)
+app.add_typer(experiment.experiment_app, name="experiment")
+
+
+def add_plugins(target: typer.Typer) -> None:
+    """Add the command groups that tooling registers (entry point name = group name, value = its Typer)."""
+    for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
+        target.add_typer(plugin.load(), name=plugin.name)
+
+
+add_plugins(app)
+
+USER_ERRORS = (ManifestError, StoreError, DataSourceError, BaseModelError, PublishError, ValueError, FileNotFoundError)
+
+
+def _hint(exc: Exception) -> str | None:
+    if isinstance(exc, ManifestError):
+        return "fix the lines above; `lol validate FILE` re-checks without running anything"
+    if isinstance(exc, StoreError):
+        return "pass --store PATH_OR_URL or set LOL_STORE"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 problems found, 2 bad input)."""
+    if os.environ.get("LOL_TORCH_THREADS"):  # small models on shared CPUs run faster on one thread
+        import torch
+
+        torch.set_num_threads(int(os.environ["LOL_TORCH_THREADS"]))
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="lol", standalone_mode=False)
+    except (click.exceptions.Exit, typer.Exit) as exc:
+        return exc.exit_code
+    except (click.exceptions.Abort, typer.Abort):
+        err.print("aborted")
+        return 130
+    except (click.ClickException, typer.TyperException) as exc:  # typer ≥ 0.2x raises its own copy of click's
+        exc.show()
+        return EXIT_BAD_INPUT
+    except USER_ERRORS as exc:
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        if (hint := _hint(exc)) is not None:
+            err.print(f"hint: {hint}")
+        return EXIT_BAD_INPUT
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

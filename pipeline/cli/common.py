@@ -1,0 +1,35 @@
+"""What every `lol` command module shares: the consoles, the argument types, manifest loading, exit codes.
+
+Command modules (pipeline/cli/*.py, and the tooling plugins registered under the `lol.commands`
+entry points) parse, call one library function and render what it returns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.manifest import Manifest
+
+out = Console(soft_wrap=True)  # a line is one line in logs and pipes, whatever the path lengths
+err = Console(stderr=True, soft_wrap=True)
+
+EXIT_PROBLEMS, EXIT_BAD_INPUT = 1, 2
+
+ManifestArg = Annotated[Path, typer.Argument(help="Manifest YAML file.", show_default=False)]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. count=10 lora.rank=8.", show_default=False)]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Store URL or path; default $LOL_STORE, else ./lol-store.")]
+
+
+def load(manifest_path: Path, overrides: list[str] | None) -> Manifest:
+    return Manifest.from_yaml(manifest_path, overrides=overrides or [])
+
+
+def progress_bar() -> Progress:
+    """A transient progress bar on stderr (stdout stays the command's result)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True)
