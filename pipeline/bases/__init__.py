@@ -9,10 +9,11 @@ on a cache miss; loading goes through `from_pretrained`, as for an HF id.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 ENTRY_POINT_GROUP = "lol.tiny_bases"
 
