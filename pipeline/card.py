@@ -1,4 +1,11 @@
-"""The dataset card (README.md with the YAML header the hub reads) of a published population."""
+"""The dataset card (README.md with the YAML header the hub reads) of a published population.
+
+The card is a `huggingface_hub.DatasetCard`; its YAML header is a `DatasetCardData` holding the
+license, tags, the parquet `configs` and the `dataset_info` that `datasets` itself writes on
+`push_to_hub` (features, and per split `num_bytes` and `num_examples`, written by
+`datasets.info.DatasetInfosDict.to_dataset_card_data`), so `datasets.load_dataset` reads the
+header whole, without a warning.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from lol_models.published import COLUMNS
+from lol_models.published import COLUMNS, LAYOUT_FILE
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
 
@@ -27,23 +33,42 @@ def code_version() -> str:
     return f"{version}+{commit}" if commit else version
 
 
-def dataset_card(manifest: Manifest, dataset, shards: dict[str, list[str]], layout: dict[str, Any],
-                 label_names: dict[str, dict[str, str]], data_provenance: list[tuple[dict[str, Any], int]] | None = None) -> str:
-    """The card; `data_provenance` holds the distinct (provenance, LoRA count) of the training data the
-    records name (an `hf:` / `folder:` source's config, revision and fingerprints)."""
-    first = next(iter(dataset.values()))
-    header = {
-        "license": manifest.publish.license,
-        "pretty_name": f"{manifest.population.name} LoRA population",
-        "tags": ["lora", "learning-on-loras", "weight-space", manifest.base.kind],
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": name, "path": f"data/{name}-*.parquet"} for name in shards]}],
-        "dataset_info": {"features": first.features._to_yaml_list(),
-                         "splits": [{"name": name, "num_examples": len(split)} for name, split in dataset.items()]},
-    }
-    if manifest.data.source.startswith("hf:"):
-        header["source_datasets"] = [manifest.data.source.removeprefix("hf:")]
-    lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
+def card_data(manifest: Manifest, dataset, shard_bytes: dict[str, int]):
+    """The card's YAML header for `dataset` (split name -> `datasets.Dataset`) whose splits' parquet
+    shards hold `shard_bytes[split]` bytes: license, tags, `configs` and `dataset_info` with each
+    split's `num_bytes` (its Arrow table's size, as `push_to_hub` records it) and `num_examples`."""
+    import datasets
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCardData
+
+    data = DatasetCardData(
+        license=manifest.publish.license,
+        pretty_name=f"{manifest.population.name} LoRA population",
+        source_datasets=[manifest.data.source.removeprefix("hf:")] if manifest.data.source.startswith("hf:") else None,
+        tags=["lora", "learning-on-loras", "weight-space", manifest.base.kind],
+        configs=[{"config_name": "default",
+                  "data_files": [{"split": name, "path": f"data/{name}-*.parquet"} for name in dataset]}],
+    )
+    splits = datasets.SplitDict()
+    for name, split in dataset.items():
+        splits.add(datasets.SplitInfo(name=name, num_bytes=split.data.nbytes, num_examples=len(split)))
+    info = datasets.DatasetInfo(features=next(iter(dataset.values())).features, splits=splits,
+                                download_size=sum(shard_bytes.values()),
+                                dataset_size=sum(split.num_bytes for split in splits.values()))
+    DatasetInfosDict({"default": info}).to_dataset_card_data(data)
+    return data
+
+
+def dataset_card(manifest: Manifest, dataset, shard_bytes: dict[str, int], layout: dict[str, Any],
+                 label_names: dict[str, dict[str, str]], data_provenance: list[tuple[dict[str, Any], int]] | None = None):
+    """The card, a `huggingface_hub.DatasetCard` (`.save(path)` writes README.md): the header of
+    `card_data`, then what the population is, how to load it, its schema, label statistics and
+    provenance. `data_provenance` holds the distinct (provenance, LoRA count) of the training data
+    the records name (an `hf:` / `folder:` source's config, revision and fingerprints)."""
+    from huggingface_hub import DatasetCard
+
+    data = card_data(manifest, dataset, shard_bytes)
+    lines = ["---", data.to_yaml(), "---", "",
              f"# {manifest.population.name}", "",
              manifest.population.description or "A population of LoRA finetunes.", "",
              f"{sum(len(s) for s in dataset.values())} LoRAs of `{manifest.base.ref}` "
@@ -55,11 +80,11 @@ def dataset_card(manifest: Manifest, dataset, shards: dict[str, list[str]], layo
              "# or, as tensors for Learning-on-LoRAs models:",
              "from lol_models.data import pull",
              "train = pull(PATH_OR_REPO, split='train')", "```", "",
-             "`weights` holds each LoRA's factors as one float32 vector; `layout.json` gives, per module, the",
+             f"`weights` holds each LoRA's factors as one float32 vector; `{LAYOUT_FILE}` gives, per module, the",
              f"offsets of `lora_A` (r_max × in) and `lora_B` (out × r_max), r_max = {layout['max_rank']}, "
              f"{layout['size']} floats per row; rows of lower rank are zero-padded.", "",
              "## Schema", "", "| column | type | meaning |", "|---|---|---|"]
-    for feature in first.features._to_yaml_list():
+    for feature in data.dataset_info["features"]:
         name = feature["name"]
         kind = feature.get("dtype") or f"list<{feature.get('list')}>" + (f"[{feature['length']}]" if "length" in feature else "")
         meaning = COLUMNS.get(name) or (
@@ -82,7 +107,7 @@ def dataset_card(manifest: Manifest, dataset, shards: dict[str, list[str]], layo
     for spec in manifest.scorers:
         lines.append(f"  - `{scorer_id(spec)}`: `{json.dumps(spec.model_dump(mode='json'), sort_keys=True)}`")
     lines += ["", f"License: {manifest.publish.license}.", ""]
-    return "\n".join(lines)
+    return DatasetCard("\n".join(lines))
 
 
 def _data_lines(manifest: Manifest, provenance: list[tuple[dict[str, Any], int]]) -> list[str]:

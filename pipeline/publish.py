@@ -448,9 +448,9 @@ def write_folder(manifest: Manifest, store: Store, folder: Path, assembled: Asse
     from pipeline.card import dataset_card
 
     dataset = datasets.load_from_disk(str(folder / "arrow"))  # memory-mapped: the card reads the rank column only
-    shards = {name: writer.parquet_files for name, writer in splits.items()}
-    (folder / "README.md").write_text(dataset_card(manifest, dataset, shards, assembled.layout, assembled.label_names,
-                                                   data_provenance(store, manifest, published)))
+    shard_bytes = {name: sum((folder / path).stat().st_size for path in writer.parquet_files) for name, writer in splits.items()}
+    dataset_card(manifest, dataset, shard_bytes, assembled.layout, assembled.label_names,
+                 data_provenance(store, manifest, published)).save(folder / "README.md")
     return {name: writer.rows for name, writer in splits.items()}
 
 

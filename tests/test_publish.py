@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,38 @@ def test_plain_load_dataset_in_a_fresh_process_sees_rows_columns_and_splits(publ
     assert {name: n for name, (n, _, _) in seen.items()} == summary.rows
     columns = next(iter(seen.values()))[1]
     assert {"job_id", "rank", "weights", "attributes.shape_circle", "attributes.color_red_yellow_brown", "group"} <= set(columns)
+
+
+def test_plain_load_dataset_reads_the_card_without_a_warning(published, tmp_path):
+    """The card's `dataset_info` is whole (features; per split num_bytes and num_examples), so plain
+    `datasets.load_dataset` takes it without a warning or log line (and checks the split sizes by it)."""
+    import logging
+    import warnings
+
+    import datasets
+
+    _, _, summary = published
+    logged: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = logged.append
+    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]  # `datasets` does not propagate
+    for logger in loggers:
+        logger.addHandler(catcher)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = datasets.load_dataset(summary.folder, cache_dir=str(tmp_path / "cache"))
+    finally:
+        for logger in loggers:
+            logger.removeHandler(catcher)
+    assert [record.getMessage() for record in logged] == []
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert {name: len(split) for name, split in ds.items()} == summary.rows
+    header = yaml.safe_load((Path(summary.folder) / "README.md").read_text().split("---")[1])
+    splits = {s["name"]: s for s in header["dataset_info"]["splits"]}
+    assert {name: s["num_examples"] for name, s in splits.items()} == summary.rows
+    assert all(s["num_bytes"] > 0 for s in splits.values())
+    assert header["dataset_info"]["download_size"] == sum(p.stat().st_size for p in (Path(summary.folder) / "data").iterdir())
 
 
 def test_a_row_rebuilds_the_exact_peft_adapter(published, tmp_path, random_sd):
