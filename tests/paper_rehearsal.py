@@ -128,7 +128,7 @@ def overrides(population: str, paths: dict[str, Path], scale: str, count: int = 
         clip = (f"{{name: clip_score, {clip_override(paths, scale)}, prompts: paper33, seed: 42, steps: 20, guidance_scale: 7.5}}"
                 if paper_shapes else
                 f"{{name: clip_score, {clip_override(paths, scale)}, prompts: ['a photo of a person'], seed: 42, steps: 2, "
-                f"guidance_scale: 7.5}}")
+                f"guidance_scale: 7.5, resolution: 64}}")
         return [f"base.ref={paths['sd']}", f"data.source=folder:{paths['celeba']}", *common,
                 f"data.subsets.num_groups={CELEBA_IDENTITIES}", f"data.subsets.group_size={CELEBA_IMAGES}",
                 "hyperparameters.steps=2", "hyperparameters.gradient_accumulation=1", *shapes,

@@ -295,3 +295,21 @@ def test_clip_score_alone_applies_alpha_over_rank_as_peft_and_the_cohort_do(rand
     jobs = [None] * len(alpha_not_rank)
     for d, got in zip(alpha_not_rank, scorer.score_cohort(jobs, alpha_not_rank)):
         assert got["clip_score"] == pytest.approx(scorer.score(None, d)["clip_score"], abs=1e-3)
+
+
+def test_clip_score_resolution_sets_the_image_side_and_unset_keeps_the_stored_ids(trained, random_sd):
+    """`resolution` renders at that side; unset, it is left out of the id, so ids stored before it existed still match."""
+    from pipeline.score.clip_score import ClipScoreScorer
+
+    shipped = {m: [scorer_id(s) for s in Manifest.from_yaml(ROOT / "manifests" / f"{m}.yaml").scorers]
+               for m in ("tiny-shapes", "celeba-sd14")}
+    assert shipped == {"tiny-shapes": ["clip_score-e167248ec6", "attributes-ec8501f208"],  # the ids earlier releases wrote
+                       "celeba-sd14": ["clip_score-52cf310df4", "attributes-b93037cd2e"]}
+    store, overrides = trained
+    unset, small = (Manifest.from_yaml(SHAPES, overrides=overrides + clip_overrides(extra)) for extra in ("seed: 0", "seed: 0, resolution: 32"))
+    assert scorer_id(unset.scorers[0]) != scorer_id(small.scorers[0])
+    scorer = ClipScoreScorer(small.scorers[0], device="cpu")
+    scorer.setup(small, store)
+    assert scorer.generate().shape == (2, 32, 32, 3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Manifest.from_yaml(SHAPES, overrides=overrides + clip_overrides("resolution: 30"))

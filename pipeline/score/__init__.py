@@ -30,8 +30,14 @@ class Scorer(Protocol):
         ...
 
 
+# Settings added after scorer ids were first stored: left out of the id while unset, so the ids of
+# scorers that do not use them stay what earlier releases wrote.
+UNSET_SETTINGS_LEFT_OUT = ("resolution",)
+
+
 def scorer_settings(spec: Any) -> dict[str, Any]:
-    return spec.model_dump(mode="json")
+    settings = spec.model_dump(mode="json")
+    return {k: v for k, v in settings.items() if not (k in UNSET_SETTINGS_LEFT_OUT and v is None)}
 
 
 def scorer_id(spec: Any) -> str:

@@ -183,7 +183,7 @@ class ClipScoreScorer:
                 chunk = prompts[start:start + spec.batch_size]
                 generators = [torch.Generator(device="cpu").manual_seed(spec.seed + start + i) for i in range(len(chunk))]
                 out = self.pipe(chunk, num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
-                                generator=generators, output_type="np")
+                                height=spec.resolution, width=spec.resolution, generator=generators, output_type="np")
                 batches.append(out.images)
         return np.concatenate(batches)
 
@@ -236,7 +236,7 @@ class ClipScoreScorer:
                     out = self.pipe(prompt_embeds=positive.repeat(n, 1, 1),
                                     negative_prompt_embeds=negative.repeat(n, 1, 1) if guided else None,
                                     num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
-                                    generator=generators, output_type="np")
+                                    height=spec.resolution, width=spec.resolution, generator=generators, output_type="np")
                     images.append(out.images.reshape(n, len(chunk), *out.images.shape[1:]))
                 batches.append(np.concatenate(images))
         return np.concatenate(batches, axis=1)
