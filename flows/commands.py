@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from storage.errors import DomainError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
 
 
-class OrchestrationError(ValueError):
+class OrchestrationError(DomainError):
     """The Prefect side cannot be used as asked (unreachable API, missing work pool…)."""
 
 

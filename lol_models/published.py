@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from storage.errors import DomainError
+
 FORMAT_VERSION = 1  # written as layout.json's `layout_version`
 LAYOUT_FILE = "layout.json"
 LABELS_FILE = "labels.json"
@@ -88,7 +90,7 @@ _brief = reprlib.Repr()
 _brief.maxlevel, _brief.maxstring, _brief.maxother = 2, 60, 60
 
 
-class FormatError(ValueError):
+class FormatError(DomainError):
     """LoRA factors, a layout or a row that the published format cannot hold."""
 
 

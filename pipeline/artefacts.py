@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from storage.errors import DomainError
+
 PROBE_TIMEOUT_S = 3.0
 
 
-class ArtefactUnavailableError(ValueError):
+class ArtefactUnavailableError(DomainError):
     """A hub artefact (base, dataset, CLIP weights, benchmark) that is neither cached nor reachable;
     the message is one line that says how to fetch it."""
 

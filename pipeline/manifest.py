@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from pipeline.yaml_source import Loc, YamlDuplicateKeyError, YamlSource, YamlSyntaxError, load_yaml
+from storage.errors import DomainError
 
 ModelKind = Literal["diffusion", "causal_lm"]
 
@@ -75,7 +76,7 @@ MAX_COHORT = 1_024  # LoRAs trained in one pass over the base
 BUILTIN_SOURCE_EXAMPLES = {"shapes": 5_000}  # easy-vqa 1.0: 4,000 train + 1,000 test images
 
 
-class ManifestError(ValueError):
+class ManifestError(DomainError):
     """A manifest that cannot be used; `problems` holds one line per error."""
 
     def __init__(self, source: str, problems: list[str]):

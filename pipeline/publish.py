@@ -59,7 +59,7 @@ from lol_models.published import (
 from pipeline.jobs import Job, canonical_json, expand, unit_draw
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
-from storage import Store, StoreError
+from storage import DomainError, Store, StoreError
 
 ROWS_PER_SHARD = 1000
 MAX_SHARD_BYTES = 256 << 20  # a parquet shard holds at most this many bytes of weights (fewer rows for big LoRAs)
@@ -68,7 +68,7 @@ BATCH_BYTES = 64 << 20  # weights of the rows written to Arrow at once
 PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 
-class PublishError(ValueError):
+class PublishError(DomainError):
     """The population cannot be published as asked; names the rows or files at fault."""
 
 

@@ -25,6 +25,8 @@ from typing import Literal
 
 import numpy as np
 
+from storage.errors import DomainError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format: a zip holding a pickle
@@ -33,7 +35,7 @@ DTYPES: dict[str, np.dtype] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "
 NonFinite = Literal["fail", "count"]
 
 
-class UnsafeWeightsError(ValueError):
+class UnsafeWeightsError(DomainError):
     """Weights that are refused: pickle without trust, a malformed or oversized file, bad values."""
 
 

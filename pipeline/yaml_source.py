@@ -18,13 +18,15 @@ from typing import Any
 
 import yaml
 
+from storage.errors import DomainError
+
 Loc = tuple[str | int, ...]
 MAX_DEPTH = 64
 MAX_INT_DIGITS = 64
 REFUSED_TAGS = ("set", "binary", "omap", "pairs")
 
 
-class YamlSyntaxError(ValueError):
+class YamlSyntaxError(DomainError):
     """The text is not YAML at all; carries the line and column of the problem."""
 
     def __init__(self, message: str, line: int | None, column: int | None):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import re
 
+from storage.errors import DomainError
+
 TMP_MARK = ".tmp-"  # in the name of a file being written (renamed into place when complete)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-class StoreError(ValueError):
+class StoreError(DomainError):
     """The store cannot be used as asked: unreachable, newer layout, unsafe name…"""
 
 

@@ -24,13 +24,15 @@ import hashlib
 import json
 from typing import Any
 
+from storage.errors import DomainError
+
 SEAL_KEY = "_sha256"
 _PREFIX = '{\n  "' + SEAL_KEY + '": "'
 _DIGEST_LEN = 64
 _AFTER_DIGEST = '",\n'
 
 
-class CorruptFile(ValueError):
+class CorruptFile(DomainError):
     """A sealed file whose bytes do not match its seal, or that is not the JSON it should be."""
 
 

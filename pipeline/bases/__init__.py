@@ -15,10 +15,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from storage.errors import DomainError
+
 ENTRY_POINT_GROUP = "lol.tiny_bases"
 
 
-class BaseModelError(ValueError):
+class BaseModelError(DomainError):
     """A base that cannot be resolved: unknown name, not built, wrong kind."""
 
 

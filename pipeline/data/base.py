@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Union, runtime_checkable
 
+from storage.errors import DomainError
+
 
 @dataclass(frozen=True)
 class ImageExample:
@@ -59,7 +61,7 @@ class QAExample:
 Example = Union[ImageExample, QAExample]
 
 
-class DataSourceError(ValueError):
+class DataSourceError(DomainError):
     """A data source that cannot be used: missing package, unknown split or name."""
 
 
