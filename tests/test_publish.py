@@ -18,13 +18,17 @@ from safetensors.numpy import load_file
 from lol_models.published import row_to_adapter
 from pipeline.finetune.diffusion import DiffusionTrainer
 from pipeline.finetune.runner import finetune_population
-from pipeline.hub import local_files, plan_push
 from pipeline.manifest import Manifest
 from pipeline.publish import PublishError, publish_population
 from pipeline.score.runner import score_population
 from storage import Store
 
 SHAPES = ROOT / "manifests" / "tiny-shapes.yaml"
+
+
+def shards(folder, split: str = "*") -> list[str]:
+    """The parquet shards of `split` in a published folder, as paths inside it."""
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).glob(f"data/{split}-*.parquet"))
 
 
 def overrides(base, *extra):
@@ -167,16 +171,69 @@ def test_republish_swaps_versions_and_a_failed_publish_keeps_the_old(population,
     assert len(list((link.parent / ".versions").iterdir())) == 1
 
 
-def test_push_plan_adds_only_missing_shards_and_removes_stale_ones(published):
-    store, manifest, _ = published
-    folder = store.local_path(f"published/{manifest.population.name}")
-    files = local_files(folder)
-    shards = [f for f in files if f.startswith("data/")]
-    assert shards and "README.md" in files and not any(f.startswith("arrow/") for f in files)
-    upload, delete = plan_push(folder, [])
-    assert sorted(upload) == sorted(files) and delete == []
-    upload, delete = plan_push(folder, [shards[0], "data/train-000000000000.parquet", "README.md"])
-    assert shards[0] not in upload and "README.md" in upload and delete == ["data/train-000000000000.parquet"]
+@pytest.fixture
+def hub(monkeypatch):
+    """A hub on localhost (tests/fake_hub.py) that `huggingface_hub` talks to, and the token it takes."""
+    import secrets
+
+    from fake_hub import FakeHub
+    from huggingface_hub import constants
+
+    token = "hf_" + secrets.token_hex(16)
+    with FakeHub(token) as fake:
+        monkeypatch.setattr(constants, "ENDPOINT", fake.url)  # what HF_ENDPOINT sets
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", token)
+        yield fake
+
+
+def hub_view(folder) -> dict[str, bytes]:
+    """What the hub repo of a published folder should hold: everything but the Arrow copy."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).parts[0] != "arrow"}
+
+
+def test_publish_pushes_the_card_layout_labels_and_shards_through_upload_folder(population, hub):
+    store, manifest = population
+    private = Manifest.from_yaml(SHAPES, overrides=overrides(manifest.base.ref, "publish.repo_id=me/tiny", "publish.private=true"))
+    summary = publish_population(private, store)
+    assert summary.pushed and summary.message == "pushed to the hub as me/tiny"
+    repo = hub.repos["me/tiny"]
+    assert repo.visibility == "private" and hub.refused == []
+    assert repo.files == hub_view(summary.folder)
+    assert {"README.md", "layout.json", "labels.json"} <= set(repo.files) and shards(summary.folder)
+    assert len(repo.commits) == 1  # the card and the shards it names arrive together
+
+
+def test_a_push_sends_only_what_the_repo_lacks_and_removes_stale_shards(population, hub):
+    from fake_hub import Repo
+
+    store, manifest = population
+    with_repo = Manifest.from_yaml(SHAPES, overrides=overrides(manifest.base.ref, "publish.repo_id=me/tiny"))
+    folder = Path(publish_population(with_repo, store, push=False).folder)
+    kept, stale = shards(folder)[0], "data/train-000000000000.parquet"
+    hub.repos["me/tiny"] = Repo("public", {kept: (folder / kept).read_bytes(), stale: b"old rows", "notes.md": b"mine"})
+    summary = publish_population(with_repo, store)
+    assert summary.pushed
+    repo = hub.repos["me/tiny"]
+    assert repo.files == {**hub_view(summary.folder), "notes.md": b"mine"}  # files outside data/ are the owner's
+    (commit,) = repo.commits
+    assert kept not in commit["added"] and commit["deleted"] == [stale]
+    publish_population(with_repo, store)  # nothing changed: nothing to commit
+    assert len(repo.commits) == 1
+
+
+def test_a_refused_push_keeps_the_local_folder_and_never_shows_the_token(population, hub, monkeypatch):
+    store, manifest = population
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 32)
+    with_repo = Manifest.from_yaml(SHAPES, overrides=overrides(manifest.base.ref, "publish.repo_id=me/tiny"))
+    with pytest.raises(PublishError) as info:
+        publish_population(with_repo, store)
+    message = str(info.value)
+    assert "but pushing to me/tiny failed" in message and "rerun `lol publish` to resume the push" in message
+    assert "401" in message and "x" * 32 not in message and hub.unauthorized >= 1 and not hub.repos
+    assert (store.local_path(f"published/{manifest.population.name}") / "README.md").is_file()
 
 
 def test_offline_publish_says_it_did_not_push(population, monkeypatch):
@@ -307,8 +364,7 @@ def test_streamed_publish_writes_the_bytes_an_in_memory_writer_writes(published)
     store, manifest, summary = published
     card = (store.local_path(f"published/{manifest.population.name}") / "README.md").read_text()
     header = yaml.safe_load(card.split("---")[1])
-    written = {entry["split"]: sorted(p for p in local_files(store.local_path(f"published/{manifest.population.name}"))
-                                      if p.startswith(f"data/{entry['split']}-"))
+    written = {entry["split"]: sorted(shards(store.local_path(f"published/{manifest.population.name}"), entry["split"]))
                for entry in header["configs"][0]["data_files"]}
     assert written == _in_memory_shard_names(store, manifest, summary.folder)
 
@@ -329,8 +385,7 @@ def test_big_loras_get_smaller_shards_and_load_whole(population, tmp_path, monke
     monkeypatch.setattr(publish, "BATCH_BYTES", 1)
     summary = publish.publish_population(manifest, store)
     folder = store.local_path(f"published/{manifest.population.name}")
-    shards = [p for p in local_files(folder) if p.startswith("data/train-")]
-    assert len(shards) == summary.rows["train"] > 1
+    assert len(shards(folder, "train")) == summary.rows["train"] > 1
     loaded = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "cache"))
     from_disk = datasets.load_from_disk(str(folder / "arrow"))["train"]
     assert sorted(loaded["job_id"]) == sorted(from_disk["job_id"]) and len(loaded) == summary.rows["train"]
