@@ -5,12 +5,15 @@ Results go to bench/results/ and a table; docs/performance.md summarises them.
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from bench.measure import MODES
+from lol_models.names import Predictor
 from pipeline.cli.common import (
     EXIT_PROBLEMS,
     ManifestArg,
@@ -38,25 +41,26 @@ def _bench_table(title: str, measurements, path: Path) -> None:
     out.print(f"results: {path}")
 
 
-def _check_modes(modes: str) -> None:
-    from bench.measure import MODES
+Mode = Enum("Mode", {m: m for m in MODES}, type=str)
+ModesOpt = Annotated[Optional[list[Mode]], typer.Option("--mode", help="Measure this mode; repeatable (default: all).", show_default=False)]
+UnetMode = Enum("UnetMode", {m: m for m in MODES if m != "process"}, type=str)
 
-    unknown = [m.strip() for m in modes.split(",") if m.strip() not in MODES]
-    if unknown:
-        raise ValueError(f"unknown mode(s) {unknown}; modes: {', '.join(MODES)}")
+
+def chosen(values: list[Enum] | None, every: type[Enum]) -> list[str]:
+    """The values of a repeatable choice option, in the choices' order; all of them when none was given."""
+    return [m.value for m in every if m in (values or list(every))]
 
 
 @bench_app.command("finetune")
 def bench_finetune_command(
     overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 16,
-    modes: Annotated[str, typer.Option(help="Comma-separated: process, sequential, cohort.")] = "process,sequential,cohort",
+    modes: ModesOpt = None,
 ) -> int:
     """LoRAs per hour and peak memory of finetuning, per mode, each in fresh processes."""
     from bench.measure import bench_finetune, write_results
 
     load(manifest, overrides)
-    _check_modes(modes)
-    results = bench_finetune(str(manifest), list(overrides or []), count, [m.strip() for m in modes.split(",")])
+    results = bench_finetune(str(manifest), list(overrides or []), count, chosen(modes, Mode))
     _bench_table("lol bench finetune", results, write_results("finetune", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
     return 0
 
@@ -94,14 +98,13 @@ def bench_labels_command(
 @bench_app.command("score")
 def bench_score_command(
     overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 16,
-    modes: Annotated[str, typer.Option(help="Comma-separated: process, sequential, cohort.")] = "process,sequential,cohort",
+    modes: ModesOpt = None,
 ) -> int:
     """LoRAs per hour and peak memory of scoring, per mode (finetuning first, untimed)."""
     from bench.measure import bench_score, write_results
 
     load(manifest, overrides)
-    _check_modes(modes)
-    results = bench_score(str(manifest), list(overrides or []), count, [m.strip() for m in modes.split(",")])
+    results = bench_score(str(manifest), list(overrides or []), count, chosen(modes, Mode))
     _bench_table("lol bench score", results, write_results("score", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
     return 0
 
@@ -113,7 +116,8 @@ def bench_unet_command(
     steps: Annotated[int, typer.Option(help="Optimizer steps per LoRA.")] = 10,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bf16.")] = "bf16",
-    modes: Annotated[str, typer.Option(help="Comma-separated: sequential, cohort.")] = "sequential,cohort",
+    modes: Annotated[Optional[list[UnetMode]], typer.Option("--mode", help="Measure this mode; repeatable (default: both).",
+                                                           show_default=False)] = None,
 ) -> int:
     """LoRA training throughput on an SD-shaped UNet with random weights: sequential vs cohort, TFLOP/s."""
     import json as json_module
@@ -122,7 +126,7 @@ def bench_unet_command(
 
     from bench.unet import bench_unet
 
-    results, facts = bench_unet(config, adapters, steps, device, dtype, tuple(m.strip() for m in modes.split(",")))
+    results, facts = bench_unet(config, adapters, steps, device, dtype, tuple(chosen(modes, UnetMode)))
     table = Table(title=f"lol bench unet: {config}, {facts['device']}, {dtype}")
     for column in ("mode", "LoRAs", "steps", "seconds", "LoRA-steps/s", "TFLOP/s", "of peak", "peak MB"):
         table.add_column(column, justify="right")
@@ -250,7 +254,8 @@ def bench_load_command(
 
 @bench_app.command("scaling")
 def bench_scaling_command(
-    models: Annotated[str, typer.Option(help="Comma-separated predictors.")] = "mlp,mlp_svd,mlp_oalign,mlp_dense,transformer,glnet",
+    models: Annotated[Optional[list[Predictor]], typer.Option("--model", help="Measure this predictor; repeatable (default: all).",
+                                                              show_default=False)] = None,
     memory_gb: Annotated[float, typer.Option(help="Address-space limit per measurement.")] = 16.0,
 ) -> int:
     """Forward time and peak memory of each predictor on rank-4 LoRAs shaped like GPT-3 125M…175B."""
@@ -259,13 +264,13 @@ def bench_scaling_command(
 
     from lol_models.scaling import GPT3_SIZES, as_rows, plot, scaling
 
-    chosen = [m.strip() for m in models.split(",") if m.strip()]
-    points = scaling(chosen, memory_limit_gb=memory_gb)
+    predictors = chosen(models, Predictor)
+    points = scaling(predictors, memory_limit_gb=memory_gb)
     table = Table(title="forward time (ms) / peak RSS (MB), batch 1, rank 4, one d×d LoRA per layer")
     table.add_column("model")
     for size in GPT3_SIZES:
         table.add_column(size, justify="right")
-    for model in chosen:
+    for model in predictors:
         cells = []
         for size in GPT3_SIZES:
             point = next((p for p in points if p.model == model and p.size == size), None)

@@ -39,7 +39,7 @@ from pipeline.jobs import Job, expand, job_at, shard  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.score import make_scorer, scorer_id  # noqa: E402
 from pipeline.score.runner import score_jobs  # noqa: E402
-from pipeline.stages import evaluate, publish, report, train, trainer_factory  # noqa: E402
+from pipeline.stages import RUN_STAGES, evaluate, publish, report, train, trainer_factory  # noqa: E402
 from storage import Store  # noqa: E402
 
 DEFAULT_RETRIES = 2
@@ -363,7 +363,7 @@ def learn_population(manifest: str, overrides: list[str] | None = None, store: s
     return {"runs": runs, "report": str(path)}
 
 
-ALL_STAGES = ("finetune", "score", "publish", "learn")
+ALL_STAGES = RUN_STAGES
 
 
 @flow(name="run_population")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lol_models.data import LoraDataset, PulledDataError, pull
+from lol_models.names import PREDICTORS
 from lol_models.train import LabeledLoras
 
 MAIN_METRIC = {"regression": "r2", "multilabel": "roc_auc"}
@@ -26,7 +27,7 @@ SECOND_METRIC = {"regression": "kendall_tau", "multilabel": "accuracy"}
 class LearnSettings:
     """What to train: the manifest's `learn` section, as plain values."""
 
-    predictors: tuple[str, ...] = ("mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet")
+    predictors: tuple[str, ...] = PREDICTORS
     targets: tuple[str, ...] = ()  # label columns or scorer names; empty: every task
     seeds: int = 3
     epochs: int = 50

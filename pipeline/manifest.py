@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from lol_models.names import PREDICTORS
 from pipeline.yaml_source import Loc, YamlDuplicateKeyError, YamlSource, YamlSyntaxError, load_yaml
 from storage.errors import DomainError
 
@@ -46,7 +47,6 @@ TINY_BASES: dict[str, str] = {
     "qa-lm": "causal_lm",
 }
 BUILTIN_DATA_SOURCES = ("shapes", "qa")
-PREDICTORS = ("mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet")
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a page of YAML; anything near this size is not one
 MAX_SHOWN_PROBLEMS = 50
 
@@ -511,7 +511,7 @@ class PublishSection(StrictModel):
 
 
 class LearnSection(StrictModel):
-    predictors: list[Literal["mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet"]] = Field(
+    predictors: list[Literal[PREDICTORS]] = Field(  # type: ignore[valid-type]  (the names of lol_models/names.py)
         default_factory=lambda: list(PREDICTORS), min_length=1
     )
     targets: list[str] = Field(default_factory=list, description="Label names; default: every label.")

@@ -5,12 +5,24 @@ Each is idempotent: storage decides what is done. The CLI and the Prefect flows 
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 from storage import PopulationStore, StatusReport, Store
 
+
+class RunStage(str, Enum):
+    """The stages of `lol run`, in order (learn = train, evaluate, report)."""
+
+    finetune = "finetune"
+    score = "score"
+    publish = "publish"
+    learn = "learn"
+
+
+RUN_STAGES = tuple(stage.value for stage in RunStage)
 SCALING_RESULTS = Path("bench/results")  # where `lol bench scaling` writes, relative to the working directory
 
 

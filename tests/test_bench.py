@@ -15,7 +15,7 @@ def test_bench_finetune_writes_results(run_cli, random_sd, tmp_path, monkeypatch
     monkeypatch.setattr(bench.write_results, "__defaults__", (tmp_path / "results",))
     code, out, err = run_cli("bench", "finetune", f"base.ref={random_sd}", "hyperparameters.steps=1",
                              "hyperparameters.batch_size=1", "--manifest", ROOT / "manifests" / "tiny-shapes.yaml",
-                             "--count", "2", "--modes", "process,sequential")
+                             "--count", "2", "--mode", "process", "--mode", "sequential")
     assert code == 0, err
     files = list((tmp_path / "results").glob("finetune-*.json"))
     assert len(files) == 1

@@ -23,7 +23,7 @@ from pipeline.cli.common import (
 )
 from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest
-from pipeline.stages import population_status
+from pipeline.stages import RunStage, population_status
 from storage import Store
 
 app = typer.Typer()
@@ -150,8 +150,9 @@ def run(
     api_url: Annotated[Optional[str], typer.Option("--api-url", envvar="PREFECT_API_URL",
                                                    help="Prefect API to run on; default: a local ephemeral one.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N jobs of the population.")] = None,
-    stages: Annotated[str, typer.Option(help="Comma-separated subset of finetune,score,publish,learn.")] = "finetune,score,publish,learn",
-    workers: Annotated[int, typer.Option(help="Local worker processes for finetune and score tasks (one per core suits the tiny world).")] = 1,
+    stages: Annotated[Optional[list[RunStage]], typer.Option(
+        "--stage", help="Run only this stage; repeatable (default: all, in order).", show_default=False)] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Local worker processes for finetune and score tasks (one per core suits the tiny world).")] = 1,
 ) -> int:
     """Run every stage through Prefect (run_population), skipping what the store already holds."""
     import importlib
@@ -165,12 +166,7 @@ def run(
         make_scorer(spec)
     Store(store)
     commands = importlib.import_module("flows.commands")  # the Prefect side lives in flows/
-    chosen = [s.strip() for s in stages.split(",") if s.strip()]
-    valid = ("finetune", "score", "publish", "learn")
-    if not chosen or set(chosen) - set(valid):
-        raise ValueError(f"--stages {stages!r}: choose from {', '.join(valid)}")
-    if workers < 1:
-        raise ValueError(f"--workers must be ≥ 1, got {workers}")
+    chosen = [s.value for s in RunStage if s in (stages or list(RunStage))]  # always in pipeline order
     if {"finetune", "score"} & set(chosen):  # hub artefacts first: one line each, before any task starts
         from pipeline.fetch import missing_artefacts
 
