@@ -62,6 +62,16 @@ def test_claims_exclude_other_workers_until_expiry_and_renewals_keep_them(s3_sto
     assert population.sweep_claims() == 0 and population.store.list_dir(population.rel("claims")) == ["j"]
 
 
+@pytest.mark.parametrize("stored", [b"{not json", json.dumps({"job_id": "j", "worker": "forger", "token": "t",
+                                                               "expires": 1e300, "lease_s": 60}).encode()],
+                         ids=["damaged", "absurd expiry"])
+def test_a_damaged_or_absurd_claim_object_is_taken_over_in_place(s3_store, stored):
+    population = s3_store.population("pop")
+    s3_store.write_bytes(population.rel("claims", "j"), stored)
+    claim = population.claim("j", "worker-a", lease_s=60)
+    assert claim is not None and population.active_claims()["j"].token == claim.token
+
+
 @pytest.mark.parametrize("expired", [False, True], ids=["fresh job", "expired claim"])
 def test_of_two_claimers_that_read_the_same_claim_only_one_writes(s3_store, expired):
     """A reads the claim; B claims the job in full; then A's write is refused (If-None-Match /
