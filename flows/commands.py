@@ -47,7 +47,7 @@ def run(manifest: str, overrides: list[str], store: str | None, api_url: str | N
         limit: int | None = None, stages: list[str] | None = None, workers: int = 1) -> dict[str, Any]:
     """`run_population` locally (ephemeral Prefect) or against the server at `api_url`."""
     if workers < 1:
-        raise ValueError(f"--workers must be ≥ 1, got {workers}")
+        raise OrchestrationError(f"--workers must be ≥ 1, got {workers}")
     use_api(api_url)
     from flows.population import run_population
 

@@ -20,6 +20,7 @@ _EXPORTS = {
     "register_model": "registry",
     "MLPConfig": "models", "SVDConfig": "models", "OAlignConfig": "models", "DenseConfig": "models",
     "TransformerConfig": "models", "GLNetConfig": "glnet", "GLNet": "glnet", "LoLModel": "common",
+    "SettingsError": "common",
     # train.py and metrics.py
     "LabeledLoras": "train", "RunResult": "train", "SeedSummary": "train", "TrainConfig": "train",
     "evaluate": "train", "predict": "train", "run_seeds": "train", "train_and_evaluate": "train",

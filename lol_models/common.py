@@ -14,10 +14,17 @@ import torch
 from torch import Tensor, nn
 
 from lol_models.weights import Layout, LoraWeights
+from storage.errors import DomainError
 
-__all__ = ["LoLModel", "MLP", "Standardizer", "coerce_config", "describe_config", "opt"]
+__all__ = ["LoLModel", "MLP", "SettingsError", "Standardizer", "coerce_config", "describe_config", "opt"]
 
 C = TypeVar("C")
+
+
+class SettingsError(DomainError):
+    """A setting a caller chose that the LoL models cannot use: an unknown model or config key, a value
+    out of range, a model over its memory budget. Bad input (`lol` exits 2), unlike a shape mismatch
+    between tensors, which is a bug (plain ValueError)."""
 
 
 def opt(default: Any, help: str) -> Any:
@@ -44,7 +51,7 @@ def coerce_config(cls: type[C], config: C | Mapping[str, Any] | None, *, model: 
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - names)
         if unknown:
-            raise ValueError(f"{model}: unknown config keys {unknown}; valid keys are {sorted(names)}")
+            raise SettingsError(f"{model}: unknown config keys {unknown}; valid keys are {sorted(names)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
         return cls(**values)
     raise ValueError(f"{model}: config must be a {cls.__name__}, a dict or None, got {type(config).__name__}")
@@ -54,13 +61,13 @@ def check_positive_ints(owner: str, **fields: Any) -> None:
     for name, value in fields.items():
         values = value if isinstance(value, tuple) else (value,)
         if not values or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values):
-            raise ValueError(f"{owner}.{name} must be positive integer(s), got {value!r}")
+            raise SettingsError(f"{owner}.{name} must be positive integer(s), got {value!r}")
 
 
 def check_probability(owner: str, **fields: float) -> None:
     for name, value in fields.items():
         if not (0.0 <= value < 1.0):
-            raise ValueError(f"{owner}.{name} must be in [0, 1), got {value!r}")
+            raise SettingsError(f"{owner}.{name} must be in [0, 1), got {value!r}")
 
 
 class Standardizer(nn.Module):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lol_models.common import SettingsError
 from lol_models.weights import Layout, LoraWeights
 
 __all__ = ["OAlign", "SVDFeatures", "dense_features", "flat_features", "group_singular_values", "singular_values"]
@@ -76,7 +77,7 @@ def check_dense_budget(layout: Layout, max_layer_elements: int, *, model: str = 
     """ValueError naming the first layer whose n·m exceeds the budget."""
     for g in layout.groups:
         if g.n * g.m > max_layer_elements:
-            raise ValueError(
+            raise SettingsError(
                 f"{model}: layer {g.names[0]!r} (and {len(g.names) - 1} more of that shape) has ΔW of "
                 f"{g.n}×{g.m} = {g.n * g.m:,} elements, over the budget max_layer_elements="
                 f"{max_layer_elements:,}; raise the budget in the config or use glnet / mlp_svd"

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from lol_models.common import (
     MLP,
     LoLModel,
+    SettingsError,
     check_positive_ints,
     check_probability,
     opt,
@@ -68,7 +69,7 @@ class GLNetConfig:
         name = type(self).__name__
         check_positive_ints(name, hidden=self.hidden, head=self.head, context=self.context)
         if isinstance(self.spectral_moments, bool) or not isinstance(self.spectral_moments, int) or self.spectral_moments < 0:
-            raise ValueError(f"{name}.spectral_moments must be an integer ≥ 0 (0 turns them off), got {self.spectral_moments!r}")
+            raise SettingsError(f"{name}.spectral_moments must be an integer ≥ 0 (0 turns them off), got {self.spectral_moments!r}")
         check_probability(name, dropout=self.dropout, head_dropout=self.head_dropout)
 
 

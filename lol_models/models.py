@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lol_models.common import (
     MLP,
     LoLModel,
+    SettingsError,
     Standardizer,
     check_positive_ints,
     check_probability,
@@ -152,11 +153,11 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         name = type(self).__name__
         if self.token not in ("svd", "flat"):
-            raise ValueError(f'{name}.token must be "svd" or "flat", got {self.token!r}')
+            raise SettingsError(f'{name}.token must be "svd" or "flat", got {self.token!r}')
         check_positive_ints(name, d_model=self.d_model, nhead=self.nhead, num_layers=self.num_layers,
                             dim_feedforward=self.dim_feedforward)
         if self.d_model % self.nhead:
-            raise ValueError(f"{name}.nhead={self.nhead} must divide d_model={self.d_model}")
+            raise SettingsError(f"{name}.nhead={self.nhead} must divide d_model={self.d_model}")
         check_probability(name, dropout=self.dropout)
 
 

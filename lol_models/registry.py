@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lol_models.common import LoLModel, coerce_config, describe_config
+from lol_models.common import LoLModel, SettingsError, coerce_config, describe_config
 from lol_models.glnet import GLNet, GLNetConfig
 from lol_models.models import (
     DenseConfig,
@@ -67,7 +67,7 @@ def available_models() -> list[str]:
 def build_model(name: str, layout: Layout, out_dim: int, config: Any | Mapping[str, Any] | None = None) -> LoLModel:
     """A fresh model `name` for inputs of `layout`, predicting `out_dim` numbers (B, out_dim)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {available_models()}")
+        raise SettingsError(f"unknown model {name!r}; available: {available_models()}")
     if not isinstance(layout, Layout):
         raise ValueError(f"layout must be a lol_models.Layout (e.g. weights.layout), got {type(layout).__name__}")
     spec = MODELS[name]

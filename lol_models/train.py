@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lol_models.common import LoLModel, opt
+from lol_models.common import LoLModel, SettingsError, opt
 from lol_models.metrics import HIGHER_IS_BETTER, multilabel_metrics, regression_metrics
 from lol_models.registry import build_model
 from lol_models.weights import LoraWeights
@@ -56,18 +56,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"TrainConfig.task must be one of {TASKS}, got {self.task!r}")
+            raise SettingsError(f"TrainConfig.task must be one of {TASKS}, got {self.task!r}")
         if self.nan_policy not in NAN_POLICIES:
-            raise ValueError(f"TrainConfig.nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+            raise SettingsError(f"TrainConfig.nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)!r}")
+                raise SettingsError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)!r}")
         if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+            raise SettingsError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         valid = ("loss", "r2", "kendall_tau", "mse") if self.task == "regression" else \
             ("loss", "accuracy", "roc_auc", "bce")
         if self.select_by not in valid:
-            raise ValueError(f"TrainConfig.select_by must be one of {valid} for {self.task}, got {self.select_by!r}")
+            raise SettingsError(f"TrainConfig.select_by must be one of {valid} for {self.task}, got {self.select_by!r}")
 
 
 @dataclass

@@ -27,10 +27,15 @@ from pipeline.manifest import (
     SourceSubsets,
     Uniform,
 )
+from storage import DomainError
 
 # Bump when a trainer's recipe changes what a spec produces; it is part of every job id.
 RECIPE_VERSIONS = {"diffusion": "dreambooth-lora/1", "causal_lm": "qa-lora/1"}
 JOB_ID_LENGTH = 16
+
+
+class ShardError(DomainError):
+    """A `--shard` that is not `i/n` with 1 ≤ i ≤ n."""
 
 
 class JobSpec(BaseModel):
@@ -179,7 +184,7 @@ def shard(jobs: list[Job], shard_spec: str | None) -> list[Job]:
     try:
         i, n = (int(x) for x in shard_spec.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/n with 1 ≤ i ≤ n (e.g. 2/4), got {shard_spec!r}") from None
+        raise ShardError(f"--shard must look like i/n with 1 ≤ i ≤ n (e.g. 2/4), got {shard_spec!r}") from None
     if not 1 <= i <= n:
-        raise ValueError(f"--shard must look like i/n with 1 ≤ i ≤ n (e.g. 2/4), got {shard_spec!r}")
+        raise ShardError(f"--shard must look like i/n with 1 ≤ i ≤ n (e.g. 2/4), got {shard_spec!r}")
     return jobs[i - 1 :: n]

@@ -23,11 +23,16 @@ from pathlib import Path
 from lol_models.speed import SpeedResult, compare_speed
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
-from storage import Store
+from storage import DomainError, Store
 
 __all__ = ["clip_score_speed"]
 
 RESULTS_FILE = "speed.json"
+
+
+class SpeedError(DomainError):
+    """The speed experiment cannot run as asked: no clip_score scorer or label, more LoRAs than the
+    test split holds, or the published LoRAs absent from the store."""
 
 
 def clip_score_speed(manifest: Manifest, store: Store, out_dir: str | Path | None = None, *, predictor: str = "glnet",
@@ -51,18 +56,18 @@ def clip_score_speed(manifest: Manifest, store: Store, out_dir: str | Path | Non
     spec = next((s for s in manifest.scorers if s.name == "clip_score"), None)
     if spec is None:
         names = [s.name for s in manifest.scorers] or "none"
-        raise ValueError(f"the speed experiment times the clip_score scorer; {manifest.population.name}'s scorers are {names}")
+        raise SpeedError(f"the speed experiment times the clip_score scorer; {manifest.population.name}'s scorers are {names}")
     if loras_scored < 1:
-        raise ValueError(f"loras_scored must be ≥ 1, got {loras_scored}")
+        raise SpeedError(f"loras_scored must be ≥ 1, got {loras_scored}")
     published, learn_out, settings = learn_target(manifest, store)
     splits = load_splits(published)
     column = label_column("clip_score", "clip_score")
     if column not in splits["train"].labels:
-        raise ValueError(f"{published} has no {column!r} label (labels: {splits['train'].label_names}); "
+        raise SpeedError(f"{published} has no {column!r} label (labels: {splits['train'].label_names}); "
                          "score and publish the population first")
     test = splits["test"]
     if len(test) < loras_scored:
-        raise ValueError(f"the test split holds {len(test)} LoRAs; ask for at most that many (loras_scored={loras_scored})")
+        raise SpeedError(f"the test split holds {len(test)} LoRAs; ask for at most that many (loras_scored={loras_scored})")
 
     if trained is None:
         data = {name: LabeledLoras(s.weights, s.targets([column])) for name, s in splits.items()}
@@ -85,7 +90,7 @@ def clip_score_speed(manifest: Manifest, store: Store, out_dir: str | Path | Non
     missing = [job_id for job_id, path in zip(chosen, adapters) if not (path / "adapter_model.safetensors").is_file()
                or job_id not in jobs]
     if missing:
-        raise ValueError(f"LoRA(s) {missing} of the published test split are not in {store.url} under "
+        raise SpeedError(f"LoRA(s) {missing} of the published test split are not in {store.url} under "
                          f"{manifest.population.name}; run the speed experiment on the store that published them")
 
     # every published LoRA in one tensor: the test split first, so its first rows are the scored ones

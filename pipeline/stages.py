@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
-from storage import PopulationStore, StatusReport, Store
+from storage import PopulationStore, StatusReport, Store, StoreError
 
 
 class RunStage(str, Enum):
@@ -83,7 +83,7 @@ def learn_target(manifest: Manifest, store: Store):
     from lol_models.tasks import LearnSettings
 
     if not store.is_local:
-        raise ValueError(f"the learn stages read the published folder from a local store; {store.url} is remote — "
+        raise StoreError(f"the learn stages read the published folder from a local store; {store.url} is remote — "
                          "`lol pull` it or pass the published folder path instead of the manifest")
     learn = manifest.learn
     settings = LearnSettings(predictors=tuple(learn.predictors), targets=tuple(learn.targets), seeds=learn.seeds,

@@ -21,7 +21,8 @@ ENTRY_POINT_GROUP = "lol.tiny_bases"
 
 
 class BaseModelError(DomainError):
-    """A base that cannot be resolved: unknown name, not built, wrong kind."""
+    """A base that cannot be resolved or used as the manifest asks: unknown name, not built, wrong
+    kind, not loadable, no such LoRA target modules, a scheduler the trainer does not support."""
 
 
 class TinyBase(Protocol):

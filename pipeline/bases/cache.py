@@ -72,7 +72,7 @@ def library_versions() -> dict[str, str]:
 def recipe_for(name: str, size: str = "full") -> Recipe:
     module = tiny_module(name)
     if size not in module.SIZES:
-        raise ValueError(f"tiny:{module.NAME} has sizes {', '.join(module.SIZES)}, not {size!r}")
+        raise BaseModelError(f"tiny:{module.NAME} has sizes {', '.join(module.SIZES)}, not {size!r}")
     return Recipe(module.NAME, size, module.recipe_config(size), module.data_fingerprint(), library_versions())
 
 

@@ -58,6 +58,6 @@ def load_diffusion_pipeline(base: dict[str, Any], store: Store, dtype=None):
 
             raise partly_cached(base["ref"], base.get("revision"), "diffusion", exc) from None
         if Path(path).is_dir() and not (Path(path) / "model_index.json").is_file():
-            raise ValueError(f"base {base['ref']!r} is not a StableDiffusionPipeline-compatible diffusion model: its folder "
+            raise BaseModelError(f"base {base['ref']!r} is not a StableDiffusionPipeline-compatible diffusion model: its folder "
                              f"{path} has no model_index.json (it holds: {', '.join(sorted(p.name for p in Path(path).iterdir())[:20])})") from None
-        raise ValueError(f"base {base['ref']!r} cannot be loaded as a StableDiffusionPipeline from {path!r}: {_first_line(exc)}") from None
+        raise BaseModelError(f"base {base['ref']!r} cannot be loaded as a StableDiffusionPipeline from {path!r}: {_first_line(exc)}") from None

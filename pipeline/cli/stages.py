@@ -136,13 +136,10 @@ def pull_command(
     """Load a published population as tensors and describe what the LoL models will see."""
     import time
 
-    from lol_models.data import PulledDataError, pull
+    from lol_models.data import pull
 
     started = time.perf_counter()
-    try:
-        dataset = pull(repo_or_path, split=split, non_finite=non_finite)
-    except PulledDataError as exc:
-        raise ValueError(str(exc)) from None
+    dataset = pull(repo_or_path, split=split, non_finite=non_finite)  # a PulledDataError is bad input: exit 2
     seconds = time.perf_counter() - started
     table = Table(title=f"{repo_or_path} [{split}]: {len(dataset)} LoRAs, loaded in {seconds:.2f} s")
     for column in ("layer group", "layers", "U (n×r)", "V (m×r)"):

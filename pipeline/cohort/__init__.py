@@ -6,3 +6,11 @@
   an ordinary peft adapter folder;
 - `sizing`: the cohort size K chosen from free memory.
 """
+
+from storage.errors import DomainError
+
+
+class CohortError(DomainError):
+    """LoRAs that cannot share a cohort as the manifest asks: a target module that is not a Linear
+    layer, jobs in different precisions or on different modules, an adapter folder that is not a plain peft LoRA.
+    The message says which setting to change (often `execution.cohort_size: 1`)."""

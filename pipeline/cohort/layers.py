@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.cohort import CohortError
+
 
 @dataclass
 class LoraFactors:
@@ -199,11 +201,11 @@ def matching_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[st
             if isinstance(module, CohortLoraLinear):
                 raise ValueError(f"{name} already carries cohort LoRA layers")
             if not isinstance(module, nn.Linear):
-                raise ValueError(f"target module {name} is a {type(module).__name__}; cohort training and scoring "
+                raise CohortError(f"target module {name} is a {type(module).__name__}; cohort training and scoring "
                                  "batch Linear layers only (set execution.cohort_size: 1 to train such LoRAs one at a time)")
             found[name] = module
     if not found:
-        raise ValueError(f"no Linear layer matches target modules {list(target_modules)}")
+        raise CohortError(f"no Linear layer matches target modules {list(target_modules)}")
     return found
 
 

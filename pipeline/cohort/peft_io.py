@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lol_models.published import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, module_factors
+from pipeline.cohort import CohortError
 from pipeline.cohort.layers import LoraFactors
 
 ADAPTER_NAME = "default"
@@ -73,18 +74,18 @@ def read_factors(adapter_dir: Path, device: torch.device | str = "cpu") -> tuple
     config_file, weights_file = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     if not weights_file.is_file() or not config_file.is_file():
         there = sorted(p.name for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else "no such folder"
-        raise ValueError(f"{adapter_dir} is not a peft adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}; it holds: {there})")
+        raise CohortError(f"{adapter_dir} is not a peft adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}; it holds: {there})")
     config = json.loads(config_file.read_text())
     if config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(f"{adapter_dir}: rsLoRA, DoRA and per-module rank/alpha patterns are not plain LoRAs, which "
+        raise CohortError(f"{adapter_dir}: rsLoRA, DoRA and per-module rank/alpha patterns are not plain LoRAs, which "
                          "is all this pipeline trains and scores with clip_score; the LM scorers score them with "
                          "execution.cohort_size=1")
     tensors = load_file(str(weights_file), device=str(device))
     try:
         pairs = module_factors(tensors)
     except ValueError as exc:
-        raise ValueError(f"{weights_file}: {exc}") from None
+        raise CohortError(f"{weights_file}: {exc}") from None
     if not pairs:
-        raise ValueError(f"{weights_file} holds no lora_A/lora_B weights")
+        raise CohortError(f"{weights_file} holds no lora_A/lora_B weights")
     factors = {name: LoraFactors(A, B, float(config["lora_alpha"]) / A.shape[0]) for name, (A, B) in pairs.items()}
     return factors, config

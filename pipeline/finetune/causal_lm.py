@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from pipeline.bases import BaseModelError
 from pipeline.bases.loading import resolve_base
 from pipeline.data import select_job_examples, source_examples, source_provenance
 from pipeline.data.base import DataSourceError, QAExample
@@ -83,10 +84,10 @@ def load_causal_lm(base: dict[str, Any], store: Store, device: torch.device | st
             from pipeline.artefacts import partly_cached  # an HF id, read from the hub cache
 
             raise partly_cached(base["ref"], base.get("revision"), "causal_lm", exc) from None
-        raise ValueError(f"base {base['ref']!r} cannot be loaded as a transformers causal LM "
+        raise BaseModelError(f"base {base['ref']!r} cannot be loaded as a transformers causal LM "
                          f"(AutoModelForCausalLM / AutoTokenizer on {path!r}): {first}") from None
     if start_token(tokenizer) is None:
-        raise ValueError(f"base {base['ref']!r}: its tokenizer has neither a bos nor an eos token to start a text with")
+        raise BaseModelError(f"base {base['ref']!r}: its tokenizer has neither a bos nor an eos token to start a text with")
     return model.to(device).eval(), tokenizer
 
 
@@ -123,7 +124,7 @@ def check_example(example: QAExample) -> None:
     try:
         validate_example(example)
     except ValueError as exc:
-        raise ValueError(f"malformed question {example.id!r} (source {example.source!r}): {exc}") from None
+        raise DataSourceError(f"malformed question {example.id!r} (source {example.source!r}): {exc}") from None
 
 
 def encode_questions(tokenizer, examples: Sequence[QAExample]) -> list[EncodedQuestion]:
@@ -145,7 +146,7 @@ def encode_questions(tokenizer, examples: Sequence[QAExample]) -> list[EncodedQu
         cursor += n
     empty = [q.example.id for q in out if not all(q.continuations)]
     if empty:
-        raise ValueError(f"question(s) {empty[:5]} have a choice that encodes to no tokens")
+        raise DataSourceError(f"question(s) {empty[:5]} have a choice that encodes to no tokens")
     return out
 
 
@@ -337,7 +338,7 @@ class CausalLMTrainer:
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         if not examples:
-            raise ValueError("a LoRA needs at least one training question; the job's data subset is empty")
+            raise DataSourceError("a LoRA needs at least one training question; the job's data subset is empty")
         data = self.sequences(examples, hp)
         batch_size, accumulation = int(hp.get("batch_size", DEFAULT_BATCH_SIZE)), int(hp.get("gradient_accumulation", 1))
         sampler = LengthGroupedSampler(batch_size, lengths=[len(ids) for ids, _ in data],

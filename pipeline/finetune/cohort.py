@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pipeline.cohort import CohortError
 from pipeline.cohort.layers import CohortLoraLinear, LoraFactors
 from pipeline.cohort.sizing import saved_tensor_bytes
 from pipeline.finetune.runner import NonFiniteLoss
@@ -44,7 +45,7 @@ def common_targets(tasks: Sequence[CohortTask]) -> list[str]:
     """The target modules every task shares; adapters on different modules cannot share a cohort."""
     targets = {tuple(sorted(t.config.target_modules)) for t in tasks}
     if len(targets) != 1:
-        raise ValueError(f"a cohort's adapters must target the same modules; these ask for {sorted(targets)}; "
+        raise CohortError(f"a cohort's adapters must target the same modules; these ask for {sorted(targets)}; "
                          "train them in separate cohorts")
     return list(next(iter(targets)))
 
@@ -53,7 +54,7 @@ def cohort_autocast(precisions: set[str]) -> Callable[[], Any] | None:
     """The autocast of a cohort whose jobs resolved to `precisions` (accelerate's names): None for "no",
     bf16 on CUDA for "bf16"; fp16 would need one grad scaler per adapter, so cohorts refuse it."""
     if precisions - {"no", "bf16"} or len(precisions) > 1:
-        raise ValueError(f"a cohort trains in one precision, no or bf16; its jobs ask for {sorted(precisions)} "
+        raise CohortError(f"a cohort trains in one precision, no or bf16; its jobs ask for {sorted(precisions)} "
                          "(set execution.cohort_size: 1 for fp16 jobs)")
     return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precisions == {"bf16"} else None
 

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.bases import BaseModelError
 from pipeline.bases.loading import load_diffusion_pipeline
 from pipeline.data import select_job_examples, source_examples, source_provenance
+from pipeline.data.base import DataSourceError
 from pipeline.finetune.cohort import (
     CohortTask,
     Member,
@@ -58,7 +60,7 @@ class DiffusionTrainer:
     def setup(self, manifest: Manifest, store: Store) -> None:
         self.examples = source_examples(manifest)  # bad or missing data fails before the base loads
         if not self.examples:
-            raise ValueError(f"data split {manifest.data.split!r} of {manifest.data.source!r} is empty")
+            raise DataSourceError(f"data split {manifest.data.split!r} of {manifest.data.source!r} is empty")
         self.data_provenance = source_provenance(manifest)
         self.use_pipeline(load_diffusion_pipeline(manifest.base.model_dump(), store), manifest.lora.target_modules)
 
@@ -96,7 +98,7 @@ class DiffusionTrainer:
             return self.noise_scheduler.get_velocity(latents, noise, timesteps)
         if kind == "sample":
             return latents
-        raise ValueError(f"unsupported prediction_type {kind!r}")
+        raise BaseModelError(f"the base's noise scheduler predicts {kind!r}; supported prediction_type: epsilon, v_prediction, sample")
 
     def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
         examples = select_job_examples(self.examples, job.spec.data, job.spec.seed)
@@ -116,7 +118,7 @@ class DiffusionTrainer:
     def stream(self, examples, hp: dict[str, Any], seed: int) -> DiffusionStream:
         """The job's training batches: its images encoded once, its prompt, its seeded draws."""
         if not examples:
-            raise ValueError("a LoRA needs at least one training image; the job's data group is empty")
+            raise DataSourceError("a LoRA needs at least one training image; the job's data group is empty")
         resolution = int(hp.get("resolution", self.native_resolution))
         mean, std = self._latent_moments(images_tensor(examples, resolution))
         return DiffusionStream(self, mean, std, self._prompt_states(str(hp.get("instance_prompt", ""))),

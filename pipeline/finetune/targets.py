@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.bases import BaseModelError
+
 
 def check_target_modules(model: torch.nn.Module, targets: list[str] | tuple[str, ...], where: str = "the model") -> None:
     """Every target must name (a suffix of) at least one Linear/Conv layer; else list candidates.
@@ -15,5 +17,5 @@ def check_target_modules(model: torch.nn.Module, targets: list[str] | tuple[str,
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         paired = sorted({".".join(n.rsplit(".", 2)[-2:]) for n in names if "attn" in n})
-        raise ValueError(f"target module(s) {missing} do not exist in {where}; candidates: {', '.join(leaves)} "
+        raise BaseModelError(f"target module(s) {missing} do not exist in {where}; candidates: {', '.join(leaves)} "
                          f"(or qualified: {', '.join(paired[:12])}{', …' if len(paired) > 12 else ''})")

@@ -15,9 +15,14 @@ from typing import Any, Protocol
 
 from pipeline.jobs import Job
 from pipeline.manifest import Manifest
-from storage import Store
+from storage import DomainError, Store
 
 SCORER_RECIPE_VERSION = 1  # bump when a scorer's computation changes for the same settings
+
+
+class ScorerError(DomainError):
+    """A scorer that cannot run as the manifest or the command asks: an unknown CLIP model or
+    checkpoint, a prompt preset, an attribute test, data subsets it cannot read, a scorer name."""
 
 
 class Scorer(Protocol):

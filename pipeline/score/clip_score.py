@@ -34,6 +34,7 @@ from pipeline.artefacts import HubFiles, hub_cache_dir, unavailable
 from pipeline.bases.loading import load_diffusion_pipeline
 from pipeline.jobs import Job
 from pipeline.manifest import Manifest
+from pipeline.score import ScorerError
 from pipeline.score.prompts import resolve_prompts
 from storage import Store
 
@@ -73,7 +74,7 @@ def load_clip(model: str, pretrained: str | None, store: Store, size: str = "ful
             tokenizer = open_clip.get_tokenizer(model, cache_dir=hub_cache_dir())
     except (RuntimeError, ValueError, OSError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"CLIP model {ref.describe()} cannot be loaded by open_clip: {first}") from None
+        raise ScorerError(f"CLIP model {ref.describe()} cannot be loaded by open_clip: {first}") from None
     return clip_model.eval(), preprocess, tokenizer
 
 
@@ -114,21 +115,21 @@ def clip_ref(model: str, pretrained: str | None) -> ClipRef:
     if model.startswith("hf-hub:"):
         repo = model.removeprefix("hf-hub:")
         if pretrained:
-            raise ValueError(f"clip_score: model {model!r} carries its weights; leave pretrained unset (got {pretrained!r})")
+            raise ScorerError(f"clip_score: model {model!r} carries its weights; leave pretrained unset (got {pretrained!r})")
         return ClipRef(model, None, "hf-hub", HubFiles(repo, files=((HF_CONFIG_NAME,), (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME))))
     if model.startswith("local-dir:"):
         folder = Path(model.removeprefix("local-dir:")).expanduser()
         if not (folder / HF_CONFIG_NAME).is_file():
             there = sorted(p.name for p in folder.iterdir())[:20] if folder.is_dir() else []
-            raise ValueError(f"clip_score: {model!r} needs a folder with {HF_CONFIG_NAME} and weights (open_clip's hub layout); "
+            raise ScorerError(f"clip_score: {model!r} needs a folder with {HF_CONFIG_NAME} and weights (open_clip's hub layout); "
                              f"{folder} holds: {', '.join(there) or 'nothing (it does not exist)'}")
         if pretrained:
-            raise ValueError(f"clip_score: model {model!r} carries its weights; leave pretrained unset (got {pretrained!r})")
+            raise ScorerError(f"clip_score: model {model!r} carries its weights; leave pretrained unset (got {pretrained!r})")
         return ClipRef(model, None, "local-dir")
     name = model.replace("/", "-")
     if name not in open_clip.list_models():
         close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
-        raise ValueError(f"clip_score: {model!r} is not an open_clip model name"
+        raise ScorerError(f"clip_score: {model!r} is not an open_clip model name"
                          + (f" (did you mean {', '.join(close)}?)" if close else "")
                          + "; valid: an open_clip name (open_clip.list_models()), hf-hub:<repo>, local-dir:<folder> or tiny:shapes-clip")
     if not pretrained:
@@ -145,15 +146,15 @@ def clip_ref(model: str, pretrained: str | None) -> ClipRef:
     path = Path(pretrained).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"clip_score: checkpoint {pretrained!r} is not a .safetensors file; pickle checkpoints "
+            raise ScorerError(f"clip_score: checkpoint {pretrained!r} is not a .safetensors file; pickle checkpoints "
                              "(.pt/.bin/.pth) are refused — save the state dict with safetensors.torch.save_file")
         return ClipRef(model, str(path), "file")
     tags = open_clip.list_pretrained_tags_by_model(name)
     looks_like_path = any(c in pretrained for c in "/\\") or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth"))
     if looks_like_path:
         there = sorted(p.name for p in path.parent.iterdir())[:20] if path.parent.is_dir() else []
-        raise ValueError(f"clip_score: checkpoint file {pretrained!r} does not exist; {path.parent} holds: {', '.join(there) or 'nothing'}")
-    raise ValueError(f"clip_score: pretrained {pretrained!r} is neither a tag of {model} ({', '.join(tags) or 'none'}) "
+        raise ScorerError(f"clip_score: checkpoint file {pretrained!r} does not exist; {path.parent} holds: {', '.join(there) or 'nothing'}")
+    raise ScorerError(f"clip_score: pretrained {pretrained!r} is neither a tag of {model} ({', '.join(tags) or 'none'}) "
                      "nor an existing .safetensors file")
 
 

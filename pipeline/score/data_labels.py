@@ -16,6 +16,7 @@ from pipeline.data import manifest_source, select_job_examples
 from pipeline.data.base import DataSourceError
 from pipeline.jobs import Job
 from pipeline.manifest import ClassSubsets, Manifest, SourceSubsets
+from pipeline.score import ScorerError
 from storage import Store
 
 
@@ -23,7 +24,7 @@ def parse_attribute_test(test: str) -> tuple[str, frozenset[str] | None]:
     """`"shape=circle|triangle"` → ("shape", {"circle", "triangle"}); `"Male"` → ("Male", None)."""
     name, _, values = test.partition("=")
     if not name or (values == "" and "=" in test):
-        raise ValueError(f"attribute test {test!r} must look like NAME, NAME=VALUE or NAME=V1|V2")
+        raise ScorerError(f"attribute test {test!r} must look like NAME, NAME=VALUE or NAME=V1|V2")
     return name, (frozenset(values.split("|")) if values else None)
 
 
@@ -68,7 +69,7 @@ class _InTheData:
     def setup(self, manifest: Manifest, store: Store) -> None:
         if not isinstance(manifest.data.subsets, self.subsets_type):
             kind = self.subsets_type.model_fields["kind"].annotation.__args__[0]
-            raise ValueError(f"the {self.spec.name} scorer needs data.subsets.kind: {kind}")
+            raise ScorerError(f"the {self.spec.name} scorer needs data.subsets.kind: {kind}")
         self.names = list(getattr(manifest.data.subsets, self.key))
 
     def score(self, job: Job, adapter_dir: Path | None = None) -> dict[str, int]:

@@ -18,7 +18,7 @@ import torch
 from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
-from pipeline.score import Scorer, make_scorer, scorer_id, scorer_settings
+from pipeline.score import Scorer, ScorerError, make_scorer, scorer_id, scorer_settings
 from storage import PopulationStore, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def score_population(
     specs = [s for s in manifest.scorers if only is None or s.name in only]
     unknown = sorted(set(only or []) - {s.name for s in manifest.scorers})
     if unknown:
-        raise ValueError(f"scorer(s) {unknown} are not in the manifest; its scorers: {', '.join(s.name for s in manifest.scorers) or 'none'}")
+        raise ScorerError(f"scorer(s) {unknown} are not in the manifest; its scorers: {', '.join(s.name for s in manifest.scorers) or 'none'}")
     for spec in specs:
         sid = scorer_id(spec)
         todo = [job for job in done if not population.has_score(job.job_id, sid)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.score import ScorerError
+
 PRESETS = ("paper33", "shapes-captions")
 
 
@@ -22,4 +24,4 @@ def resolve_prompts(prompts: str | list[str]) -> list[str]:
         from pipeline.data.shapes import COLORS, SHAPES
 
         return [f"a {color} {shape}" for color in COLORS for shape in SHAPES]
-    raise ValueError(f"unknown prompt preset {prompts!r}; presets: {', '.join(PRESETS)}, or give a list of prompts")
+    raise ScorerError(f"unknown prompt preset {prompts!r}; presets: {', '.join(PRESETS)}, or give a list of prompts")
