@@ -248,40 +248,11 @@ def write_random_population(folder: Path, modules: dict[str, tuple[int, int]], c
                     tensors[f"base_model.model.{module['name']}.lora_A.weight"] = np.ascontiguousarray(a)
                     tensors[f"base_model.model.{module['name']}.lora_B.weight"] = np.ascontiguousarray(b)
                 save_file(tensors, str(folder / "files" / f"lora{shard_start + i:05d}.safetensors"))
+    # the listing `save_to_disk` writes beside its Arrow files, which `stream` requires before reading them
+    shards = [{"filename": f"data-{i:05d}.arrow"} for i in range((count + rows_per_shard - 1) // rows_per_shard)]
+    (folder / "arrow" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    (folder / "arrow" / "train" / "state.json").write_text(json.dumps({"_data_files": shards}))
     return layout["size"]
-
-
-LOAD_WORKER = '''
-import sys, time, glob, os, resource
-import torch, datasets
-from safetensors.torch import load_file
-from lol_models.data import _from_table, read_layout, stream
-from lol_models.weights import LoraWeights
-torch.set_num_threads(int(os.environ.get("LOL_TORCH_THREADS", torch.get_num_threads())))
-mode, folder = sys.argv[1], sys.argv[2]
-start = time.perf_counter()
-total, count = 0.0, 0
-if mode == "stream":
-    for batch in stream(folder, "train", batch_size=64):
-        total += float(sum(g.u.sum() + g.v.sum() for g in batch.weights.groups)); count += len(batch)
-elif mode == "per-file":
-    paths = sorted(glob.glob(folder + "/files/*.safetensors"))
-    for batch_start in range(0, len(paths), 64):   # same product as `stream`: batches of 64 as LoraWeights
-        states = [load_file(p) for p in paths[batch_start:batch_start + 64]]
-        names = sorted({k[:-len(".lora_A.weight")] for k in states[0] if k.endswith(".lora_A.weight")})
-        us = [torch.stack([s[n + ".lora_B.weight"] for s in states]) for n in names]   # pair A with B by key
-        vs = [torch.stack([s[n + ".lora_A.weight"].T for s in states]) for n in names]
-        batch = LoraWeights.from_layers(names, us, vs)
-        total += float(sum(g.u.sum() + g.v.sum() for g in batch.groups)); count += len(states)
-elif mode == "open":
-    layout, labels = read_layout(folder)
-    table = datasets.load_from_disk(folder + "/arrow")["train"].data.table   # open (memory-map)
-    start = time.perf_counter()                                              # time from here: tensors
-    data = _from_table(table, layout, labels)
-    count = len(data)
-hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(f"{mode} {count} {time.perf_counter() - start:.4f} {hwm_kb / 1024:.1f}")
-'''
 
 
 def bench_load(count_sd: int, count_tiny: int, work_dir: Path) -> list[Measurement]:
@@ -289,43 +260,42 @@ def bench_load(count_sd: int, count_tiny: int, work_dir: Path) -> list[Measureme
     results = []
     tiny = work_dir / "tiny"
     if count_tiny:
-        _in_child(f"from bench.measure import write_random_population, sd14_lora_modules, _tiny_modules, _publish_arrow; from pathlib import Path; "
-                  f"write_random_population(Path({str(tiny)!r}), _tiny_modules(), {count_tiny}, rank=4); _publish_arrow(Path({str(tiny)!r}))")
-        _, _, output = run_child([sys.executable, "-c", LOAD_WORKER, "open", str(tiny)])
+        in_child("tiny", tiny, count_tiny, "--arrow")
+        _, _, output = run_child([sys.executable, "-m", "bench.load_worker", "open", str(tiny)])
         mode, n, seconds, peak = output.split()[-4:]
         results.append(Measurement("load", "tiny: tensors after open", int(n), float(seconds), float(peak), 1,
                                    {"floats_per_lora": json.loads((tiny / "layout.json").read_text())["size"]}))
     if count_sd:
         sd = work_dir / "sd14"
-        _in_child(f"from bench.measure import write_random_population, sd14_lora_modules, _tiny_modules, _publish_arrow; from pathlib import Path; "
-                  f"write_random_population(Path({str(sd)!r}), sd14_lora_modules(), {count_sd}, rank=4, per_file=True)")
+        in_child("sd14", sd, count_sd, "--per-file")
         size = json.loads((sd / "layout.json").read_text())["size"]
         for mode in ("stream", "per-file"):
-            _, _, output = run_child([sys.executable, "-c", LOAD_WORKER, mode, str(sd)])
+            _, _, output = run_child([sys.executable, "-m", "bench.load_worker", mode, str(sd)])
             _, n, seconds, peak = output.split()[-4:]
             results.append(Measurement("load", f"SD-1.4 rank 4: {mode}", int(n), float(seconds), float(peak), 1,
                                        {"floats_per_lora": size, "gigabytes": round(4 * size * count_sd / 1e9, 2)}))
     return results
 
 
-def _in_child(code: str) -> None:
-    """Run setup code in a child, so this (measuring) process stays small."""
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+def in_child(shape: str, folder: Path, count: int, *flags: str) -> None:
+    """Write a random population in a child (`python -m bench.measure write-population …`), so this
+    measuring process stays small."""
+    subprocess.run([sys.executable, "-m", "bench.measure", "write-population", shape, str(folder), str(count), *flags],
+                   check=True, capture_output=True)
 
 
-def _tiny_modules() -> dict[str, tuple[int, int]]:
+def tiny_modules() -> dict[str, tuple[int, int]]:
     """LoRA module shapes (to_q/to_v) of the tiny diffusion UNet, from its recipe (no build needed)."""
     import torch
 
-    from pipeline.bases import tiny_module
+    from tinyworld import shapes_sd
 
-    module = tiny_module("shapes-sd")
-    unet = module.make_unet(module.recipe_config("full"))
+    unet = shapes_sd.make_unet(shapes_sd.recipe_config("full"))
     return {name: (m.in_features, m.out_features) for name, m in unet.named_modules()
             if isinstance(m, torch.nn.Linear) and name.endswith(("to_q", "to_v"))}
 
 
-def _publish_arrow(folder: Path) -> None:
+def publish_arrow(folder: Path) -> None:
     """Replace the raw Arrow shards with a `save_to_disk` folder that `pull` memory-maps."""
     import shutil
 
@@ -334,3 +304,27 @@ def _publish_arrow(folder: Path) -> None:
     files = sorted(str(p) for p in (folder / "data").glob("train-*.parquet"))
     shutil.rmtree(folder / "arrow", ignore_errors=True)
     datasets.DatasetDict({"train": datasets.Dataset.from_parquet(files)}).save_to_disk(str(folder / "arrow"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.measure write-population tiny|sd14 FOLDER COUNT [--per-file] [--arrow]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.measure")
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write-population", help="random rank-4 LoRAs of a layout, as a published folder")
+    write.add_argument("shape", choices=("tiny", "sd14"))
+    write.add_argument("folder", type=Path)
+    write.add_argument("count", type=int)
+    write.add_argument("--per-file", action="store_true", help="also one safetensors file per LoRA")
+    write.add_argument("--arrow", action="store_true", help="also a save_to_disk folder that pull memory-maps")
+    args = parser.parse_args(argv)
+    modules = tiny_modules() if args.shape == "tiny" else sd14_lora_modules()
+    write_random_population(args.folder, modules, args.count, rank=4, per_file=args.per_file)
+    if args.arrow:
+        publish_arrow(args.folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

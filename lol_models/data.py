@@ -208,7 +208,7 @@ def pull(repo_or_path: str | Path, split: str = "train", non_finite: str = "fail
             table = datasets.load_dataset(str(repo_or_path), split=split).data.table
         except ValueError as exc:
             raise PulledDataError(f"cannot load split {split!r} of {repo_or_path}: {exc}") from None
-    return _from_table(table, layout, label_info, non_finite)
+    return table_to_dataset(table, layout, label_info, non_finite)
 
 
 def _local_table(folder: Path, split: str):
@@ -311,7 +311,7 @@ def _non_finite_labels(table, names: Sequence[str]) -> np.ndarray:
     return counts
 
 
-def _from_table(table, layout: dict[str, Any], label_info: dict[str, Any], non_finite: str = "fail") -> LoraDataset:
+def table_to_dataset(table, layout: dict[str, Any], label_info: dict[str, Any], non_finite: str = "fail") -> LoraDataset:
     import pyarrow as pa
 
     missing_columns = [c for c in READ_COLUMNS if c not in table.column_names]
@@ -386,7 +386,7 @@ def stream(repo_or_path: str | Path, split: str = "train", batch_size: int = 256
                 with pa.memory_map(str(path)) as source:
                     table = pa.ipc.open_stream(source).read_all()
                     for start in range(0, table.num_rows, batch_size):
-                        yield _from_table(table.slice(start, batch_size), layout, label_info, non_finite)
+                        yield table_to_dataset(table.slice(start, batch_size), layout, label_info, non_finite)
                     del table
             except (OSError, ValueError, pa.ArrowException) as exc:
                 raise PulledDataError(f"corrupt Arrow shard {path}: {exc}") from None
@@ -411,6 +411,6 @@ def _stream_parquet(repo_or_path, split: str, batch_size: int, layout, label_inf
         try:
             batches = pq.ParquetFile(shard).iter_batches(batch_size=batch_size)
             for batch in batches:
-                yield _from_table(pa.Table.from_batches([batch]), layout, label_info, non_finite)
+                yield table_to_dataset(pa.Table.from_batches([batch]), layout, label_info, non_finite)
         except (OSError, pa.ArrowException) as exc:
             raise PulledDataError(f"corrupt parquet shard {shard}: {exc}") from None

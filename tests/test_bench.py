@@ -47,3 +47,17 @@ def test_bench_faults_prints_the_promises_held_and_writes_results(run_cli, rando
 def test_bench_faults_refuses_bad_options(run_cli, option, message):
     code, _, err = run_cli("bench", "faults", option, "--manifest", ROOT / "manifests" / "tiny-shapes.yaml")
     assert code == 2 and message in err
+
+
+def test_bench_load_measures_each_reader_in_fresh_processes(run_cli, tmp_path, monkeypatch):
+    """`lol bench load`: populations written by `python -m bench.measure write-population`, each read by
+    `python -m bench.load_worker` in its own process; one row per reader with what it read."""
+    import bench.measure as bench
+
+    monkeypatch.setattr(bench.write_results, "__defaults__", (tmp_path / "results",))
+    code, out, err = run_cli("bench", "load", "--sd-loras", "3", "--tiny-loras", "4", "--work-dir", tmp_path)
+    assert code == 0, err
+    results = json.loads(next((tmp_path / "results").glob("load-*.json")).read_text())["results"]
+    assert [(r["mode"], r["loras"]) for r in results] == [
+        ("tiny: tensors after open", 4), ("SD-1.4 rank 4: stream", 3), ("SD-1.4 rank 4: per-file", 3)]
+    assert results[1]["extra"]["floats_per_lora"] == 99_648 * 4 and all(r["peak_rss_mb"] > 50 for r in results)
