@@ -250,10 +250,8 @@ def join_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dic
 
 # How much longer than the shortest a batch joined into a cohort forward may be. On a CPU compute
 # grows with the padded tokens and per-forward overhead is small, so only batches of equal length
-# are joined: 32 tiny-arc jobs, cohorts of 16, one thread, took 81.0 s at slack 1.0, 86.2 s at 1.1,
-# 91.6 s at 1.25, 97.8 s at 1.5 and 88.5 s one job at a time (bench/tuning/lm_join_slack.py,
-# bench/results/lm-join-slack-20261129.jsonl).
-# On a GPU fewer, fuller forwards are worth some padding.
+# are joined; on a GPU fewer, fuller forwards are worth some padding. Measured: docs/cohorts.md
+# (bench/tuning/lm_join_slack.py).
 JOIN_SLACK = {"cpu": 1.0, "cuda": 1.25}
 
 

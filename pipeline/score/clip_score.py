@@ -39,8 +39,8 @@ from pipeline.score.prompts import resolve_prompts
 from storage import Store
 
 ADAPTER_NAME = "lol_scored_adapter"
-# UNet rows per pipeline call for cohorts on a CPU: the tiny UNet costs 3.7 / 3.2 / 3.4 / 3.8 / 4.3 ms
-# per row at 16 / 32 / 64 / 128 / 256 rows (2 cores), so larger batches only lose there.
+# UNet rows per pipeline call for cohorts on a CPU, where larger batches only lose (the per-row
+# costs measured on the tiny UNet: docs/performance.md, "Cohorts").
 CPU_ROWS_PER_CALL = 32
 
 
