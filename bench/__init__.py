@@ -5,3 +5,9 @@ here write their results under bench/results/; docs/performance.md and docs/clus
 summarise them. measure.py times the library's stages in fresh processes; unet.py measures
 LoRA training throughput on SD-shaped UNets; faults/ is the fault-injection harness.
 """
+
+from storage.errors import DomainError
+
+
+class BenchError(DomainError):
+    """A benchmark that cannot run as asked: its options, its manifest's kind, scores not stored yet."""

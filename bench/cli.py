@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from bench import BenchError
 from bench.measure import MODES
 from lol_models.names import Predictor
 from pipeline.cli.common import (
@@ -78,7 +79,7 @@ def bench_labels_command(
     loaded = load(manifest, overrides)
     result = label_statistics(loaded, Store(store, create=False))
     if not result["labels"]:
-        raise ValueError(f"no scores stored for {loaded.population.name!r}; run `lol score {manifest}` first")
+        raise BenchError(f"no scores stored for {loaded.population.name!r}; run `lol score {manifest}` first")
     table = Table(title=f"labels of {loaded.population.name} ({result['planned']} planned)")
     table.add_column("label", overflow="fold")  # long attribute tests wrap instead of being cut
     for column in ("n", "mean", "std", "min", "max", "τ vs lr×length (p)"):
@@ -181,11 +182,11 @@ def bench_faults_command(
 
     loaded = load(manifest, overrides)
     if loaded.base.kind != "diffusion":
-        raise ValueError(f"lol bench faults injects faults into diffusion smoke populations; {manifest} is {loaded.base.kind}")
+        raise BenchError(f"lol bench faults injects faults into diffusion smoke populations; {manifest} is {loaded.base.kind}")
     chosen = list(SCENARIOS) if scenarios.strip() == "all" else [s.strip() for s in scenarios.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown or not chosen:
-        raise ValueError(f"--scenarios {scenarios!r}: choose from all, {', '.join(SCENARIOS)}")
+        raise BenchError(f"--scenarios {scenarios!r}: choose from all, {', '.join(SCENARIOS)}")
     counts = trial_counts(chosen, _trials_option(trials or [], chosen))
     total = sum(counts.values())
     with tempfile.TemporaryDirectory(prefix="lol-bench-faults-", dir=work_dir) as tmp:
@@ -215,7 +216,7 @@ def _trials_option(values: list[str], chosen: list[str]) -> dict[str, int]:
     for value in values:
         name, _, number = value.rpartition("=")
         if not number.strip().isdigit() or int(number) < 1 or (name and name not in chosen):
-            raise ValueError(f"--trials {value!r}: give N ≥ 1, or SCENARIO=N with one of {', '.join(chosen)}")
+            raise BenchError(f"--trials {value!r}: give N ≥ 1, or SCENARIO=N with one of {', '.join(chosen)}")
         counts.update({name: int(number)} if name else dict.fromkeys(chosen, int(number)))
     return counts
 

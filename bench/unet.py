@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench import BenchError
+
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CONFIGS: dict[str, dict[str, Any]] = {
     "sd15": {"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
@@ -63,7 +65,7 @@ def build_unet(name: str, device: torch.device, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
     if name not in CONFIGS:
-        raise ValueError(f"unknown UNet config {name!r}; configs: {', '.join(CONFIGS)}")
+        raise BenchError(f"unknown UNet config {name!r}; configs: {', '.join(CONFIGS)}")
     torch.manual_seed(0)
     return UNet2DConditionModel(**CONFIGS[name]).to(device, dtype).requires_grad_(False)
 
