@@ -13,7 +13,9 @@ import typer
 from rich.table import Table
 
 from bench import BenchError
+from bench.faults import SCENARIO_NAMES
 from bench.measure import MODES
+from bench.rehearsal import POPULATIONS
 from lol_models.names import Predictor
 from pipeline.cli.common import (
     EXIT_PROBLEMS,
@@ -44,6 +46,9 @@ def _bench_table(title: str, measurements, path: Path) -> None:
 
 Mode = Enum("Mode", {m: m for m in MODES}, type=str)
 ModesOpt = Annotated[Optional[list[Mode]], typer.Option("--mode", help="Measure this mode; repeatable (default: all).", show_default=False)]
+PaperPopulation = Enum("PaperPopulation", {name: name for name in POPULATIONS}, type=str)
+RehearsalScale = Enum("RehearsalScale", {name: name for name in ("exact", "small")}, type=str)
+FaultScenario = Enum("FaultScenario", {name: name for name in SCENARIO_NAMES}, type=str)
 UnetMode = Enum("UnetMode", {m: m for m in MODES if m != "process"}, type=str)
 
 
@@ -166,8 +171,8 @@ def bench_orchestration_command(
 @bench_app.command("faults")
 def bench_faults_command(
     overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"),
-    scenarios: Annotated[str, typer.Option(help="Comma-separated scenarios, or all: kill, concurrent-2, concurrent-4, job-exception, "
-                                                "non-finite-loss, out-of-memory, scorer-crash, full-disk, flaky-store.")] = "all",
+    scenarios: Annotated[Optional[list[FaultScenario]], typer.Option("--scenario", help="Run this scenario; repeatable (default: all).",
+                                                                     show_default=False)] = None,
     trials: Annotated[Optional[list[str]], typer.Option(help="Seeded trials: N for every scenario, or SCENARIO=N; repeatable "
                                                              "(default: 10 kills, 2 of each other, 1 scorer crash).")] = None,
     lease: Annotated[float, typer.Option(help="Claim lease of the workers in seconds: a killed worker's claims expire this soon.")] = 2.0,
@@ -177,23 +182,20 @@ def bench_faults_command(
     """Fault injection: workers killed, racing, failing, on a full disk or a flaky store; a table of the promises held."""
     import tempfile
 
-    from pipeline.faults.report import rows, write_results
-    from pipeline.faults.scenarios import SCENARIOS, run_scenarios, trial_counts
+    from bench.faults.report import rows, write_results
+    from bench.faults.scenarios import run_scenarios, trial_counts
 
     loaded = load(manifest, overrides)
     if loaded.base.kind != "diffusion":
         raise BenchError(f"lol bench faults injects faults into diffusion smoke populations; {manifest} is {loaded.base.kind}")
-    chosen = list(SCENARIOS) if scenarios.strip() == "all" else [s.strip() for s in scenarios.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in SCENARIOS]
-    if unknown or not chosen:
-        raise BenchError(f"--scenarios {scenarios!r}: choose from all, {', '.join(SCENARIOS)}")
-    counts = trial_counts(chosen, _trials_option(trials or [], chosen))
+    names = chosen(scenarios, FaultScenario)
+    counts = trial_counts(names, _trials_option(trials or [], names))
     total = sum(counts.values())
     with tempfile.TemporaryDirectory(prefix="lol-bench-faults-", dir=work_dir) as tmp:
         lab = _fault_lab(manifest, loaded, list(overrides or []), Path(tmp), lease, mount)
         with progress_bar() as progress:
             task = progress.add_task("fault trials", total=total)
-            done = run_scenarios(lab, chosen, counts, on_trial=lambda t: progress.update(
+            done = run_scenarios(lab, names, counts, on_trial=lambda t: progress.update(
                 task, advance=1, description=f"{t.scenario} ({t.variant}) {'✓' if t.ok else '✗'}"))
     table = Table(title=f"lol bench faults: {total} trials on a smoke population of {loaded.population.name}")
     for column in ("scenario", "variant", "trials", "promises held", "outcomes", "measured", "s/trial"):
@@ -204,7 +206,7 @@ def bench_faults_command(
     out.print(table)
     for trial in (t for t in done if not t.ok):
         out.print(f"✗ {trial.scenario} ({trial.variant}) trial {trial.trial}: " + "; ".join(trial.problems), highlight=False)
-    path = write_results(done, {"manifest": str(manifest), "overrides": overrides, "scenarios": chosen, "trials": counts,
+    path = write_results(done, {"manifest": str(manifest), "overrides": overrides, "scenarios": names, "trials": counts,
                                 "lease_s": lease, "mount": mount})
     out.print(f"results: {path}")
     return 0 if all(t.ok for t in done) else EXIT_PROBLEMS
@@ -223,8 +225,8 @@ def _trials_option(values: list[str], chosen: list[str]) -> dict[str, int]:
 
 def _fault_lab(manifest: Path, loaded: Manifest, overrides: list[str], work: Path, lease: float, mount: bool):
     """A FaultLab whose base is resolved once (a `tiny:` base is built or copied here, not in every trial's store)."""
+    from bench.faults.lab import FaultLab
     from pipeline.bases.loading import resolve_base
-    from pipeline.faults.lab import FaultLab
 
     base, _ = resolve_base(loaded.base.model_dump(), Store(str(work / "bases")))
     pinned = [f"base.ref={base}", "base.size=full"] if Path(base).exists() else []
@@ -285,3 +287,21 @@ def bench_scaling_command(
     plot(points, RESULTS / f"scaling-{stamp}.png")
     out.print(f"results: {RESULTS / f'scaling-{stamp}.json'} and .png")
     return 0
+
+
+@bench_app.command("rehearsal")
+def bench_rehearsal_command(
+    scale: Annotated[RehearsalScale, typer.Option(help="exact: the SD-1.4 / Qwen2-0.5B / ViT-B-16 configs; small: reduced widths.")]
+    = RehearsalScale.exact,
+    populations: Annotated[Optional[list[PaperPopulation]], typer.Option("--population", help="Rehearse this population; "
+                                                                         "repeatable (default: all three).", show_default=False)] = None,
+    count: Annotated[int, typer.Option(min=1, help="LoRAs per population.")] = 8,
+    paper_shapes: Annotated[bool, typer.Option("--paper-shapes", help="512 px and the paper's scorer settings (a GPU's work).")] = False,
+) -> int:
+    """The paper manifests on stand-ins (bench/rehearsal.py): CPU seconds and peak RSS per LoRA, per stage.
+
+    Runs from a checkout (the stand-ins are built by tests/paper_standins.py)."""
+    from bench.rehearsal import main
+
+    return main(["--scale", scale.value, "--count", str(count), "--populations", ",".join(chosen(populations, PaperPopulation)),
+                 *(["--paper-shapes"] if paper_shapes else [])])

@@ -1,8 +1,8 @@
-"""The fault workers (pipeline.faults.worker) on an s3:// store: the same processes, forked from
+"""The fault workers (bench.faults.worker) on an s3:// store: the same processes, forked from
 the same warm fork server, handed the S3 endpoint and credentials that the fork server — started
 before the S3 server, and shared by every test of a session — may not hold.
 
-`start` replaces `pipeline.faults.worker.start` for a test (monkeypatched), so the fault scenarios
+`start` replaces `bench.faults.worker.start` for a test (monkeypatched), so the fault scenarios
 (`run_scenarios`) run on S3 unchanged; `S3Lab` puts each trial's store in the test bucket.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from s3_server import S3_ENV
 
-from pipeline.faults import worker
-from pipeline.faults.lab import FaultLab
+from bench.faults import worker
+from bench.faults.lab import FaultLab
 
 
 @dataclass

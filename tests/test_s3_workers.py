@@ -1,5 +1,5 @@
 """Finetuning workers on an s3:// store (moto's server on loopback, tests/s3_server.py), as the
-local-store trials run them (pipeline.faults: forked workers, trainings counted by the trainer as
+local-store trials run them (bench.faults: forked workers, trainings counted by the trainer as
 they begin, not by records): 2 and 4 workers on one population train every job exactly once, and
 a SIGKILLed worker's claims are taken over once their lease runs out, after which `lol verify`
 finds every LoRA whole."""
@@ -13,11 +13,11 @@ import pytest
 import s3_workers
 from s3_server import s3_bucket  # noqa: F401  (the fixture)
 
-from pipeline.faults import worker
-from pipeline.faults.checks import inspect_population
-from pipeline.faults.inject import EventLog
-from pipeline.faults.lab import trainings
-from pipeline.faults.scenarios import run_scenarios
+from bench.faults import worker
+from bench.faults.checks import inspect_population
+from bench.faults.inject import EventLog
+from bench.faults.lab import trainings
+from bench.faults.scenarios import run_scenarios
 from storage import Store
 
 pytestmark = pytest.mark.slow  # real worker processes, ~1.5 min on 2 cores (as the local-store trials are slow)

@@ -81,9 +81,9 @@ def write_report(name: str, outcomes: list[dict]) -> None:
 
 @pytest.fixture(scope="session")
 def fault_lab(random_sd, tmp_path_factory):
-    """The fault scenarios' bench (pipeline.faults.lab) on the random SD-shaped base, shared by the
+    """The fault scenarios' bench (bench.faults.lab) on the random SD-shaped base, shared by the
     test_faults_* modules (its reference runs are made once)."""
-    from pipeline.faults.lab import FaultLab
+    from bench.faults.lab import FaultLab
 
     return FaultLab(str(SHAPES), [f"base.ref={random_sd}"], tmp_path_factory.mktemp("faults"), lease_s=2.0)
 

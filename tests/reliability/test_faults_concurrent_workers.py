@@ -1,13 +1,13 @@
 """Two and four finetuning processes on one population at once, in cohorts and one job at a
 time: every job is trained exactly once — trainings counted by the trainer as they begin, not
-by records — and the population is complete. (pipeline.faults.scenarios.concurrent_trial.)"""
+by records — and the population is complete. (bench.faults.scenarios.concurrent_trial.)"""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.faults.lab import VARIANTS
-from pipeline.faults.scenarios import run_scenarios
+from bench.faults.lab import VARIANTS
+from bench.faults.scenarios import run_scenarios
 
 from .conftest import TRIALS, check_trials
 

@@ -2,14 +2,14 @@
 in every job, a scorer crash, a full disk (a size-limited tmpfs, and a write quota), a store
 whose writes fail at random. Each time the worker ends normally, every failure is recorded with
 its reason, no job is tried more than the runner's bound, and a rerun without the fault
-completes the population. (pipeline.faults.scenarios; `lol bench faults` runs the same.)"""
+completes the population. (bench.faults.scenarios; `lol bench faults` runs the same.)"""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.faults.lab import VARIANTS
-from pipeline.faults.scenarios import run_scenarios
+from bench.faults.lab import VARIANTS
+from bench.faults.scenarios import run_scenarios
 
 from .conftest import TRIALS, check_trials
 

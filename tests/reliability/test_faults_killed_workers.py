@@ -1,7 +1,7 @@
 """Finetuning workers SIGKILLed at seeded random moments (cohorts and one job at a time): after
 their claims expire, a rerun completes the population — every job one verified record, the
 rerun trained exactly what was not committed, no temporary file, claim or staging folder left.
-The scenario is pipeline.faults.scenarios.kill_trial (also run by `lol bench faults`)."""
+The scenario is bench.faults.scenarios.kill_trial (also run by `lol bench faults`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.faults.lab import VARIANTS
-from pipeline.faults.scenarios import run_scenarios
+from bench.faults.lab import VARIANTS
+from bench.faults.scenarios import run_scenarios
 
 from .conftest import TRIALS, check_trials
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.faults.checks import inspect_population
-from pipeline.faults.inject import FlakyStore, QuotaStore
+from bench.faults.checks import inspect_population
+from bench.faults.inject import FlakyStore, QuotaStore
 from pipeline.finetune import staging
 from pipeline.finetune.runner import finetune_population
 from pipeline.jobs import Job, expand

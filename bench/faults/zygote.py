@@ -1,4 +1,4 @@
-"""What every fault worker needs, imported once by their fork server (`pipeline.faults.worker`).
+"""What every fault worker needs, imported once by their fork server (`bench.faults.worker`).
 
 Importing this module loads torch, diffusers, transformers, peft and accelerate (including the
 classes diffusers and transformers import lazily when a pipeline is loaded), the trainers and

@@ -11,3 +11,8 @@ Shared by the reliability tests (`tests/reliability/test_faults_*.py`) and `lol 
 - `disk`: a disk that fills up (a size-limited tmpfs, or a quota);
 - `checks`: what a store holds afterwards; `report`: the table rows and the results file.
 """
+
+# The scenario names, in the order they run (bench/faults/scenarios.py defines each): a light
+# constant, so `lol bench faults --scenario` offers them without importing the harness.
+SCENARIO_NAMES = ("kill", "concurrent-2", "concurrent-4", "job-exception", "non-finite-loss", "out-of-memory",
+                  "scorer-crash", "full-disk", "flaky-store")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.faults import worker
-from pipeline.faults.inject import EventLog
+from bench.faults import worker
+from bench.faults.inject import EventLog
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 

@@ -1,7 +1,7 @@
 """A real finetuning (or scoring) worker in its own process, with faults injected.
 
 `start(settings)` forks a worker from a fork server that has imported torch, diffusers and the
-pipeline once (`pipeline.faults.zygote`), so a worker starts in a fraction of a second and can
+pipeline once (`bench.faults.zygote`), so a worker starts in a fraction of a second and can
 be SIGKILLed like any process; `run(settings)` waits for it and returns its summary. The worker
 runs the library (`finetune_population`, `score_population`) as `lol finetune` / `lol score`
 do, with an `injecting_trainer` that logs each training it begins to the shared event log.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PRELOAD = ["pipeline.faults.zygote"]
+PRELOAD = ["bench.faults.zygote"]
 
 
 class WorkerFailed(RuntimeError):
@@ -41,7 +41,7 @@ class WorkerSettings:
     name: str | None = None  # worker name on claims; default host-pid
     job_faults: dict[str, str] = field(default_factory=dict)  # job id -> raise | nan | oom
     crash_scorer_on: tuple[str, ...] = ()
-    store_fault: dict[str, Any] | None = None  # see pipeline.faults.inject.open_store
+    store_fault: dict[str, Any] | None = None  # see bench.faults.inject.open_store
     go: str | None = None  # wait for this file after setup
 
     @property
@@ -126,7 +126,7 @@ def main(settings: WorkerSettings) -> None:
 
 
 def finetune(settings: WorkerSettings) -> dict[str, Any]:
-    from pipeline.faults.inject import EventLog, injecting_trainer, open_store
+    from bench.faults.inject import EventLog, injecting_trainer, open_store
     from pipeline.finetune.runner import finetune_population
     from pipeline.manifest import Manifest
     from pipeline.stages import trainer_factory
@@ -149,7 +149,7 @@ def finetune(settings: WorkerSettings) -> dict[str, Any]:
 
 
 def score(settings: WorkerSettings) -> dict[str, Any]:
-    from pipeline.faults.inject import CrashingScorer, open_store
+    from bench.faults.inject import CrashingScorer, open_store
     from pipeline.manifest import Manifest
     from pipeline.score import make_scorer
     from pipeline.score.runner import score_population

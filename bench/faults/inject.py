@@ -7,7 +7,7 @@
 - `CrashingScorer`: a scorer that raises for chosen jobs;
 - `FlakyStore`: writes fail with an I/O error at a seeded rate;
 - `QuotaStore`: writes fail with ENOSPC once the store holds `quota` bytes (where a size-limited
-  tmpfs cannot be mounted, `pipeline.faults.disk`);
+  tmpfs cannot be mounted, `bench.faults.disk`);
 - `EventLog`: JSON lines appended by any number of processes.
 
 The faults reach the model code only through its public seams (`stream`, `run`,

@@ -35,11 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.faults import worker
-from pipeline.faults.checks import inspect_population
-from pipeline.faults.disk import SmallDisk
-from pipeline.faults.inject import EventLog
-from pipeline.faults.lab import VARIANTS, FaultLab, trainings
+from bench.faults import SCENARIO_NAMES, worker
+from bench.faults.checks import inspect_population
+from bench.faults.disk import SmallDisk
+from bench.faults.inject import EventLog
+from bench.faults.lab import VARIANTS, FaultLab, trainings
 from storage import Store
 
 CONCURRENT = ("count=8", "data.subsets.num_groups=8")  # enough jobs for four workers
@@ -308,6 +308,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("full-disk", "the store's disk holds half the population", BOTH, 2, full_disk_trial),
     Scenario("flaky-store", f"{FLAKY_RATE:.0%} of store writes fail (EIO)", BOTH, 2, flaky_store_trial),
 )}
+
+
+assert tuple(SCENARIOS) == SCENARIO_NAMES, "bench/faults/__init__.py lists the scenarios, in this order"
 
 
 def run_scenarios(lab: FaultLab, names: Iterable[str] | None = None, trials: int | Mapping[str, int] | None = None,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.faults.scenarios import SCENARIOS, Trial
+from bench.faults.scenarios import SCENARIOS, Trial
 
 RESULTS_DIR = Path("bench/results")
 
