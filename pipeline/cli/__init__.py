@@ -1,7 +1,10 @@
 """`lol`: the front door. Every subcommand is a thin call into library functions.
 
 `main(argv)` returns the exit code instead of exiting, so tests call it directly.
-Exit codes: 0 ok, 1 the command ran and found problems (e.g. `verify`), 2 bad input.
+Exit codes: 0 ok, 1 the command ran and found problems (e.g. `verify`) or hit a bug, 2 bad input.
+Bad input is a `DomainError` (storage/errors.py; ManifestError, StoreError, DataSourceError… derive
+from it) or a usage error of click/typer: one line `error: …`, a hint, exit 2. Anything else is a
+bug: its traceback on stderr, exit 1 — a plain ValueError or KeyError is never taken for bad input.
 
 One module per command group: population.py (validate, fetch, plan, status, verify, run, deploy),
 stages.py (finetune, score, publish, pull, train, evaluate, report), experiment.py. Tooling adds
@@ -13,19 +16,17 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from importlib.metadata import entry_points
 
 import click
 import typer
 from rich.text import Text
 
-from pipeline.bases import BaseModelError
 from pipeline.cli import experiment, population, stages
-from pipeline.cli.common import EXIT_BAD_INPUT, err
-from pipeline.data.base import DataSourceError
+from pipeline.cli.common import EXIT_BAD_INPUT, EXIT_BUG, err
 from pipeline.manifest import ManifestError
-from pipeline.publish import PublishError
-from storage import StoreError
+from storage import DomainError, StoreError
 
 PLUGIN_GROUP = "lol.commands"
 
@@ -49,7 +50,7 @@ def add_plugins(target: typer.Typer) -> None:
 
 add_plugins(app)
 
-USER_ERRORS = (ManifestError, StoreError, DataSourceError, BaseModelError, PublishError, ValueError, FileNotFoundError)
+USER_ERRORS = (DomainError,)  # bad input the user can fix; every domain error class derives from DomainError
 
 
 def _hint(exc: Exception) -> str | None:
@@ -61,11 +62,15 @@ def _hint(exc: Exception) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 problems found, 2 bad input)."""
-    if os.environ.get("LOL_TORCH_THREADS"):  # small models on shared CPUs run faster on one thread
+    """Run the CLI; returns the exit code (0 ok, 1 problems found or a bug, 2 bad input)."""
+    if threads := os.environ.get("LOL_TORCH_THREADS"):  # small models on shared CPUs run faster on one thread
+        if not threads.strip().isdigit() or int(threads) < 1:
+            err.print(Text.assemble(("error: ", "bold red"), f"LOL_TORCH_THREADS={threads!r}: give a whole number ≥ 1, or unset it"),
+                      highlight=False)
+            return EXIT_BAD_INPUT
         import torch
 
-        torch.set_num_threads(int(os.environ["LOL_TORCH_THREADS"]))
+        torch.set_num_threads(int(threads))
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="lol", standalone_mode=False)
@@ -82,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         if (hint := _hint(exc)) is not None:
             err.print(f"hint: {hint}")
         return EXIT_BAD_INPUT
+    except Exception:  # a bug, not bad input: show where it happened
+        traceback.print_exc(file=sys.stderr)
+        err.print("unexpected error: not one lol knows as bad input (a bug, or a failure outside its checks); "
+                  "the traceback above shows where it happened")
+        return EXIT_BUG
     return result if isinstance(result, int) else 0
 
 

@@ -19,6 +19,7 @@ out = Console(soft_wrap=True)  # a line is one line in logs and pipes, whatever 
 err = Console(stderr=True, soft_wrap=True)
 
 EXIT_PROBLEMS, EXIT_BAD_INPUT = 1, 2
+EXIT_BUG = 1  # an exception that is not a DomainError: its traceback, then exit 1 (like a crashed Python program)
 
 ManifestArg = Annotated[Path, typer.Argument(help="Manifest YAML file.", show_default=False)]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. count=10 lora.rank=8.", show_default=False)]
