@@ -23,6 +23,7 @@ from lol_models.models import (
     build_mlp_oalign,
     build_mlp_svd,
 )
+from lol_models.names import PREDICTORS
 from lol_models.weights import Layout
 
 __all__ = ["MODELS", "ModelSpec", "available_models", "build_model", "register_model"]
@@ -58,6 +59,9 @@ register_model("transformer", TransformerConfig, LayerTransformer, symmetry="GL(
                help="one token per layer, TransformerEncoder, mean pool")
 register_model("glnet", GLNetConfig, GLNet, symmetry="GL(r)",
                help="GL-equivariant linear layers, invariant row gates, invariant head")
+
+
+assert tuple(MODELS) == PREDICTORS, "lol_models/names.py lists the built-in predictors, in registration order"
 
 
 def available_models() -> list[str]:
