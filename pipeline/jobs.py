@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -149,15 +150,17 @@ def draw_data(manifest: Manifest, index: int) -> dict[str, Any]:
     return descriptor
 
 
-def job_at(manifest: Manifest, index: int) -> Job:
-    """Job `index` of the population (0-based); independent of `manifest.count`."""
+def job_at(manifest: Manifest, index: int, fixed: _Fixed | None = None) -> Job:
+    """Job `index` of the population (0-based); independent of `manifest.count`.
+
+    `fixed`: what every job of `manifest` shares, worked out once (`expand` passes it)."""
     seed = manifest.seed
     ranks = manifest.lora.rank
-    hyper = {name: draw_value(value, seed, index, name)
-             for name, value in manifest.hyperparameters if value is not None}
+    fixed = fixed or _Fixed.of(manifest)
+    hyper = {name: draw_value(value, seed, index, name) for name, value in fixed.hyperparameters}
     lora_dropout = float(hyper.pop("lora_dropout", manifest.lora.dropout))
     spec = JobSpec(
-        base=manifest.base.model_dump(mode="json"),
+        base=dict(fixed.base),
         data=draw_data(manifest, index),
         rank=int(_pick(ranks, unit_draw(seed, index, "lora:rank"))),
         alpha=manifest.lora.alpha,
@@ -173,8 +176,22 @@ def job_at(manifest: Manifest, index: int) -> Job:
 def expand(manifest: Manifest, limit: int | None = None) -> Iterator[Job]:
     """Jobs 0..count-1 (or the first `limit` of them), in order."""
     stop = manifest.count if limit is None else min(limit, manifest.count)
+    fixed = _Fixed.of(manifest)
     for index in range(stop):
-        yield job_at(manifest, index)
+        yield job_at(manifest, index, fixed)
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """The parts of a manifest every job shares, read once per expansion (not once per job)."""
+
+    base: dict[str, Any]
+    hyperparameters: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> _Fixed:
+        return cls(base=manifest.base.model_dump(mode="json"),
+                   hyperparameters=tuple((name, value) for name, value in manifest.hyperparameters if value is not None))
 
 
 def shard(jobs: list[Job], shard_spec: str | None) -> list[Job]:

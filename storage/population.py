@@ -20,6 +20,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import stat
 import threading
 import time
 import uuid
@@ -48,6 +50,8 @@ CLOCK_SKEW_S = 300.0
 MAX_BOOKKEEPING_BYTES = 16 << 20  # spec, record, score, claim and failure files are far smaller
 MAX_LEASE_S = 3600.0  # claims renew every third of their lease, so no worker needs a longer one
 _memory_claim_locks: dict[str, threading.Lock] = {}
+_NO_FOLDER: frozenset[str] = frozenset()
+_UNUSUAL = object()  # a job folder `status` examines path by path (see `_job_entries`)
 log = logging.getLogger(__name__)
 
 
@@ -617,30 +621,101 @@ class PopulationStore:
     # ------------------------------------------------------------ status
 
     def status(self, planned_ids: list[str]) -> StatusReport:
+        """The state of every planned job, from one listing of the jobs folder (and of the claims).
+
+        Reads only what the listing cannot tell: the claim of a job without a record that holds
+        one, the failure of a job without a record or live claim that holds one. On local disks a
+        job folder that is a link, a file or holds anything but a plain `record.json` file is
+        examined as before, one path at a time (`_job_state`), so damage is found as it always was.
+        """
         report = StatusReport()
-        claims = self.active_claims()
-        planned = set(planned_ids)
+        entries, default = self._job_entries()
+        claim_names = set(self.store.list_dir(self.rel("claims")))
+        now = time.time()
         for job_id in planned_ids:
-            try:
-                has_record = not self.store.is_link(self.job_rel(job_id)) and self._has_record_file(job_id)
-            except StoreError as exc:
-                report.damaged[job_id] = str(exc)[:200]
-                continue
-            if self.store.is_link(self.job_rel(job_id)):
-                report.damaged[job_id] = "the job folder is a symbolic link"
-            elif self._not_a_folder(job_id):
-                report.damaged[job_id] = "the job's folder is a file"
-            elif has_record:
+            names = entries.get(job_id, default)
+            if names is _UNUSUAL:
+                state, detail = self._job_state(job_id)
+                if state == "damaged":
+                    report.damaged[job_id] = detail
+                    continue
+                has_record, has_failure = state == "done", True
+            else:
+                has_record, has_failure = RECORD in names, FAILED in names
+            if has_record:
                 report.done.append(job_id)
-            elif job_id in claims:
-                report.claimed[job_id] = claims[job_id].worker
-            elif (failure := self.failure(job_id)) is not None:
+                continue
+            claim = self._read_claim(job_id) if job_id in claim_names else None
+            if claim is not None and claim.is_live(now):
+                report.claimed[job_id] = claim.worker
+            elif has_failure and (failure := self.failure(job_id)) is not None:
                 report.failed[job_id] = failure.get("reason", "unknown")
             else:
                 report.pending.append(job_id)
-        report.unplanned = [j for j in self.job_ids() if j not in planned and _safe_has_record(self, j)]
+        planned = set(planned_ids)
+        report.unplanned = sorted(j for j, names in entries.items() if j not in planned and (
+            _safe_has_record(self, j) if names is _UNUSUAL else RECORD in names))
         return report
 
+    def _job_state(self, job_id: str) -> tuple[str, str]:
+        """('damaged', why) | ('done', '') | ('open', '') of one job, path by path (links and files
+        where folders belong are damage; a record file makes it done)."""
+        try:
+            has_record = not self.store.is_link(self.job_rel(job_id)) and self._has_record_file(job_id)
+        except StoreError as exc:
+            return "damaged", str(exc)[:200]
+        if self.store.is_link(self.job_rel(job_id)):
+            return "damaged", "the job folder is a symbolic link"
+        if self._not_a_folder(job_id):
+            return "damaged", "the job's folder is a file"
+        return ("done" if has_record else "open"), ""
+
+    def _job_entries(self) -> tuple[dict[str, frozenset[str] | object], frozenset[str] | object]:
+        """({job folder name: the bookkeeping files in it (of record.json, failed.json)}, what a job
+        not listed maps to) from one listing: a recursive listing on object stores (no per-job
+        request), a scan of the jobs folder and an lstat of each job's two files on local disks.
+        A local job whose folder (or a folder above it) is a link, is not a folder, or whose
+        record is not a plain file maps to `_UNUSUAL`: the caller examines it path by path."""
+        jobs = self.rel("jobs")
+        if not self.store.is_local:
+            base = self.store.path(jobs).rstrip("/")
+            try:
+                keys = self.store.fs.find(base)
+            except FileNotFoundError:
+                keys = []
+            prefix_len = len(self.store.fs._strip_protocol(base).rstrip("/")) + 1
+            found: dict[str, set[str]] = {}
+            for key in keys:
+                job_id, _, rest = self.store.fs._strip_protocol(key)[prefix_len:].partition("/")
+                found.setdefault(job_id, set()).add(rest.split("/", 1)[0])
+            return {job_id: frozenset(names & {RECORD, FAILED}) for job_id, names in found.items()}, _NO_FOLDER
+        try:
+            if self.store.is_link(jobs):
+                raise StoreError("the jobs folder is reached through a link")
+            scan = list(os.scandir(self.store.path(jobs)))
+        except (StoreError, NotADirectoryError):  # every job path by path, as each may lead through the link
+            with contextlib.suppress(StoreError):
+                return {name: _UNUSUAL for name in self.job_ids()}, _UNUSUAL
+            return {}, _UNUSUAL
+        except FileNotFoundError:
+            return {}, _NO_FOLDER
+        entries: dict[str, frozenset[str] | object] = {}
+        for entry in scan:
+            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                entries[entry.name] = _UNUSUAL
+                continue
+            names = set()
+            for name in (RECORD, FAILED):
+                try:
+                    mode = os.lstat(os.path.join(entry.path, name)).st_mode
+                except FileNotFoundError:
+                    continue
+                if name == RECORD and not stat.S_ISREG(mode):
+                    names = None
+                    break
+                names.add(name)
+            entries[entry.name] = _UNUSUAL if names is None else frozenset(names)
+        return entries, _NO_FOLDER
 
 
 def _free_for(worker: str) -> Callable[[Claim | None], bool]:
