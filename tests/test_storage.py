@@ -181,3 +181,35 @@ def test_a_held_claim_is_renewed_and_released(store):
         time.sleep(0.6)  # longer than the lease: only renewal keeps others out
         assert population.claim("j", "worker-b", lease_s=10) is None
     assert population.claim("j", "worker-b", lease_s=10) is not None
+
+
+def test_status_from_one_listing_matches_each_job_read_path_by_path(store, tmp_path):
+    """`status` reads one listing, not each job's paths: every state it reports agrees with the
+    job's own files — done, failed, live and expired claims, leftovers without a record, no
+    folder, records of jobs not planned and (on disk) record.json a folder, folders that are
+    links or files."""
+    population = store.population("pop")
+    done, failed, claimed, expired, leftover, unplanned = (stored_spec(population, t) for t in
+                                                           ("done", "failed", "claimed", "expired", "leftover", "unplanned"))
+    for job in (done, unplanned):
+        population.commit(job, staged_adapter(tmp_path), {})
+    population.write_failed(failed, "out of memory")
+    population.write_failed(claimed, "earlier failure")  # a live claim outranks an old failure
+    assert population.claim(claimed, "worker-a", lease_s=60) is not None
+    assert population.claim(expired, "worker-b", lease_s=0.05) is not None
+    population.store.write_bytes(population.job_rel(leftover, "adapter", "adapter_model.safetensors"), b"partial")
+    planned = [done, failed, claimed, expired, leftover, "nofolder"]
+    damaged = {}
+    if store.is_local:
+        jobs = store.local_path(population.rel("jobs"))
+        (jobs / "recfolder" / "record.json").mkdir(parents=True)
+        (jobs / "afile").write_text("not a folder")
+        (jobs / "linked").symlink_to(jobs / done)
+        planned += ["recfolder", "afile", "linked"]
+        damaged = {"afile": "the job's folder is a file", "linked": "the job folder is a symbolic link"}
+    time.sleep(0.1)
+    report = population.status(planned)
+    assert report.done == [done] and report.failed == {failed: "out of memory"}
+    assert report.claimed == {claimed: "worker-a"} and report.damaged == damaged
+    assert report.pending == [expired, leftover, "nofolder"] + (["recfolder"] if store.is_local else [])
+    assert report.unplanned == [unplanned]
