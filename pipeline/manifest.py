@@ -413,7 +413,7 @@ class ClipScoreScorer(StrictModel):
     images_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT, description=f"Images per prompt, 1..{MAX_IMAGES_PER_PROMPT:,}.")
     batch_size: int = Field(8, ge=1, le=MAX_BATCH, description=f"Images per generation batch, 1..{MAX_BATCH:,}.")
     resolution: int | None = Field(None, ge=8, le=4096, multiple_of=8, description=(
-        "Side of the generated images in pixels, a multiple of 8; unset: the base's own (SD-1.x: 512)."))
+        "Side of the generated images in pixels, a multiple of 8 in 8..4,096; unset: the base's own (SD-1.x: 512)."))
 
     @field_validator("prompts")
     @classmethod

@@ -42,13 +42,18 @@ app.add_typer(stages.app)
 app.add_typer(experiment.experiment_app, name="experiment")
 
 
+_plugged: set[str] = set()
+
+
 def add_plugins(target: typer.Typer) -> None:
-    """Add the command groups that tooling registers (entry point name = group name, value = its Typer)."""
+    """Add the command groups that tooling registers (entry point name = group name, value = its Typer).
+
+    Called when a command line is parsed, not at import: the plugins import `pipeline.cli.common`,
+    so importing them while this package initialises would be circular."""
     for plugin in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
-        target.add_typer(plugin.load(), name=plugin.name)
-
-
-add_plugins(app)
+        if plugin.name not in _plugged:
+            target.add_typer(plugin.load(), name=plugin.name)
+            _plugged.add(plugin.name)
 
 USER_ERRORS = (DomainError,)  # bad input the user can fix; every domain error class derives from DomainError
 
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
+    add_plugins(app)
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="lol", standalone_mode=False)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -56,6 +56,17 @@ class Trainer(Protocol):
 
     def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
         """Train `job`, save its peft adapter under `out_dir/adapter/`, return its metrics."""
+        ...
+
+
+@runtime_checkable
+class CohortTrainer(Trainer, Protocol):
+    """A trainer that can also train several jobs in the same passes (`pipeline.finetune.cohort`);
+    `run_jobs` forms cohorts only for these. It may declare `member_bytes` (memory per member,
+    for the cohort sizer) and `device`."""
+
+    def train_cohort(self, tasks: Sequence[Any]) -> dict[str, dict[str, Any] | Exception]:
+        """Train each task's job; {job id: metrics, or the exception that job alone raised}."""
         ...
 
 
@@ -250,7 +261,7 @@ def run_jobs(population, jobs: Sequence[Job], get_trainer: Callable[[], Trainer]
     while queue:
         trainer = get_trainer()
         k = sizer.size(getattr(trainer, "member_bytes", None), getattr(trainer, "device", torch.device("cpu")))
-        if k == 1 or not hasattr(trainer, "train_cohort"):
+        if k == 1 or not isinstance(trainer, CohortTrainer):
             job = queue.pop(0)
             yield job, run_job(population, job, get_trainer, worker, lease_s)
             continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pipeline.jobs import Job
 from pipeline.manifest import Manifest
@@ -32,6 +32,16 @@ class Scorer(Protocol):
 
     def score(self, job: Job, adapter_dir: Path) -> dict[str, float | int]:
         """Labels of one LoRA: {label name: value}."""
+        ...
+
+
+@runtime_checkable
+class CohortScorer(Scorer, Protocol):
+    """A scorer that can also label several LoRAs in the same forwards; `score_jobs` forms
+    cohorts only for these."""
+
+    def score_cohort(self, jobs: list[Job], adapter_dirs: list[Path]) -> list[dict[str, float | int]]:
+        """The labels of each adapter, in order."""
         ...
 
 

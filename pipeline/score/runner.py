@@ -18,7 +18,14 @@ import torch
 from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
-from pipeline.score import Scorer, ScorerError, make_scorer, scorer_id, scorer_settings
+from pipeline.score import (
+    CohortScorer,
+    Scorer,
+    ScorerError,
+    make_scorer,
+    scorer_id,
+    scorer_settings,
+)
 from storage import PopulationStore, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -100,7 +107,7 @@ def score_jobs(population: PopulationStore, jobs: list[Job], spec, sid: str, sco
     queue = list(jobs)
     while queue:
         k = sizer.size(None, getattr(scorer, "device", torch.device("cpu")))
-        if k == 1 or len(queue) == 1 or not hasattr(scorer, "score_cohort"):
+        if k == 1 or len(queue) == 1 or not isinstance(scorer, CohortScorer):
             job = queue.pop(0)
             yield (job, *score_job(population, job, spec, sid, scorer))
             continue
