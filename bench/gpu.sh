@@ -9,7 +9,7 @@
 # 1. the exact-config rehearsal at the paper's shapes: SD-1.4 stand-in at 512 px (the manifests'
 #    resolution), clip_score with the paper's 33 prompts × 20 steps, Qwen2-0.5B stand-in at the
 #    manifests' full sequence lengths (no max_length cut), fp16 / bf16 as the manifests say;
-#    4 LoRAs per population, every stage in its own process: per-stage seconds and peak RSS
+#    8 LoRAs per population (enough for three splits), every stage in its own process: per-stage seconds and peak RSS
 #    → bench/results/rehearsal-paper-shapes-*.json (builds ~6.5 GB of stand-ins once, under $LOL_STANDINS);
 # 2. `lol bench unet --config sd15 --adapters 8 --dtype bf16`: 8 LoRAs trained sequentially vs in one
 #    cohort on an SD-1.5-shaped UNet (LoRA-steps/s, TFLOP/s) → bench/results/unet-sd15-*.json.
@@ -27,7 +27,7 @@ stamp=$(date -u +%Y%m%dT%H%M%S)
 } > "bench/results/gpu-device-$stamp.txt"
 
 echo "== 1/2 paper rehearsal at the exact configs and the paper's shapes"
-"$PY" bench/rehearsal.py --scale exact --paper-shapes --count 4 --models "$STANDINS" --out bench/results
+"$PY" bench/rehearsal.py --scale exact --paper-shapes --count 8 --models "$STANDINS" --out bench/results
 
 echo "== 2/2 lol bench unet --config sd15 --adapters 8 --dtype bf16"
 "$PY" -m pipeline.cli bench unet --config sd15 --adapters 8 --dtype bf16
