@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import BenchError
+from pipeline import runtime
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -169,7 +170,7 @@ def run_cohort(unet, adapters: int, steps: int, device: torch.device, dtype: tor
 def bench_unet(config: str, adapters: int, steps: int, device: str | None = None, dtype: str = "float32",
                modes: tuple[str, ...] = ("sequential", "cohort")) -> tuple[list[UnetMeasurement], dict[str, Any]]:
     """Measure each mode once (after a one-step warm-up of each); returns (measurements, device facts)."""
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = runtime.compute_device(device)
     torch_dtype = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
     unet = build_unet(config, target, torch_dtype)
     tflop = step_tflop(unet, target, torch_dtype)

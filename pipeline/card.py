@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lol_models.published import COLUMNS, LAYOUT_FILE
+from pipeline import runtime
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
 
@@ -102,7 +103,7 @@ def dataset_card(manifest: Manifest, dataset, shard_bytes: dict[str, int], layou
               *_data_lines(manifest, data_provenance or []),
               f"- splits: group-disjoint, fractions {dict(manifest.publish.splits)}, seed {manifest.publish.split_seed}",
               f"- code: lol-pipeline {code_version()}",
-              "- libraries: " + ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "diffusers", "transformers", "peft", "datasets")),
+              "- libraries: " + ", ".join(f"{p} {v}" for p, v in runtime.versions("torch", "diffusers", "transformers", "peft", "datasets").items()),
               "- scorers:"]
     for spec in manifest.scorers:
         lines.append(f"  - `{scorer_id(spec)}`: `{json.dumps(spec.model_dump(mode='json'), sort_keys=True)}`")

@@ -14,7 +14,6 @@ store instead of being rebuilt when their recipe hash matches.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import inspect
 import json
 import resource
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import runtime
 from pipeline.bases import BaseModelError, tiny_module
 from storage import Store
 from storage.store import sha256_bytes
@@ -60,13 +60,7 @@ class Recipe:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
+    return runtime.versions(*VERSIONED_PACKAGES)
 
 
 def recipe_for(name: str, size: str = "full") -> Recipe:

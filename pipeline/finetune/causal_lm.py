@@ -25,7 +25,6 @@ Shapes: N training examples, B batch, T tokens per (left-padded) sequence, K ans
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
 import math
 import resource
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 
+from pipeline import runtime
 from pipeline.bases import BaseModelError
 from pipeline.bases.loading import resolve_base
 from pipeline.data import select_job_examples, source_examples, source_provenance
@@ -298,7 +298,7 @@ class CausalLMTrainer:
     """Trains one LoRA per job on a causal LM loaded once."""
 
     def __init__(self, device: str | torch.device | None = None):
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = runtime.compute_device(device)
 
     def setup(self, manifest: Manifest, store: Store) -> None:
         examples = source_examples(manifest)
@@ -485,4 +485,4 @@ def mixed_precision(device: torch.device, requested: str | None) -> str:
 
 
 def versions() -> dict[str, str]:
-    return {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft", "accelerate")}
+    return runtime.versions("torch", "transformers", "peft", "accelerate")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import runtime
 from pipeline.bases import BaseModelError
 from pipeline.bases.loading import load_diffusion_pipeline
 from pipeline.data import select_job_examples, source_examples, source_provenance
@@ -55,7 +56,7 @@ class DiffusionTrainer:
     """Trains one LoRA per job on a base loaded once."""
 
     def __init__(self, device: str | torch.device | None = None):
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = runtime.compute_device(device)
 
     def setup(self, manifest: Manifest, store: Store) -> None:
         self.examples = source_examples(manifest)  # bad or missing data fails before the base loads
@@ -225,7 +226,7 @@ class DiffusionTrainer:
             "micro_steps": len(losses), "train_seconds": round(seconds, 3), "steps_per_second": round(len(losses) / seconds, 3),
             "num_images": num_images, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if self.device.type == "cuda" else None,
-            "versions": _versions(),
+            "versions": runtime.versions("torch", "diffusers", "peft", "accelerate"),
             **({"data": self.data_provenance} if getattr(self, "data_provenance", None) else {}),
         }
 
@@ -253,9 +254,3 @@ class DiffusionStream:
         timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=self.generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         return noisy, timesteps, self.prompt_states.expand(batch, -1, -1), self.trainer._target(latents, noise, timesteps)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    return {p: md.version(p) for p in ("torch", "diffusers", "peft", "accelerate")}

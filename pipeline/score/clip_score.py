@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import runtime
 from pipeline.artefacts import HubFiles, hub_cache_dir, unavailable
 from pipeline.bases.loading import load_diffusion_pipeline
 from pipeline.jobs import Job
@@ -161,7 +161,7 @@ def clip_ref(model: str, pretrained: str | None) -> ClipRef:
 class ClipScoreScorer:
     def __init__(self, spec: Any, device: str | torch.device | None = None):
         self.spec = spec
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = runtime.compute_device(device)
 
     def setup(self, manifest: Manifest, store: Store) -> None:
         spec = self.spec
@@ -266,7 +266,7 @@ class ClipScoreScorer:
 
     def provenance(self) -> dict[str, Any]:
         """Library versions and which CLIP weights scored (model, pretrained, checkpoint file and its sha256)."""
-        versions = {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "open_clip_torch", "peft")}
+        versions = runtime.versions("torch", "diffusers", "open_clip_torch", "peft")
         return {"versions": versions, "clip": getattr(self, "clip_provenance", None)}
 
 

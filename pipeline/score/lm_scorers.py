@@ -26,7 +26,6 @@ Shapes: Q questions, C choices of one question, P (context, continuation) pairs.
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import runtime
 from pipeline.data import dataset_options, get_source
 from pipeline.data.base import DataSourceError, QAExample
 from pipeline.finetune.causal_lm import (
@@ -146,7 +146,7 @@ class _LogLikelihoodScorer:
 
     def __init__(self, spec: Any, device: str | torch.device | None = None):
         self.spec = spec
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = runtime.compute_device(device)
 
     def examples(self) -> list[QAExample]:
         raise NotImplementedError
@@ -211,7 +211,7 @@ class _LogLikelihoodScorer:
     def provenance(self) -> dict[str, Any]:
         """Library versions and, for an `hf:` / `folder:` dataset, what was read: source, config(s), revision,
         split, and per config the dataset fingerprint and row count."""
-        out: dict[str, Any] = {"versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft")}}
+        out: dict[str, Any] = {"versions": runtime.versions("torch", "transformers", "peft")}
         name = self.dataset_name()
         if name.startswith(("hf:", "folder:")):
             source = get_source(name, **dataset_options(self.spec))

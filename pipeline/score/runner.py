@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import statistics
 import tempfile
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipeline import runtime
 from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
@@ -47,7 +47,7 @@ class ScoreSummary:
 
 
 def _versions() -> dict[str, str]:
-    return {p: importlib.metadata.version(p) for p in ("torch", "diffusers", "transformers", "open_clip_torch", "peft")}
+    return runtime.versions("torch", "diffusers", "transformers", "open_clip_torch", "peft")
 
 
 def score_population(
