@@ -4,7 +4,8 @@ Shape legend
     N examples, T regression targets, K labels.
 
 Regression: MSE, R² (sklearn `r2_score`, uniform average over targets), Kendall τ (scipy `kendalltau`,
-τ-b, averaged over targets where defined). Multilabel: per-label accuracy at threshold 0 on logits
+τ-b, averaged over targets where defined), Spearman ρ (scipy `spearmanr`, likewise) — three different
+metrics, each reported under its own name (the authors' code printed Spearman ρ under the name "R²"). Multilabel: per-label accuracy at threshold 0 on logits
 (probability 0.5) and their mean; per-label ROC-AUC (sklearn `roc_auc_score`) where the label takes both
 values in y_true, NaN otherwise, and their mean over defined labels.
 """
@@ -15,13 +16,25 @@ import math
 import warnings
 
 import numpy as np
-from scipy.stats import kendalltau
+from scipy.stats import kendalltau, spearmanr
 from sklearn.metrics import r2_score, roc_auc_score
 
-__all__ = ["HIGHER_IS_BETTER", "multilabel_metrics", "nanmean", "regression_metrics"]
+__all__ = ["HIGHER_IS_BETTER", "METRIC_NAMES", "multilabel_metrics", "nanmean", "regression_metrics"]
 
-HIGHER_IS_BETTER = {"r2": True, "kendall_tau": True, "accuracy": True, "roc_auc": True,
-                    "mse": False, "bce": False, "loss": False}
+HIGHER_IS_BETTER = {"r2": True, "r2_train_var": True, "kendall_tau": True, "spearman_rho": True, "accuracy": True,
+                    "roc_auc": True, "mse": False, "bce": False, "loss": False}
+
+# What each metric key means, for tables and reports: name metrics exactly.
+METRIC_NAMES = {
+    "r2": "R² (1 − SS_res / SS_tot of the test set)",
+    "r2_train_var": "R² against the training-set variance (1 − MSE / Var_train(y))",
+    "kendall_tau": "Kendall τ-b",
+    "spearman_rho": "Spearman ρ",
+    "mse": "MSE",
+    "roc_auc": "ROC-AUC (mean over labels defined in the test set)",
+    "accuracy": "accuracy (mean over labels, threshold p = 0.5)",
+    "bce": "binary cross-entropy",
+}
 
 
 def nanmean(values) -> float:
@@ -41,9 +54,10 @@ def _as_2d(a, name: str) -> np.ndarray:
 
 
 def regression_metrics(y_true, y_pred) -> dict[str, float]:
-    """y_true, y_pred: (N,) or (N, T) → {"mse", "r2", "kendall_tau", and "r2[t]", "kendall_tau[t]" if T > 1}.
+    """y_true, y_pred: (N,) or (N, T) → {"mse", "r2", "kendall_tau", "spearman_rho", and per target
+    "r2[t]", "kendall_tau[t]", "spearman_rho[t]" if T > 1}.
 
-    A target constant in y_true (or predictions constant) has τ = NaN and is left out of the mean.
+    A target constant in y_true (or predictions constant) has τ = ρ = NaN and is left out of the mean.
     """
     yt, yp = _as_2d(y_true, "y_true"), _as_2d(y_pred, "y_pred")
     if yt.shape != yp.shape:
@@ -51,19 +65,22 @@ def regression_metrics(y_true, y_pred) -> dict[str, float]:
     if yt.shape[0] < 2:
         raise ValueError(f"need at least 2 examples for R² and Kendall τ, got {yt.shape[0]}")
     r2s = [float(r2_score(yt[:, t], yp[:, t])) for t in range(yt.shape[1])]
-    taus = []
+    taus, rhos = [], []
     for t in range(yt.shape[1]):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # scipy warns on constant input, returns NaN
             taus.append(float(kendalltau(yt[:, t], yp[:, t]).statistic))
+            rhos.append(float(spearmanr(yt[:, t], yp[:, t]).statistic))
     out = {
         "mse": float(np.mean((yt - yp) ** 2)),
         "r2": float(r2_score(yt, yp, multioutput="uniform_average")),
         "kendall_tau": nanmean(taus),
+        "spearman_rho": nanmean(rhos),
     }
     if yt.shape[1] > 1:
         out.update({f"r2[{t}]": v for t, v in enumerate(r2s)})
         out.update({f"kendall_tau[{t}]": v for t, v in enumerate(taus)})
+        out.update({f"spearman_rho[{t}]": v for t, v in enumerate(rhos)})
     return out
 
 
