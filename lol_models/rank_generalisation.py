@@ -96,15 +96,16 @@ def _rows(ranks: torch.Tensor, wanted: list[int]) -> torch.Tensor:
 def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir: str | Path,
                         train_ranks: Iterable[int] | None = None, test_ranks: Iterable[int] | None = None,
                         model_configs: Mapping[str, Any] | None = None,
-                        on_run: Callable[[str, str], None] | None = None) -> RankGeneralisation:
+                        on_run: Callable[[str, str], None] | None = None, split: str = "protocol") -> RankGeneralisation:
     """Train every predictor × task on `train_ranks`, test on the unseen `test_ranks` (and the seen ones).
 
     published: a published folder (or hub id) with train, validation and test splits and ≥ 2 ranks.
     train_ranks / test_ranks default to all ranks but the largest / the largest ({2, 4, 8} / {16}
     for `manifests/tiny-shapes-ranks.yaml`). model_configs: predictor → config (default: each
-    model's defaults). Writes rank_generalisation.json and .png in `out_dir`.
+    model's defaults). split: "protocol" (default; groups re-split by name, `lol_models.splits`) or
+    "published". Writes rank_generalisation.json and .png in `out_dir`.
     """
-    splits = load_splits(published)
+    splits = load_splits(published, split)
     present = torch.cat([s.ranks for s in splits.values()]).tolist()
     train, test = split_ranks(present, train_ranks, test_ranks)
     index = {

@@ -17,6 +17,7 @@ import torch
 
 from lol_models.data import LoraDataset, PulledDataError, pull
 from lol_models.names import PREDICTORS
+from lol_models.splits import protocol_splits
 from lol_models.train import LabeledLoras
 
 MAIN_METRIC = {"regression": "r2", "multilabel": "roc_auc"}
@@ -63,7 +64,18 @@ def tasks_of(dataset: LoraDataset, wanted: Sequence[str] = ()) -> list[Task]:
     return tasks
 
 
-def load_splits(published: str | Path) -> dict[str, LoraDataset]:
+SPLIT_MODES = ("protocol", "published")
+
+
+def load_splits(published: str | Path, split: str = "protocol") -> dict[str, LoraDataset]:
+    """train, validation and test of a published population.
+
+    split: "protocol" (default) — every published row pooled and re-split by its group's name alone
+    (`lol_models.splits.group_split`, the same split in every population sharing the group);
+    "published" — the splits as published.
+    """
+    if split not in SPLIT_MODES:
+        raise PulledDataError(f"split={split!r}: choose one of {', '.join(SPLIT_MODES)}")
     splits = {}
     for name in ("train", "validation", "test"):
         try:
@@ -71,6 +83,10 @@ def load_splits(published: str | Path) -> dict[str, LoraDataset]:
         except PulledDataError as exc:
             if "unknown split" not in str(exc):
                 raise
+    if split == "protocol":
+        if not splits:
+            raise PulledDataError(f"{published} holds none of the splits train, validation, test")
+        return protocol_splits(splits)
     missing = [s for s in ("train", "validation", "test") if s not in splits]
     if missing:
         raise PulledDataError(f"{published} lacks split(s) {missing}; learning needs train, validation and test "

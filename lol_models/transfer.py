@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lol_models.data import PulledDataError, pull
+from lol_models.data import PulledDataError, read_layout
 from lol_models.shift import labeled, metric_of, settings_json, shift_bars, shift_experiment
 from lol_models.tasks import LearnSettings, jsonable, load_splits, tasks_of
+from lol_models.weights import Layout
 
 __all__ = ["Transfer", "train_on_a_test_on_b"]
 
@@ -51,19 +52,21 @@ class Transfer:
 
 def train_on_a_test_on_b(published_a: str | Path, published_b: str | Path, settings: LearnSettings,
                          out_dir: str | Path, model_configs: Mapping[str, Any] | None = None,
-                         on_run: Callable[[str, str], None] | None = None) -> Transfer:
+                         on_run: Callable[[str, str], None] | None = None, split: str = "protocol") -> Transfer:
     """Train every predictor × task on A (train/validation), score on B's test split and A's.
 
+    split: "protocol" (default) — both populations re-split by group name (`lol_models.splits`), so B's test
+    split holds the twins of A's test LoRAs whatever either was published with; "published" — as published.
     Tasks are A's (filtered by `settings.targets`); a task whose label columns B lacks is skipped
     and listed in `skipped_tasks`. A and B must have the same layers (names and shapes); ranks may
     differ. Writes transfer.json and transfer.png in `out_dir`.
     """
-    a = load_splits(published_a)
-    b_test = pull(published_b, split="test")
-    layout_a, layout_b = a["train"].weights.layout, b_test.weights.layout
+    layout_a, layout_b = (Layout.from_published(read_layout(p)[0]) for p in (published_a, published_b))
     if not layout_a.same_layers(layout_b):
         raise PulledDataError(f"{published_b}'s LoRAs do not have {published_a}'s layers, so a predictor trained on "
                               f"one cannot read the other: {layout_a.describe_difference(layout_b)}")
+    a = load_splits(published_a, split)
+    b_test = load_splits(published_b, split)["test"]
     tasks, skipped = [], {}
     for task in tasks_of(a["train"], settings.targets):
         missing = [c for c in task.columns if c not in b_test.labels]

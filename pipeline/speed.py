@@ -60,7 +60,7 @@ def clip_score_speed(manifest: Manifest, store: Store, out_dir: str | Path | Non
     if loras_scored < 1:
         raise SpeedError(f"loras_scored must be ≥ 1, got {loras_scored}")
     published, learn_out, settings = learn_target(manifest, store)
-    splits = load_splits(published)
+    splits = load_splits(published, "published")  # timing only: any split of the population will do
     column = label_column("clip_score", "clip_score")
     if column not in splits["train"].labels:
         raise SpeedError(f"{published} has no {column!r} label (labels: {splits['train'].label_names}); "

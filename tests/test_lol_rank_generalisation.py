@@ -29,7 +29,7 @@ def published(tmp_path_factory):
 
 def test_glnet_generalises_to_an_unseen_rank_where_a_flat_mlp_does_not(published, tmp_path):
     settings = LearnSettings(predictors=("mlp", "glnet"), seeds=2, epochs=60, batch_size=32, learning_rate=1e-2)
-    result = rank_generalisation(published, settings, tmp_path, model_configs=SMALL)
+    result = rank_generalisation(published, settings, tmp_path, model_configs=SMALL, split="published")
     assert (result.ranks, result.train_ranks, result.test_ranks) == ([1, 2, 4], [1, 2], [4])
     assert result.rows == {"train": 240, "validation": 80, "seen": 80, "unseen": 40}
 
@@ -66,14 +66,14 @@ def test_a_single_rank_dataset_is_refused_with_its_rank(tmp_path):
     factors, rows = gl_population([4], 20, seed=1)
     folder = write_published(tmp_path / "one-rank", factors, rows, NORM)
     with pytest.raises(PulledDataError, match="rank generalisation needs ≥ 2 ranks; this dataset has only rank 4"):
-        rank_generalisation(folder, LearnSettings(predictors=("glnet",), seeds=1, epochs=1), tmp_path / "out")
+        rank_generalisation(folder, LearnSettings(predictors=("glnet",), seeds=1, epochs=1), tmp_path / "out", split="published")
 
 
 def test_too_few_unseen_rows_are_reported_per_split_and_rank(tmp_path):
     factors, rows = gl_population([2, 4], 5, seed=2)  # one rank-4 LoRA per split
     folder = write_published(tmp_path / "few", factors, rows, NORM)
     with pytest.raises(PulledDataError, match="too few rows .*'unseen': 1"):
-        rank_generalisation(folder, LearnSettings(predictors=("glnet",), seeds=1, epochs=1), tmp_path / "out")
+        rank_generalisation(folder, LearnSettings(predictors=("glnet",), seeds=1, epochs=1), tmp_path / "out", split="published")
 
 
 def test_the_ranks_manifest_draws_every_rank_and_otherwise_tiny_shapes_jobs():

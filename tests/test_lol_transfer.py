@@ -28,7 +28,7 @@ def populations(tmp_path_factory):
 
 def test_trained_on_a_scored_on_b_and_on_a(populations, tmp_path):
     a, b = populations
-    result = train_on_a_test_on_b(a, b, SETTINGS, tmp_path, model_configs=SMALL)
+    result = train_on_a_test_on_b(a, b, SETTINGS, tmp_path, model_configs=SMALL, split="published")
     assert result.rows == {"train": 180, "validation": 60, "a_test": 60, "b_test": 20}
     assert set(result.tasks) == {"clip_score.clip_score"}
     assert "lacks label column(s) ['attributes.big']" in result.skipped_tasks["attributes"]
@@ -53,4 +53,4 @@ def test_populations_with_different_layers_are_refused(populations, tmp_path):
     a, _ = populations
     other = write_published(tmp_path / "c", *gl_population([2], 10, seed=3, shapes={"block.0.to_q": (6, 9)}), NORM)
     with pytest.raises(PulledDataError, match="do not have .* layers.*different \\(n, m\\)|missing layers"):
-        train_on_a_test_on_b(a, other, SETTINGS, tmp_path / "out")
+        train_on_a_test_on_b(a, other, SETTINGS, tmp_path / "out", split="published")
