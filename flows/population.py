@@ -37,6 +37,7 @@ from pipeline.finetune.runner import (  # noqa: E402
 )
 from pipeline.jobs import Job, expand, job_at, shard  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
+from pipeline.preflight import check_before_training  # noqa: E402
 from pipeline.score import make_scorer, scorer_id  # noqa: E402
 from pipeline.score.runner import score_jobs  # noqa: E402
 from pipeline.stages import RUN_STAGES, evaluate, publish, report, train, trainer_factory  # noqa: E402
@@ -260,6 +261,8 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
     population = target.population(loaded.population.name)
     population.write_manifest(text)
     done, todo = plan_jobs(loaded, population, limit, shard_spec)
+    if todo:  # bad data fails the flow before any task starts
+        check_before_training(loaded, population, todo)
     outcomes: Counter = Counter({Outcome.ALREADY_DONE.value: len(done)} if done else {})
     busy: list[Job] = []
     cohorts = plan_cohorts(todo, loaded, workers)

@@ -121,7 +121,9 @@ def _data_lines(manifest: Manifest, provenance: list[tuple[dict[str, Any], int]]
         configs = ", ".join(entry.get("config") or []) or "default"
         fingerprints = ", ".join(f"{c}: `{fp}` ({(entry.get('num_rows') or {}).get(c, '?')} rows)"
                                  for c, fp in sorted((entry.get("fingerprints") or {}).items()))
+        content = ", ".join(f"{c}: `{v}`" for c, v in sorted((entry.get("content") or {}).items()) if v)
         lines.append(f"- data: `{entry.get('source', data.source)}` config {configs}, revision `{entry.get('revision') or 'n/a'}`, "
                      f"split `{entry.get('split', data.split)}`; fingerprints {fingerprints or 'n/a'}"
+                     + (f"; content {content}" if content else "")
                      + (f" — {count} LoRAs" if len(provenance) > 1 else ""))
     return lines

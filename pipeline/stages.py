@@ -56,11 +56,14 @@ def trainer_factory(kind: str):
 
 def finetune(manifest: Manifest, store: Store, limit: int | None = None, shard_spec: str | None = None,
              on_job=None):
-    """Train every planned LoRA the store lacks; returns a FinetuneSummary."""
+    """Train every planned LoRA the store lacks; returns a FinetuneSummary. The data of the jobs to train
+    and the scorers' benchmarks are checked first (`pipeline.preflight`)."""
     from pipeline.finetune.runner import finetune_population
+    from pipeline.preflight import check_before_training
 
     return finetune_population(manifest, store, trainer_factory(manifest.base.kind), limit=limit,
-                               shard_spec=shard_spec, on_job=on_job)
+                               shard_spec=shard_spec, on_job=on_job,
+                               check_pending=lambda population, jobs: check_before_training(manifest, population, jobs))
 
 
 def score(manifest: Manifest, store: Store, only: list[str] | None = None, limit: int | None = None,

@@ -99,16 +99,21 @@ def test_lol_finetune_without_the_base_exits_2_in_seconds_with_one_line(run_cli,
     code, _, err = run_cli("finetune", MANIFESTS / f"{manifest}.yaml", f"data.source=folder:{folder}", *data,
                            "--limit", "1", "--store", tmp_path / "store")
     assert code == 2 and time.perf_counter() - started < 60  # seconds of work on a shared CPU, no network waits
-    line = one_error_line(err)
-    assert f"base model {repo} @ main is not in the cache" in line and f"`hf download {repo} --revision main" in line
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert all(line.startswith("error: ") for line in lines) and "Traceback" not in err, err
+    # every missing artefact, one line each, the base first (the scorers' hub benchmark / CLIP follow)
+    assert f"base {repo} @ main is not in the cache" in lines[0] and f"`hf download {repo} --revision main" in lines[0]
+    assert len(lines) == 2 and ("benchmark hf:allenai/ai2_arc" in lines[1] or "clip ViT-B-16" in lines[1]), lines
     assert not (tmp_path / "store" / "populations" / manifest / "jobs").exists() or \
         not any((tmp_path / "store" / "populations" / manifest / "jobs").rglob("record.json"))
 
 
-def test_lol_finetune_with_an_uncached_hf_dataset_exits_2_with_one_line(run_cli, tmp_path):
+def test_lol_finetune_with_nothing_cached_exits_2_with_one_line_per_artefact(run_cli, tmp_path):
     code, _, err = run_cli("finetune", MANIFESTS / "celeba-sd14.yaml", "--limit", "1", "--store", tmp_path / "store")
-    line = one_error_line(err)
-    assert code == 2 and "dataset hf:flwrlabs/celeba" in line and "hf download flwrlabs/celeba --repo-type dataset" in line
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err and [line.split()[1] for line in lines] == ["base", "dataset", "clip"], err
+    assert "dataset hf:flwrlabs/celeba" in lines[1] and "hf download flwrlabs/celeba --repo-type dataset" in lines[1]
+    assert not (tmp_path / "store" / "populations").exists()
 
 
 def test_lol_run_checks_hub_artefacts_before_any_task_one_line_each(run_cli, capsys, tmp_path):

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
+    if not err.is_terminal:  # a log or a pipe: no progress bars of datasets / huggingface_hub either
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     add_plugins(app)
     command = typer.main.get_command(app)
     try:

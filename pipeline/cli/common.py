@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from pipeline.manifest import Manifest
 
@@ -31,6 +32,18 @@ def load(manifest_path: Path, overrides: list[str] | None) -> Manifest:
 
 
 def progress_bar() -> Progress:
-    """A transient progress bar on stderr (stdout stays the command's result)."""
+    """A transient progress bar on stderr (stdout stays the command's result); none where stderr is not a
+    terminal (a log file or a pipe gets no bar and no blank line where the bar was)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err, transient=True)
+                    console=err, transient=True, disable=not err.is_terminal)
+
+
+def report_missing_artefacts(manifest: Manifest) -> bool:
+    """Print one `error:` line per hub artefact the manifest needs that is neither cached nor reachable
+    (`pipeline.fetch.missing_artefacts`); True if there was any (the command then exits 2)."""
+    from pipeline.fetch import missing_artefacts
+
+    missing = missing_artefacts(manifest)
+    for line in missing:
+        err.print(Text.assemble(("error: ", "bold red"), line), highlight=False)
+    return bool(missing)

@@ -20,6 +20,7 @@ from pipeline.cli.common import (
     load,
     out,
     progress_bar,
+    report_missing_artefacts,
 )
 from pipeline.jobs import Job, expand
 from pipeline.manifest import Manifest
@@ -167,13 +168,8 @@ def run(
     Store(store)
     commands = importlib.import_module("flows.commands")  # the Prefect side lives in flows/
     chosen = [s.value for s in RunStage if s in (stages or list(RunStage))]  # always in pipeline order
-    if {"finetune", "score"} & set(chosen):  # hub artefacts first: one line each, before any task starts
-        from pipeline.fetch import missing_artefacts
-
-        if missing := missing_artefacts(loaded):
-            for line in missing:
-                err.print(Text.assemble(("error: ", "bold red"), line), highlight=False)
-            return EXIT_BAD_INPUT
+    if {"finetune", "score"} & set(chosen) and report_missing_artefacts(loaded):  # one line each, before any task
+        return EXIT_BAD_INPUT
     results = commands.run(str(manifest), list(overrides or []), store, api_url, limit, chosen, workers)
     table = Table(title=f"run {loaded.population.name}")
     table.add_column("stage")

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.common import (
+    EXIT_BAD_INPUT,
     EXIT_PROBLEMS,
     ManifestArg,
     OverridesArg,
@@ -16,6 +17,7 @@ from pipeline.cli.common import (
     load,
     out,
     progress_bar,
+    report_missing_artefacts,
 )
 from pipeline.manifest import Manifest
 from storage import Store
@@ -31,6 +33,8 @@ def finetune_command(
 ) -> int:
     """Train one LoRA per job the store lacks (resumable), with a summary table."""
     loaded = load(manifest, overrides)
+    if report_missing_artefacts(loaded):  # the base, data, benchmarks, CLIP: one line each, before any work
+        return EXIT_BAD_INPUT
     summary = _run_finetune(loaded, Store(store), limit, shard)
     return EXIT_PROBLEMS if summary.failed else 0
 

@@ -330,7 +330,7 @@ def _load_folder(ref: DatasetRef, config: str | None, split: str):
         return saved
     if _readme_configs(root):
         try:
-            return datasets.load_dataset(str(root), config, split=split)
+            return datasets.load_dataset(str(root), config, split=split, cache_dir=_content_cache_dir(root))
         except ValueError as exc:
             raise _bad_split_or_config(ref, config, split, exc) from None
     files = _data_files(base)
@@ -341,6 +341,17 @@ def _load_folder(ref: DatasetRef, config: str | None, split: str):
         raise DataSourceError(f"folder {base} has no split {split!r}; its splits: {', '.join(sorted(files))}")
     builder = _builder(files[split])
     return datasets.load_dataset(builder, data_files={split: files[split]}, split=split)
+
+
+def _content_cache_dir(root: Path) -> str:
+    """Where `datasets` prepares a folder read through its README: a cache of the folder's content.
+    `datasets` keys that cache by the folder's name and the README's file patterns alone, so a second
+    folder of the same name, or edited files, would silently read the first folder's data."""
+    import datasets
+
+    from pipeline.data.content import folder_sha256
+
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "lol-folders" / folder_sha256(root)[:20])
 
 
 def _load_saved(base: Path, split: str):
@@ -770,9 +781,23 @@ class HubSource:
             "revision": self.ref.revision,
             "split": split,
             "columns": {k: v for k, v in self.ref.columns.items() if k != "label_names"},
-            "fingerprints": {str(c): getattr(ds, "_fingerprint", None) for c, ds in self.datasets(split)},
-            "num_rows": {str(c): len(ds) for c, ds in self.datasets(split)},
+            "fingerprints": {c or "default": getattr(ds, "_fingerprint", None) for c, ds in self.datasets(split)},
+            "num_rows": {c or "default": len(ds) for c, ds in self.datasets(split)},
+            "content": self.content(),
         }
+
+    def content(self) -> dict[str, str | None]:
+        """{config: what identifies its bytes} (`pipeline.data.content`): a folder's sha256, a hub
+        dataset's commit (None where the cache does not record it)."""
+        from pipeline.artefacts import hub_cache_dir
+        from pipeline.data.content import folder_sha256, hub_commit
+
+        if self.ref.is_hub:
+            commit = hub_commit(self.ref.target, self.ref.revision, hub_cache_dir())
+            return {c or "default": commit and f"commit:{commit}" for c in self._configs()}
+        root = Path(self.ref.target).expanduser()
+        return {c or "default": "sha256:" + folder_sha256(root / c if c and (root / c).is_dir() else root)
+                for c in self._configs()}
 
 
 @functools.lru_cache(maxsize=8)

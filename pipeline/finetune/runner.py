@@ -140,17 +140,21 @@ def finetune_population(
     on_job: Callable[[Job, str], None] | None = None,
     cohort_size: int | None = None,
     busy_wait_s: float | None = None,
+    check_pending: Callable[[Any, list[Job]], None] | None = None,
 ) -> FinetuneSummary:
     """Train every planned job the store lacks. `on_job(job, outcome)` reports progress.
 
     Jobs train in cohorts (`pipeline.finetune.cohort`) sized by the manifest's `execution`
     section (or `cohort_size`), one at a time when the size is 1 or the trainer has no cohorts.
     Jobs another worker holds are settled by `settle_busy` (waited for, at most `busy_wait_s`).
+    `check_pending(population, jobs)` may raise before any job of the plan runs (`pipeline.preflight`).
     """
     started = time.perf_counter()
     worker = worker or default_worker_name()
     population = store.population(manifest.population.name)
     done, pending = plan_jobs(manifest, population, limit, shard_spec)
+    if pending and check_pending is not None:  # e.g. bad data: raises before the base loads or anything is written
+        check_pending(population, pending)
     summary = FinetuneSummary(planned=len(done) + len(pending), skipped=len(done))
     trainer: Trainer | None = None
 
