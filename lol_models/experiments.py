@@ -2,12 +2,17 @@
 
 Tasks come from the dataset's `labels.json`: a scorer whose labels are all 0/1 is one
 multilabel task (attributes, membership, sources); every other label column is its own
-regression task (clip_score, acc, eval_loss). Each (predictor, task) is trained over seeds
-with `run_seeds`; the test score is taken at the best-validation epoch.
+regression task (clip_score, acc, eval_loss). Each (predictor, task) is trained under the
+protocol (`lol_models.protocol`): the same tuning budget for every predictor, chosen on validation
+only, then `seeds` final trainings whose test predictions `evaluate` scores, once, with paired
+bootstrap CIs (`lol_models.evaluation`). Splits are the protocol's, by group name (`lol_models.splits`).
 
 Outputs in `out_dir`:
-    runs/{predictor}--{task}.json     # per seed: best epoch, val/test metrics; seed 0's test predictions
-    results.json, results.md          # `evaluate`: mean ± std table
+    runs/{predictor}--{task}.json     # selection trials (validation scores), chosen config, per seed: best
+                                      # epoch and validation metrics; test job ids and every seed's test
+                                      # predictions — no test label, no test metric
+    results.json, results.md          # `evaluate`: test metrics, mean ± std over seeds, bootstrap CIs,
+                                      # differences GL-net − each predictor
     report.md, figures/*.png          # `lol_models.report.report`
 """
 
@@ -20,9 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lol_models.data import PulledDataError
+from lol_models import evaluation
+from lol_models.protocol import tune_and_train
 from lol_models.tasks import (
     MAIN_METRIC,
     SECOND_METRIC,
@@ -31,44 +35,37 @@ from lol_models.tasks import (
     jsonable,
     labeled_for,
     load_splits,
-    predictor_order,
     tasks_of,
 )
-from lol_models.train import TrainConfig, predict, run_seeds
 
 __all__ = ["MAIN_METRIC", "SECOND_METRIC", "LearnSettings", "Task", "Results", "evaluate", "load_splits",
            "results_markdown", "tasks_of", "train_all"]
 
+
 def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Path,
               on_run: Callable[[str, str], None] | None = None) -> list[Path]:
-    """Train every predictor on every task over seeds; one JSON per (predictor, task)."""
+    """Train every predictor on every task under the protocol; one JSON per (predictor, task).
+
+    Reads the training and validation labels, and only the weights and job ids of the test split.
+    """
     out = Path(out_dir) / "runs"
     out.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(published)
+    splits = load_splits(published, settings.split)
+    test = splits["test"]
     written = []
     for task in tasks_of(splits["train"], settings.targets):
-        data = {name: labeled_for(split, task) for name, split in splits.items()}
+        train, validation = labeled_for(splits["train"], task), labeled_for(splits["validation"], task)
         for predictor in settings.predictors:
             started = time.perf_counter()
-            config = TrainConfig(task=task.kind, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.learning_rate)
+            record: dict[str, Any] = {"predictor": predictor, "task": asdict(task), "published": str(published),
+                                      "split": settings.split, "settings": asdict(settings)}
             try:
-                summary = run_seeds(predictor, data["train"], data["validation"], data["test"],
-                                    seeds=tuple(range(settings.seeds)), config=config)
+                trained = tune_and_train(predictor, task.kind, train, validation, test.weights, settings)
             except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal
-                record = {"predictor": predictor, "task": asdict(task), "error": str(exc)}
+                record["error"] = str(exc)
             else:
-                first = summary.results[0]
-                with torch.no_grad():
-                    predicted = predict(first.model, splits["test"].weights)
-                if task.kind == "regression":
-                    predicted = predicted * first.target_std + first.target_mean
-                record = {
-                    "predictor": predictor, "task": asdict(task), "seeds": settings.seeds,
-                    "mean": summary.mean, "std": summary.std,
-                    "per_seed": [{"seed": r.seed, "best_epoch": r.best_epoch, "val": r.val, "test": r.test} for r in summary.results],
-                    "test_predictions": predicted.tolist(), "test_targets": data["test"].targets.tolist(),
-                    "parameters": sum(p.numel() for p in first.model.parameters()),
-                }
+                record.update(_trained_record(trained, train, settings))
+                record["test_job_ids"] = list(test.job_ids)
             record["seconds"] = round(time.perf_counter() - started, 2)
             path = out / f"{predictor}--{task.name}.json"
             path.write_text(json.dumps(record, indent=1, default=jsonable) + "\n")
@@ -78,46 +75,34 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
     return written
 
 
+def _trained_record(trained, train, settings: LearnSettings) -> dict[str, Any]:
+    """The run JSON's protocol part: selection, chosen config, per-seed validation, test predictions."""
+    cfg = trained.train_config
+    record = {
+        "selection": trained.selection.as_dict(),
+        "config": {"model": trained.model_config,
+                   "train": {k: getattr(cfg, k) for k in ("lr", "weight_decay", "batch_size", "grad_clip", "epochs",
+                                                           "min_epochs", "smooth", "select_by")}},
+        "seeds": settings.seeds,
+        "per_seed": [{"seed": r.seed, "best_epoch": r.best_epoch, "val": r.val} for r in trained.runs],
+        "test_predictions": trained.test_predictions.tolist(),
+        "parameters": sum(p.numel() for p in trained.runs[0].model.parameters()),
+    }
+    if cfg.task == "regression":
+        record["train_target_variance"] = train.targets.double().var(0, unbiased=False).tolist()
+    return record
+
+
 @dataclass
 class Results:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {kind, columns, predictors: {name: record}}
 
 
-def evaluate(out_dir: str | Path) -> Results:
-    """Collect runs/*.json into results.json and results.md (mean ± std over seeds)."""
-    out = Path(out_dir)
-    runs = sorted((out / "runs").glob("*.json"))
-    if not runs:
-        raise PulledDataError(f"no trained predictors in {out / 'runs'}; run `lol train` first")
-    results = Results()
-    for path in runs:
-        record = json.loads(path.read_text())
-        task = record["task"]
-        entry = results.tasks.setdefault(task["name"], {"kind": task["kind"], "columns": task["columns"], "predictors": {}})
-        entry["predictors"][record["predictor"]] = record
-    (out / "results.json").write_text(json.dumps(results.tasks, indent=1) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
-    return results
-
-
-def _cell(record: dict[str, Any], metric: str) -> str:
-    if "error" in record:
-        return "— (" + record["error"].split(";")[0][:60] + ")"
-    mean, std = record["mean"].get(metric), record["std"].get(metric)
-    if mean is None:
-        return "n/a"
-    return f"{mean:.3f} ± {std:.3f}"
+def evaluate(out_dir: str | Path, published: str | Path | None = None) -> Results:
+    """Score the runs in `out_dir` on their test labels (the only place they are read): results.json and
+    results.md with mean ± std over seeds, paired bootstrap 95% CIs and GL-net − each predictor."""
+    return Results(evaluation.evaluate_runs(out_dir, published))
 
 
 def results_markdown(results: Results) -> str:
-    predictors = sorted({p for t in results.tasks.values() for p in t["predictors"]}, key=predictor_order)
-    lines = ["| task | kind | metric | " + " | ".join(predictors) + " |", "|---|---|---|" + "---|" * len(predictors)]
-    for name, task in sorted(results.tasks.items()):
-        for metric in (MAIN_METRIC[task["kind"]], SECOND_METRIC[task["kind"]]):
-            cells = [_cell(task["predictors"][p], metric) if p in task["predictors"] else "" for p in predictors]
-            lines.append(f"| {name} | {task['kind']} | {metric} | " + " | ".join(cells) + " |")
-    seeds = {r.get("seeds") for t in results.tasks.values() for r in t["predictors"].values() if "seeds" in r}
-    return ("Test metrics at the best-validation epoch, mean ± std over "
-            f"{', '.join(str(s) for s in sorted(seeds))} seed(s).\n\n" + "\n".join(lines) + "\n")
-
-
+    return evaluation.results_markdown(results.tasks)

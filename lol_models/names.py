@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from enum import Enum
 
-PREDICTORS: tuple[str, ...] = ("mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet")
+PREDICTORS: tuple[str, ...] = ("mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet", "glnet_paper")
 
 Predictor = Enum("Predictor", {name: name for name in PREDICTORS}, type=str)  # choices of a CLI option

@@ -1,6 +1,9 @@
 """Models chosen by name: `build_model(name, layout, out_dim, config)`.
 
 config may be None (defaults), a dict of that model's config fields, or the config object itself.
+Each predictor is registered with its own search space (`lol_models.search.SearchSpace`, drawn from
+under the tuning budget every predictor shares) and, where a model's authors configured it per task,
+task defaults (`config_for`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 from lol_models.common import LoLModel, SettingsError, coerce_config, describe_config
 from lol_models.glnet import GLNet, GLNetConfig
+from lol_models.glnet_paper import GLNetPaper, GLNetPaperConfig
 from lol_models.models import (
     DenseConfig,
     LayerTransformer,
@@ -24,9 +28,10 @@ from lol_models.models import (
     build_mlp_svd,
 )
 from lol_models.names import PREDICTORS
+from lol_models.search import SearchSpace
 from lol_models.weights import Layout
 
-__all__ = ["MODELS", "ModelSpec", "available_models", "build_model", "register_model"]
+__all__ = ["MODELS", "ModelSpec", "available_models", "build_model", "config_for", "register_model"]
 
 
 @dataclass(frozen=True)
@@ -36,29 +41,54 @@ class ModelSpec:
     build: Callable[[Layout, int, Any], LoLModel]
     symmetry: str  # "none", "O(r)", "GL(r)"
     help: str
+    search: SearchSpace  # what the tuning budget draws from
+    task_defaults: Mapping[str, Mapping[str, Any]]  # task kind → config overrides (before the search's)
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, config_cls: type, build: Callable[[Layout, int, Any], LoLModel], *,
-                   symmetry: str, help: str) -> None:
+                   symmetry: str, help: str, search: SearchSpace = SearchSpace(),
+                   task_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     if name in MODELS:
         raise ValueError(f"model {name!r} is already registered")
-    MODELS[name] = ModelSpec(name, config_cls, build, symmetry, help)
+    for key, choices in search.model.items():  # every choice names a field and is a valid value
+        for choice in choices:
+            coerce_config(config_cls, {key: choice}, model=name)
+    for fields in (task_defaults or {}).values():
+        coerce_config(config_cls, dict(fields), model=name)
+    MODELS[name] = ModelSpec(name, config_cls, build, symmetry, help, search, dict(task_defaults or {}))
 
 
-register_model("mlp", MLPConfig, build_mlp, symmetry="none", help="MLP on flattened U, V")
+# Training settings every predictor's space shares (the learn settings' values are the defaults' candidate).
+TRAIN_SPACE = {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (1e-3, 1e-2, 1e-1)}
+MLP_SPACE = {"hidden": ((64, 64), (128,), (32, 32), (128, 128)), "dropout": (0.0, 0.1, 0.3)}
+
+register_model("mlp", MLPConfig, build_mlp, symmetry="none", help="MLP on flattened U, V",
+               search=SearchSpace(MLP_SPACE, TRAIN_SPACE))
 register_model("mlp_svd", SVDConfig, build_mlp_svd, symmetry="GL(r)",
-               help="MLP on the singular values of each U Vᵀ (QR, never n×m)")
+               help="MLP on the singular values of each U Vᵀ (QR, never n×m)",
+               search=SearchSpace({**MLP_SPACE, "log": (False, True)}, TRAIN_SPACE))
 register_model("mlp_oalign", OAlignConfig, build_mlp_oalign, symmetry="O(r)",
-               help="MLP on factors Procrustes-aligned to a seeded random template")
+               help="MLP on factors Procrustes-aligned to a seeded random template",
+               search=SearchSpace(MLP_SPACE, TRAIN_SPACE))
 register_model("mlp_dense", DenseConfig, build_mlp_dense, symmetry="GL(r)",
-               help="MLP on flattened U Vᵀ (n·m per layer, budgeted)")
+               help="MLP on flattened U Vᵀ (n·m per layer, budgeted)",
+               search=SearchSpace(MLP_SPACE, TRAIN_SPACE))
 register_model("transformer", TransformerConfig, LayerTransformer, symmetry="GL(r) with token='svd', else none",
-               help="one token per layer, TransformerEncoder, mean pool")
+               help="one token per layer, TransformerEncoder, mean pool",
+               search=SearchSpace({"d_model": (16, 32, 64), "num_layers": (1, 2, 3), "dropout": (0.0, 0.1)}, TRAIN_SPACE))
 register_model("glnet", GLNetConfig, GLNet, symmetry="GL(r)",
-               help="GL-equivariant linear layers, invariant row gates, invariant head")
+               help="GL-equivariant linear layers, invariant row gates, invariant head",
+               search=SearchSpace({"hidden": ((16, 16), (16,), (32,), (32, 32)), "head": ((64,), (128,), (64, 64)),
+                                   "spectral_moments": (0, 2), "dropout": (0.0, 0.1), "head_norm": (False, True),
+                                   "normalize_input": (False, True)}, TRAIN_SPACE))
+register_model("glnet_paper", GLNetPaperConfig, GLNetPaper, symmetry="GL(r)",
+               help="the authors' GL-net: one equivariant linear layer, P_i = W₁ΔW_iW₂ᵀ, "
+                    "Linear → LayerNorm → ReLU → Linear head",
+               search=SearchSpace({"hidden": (8, 16, 32), "head": (32, 64, 128)}, TRAIN_SPACE),
+               task_defaults={"regression": {"readout": "mean"}, "multilabel": {"readout": "full"}})
 
 
 assert tuple(MODELS) == PREDICTORS, "lol_models/names.py lists the built-in predictors, in registration order"
@@ -77,6 +107,13 @@ def build_model(name: str, layout: Layout, out_dim: int, config: Any | Mapping[s
     spec = MODELS[name]
     cfg = coerce_config(spec.config_cls, config, model=name)
     return spec.build(layout, out_dim, cfg)
+
+
+def config_for(name: str, task_kind: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config fields to build `name` with for a task of `task_kind`: its task defaults, then `overrides`."""
+    if name not in MODELS:
+        raise SettingsError(f"unknown model {name!r}; available: {available_models()}")
+    return {**MODELS[name].task_defaults.get(task_kind, {}), **dict(overrides or {})}
 
 
 def model_help(name: str) -> str:

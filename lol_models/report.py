@@ -35,10 +35,12 @@ def report(out_dir: str | Path, title: str = "Learning on LoRAs", scaling_figure
         names = sorted(ok, key=predictor_order)
         fig, ax = plt.subplots(figsize=(6, 3))
         means = [ok[p]["mean"].get(metric) or 0.0 for p in names]
-        stds = [ok[p]["std"].get(metric) or 0.0 for p in names]
-        ax.bar(names, means, yerr=stds, color=["#d62728" if p == "glnet" else "#7f7f7f" for p in names], capsize=3)
+        cis = [ok[p].get("ci", {}).get(metric, {}) for p in names]
+        errors = [[max(m - (c.get("low") if c.get("low") is not None else m), 0.0) for m, c in zip(means, cis)],
+                  [max((c.get("high") if c.get("high") is not None else m) - m, 0.0) for m, c in zip(means, cis)]]
+        ax.bar(names, means, yerr=errors, color=["#d62728" if p == "glnet" else "#7f7f7f" for p in names], capsize=3)
         ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{name}: {metric} (mean ± std over seeds)")
+        ax.set_title(f"{name}: {metric} (mean over seeds, bootstrap 95% CI)")
         ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
         bars = figures / f"{_file(name)}-{metric}.png"

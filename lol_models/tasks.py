@@ -30,10 +30,15 @@ class LearnSettings:
 
     predictors: tuple[str, ...] = PREDICTORS
     targets: tuple[str, ...] = ()  # label columns or scorer names; empty: every task
-    seeds: int = 3
+    seeds: int = 5  # final trainings with the chosen config; test metrics are their mean
     epochs: int = 50
     batch_size: int = 64
     learning_rate: float = 1e-3
+    tuning_budget: int = 8  # configs per predictor from its own search space (the first: its defaults)
+    selection_seeds: int = 2  # trainings per tried config (validation score: their mean)
+    min_epochs: int = 10  # the epoch rule: earliest epoch it may pick (capped at `epochs`) …
+    smooth_epochs: int = 5  # … ranking epochs by the mean validation score of this many epochs ending there
+    split: str = "protocol"  # "protocol" (by group name, lol_models.splits) or "published"
 
 
 @dataclass(frozen=True)
@@ -110,5 +115,5 @@ def jsonable(value: Any) -> Any:
 
 def predictor_order(name: str) -> int:
     """Sort key: the predictors in the order of the paper's tables, unknown names last."""
-    order = ["mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet"]
+    order = ["mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet_paper", "glnet"]
     return order.index(name) if name in order else len(order)

@@ -7,7 +7,13 @@ Shape legend
 - Regression targets are standardised with the training split's mean and std (per target); predictions
   are mapped back before metrics, so metrics are in the targets' own units.
 - The model's input statistics (`fit_input_stats`) come from the training split only.
-- The reported test metrics are those of the epoch with the best validation score (`select_by`).
+- The epoch rule: epoch e's score is the mean validation score (`select_by`) of the `smooth` epochs ending
+  at e (fewer at the start); the chosen epoch is the best-scoring e among e + 1 ≥ min(`min_epochs`, `epochs`),
+  and the model keeps its weights of that epoch. Averaging over a window and a minimum number of epochs keep
+  one lucky early epoch (after 3 optimizer steps) from being chosen by validation noise; `smooth=1, min_epochs=1`
+  is the plain best-validation epoch.
+- `fit` sees only the training and validation splits; `train_and_evaluate` = `fit`, then the test metrics
+  of the chosen epoch.
 - `run_seeds` repeats over seeds and reports mean ± std (sample std, ddof=1) of every test metric.
 """
 
@@ -28,7 +34,7 @@ from lol_models.metrics import HIGHER_IS_BETTER, multilabel_metrics, regression_
 from lol_models.registry import build_model
 from lol_models.weights import LoraWeights
 
-__all__ = ["LabeledLoras", "RunResult", "SeedSummary", "TrainConfig", "evaluate", "predict",
+__all__ = ["LabeledLoras", "RunResult", "SeedSummary", "TrainConfig", "evaluate", "fit", "predict",
            "run_seeds", "train_and_evaluate"]
 
 TASKS = ("regression", "multilabel")
@@ -48,7 +54,9 @@ class TrainConfig:
     seed: int = opt(0, "seed of model initialisation and minibatch order")
     select_by: str = opt("loss", 'validation score choosing the reported epoch: "loss" or a metric '
                                  '(r2, kendall_tau, mse; accuracy, roc_auc, bce)')
-    patience: int | None = opt(None, "stop after this many epochs without validation improvement")
+    patience: int | None = opt(None, "stop after this many eligible epochs without improvement of the smoothed validation score")
+    min_epochs: int = opt(10, "the earliest epoch (1-based) the epoch rule may choose; capped at `epochs`")
+    smooth: int = opt(5, "the epoch rule ranks epoch e by the mean validation score of epochs e−smooth+1 … e")
     nan_policy: str = opt("fail", '"fail": ValueError on non-finite weights/targets; "skip": drop those rows')
     device: str | None = opt(None, "device to train on (default: the training weights' device)")
     dtype: torch.dtype | None = opt(None, "parameter/input dtype (default: the training weights' dtype)")
@@ -59,7 +67,7 @@ class TrainConfig:
             raise SettingsError(f"TrainConfig.task must be one of {TASKS}, got {self.task!r}")
         if self.nan_policy not in NAN_POLICIES:
             raise SettingsError(f"TrainConfig.nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "min_epochs", "smooth"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)!r}")
         if self.lr <= 0:
@@ -217,6 +225,23 @@ def _score(metrics: Mapping[str, float], key: str) -> float:
 # ---- training -------------------------------------------------------------------------------------
 
 
+def fit(
+    model_name: str,
+    train: LabeledLoras,
+    val: LabeledLoras,
+    *,
+    model_config: Any = None,
+    config: TrainConfig | None = None,
+) -> RunResult:
+    """Train `model_name` on `train`, choose the epoch on `val` by the epoch rule; `test` is left empty.
+
+    Sees no test split: what model selection runs on (`lol_models.protocol`).
+    """
+    cfg = config or TrainConfig()
+    splits, skipped = _clean_splits({"train": train, "val": val}, cfg)
+    return _fit(model_name, splits["train"], splits["val"], model_config, cfg, skipped)
+
+
 def train_and_evaluate(
     model_name: str,
     train: LabeledLoras,
@@ -229,7 +254,15 @@ def train_and_evaluate(
     """Train `model_name` on `train`, pick the epoch by `val`, report `test` metrics at that epoch."""
     cfg = config or TrainConfig()
     splits, skipped = _clean_splits({"train": train, "val": val, "test": test}, cfg)
-    train, val, test = splits["train"], splits["val"], splits["test"]
+    result = _fit(model_name, splits["train"], splits["val"], model_config, cfg, skipped)
+    result.test = evaluate(result.model, splits["test"], cfg.task, target_mean=result.target_mean,
+                           target_std=result.target_std, batch_size=cfg.eval_batch_size)
+    return result
+
+
+def _fit(model_name: str, train: LabeledLoras, val: LabeledLoras, model_config: Any, cfg: TrainConfig,
+         skipped: dict[str, int]) -> RunResult:
+    """Training on cleaned splits (`_clean_splits`): the epoch loop and the epoch rule."""
     device = torch.device(cfg.device) if cfg.device else train.weights.device
     dtype = cfg.dtype or train.weights.dtype
     if not dtype.is_floating_point:
@@ -255,6 +288,8 @@ def train_and_evaluate(
     gen = torch.Generator().manual_seed(cfg.seed)
 
     history: list[dict[str, float]] = []
+    raw_scores: list[float] = []
+    first_eligible = min(cfg.min_epochs, cfg.epochs) - 1  # 0-based
     best_score, best_epoch, best_state, best_val = -math.inf, -1, None, None
     since_best = 0
     n = len(train)
@@ -272,11 +307,15 @@ def train_and_evaluate(
             total += float(loss.detach()) * len(idx)
         val_metrics = evaluate(model, val, cfg.task, target_mean=t_mean, target_std=t_std,
                                batch_size=cfg.eval_batch_size)
+        raw_scores.append(_score(val_metrics, cfg.select_by))
+        window = raw_scores[-cfg.smooth:]
+        smoothed = sum(window) / len(window)  # -inf if any epoch in the window was undefined
         history.append({"epoch": epoch, "train_loss": total / n, "val_loss": val_metrics["loss"],
-                        f"val_{cfg.select_by}": val_metrics[cfg.select_by]})
-        score = _score(val_metrics, cfg.select_by)
-        if score > best_score or best_state is None:
-            best_score, best_epoch, best_val = score, epoch, val_metrics
+                        f"val_{cfg.select_by}": val_metrics[cfg.select_by], "val_smoothed_score": smoothed})
+        if epoch < first_eligible:
+            continue
+        if smoothed > best_score or best_state is None:
+            best_score, best_epoch, best_val = smoothed, epoch, val_metrics
             best_state = copy.deepcopy(model.state_dict())
             since_best = 0
         else:
@@ -285,9 +324,7 @@ def train_and_evaluate(
                 break
 
     model.load_state_dict(best_state)
-    test_metrics = evaluate(model, test, cfg.task, target_mean=t_mean, target_std=t_std,
-                            batch_size=cfg.eval_batch_size)
-    return RunResult(model_name, cfg.seed, cfg.task, best_epoch, best_val, test_metrics, history, skipped,
+    return RunResult(model_name, cfg.seed, cfg.task, best_epoch, best_val, {}, history, skipped,
                      t_mean, t_std, model)
 
 

@@ -515,7 +515,16 @@ class LearnSection(StrictModel):
         default_factory=lambda: list(PREDICTORS), min_length=1
     )
     targets: list[str] = Field(default_factory=list, description="Label names; default: every label.")
-    seeds: int = Field(3, ge=1, le=MAX_LEARN_SEEDS, description=f"Trainings per predictor and target (mean ± std over them), 1..{MAX_LEARN_SEEDS}.")
+    seeds: int = Field(5, ge=1, le=MAX_LEARN_SEEDS, description=f"Final trainings per predictor and target with the chosen config "
+                                                              f"(test metrics are their mean, with bootstrap CIs), 1..{MAX_LEARN_SEEDS}.")
+    tuning_budget: int = Field(8, ge=1, le=MAX_LEARN_SEEDS, description="Configs every predictor tries, drawn from its own search "
+                                                                   f"space (the first: its defaults); chosen on validation only. 1..{MAX_LEARN_SEEDS}.")
+    selection_seeds: int = Field(2, ge=1, le=MAX_LEARN_SEEDS, description=f"Trainings per tried config; its validation score is their mean. 1..{MAX_LEARN_SEEDS}.")
+    min_epochs: int = Field(10, ge=1, le=MAX_LEARN_EPOCHS, description=f"The earliest epoch the epoch rule may pick (capped at `epochs`), 1..{MAX_LEARN_EPOCHS:,}.")
+    smooth_epochs: int = Field(5, ge=1, le=MAX_LEARN_EPOCHS, description="The epoch rule ranks epochs by the mean validation score "
+                                                                      f"of this many epochs ending there, 1..{MAX_LEARN_EPOCHS:,}.")
+    split: Literal["protocol", "published"] = Field("protocol", description="protocol: every row's split from its group's name "
+                                                    "alone (no leaks between populations sharing groups); published: as published.")
     epochs: int = Field(50, ge=1, le=MAX_LEARN_EPOCHS, description=f"Predictor training epochs, 1..{MAX_LEARN_EPOCHS:,}.")
     batch_size: int = Field(64, ge=1, le=MAX_BATCH, description=f"LoRAs per predictor batch, 1..{MAX_BATCH:,}.")
     learning_rate: float = Field(1e-3, gt=0)

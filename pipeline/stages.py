@@ -90,7 +90,9 @@ def learn_target(manifest: Manifest, store: Store):
                          "`lol pull` it or pass the published folder path instead of the manifest")
     learn = manifest.learn
     settings = LearnSettings(predictors=tuple(learn.predictors), targets=tuple(learn.targets), seeds=learn.seeds,
-                             epochs=learn.epochs, batch_size=learn.batch_size, learning_rate=learn.learning_rate)
+                             epochs=learn.epochs, batch_size=learn.batch_size, learning_rate=learn.learning_rate,
+                             tuning_budget=learn.tuning_budget, selection_seeds=learn.selection_seeds,
+                             min_epochs=learn.min_epochs, smooth_epochs=learn.smooth_epochs, split=learn.split)
     name = manifest.population.name
     return store.local_path(f"published/{name}"), store.local_write_dir(f"learn/{name}"), settings
 

@@ -112,7 +112,8 @@ def overrides(population: str, paths: dict[str, Path], scale: str, count: int = 
     paper_shapes (bench/gpu.sh): keep the manifest's 512 px and its scorer settings (paper33 prompts,
     20 steps) and no max_length cut; only the count, steps/epochs and data sizes shrink."""
     learn = ["learn.predictors=[mlp, mlp_svd, mlp_oalign, mlp_dense, transformer, glnet]", "learn.seeds=1",
-             "learn.epochs=3", "learn.batch_size=4", "learn.hidden=16",
+             "learn.epochs=3", "learn.batch_size=4", "learn.hidden=16", "learn.tuning_budget=1",
+             "learn.split=published",  # a dozen LoRAs: too few groups for the protocol's split by group name
              "publish.splits={train: 0.5, validation: 0.25, test: 0.25}"]
     if scale == "exact":
         learn[0] = "learn.predictors=[mlp, mlp_svd, mlp_oalign, transformer, glnet]"  # mlp_dense: ΔW of SD-1.4 is 10⁸ floats

@@ -62,7 +62,7 @@ def test_own_image_folder_runs_with_the_example_manifest(run_cli, tmp_path):
     store = tmp_path / "store"
     run_stages(run_cli, "example-own-images.yaml", [
         f"base.ref={sd}", "base.revision=null", f"data.source=folder:{images}", "count=6", "hyperparameters.steps=1",
-        "hyperparameters.resolution=32", "learn.epochs=2", "learn.seeds=1", "learn.hidden=8",
+        "hyperparameters.resolution=32", "learn.epochs=2", "learn.seeds=1", "learn.hidden=8", "learn.tuning_budget=1", "learn.split=published",
         f"scorers=[{{name: clip_score, model: 'local-dir:{clip}', prompts: [a photo of a person], steps: 1}}, "
         "{name: attributes, attributes: [smiling, glasses]}]"], store)
     jobs = sorted((store / "populations" / "example-own-images" / "jobs").glob("*/record.json"))
@@ -82,7 +82,7 @@ def test_own_questions_run_with_the_example_manifest(run_cli, tmp_path):
     store = tmp_path / "store"
     run_stages(run_cli, "example-own-questions.yaml", [
         f"base.ref={lm}", "base.revision=null", f"data.source={source}", "count=6", "hyperparameters.epochs=1",
-        "learn.epochs=2", "learn.seeds=1", "learn.hidden=8",
+        "learn.epochs=2", "learn.seeds=1", "learn.hidden=8", "learn.tuning_budget=1", "learn.split=published",
         f"scorers=[{{name: mc_accuracy, benchmark: '{source}', split: test, columns: {columns}}}, "
         f"{{name: eval_loss, dataset: '{source}', split: validation, columns: {columns}}}, {{name: sources}}]"], store)
     records = [json.loads(p.read_text()) for p in (store / "populations" / "example-own-questions" / "jobs").glob("*/record.json")]

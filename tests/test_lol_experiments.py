@@ -65,20 +65,30 @@ def test_tasks_group_binary_scorers_and_split_regression_columns(published):
 
 def test_train_evaluate_report(published, tmp_path):
     torch.set_num_threads(1)
-    settings = LearnSettings(predictors=("mlp", "mlp_svd", "glnet"), seeds=2, epochs=8, batch_size=16, learning_rate=3e-3)
+    settings = LearnSettings(predictors=("mlp", "mlp_svd", "glnet"), seeds=2, epochs=8, batch_size=16, learning_rate=3e-3,
+                             tuning_budget=2, selection_seeds=1, min_epochs=3, smooth_epochs=2)
     written = train_all(published, settings, tmp_path)
     assert len(written) == 3 * 2
+    run = json.loads((tmp_path / "runs" / "mlp_svd--clip_score.clip_score.json").read_text())
+    assert len(run["selection"]["trials"]) == 2 and run["selection"]["metric"] == "validation r2"
+    assert all(r["best_epoch"] >= 2 for r in run["per_seed"])  # the epoch rule's minimum
     results = evaluate(tmp_path)
     task = results.tasks["clip_score.clip_score"]
     assert set(task["predictors"]) == {"mlp", "mlp_svd", "glnet"}
     record = task["predictors"]["mlp_svd"]
     assert len(record["per_seed"]) == 2 and np.isfinite(record["mean"]["r2"])
+    assert record["mean"]["r2"] == pytest.approx(np.mean([r["test"]["r2"] for r in record["per_seed"]]))
     test_rows = sum(group_split(f"group:{k}") == "test" for k in range(90))  # the protocol's split, by group name
-    assert len(record["test_predictions"]) == len(record["test_targets"]) == test_rows
+    assert len(record["test_predictions"]) == len(record["test_targets"]) == task["n_test"] == test_rows
     # mlp_svd sees the singular values, of which the label is a function: it must beat chance.
     assert record["mean"]["r2"] > 0.3, record["mean"]
+    for metric in ("r2", "r2_train_var", "kendall_tau", "spearman_rho"):
+        ci = record["ci"][metric]
+        assert ci["low"] <= ci["value"] <= ci["high"] and ci["value"] == pytest.approx(record["mean"][metric])
+    assert set(task["difference"]["vs"]) == {"mlp", "mlp_svd"} and task["difference"]["reference"] == "glnet"
     table = (tmp_path / "results.md").read_text()
-    assert "| clip_score.clip_score | regression | r2 |" in table and "± " in table
+    assert "| clip_score.clip_score | regression | R² |" in table and "± " in table and "Kendall τ-b" in table
+    assert "| attributes | ROC-AUC | " in table and "glnet − mlp_svd" in table  # the differences table
     path = report(tmp_path, title="synthetic")
     text = path.read_text()
     assert "# synthetic" in text and "figures/clip_score_clip_score-scatter.png" in text

@@ -36,8 +36,9 @@ B = 4
 GL_INVARIANT = {
     "mlp_svd": {"hidden": (16,)},
     "mlp_dense": {"hidden": (16,)},
-    "glnet": {"hidden": (6, 5, 4), "head": (16, 8), "dropout": 0.2, "context": 3, "spectral_moments": 3},
+    "glnet": {"hidden": (6, 5, 4), "head": (16, 8), "dropout": 0.2, "context": 3, "spectral_moments": 3, "head_norm": True},
     "transformer": {"token": "svd", "d_model": 8, "nhead": 2, "num_layers": 1, "dim_feedforward": 16},
+    "glnet_paper": {"hidden": 5, "head": 8},
 }
 
 PROPERTY = settings(max_examples=8, deadline=None, derandomize=True)
@@ -141,7 +142,7 @@ def test_every_layer_matters_outside_the_group(name):
     check_sensitive(model, x, doubled)
 
 
-@pytest.mark.parametrize("name", ["glnet", "mlp_svd", "mlp_dense", "transformer"])
+@pytest.mark.parametrize("name", ["glnet", "glnet_paper", "mlp_svd", "mlp_dense", "transformer"])
 def test_zero_padding_the_rank_changes_nothing(name):
     gen = torch.Generator().manual_seed(2)
     x = random_lora_weights(B, 2, generator=gen)
@@ -149,7 +150,7 @@ def test_zero_padding_the_rank_changes_nothing(name):
     model = build(name, padded, 2, GL_INVARIANT[name], layout=padded.layout)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(padded), rtol=1e-10, atol=1e-12)
-        if name == "glnet":  # glnet is rank-agnostic: a model built for rank 2 takes rank 5 inputs too
+        if name in ("glnet", "glnet_paper"):  # rank-agnostic: a model built for rank 2 takes rank 5 inputs too
             small = build(name, x, 2, GL_INVARIANT[name])
             torch.testing.assert_close(small(x), small(padded), rtol=1e-10, atol=1e-12)
 

@@ -13,7 +13,7 @@ from sklearn.metrics import r2_score, roc_auc_score
 from lol_models.metrics import multilabel_metrics, regression_metrics
 from lol_models.registry import available_models, build_model
 from lol_models.synthetic import random_lora_weights
-from lol_models.train import LabeledLoras, TrainConfig, run_seeds, train_and_evaluate
+from lol_models.train import LabeledLoras, TrainConfig, fit, run_seeds, train_and_evaluate
 from lol_models.weights import GroupLayout, Layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,6 +27,7 @@ TINY = {
     "transformer": {"d_model": 8, "nhead": 2, "num_layers": 1, "dim_feedforward": 16},
     "transformer_flat": {"token": "flat", "d_model": 8, "nhead": 2, "num_layers": 1, "dim_feedforward": 16},
     "glnet": {"hidden": (6, 4), "head": (16,), "context": 3},
+    "glnet_paper": {"hidden": 6, "head": 16},
 }
 
 
@@ -42,7 +43,7 @@ def split(n: int, seed: int, *, rank: int = 2, labels: int = 0) -> LabeledLoras:
 
 
 def test_registry_lists_every_model_and_rejects_bad_names_and_keys():
-    assert set(available_models()) == {"mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet"}
+    assert set(available_models()) == {"mlp", "mlp_svd", "mlp_oalign", "mlp_dense", "transformer", "glnet", "glnet_paper"}
     layout = random_lora_weights(1, 2).layout
     with pytest.raises(ValueError, match="unknown model 'gl_net'; available"):
         build_model("gl_net", layout, 1)
@@ -114,13 +115,26 @@ def test_train_and_evaluate_reports_the_best_validation_epoch():
     tr = LabeledLoras(tr.weights, tr.targets + 1000.0)
     va = LabeledLoras(split(16, 2, rank=1).weights, va.targets + 1000.0)
     te = LabeledLoras(te.weights, te.targets + 1000.0)
-    cfg = TrainConfig(epochs=6, batch_size=16, lr=1e-2)
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=1e-2, min_epochs=1, smooth=1)  # the plain best-validation epoch
     res = train_and_evaluate("glnet", tr, va, te, model_config=TINY["glnet"], config=cfg)
     val_losses = [h["val_loss"] for h in res.history]
     assert res.best_epoch == int(np.argmin(val_losses)) and res.val["loss"] == min(val_losses)
     assert set(res.test) >= {"r2", "kendall_tau", "mse", "loss"} and res.skipped == {"train": 0, "val": 0, "test": 0}
     assert float(res.target_mean) == pytest.approx(float(tr.targets.mean()), rel=1e-6)
     assert res.test["mse"] < 10 * float(te.targets.var())  # predictions are back in target units
+
+
+def test_the_epoch_rule_smooths_the_validation_curve_and_waits_min_epochs():
+    tr, va = split(48, 1), split(16, 2)
+    cfg = TrainConfig(epochs=12, batch_size=16, lr=3e-2, min_epochs=4, smooth=3)
+    res = fit("mlp", tr, va, model_config=TINY["mlp"], config=cfg)
+    losses = np.array([h["val_loss"] for h in res.history])
+    smoothed = [-losses[max(0, e - 2):e + 1].mean() for e in range(12)]
+    assert res.best_epoch == 3 + int(np.argmax(smoothed[3:]))  # epochs 0-2 are never chosen
+    assert res.val["loss"] == losses[res.best_epoch] and res.test == {}
+    assert [h["val_smoothed_score"] for h in res.history] == pytest.approx(smoothed, rel=1e-12)
+    short = fit("mlp", tr, va, model_config=TINY["mlp"], config=TrainConfig(epochs=2, min_epochs=10))
+    assert short.best_epoch == 1  # min_epochs is capped at epochs: the last epoch
 
 
 def test_multilabel_training_handles_a_label_constant_in_test():

@@ -1,0 +1,100 @@
+"""The protocol of `lol train`: the same tuning budget for every predictor, selection on validation only,
+no test label read and no test metric computed before `lol evaluate`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+from published_format import BIG, NORM, gl_population, write_published
+
+from lol_models.data import LoraDataset
+from lol_models.experiments import evaluate, train_all
+from lol_models.protocol import select_config
+from lol_models.registry import MODELS
+from lol_models.search import Candidate, SearchSpace, candidates
+from lol_models.splits import group_split
+from lol_models.tasks import LearnSettings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SETTINGS = LearnSettings(predictors=("mlp", "glnet_paper", "glnet"), seeds=2, epochs=6, batch_size=32,
+                         learning_rate=3e-3, tuning_budget=3, selection_seeds=1, min_epochs=2, smooth_epochs=2)
+TEST_KEYS = {"test_predictions", "test_job_ids"}  # what a run may hold about the test split: inputs' outputs, ids
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """120 rank-2 LoRAs, one group each; label ‖ΔW‖_F of one layer and a binary attribute."""
+    return write_published(tmp_path_factory.mktemp("protocol"), *gl_population([2], 120, seed=0), {**NORM, **BIG})
+
+
+def keys(value, found: set[str] | None = None) -> set[str]:
+    """Every dict key anywhere in a JSON value."""
+    found = set() if found is None else found
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found.add(k)
+            keys(v, found)
+    elif isinstance(value, list):
+        for v in value:
+            keys(v, found)
+    return found
+
+
+def test_train_reads_no_test_label_and_writes_no_test_metric(published, tmp_path, monkeypatch):
+    real_targets = LoraDataset.targets
+    touched = []
+
+    def guarded(self, names):
+        if any(group_split(g) == "test" for g in self.groups):
+            touched.append(names)
+            raise AssertionError(f"test labels {names} read during lol train")
+        return real_targets(self, names)
+
+    monkeypatch.setattr(LoraDataset, "targets", guarded)
+    written = train_all(published, SETTINGS, tmp_path)
+    assert not touched and len(written) == 3 * 2
+    for path in written:
+        run = json.loads(path.read_text())
+        test_keys = {k for k in keys(run) if "test" in k.lower()}
+        assert test_keys == TEST_KEYS, (path.name, test_keys)
+        assert not {k for k in keys(run["selection"]) if "test" in k.lower()}
+        # the same budget for everyone, each from its own space, the defaults first
+        trials = run["selection"]["trials"]
+        assert len(trials) == SETTINGS.tuning_budget and trials[0]["candidate"] == {"model": {}, "train": {}}
+        space = MODELS[run["predictor"]].search
+        assert all(set(t["candidate"]["model"]) <= set(space.model) for t in trials)
+        best = max(range(len(trials)), key=lambda i: trials[i]["val_score"])
+        assert run["selection"]["chosen"] == best
+        assert len(run["test_predictions"]) == SETTINGS.seeds
+    paper = json.loads((tmp_path / "runs" / "glnet_paper--clip_score.clip_score.json").read_text())
+    assert paper["config"]["model"]["readout"] == "mean"  # the authors' regression head
+    paper = json.loads((tmp_path / "runs" / "glnet_paper--attributes.json").read_text())
+    assert paper["config"]["model"]["readout"] == "full"
+
+    monkeypatch.setattr(LoraDataset, "targets", real_targets)
+    results = evaluate(tmp_path)  # the test split, read once
+    cell = results.tasks["attributes"]["predictors"]["glnet_paper"]
+    assert set(cell["ci"]) == {"roc_auc", "accuracy"} and len(cell["per_seed"]) == SETTINGS.seeds
+
+
+def test_selection_takes_no_test_split():
+    assert list(inspect.signature(select_config).parameters) == ["predictor", "kind", "train", "validation", "settings"]
+
+
+def test_candidates_are_the_defaults_then_distinct_seeded_draws():
+    space = SearchSpace({"hidden": ((8,), (16,), (32,))}, {"lr": (1e-3, 3e-3)})
+    drawn = candidates(space, 4, seed=0)
+    assert drawn[0] == Candidate() and len({c.key() for c in drawn}) == 4
+    assert [c.key() for c in drawn] == [c.key() for c in candidates(space, 4, seed=0)]
+    with pytest.raises(ValueError, match="cannot fill a budget of 8"):
+        candidates(space, 8)
+    with pytest.raises(ValueError, match="unknown training settings"):
+        SearchSpace(train={"epochs": (10, 20)})
+
+
+def test_every_registered_space_fills_the_default_budget():
+    for name, spec in MODELS.items():
+        assert spec.search.size >= LearnSettings().tuning_budget - 1, name
