@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,24 +35,15 @@ from typing import Any
 
 import torch
 
-from pipeline import runtime
 from pipeline.bases import BaseModelError
 from pipeline.bases.loading import resolve_base
-from pipeline.data import select_job_examples, source_examples, source_provenance
 from pipeline.data.base import DataSourceError, QAExample
 from pipeline.data.qa import encode_documents, format_question, validate_example
 from pipeline.data.subsets import source_subset
-from pipeline.finetune.cohort import (
-    CohortTask,
-    Member,
-    cohort_autocast,
-    common_targets,
-    member_factors,
-    train_members,
-)
+from pipeline.finetune.base import LoraTrainer
+from pipeline.finetune.cohort import CohortTask, Member
 from pipeline.finetune.runner import NonFiniteLoss
 from pipeline.finetune.targets import check_target_modules
-from pipeline.jobs import Job
 from pipeline.manifest import Manifest, SourceSubsets
 from storage import Store
 
@@ -294,25 +284,37 @@ class QAStream:
 # ----------------------------------------------------------------------------- trainer
 
 
-class CausalLMTrainer:
-    """Trains one LoRA per job on a causal LM loaded once."""
+class CausalLMTrainer(LoraTrainer):
+    """Trains one LoRA per job (or a cohort of them) on a causal LM loaded once."""
 
-    def __init__(self, device: str | torch.device | None = None):
-        self.device = runtime.compute_device(device)
+    versions_of = ("torch", "transformers", "peft", "accelerate")
 
     def setup(self, manifest: Manifest, store: Store) -> None:
-        examples = source_examples(manifest)
-        if not examples:
-            raise DataSourceError(f"data split {manifest.data.split!r} of {manifest.data.source!r} is empty")
+        examples = self.load_examples(manifest)
         if not isinstance(examples[0], QAExample):
             raise DataSourceError(f"data source {manifest.data.source!r} holds {type(examples[0]).__name__}s; "
                                   "a causal LM finetunes on multiple-choice questions (e.g. source: qa)")
         if isinstance(manifest.data.subsets, SourceSubsets):  # unknown source names fail here, before any job
             source_subset(examples, manifest.data.subsets.sources, 1, manifest.seed)
         self.examples = examples  # checked before the base loads (a hub model can take minutes)
-        self.data_provenance = source_provenance(manifest)
         model, tokenizer = load_causal_lm(manifest.base.model_dump(), store, self.device)
         self.use_model(model, tokenizer, manifest.lora.target_modules)
+
+    @property
+    def trained_model(self) -> torch.nn.Module:
+        return self.model
+
+    @trained_model.setter
+    def trained_model(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def lora_init(self) -> dict[str, Any]:
+        from peft import TaskType
+
+        return {"task_type": TaskType.CAUSAL_LM}
+
+    def precision(self, hp: dict[str, Any]) -> str:
+        return mixed_precision(self.device, hp.get("mixed_precision"))
 
     def use_model(self, model, tokenizer, target_modules: Sequence[str]) -> None:
         """Train on an already loaded causal LM (frozen here, moved to the device)."""
@@ -321,10 +323,6 @@ class CausalLMTrainer:
         self.tokenizer = tokenizer
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self.forward_args = forward_args(model)
-
-    def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
-        examples = select_job_examples(self.examples, job.spec.data, job.spec.seed)
-        return self.train(examples, self.lora_config(job), job.spec.hyperparameters, job.spec.seed, out_dir)
 
     def sequences(self, examples: Sequence[QAExample], hp: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
         """(ids, labels) per example, as the job trains on them."""
@@ -357,8 +355,7 @@ class CausalLMTrainer:
         torch.manual_seed(seed)  # LoRA init and dropout
         peft_model = get_peft_model(self.model, config)
         try:
-            precision = mixed_precision(self.device, hp.get("mixed_precision"))
-            accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision=precision,
+            accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision=self.precision(hp),
                                       cpu=self.device.type == "cpu")
             optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
                                           lr=float(hp["learning_rate"]), weight_decay=float(hp.get("weight_decay", 0.0)))
@@ -388,90 +385,40 @@ class CausalLMTrainer:
             self.model = peft_model.unload().eval()  # the frozen base again, without LoRA layers
         return self._metrics(losses, steps, len(loader), len(examples), tokens, seconds)
 
-    def lora_config(self, job: Job):
-        from peft import LoraConfig, TaskType
+    def new_member(self, task: CohortTask, slot: int) -> Member:
+        hp = task.hyperparameters
+        loader, total, accumulation = self.loader(task.examples, hp, task.seed)
+        return Member(task.key, slot, task.config, QAStream(loader, len(task.examples)), accumulation, total,
+                      float(hp["learning_rate"]), float(hp.get("weight_decay", 0.0)), task.out_dir, schedule="linear")
 
-        spec = job.spec
-        return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
-                          target_modules=list(spec.target_modules), task_type=TaskType.CAUSAL_LM)
-
-    def cohort_task(self, job: Job, out_dir: Path) -> CohortTask:
-        return CohortTask(job.job_id, self.lora_config(job), select_job_examples(self.examples, job.spec.data, job.spec.seed),
-                          job.spec.hyperparameters, job.spec.seed, out_dir)
-
-    def train_cohort(self, tasks: Sequence[CohortTask]) -> dict[str, dict[str, Any] | Exception]:
-        """Train several LoRAs in the same forward passes (`pipeline.finetune.cohort`).
-
-        Each step joins one batch of every active job into left-padded batches of similar length
-        (`length_groups`, one forward each); each job's loss is its own mean over its answer tokens. Returns {task key: metrics, or the exception that
-        failed it}; each adapter is saved to `out_dir/adapter` as the job alone would save it.
+    def cohort_losses(self, active: Sequence[Member], routing) -> tuple[list[torch.Tensor], list[bool]]:
+        """One batch of every active member, joined into left-padded batches of similar length
+        (`length_groups`, one forward each); each member's loss is its own mean over its answer tokens.
         LoRA dropout draws its masks from the global generator in the cohort's order, so with
-        dropout > 0 an adapter matches its solo training in distribution, not bit for bit.
-        """
-        from pipeline.cohort.layers import cohort_layers
-        from pipeline.cohort.peft_io import init_factors, save_adapter
-
-        targets = common_targets(tasks)
-        autocast = cohort_autocast({mixed_precision(self.device, t.hyperparameters.get("mixed_precision")) for t in tasks})
-        outcomes: dict[str, dict[str, Any] | Exception] = {}
-        members, initial = [], {}
-        for slot, task in enumerate(tasks):
-            hp = task.hyperparameters
-            try:
-                loader, total, accumulation = self.loader(task.examples, hp, task.seed)
-                self.model, initial[task.key] = init_factors(self.model, task.config, task.seed)
-            except Exception as exc:  # a job that cannot start fails alone
-                outcomes[task.key] = exc
-                continue
-            members.append(Member(task.key, slot, task.config, QAStream(loader, len(task.examples)), accumulation, total,
-                                  float(hp["learning_rate"]), float(hp.get("weight_decay", 0.0)), task.out_dir, schedule="linear"))
+        dropout > 0 an adapter matches its solo training in distribution, not bit for bit."""
+        draws = [m.data.draw() for m in active]
+        batches = [{k: v.to(self.device) for k, v in batch.items()} for batch, _ in draws]
+        losses: list[torch.Tensor | None] = [None] * len(active)
+        slack = JOIN_SLACK.get(self.device.type, JOIN_SLACK["cuda"])
         pad_id = pad_token(self.tokenizer)
-        with cohort_layers(self.model, targets) as (routing, layers):
-            for member in members:
-                for name, layer in layers.items():
-                    layer.add_slot(member.slot, initial[member.key][name], dropout=float(member.config.lora_dropout))
+        for group in length_groups([b["input_ids"].shape[1] for b in batches], slack):  # one forward per group
+            rows = [len(batches[i]["input_ids"]) for i in group]
+            routing.set_blocks([active[i].slot for i in group], rows)
+            joined = join_batches([batches[i] for i in group], pad_id)
+            K = answer_length(joined["labels"])
+            logits = last_logits(self.model, joined, self.forward_args, K + 1)
+            for i, loss in zip(group, block_answer_losses(logits, joined["labels"], K, rows)):
+                losses[i] = loss
+        return losses, [ended for _, ended in draws]
 
-            def forward_losses(active: Sequence[Member]) -> tuple[list[torch.Tensor], list[bool]]:
-                draws = [m.data.draw() for m in active]
-                batches = [{k: v.to(self.device) for k, v in batch.items()} for batch, _ in draws]
-                losses: list[torch.Tensor | None] = [None] * len(active)
-                slack = JOIN_SLACK.get(self.device.type, JOIN_SLACK["cuda"])
-                for group in length_groups([b["input_ids"].shape[1] for b in batches], slack):  # one forward per group
-                    rows = [len(batches[i]["input_ids"]) for i in group]
-                    routing.set_blocks([active[i].slot for i in group], rows)
-                    joined = join_batches([batches[i] for i in group], pad_id)
-                    K = answer_length(joined["labels"])
-                    logits = last_logits(self.model, joined, self.forward_args, K + 1)
-                    for i, loss in zip(group, block_answer_losses(logits, joined["labels"], K, rows)):
-                        losses[i] = loss
-                return losses, [ended for _, ended in draws]
-
-            self.model.train()
-            seconds, self.member_bytes = train_members(self.model, members, layers, forward_losses, autocast)
-            self.model.eval()
-            trained = {m.key: member_factors(m, layers) for m in members if m.failure is None}
-        for member in members:
-            if member.failure is not None:
-                outcomes[member.key] = member.failure
-                continue
-            self.model = save_adapter(self.model, member.config, trained[member.key], member.out_dir / "adapter").eval()
-            data = member.data
-            outcomes[member.key] = {**self._metrics(member.losses, member.steps, len(data.loader), data.num_examples,
-                                                    data.answer_tokens, seconds / len(members)),
-                                    "cohort": {"size": len(tasks), "slot": member.slot, "seconds": round(seconds, 3)}}
-        return outcomes
+    def member_metrics(self, member: Member, seconds: float) -> dict[str, Any]:
+        data = member.data
+        return self._metrics(member.losses, member.steps, len(data.loader), data.num_examples, data.answer_tokens, seconds)
 
     def _metrics(self, losses: list[float], steps: int, batches_per_epoch: int, num_examples: int, tokens: int,
                  seconds: float) -> dict[str, Any]:
-        return {
-            "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses), "optimizer_steps": steps,
-            "micro_steps": len(losses), "epochs": round(len(losses) / batches_per_epoch, 3), "num_examples": num_examples,
-            "answer_tokens": tokens, "train_seconds": round(seconds, 3), "steps_per_second": round(len(losses) / seconds, 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if self.device.type == "cuda" else None,
-            "versions": versions(),
-            **({"data": self.data_provenance} if getattr(self, "data_provenance", None) else {}),
-        }
+        return {**self.common_metrics(losses, steps, seconds), "epochs": round(len(losses) / batches_per_epoch, 3),
+                "num_examples": num_examples, "answer_tokens": tokens}
 
 
 def mixed_precision(device: torch.device, requested: str | None) -> str:
@@ -483,6 +430,3 @@ def mixed_precision(device: torch.device, requested: str | None) -> str:
         return str(requested)
     return "bf16" if torch.cuda.is_bf16_supported() else "no"
 
-
-def versions() -> dict[str, str]:
-    return runtime.versions("torch", "transformers", "peft", "accelerate")

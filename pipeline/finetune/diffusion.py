@@ -14,7 +14,6 @@ E text width.
 from __future__ import annotations
 
 import math
-import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,22 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import runtime
 from pipeline.bases import BaseModelError
 from pipeline.bases.loading import load_diffusion_pipeline
-from pipeline.data import select_job_examples, source_examples, source_provenance
 from pipeline.data.base import DataSourceError
-from pipeline.finetune.cohort import (
-    CohortTask,
-    Member,
-    cohort_autocast,
-    common_targets,
-    member_factors,
-    train_members,
-)
+from pipeline.finetune.base import LoraTrainer
+from pipeline.finetune.cohort import CohortTask, Member
 from pipeline.finetune.runner import NonFiniteLoss
 from pipeline.finetune.targets import check_target_modules
-from pipeline.jobs import Job
 from pipeline.manifest import Manifest
 from storage import Store
 
@@ -52,18 +42,28 @@ def images_tensor(examples, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-class DiffusionTrainer:
-    """Trains one LoRA per job on a base loaded once."""
+class DiffusionTrainer(LoraTrainer):
+    """Trains one LoRA per job (or a cohort of them) on the UNet of a pipeline loaded once."""
 
-    def __init__(self, device: str | torch.device | None = None):
-        self.device = runtime.compute_device(device)
+    versions_of = ("torch", "diffusers", "peft", "accelerate")
 
     def setup(self, manifest: Manifest, store: Store) -> None:
-        self.examples = source_examples(manifest)  # bad or missing data fails before the base loads
-        if not self.examples:
-            raise DataSourceError(f"data split {manifest.data.split!r} of {manifest.data.source!r} is empty")
-        self.data_provenance = source_provenance(manifest)
+        self.examples = self.load_examples(manifest)  # bad or missing data fails before the base loads
         self.use_pipeline(load_diffusion_pipeline(manifest.base.model_dump(), store), manifest.lora.target_modules)
+
+    @property
+    def trained_model(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @trained_model.setter
+    def trained_model(self, model: torch.nn.Module) -> None:
+        self.pipe.unet = model
+
+    def lora_init(self) -> dict[str, Any]:
+        return {"init_lora_weights": "gaussian"}
+
+    def precision(self, hp: dict[str, Any]) -> str:
+        return str(hp.get("mixed_precision", "no")) if self.device.type == "cuda" else "no"
 
     def use_pipeline(self, pipe, target_modules: list[str] | tuple[str, ...]) -> None:
         """Train on an already loaded `StableDiffusionPipeline` (frozen here, moved to the device)."""
@@ -101,21 +101,6 @@ class DiffusionTrainer:
             return latents
         raise BaseModelError(f"the base's noise scheduler predicts {kind!r}; supported prediction_type: epsilon, v_prediction, sample")
 
-    def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
-        examples = select_job_examples(self.examples, job.spec.data, job.spec.seed)
-        return self.train(examples, self.lora_config(job), job.spec.hyperparameters, job.spec.seed, out_dir)
-
-    def lora_config(self, job: Job):
-        from peft import LoraConfig
-
-        spec = job.spec
-        return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
-                          target_modules=list(spec.target_modules), init_lora_weights="gaussian")
-
-    def cohort_task(self, job: Job, out_dir: Path) -> CohortTask:
-        return CohortTask(job.job_id, self.lora_config(job), select_job_examples(self.examples, job.spec.data, job.spec.seed),
-                          job.spec.hyperparameters, job.spec.seed, out_dir)
-
     def stream(self, examples, hp: dict[str, Any], seed: int) -> DiffusionStream:
         """The job's training batches: its images encoded once, its prompt, its seeded draws."""
         if not examples:
@@ -142,8 +127,7 @@ class DiffusionTrainer:
         peft_unet = get_peft_model(self.pipe.unet, config)
         model = peft_unet
         try:
-            precision = str(hp.get("mixed_precision", "no")) if self.device.type == "cuda" else "no"
-            accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision=precision,
+            accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision=self.precision(hp),
                                       cpu=self.device.type == "cpu")
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=float(hp["learning_rate"]), weight_decay=float(hp.get("weight_decay", 1e-2)))
@@ -167,68 +151,28 @@ class DiffusionTrainer:
             self.pipe.unet = peft_unet.unload()  # the frozen base UNet again, without LoRA layers
         return self._metrics(losses, steps, seconds, len(examples))
 
-    def train_cohort(self, tasks: Sequence[CohortTask]) -> dict[str, dict[str, Any] | Exception]:
-        """Train several LoRAs in the same UNet passes (`pipeline.finetune.cohort`).
+    def new_member(self, task: CohortTask, slot: int) -> Member:
+        hp = task.hyperparameters
+        return Member(task.key, slot, task.config, self.stream(task.examples, hp, task.seed), int(hp.get("gradient_accumulation", 1)),
+                      int(hp["steps"]), float(hp["learning_rate"]), float(hp.get("weight_decay", 1e-2)), task.out_dir)
 
-        Returns {task key: metrics, or the exception that failed it}; each adapter is saved to
-        its `out_dir/adapter` as the job alone would save it.
-        """
-        from pipeline.cohort.layers import cohort_layers
-        from pipeline.cohort.peft_io import init_factors, save_adapter
+    def cohort_losses(self, active: Sequence[Member], routing) -> tuple[list[torch.Tensor], list[bool]]:
+        """One UNet pass over every active member's draw; each member's loss on its own rows."""
+        draws = [m.data.draw() for m in active]
+        routing.set_blocks([m.slot for m in active], [len(d[0]) for d in draws])
+        noisy, timesteps, states, _ = (torch.cat(part) for part in zip(*draws))
+        prediction = self.pipe.unet(noisy, timesteps, states).sample.float()
+        losses, row = [], 0
+        for noisy_m, _, _, target in draws:
+            losses.append(F.mse_loss(prediction[row:row + len(noisy_m)], target.float()))
+            row += len(noisy_m)
+        return losses, [False] * len(active)
 
-        targets = common_targets(tasks)
-        on_gpu = self.device.type == "cuda"
-        autocast = cohort_autocast({str(t.hyperparameters.get("mixed_precision", "no")) if on_gpu else "no" for t in tasks})
-        outcomes: dict[str, dict[str, Any] | Exception] = {}
-        members, initial = [], {}
-        for slot, task in enumerate(tasks):
-            try:
-                hp = task.hyperparameters
-                data = self.stream(task.examples, hp, task.seed)
-                self.pipe.unet, initial[task.key] = init_factors(self.pipe.unet, task.config, task.seed)
-            except Exception as exc:  # a job that cannot start fails alone
-                outcomes[task.key] = exc
-                continue
-            members.append(Member(task.key, slot, task.config, data, int(hp.get("gradient_accumulation", 1)), int(hp["steps"]),
-                                  float(hp["learning_rate"]), float(hp.get("weight_decay", 1e-2)), task.out_dir))
-        with cohort_layers(self.pipe.unet, targets) as (routing, layers):
-            for member in members:
-                for name, layer in layers.items():
-                    layer.add_slot(member.slot, initial[member.key][name], dropout=float(member.config.lora_dropout))
-
-            def forward_losses(active: Sequence[Member]) -> tuple[list[torch.Tensor], list[bool]]:
-                draws = [m.data.draw() for m in active]
-                routing.set_blocks([m.slot for m in active], [len(d[0]) for d in draws])
-                noisy, timesteps, states, _ = (torch.cat(part) for part in zip(*draws))
-                prediction = self.pipe.unet(noisy, timesteps, states).sample.float()
-                losses, row = [], 0
-                for noisy_m, _, _, target in draws:
-                    losses.append(F.mse_loss(prediction[row:row + len(noisy_m)], target.float()))
-                    row += len(noisy_m)
-                return losses, [False] * len(active)
-
-            self.pipe.unet.train()
-            seconds, self.member_bytes = train_members(self.pipe.unet, members, layers, forward_losses, autocast)
-            self.pipe.unet.eval()
-            trained = {m.key: member_factors(m, layers) for m in members if m.failure is None}
-        for member in members:
-            if member.failure is not None:
-                outcomes[member.key] = member.failure
-                continue
-            self.pipe.unet = save_adapter(self.pipe.unet, member.config, trained[member.key], member.out_dir / "adapter")
-            outcomes[member.key] = {**self._metrics(member.losses, member.steps, seconds / len(members), member.data.num_images),
-                                    "cohort": {"size": len(tasks), "slot": member.slot, "seconds": round(seconds, 3)}}
-        return outcomes
+    def member_metrics(self, member: Member, seconds: float) -> dict[str, Any]:
+        return self._metrics(member.losses, member.steps, seconds, member.data.num_images)
 
     def _metrics(self, losses: list[float], steps: int, seconds: float, num_images: int) -> dict[str, Any]:
-        return {
-            "final_loss": losses[-1], "mean_loss": float(np.mean(losses)), "optimizer_steps": steps,
-            "micro_steps": len(losses), "train_seconds": round(seconds, 3), "steps_per_second": round(len(losses) / seconds, 3),
-            "num_images": num_images, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if self.device.type == "cuda" else None,
-            "versions": runtime.versions("torch", "diffusers", "peft", "accelerate"),
-            **({"data": self.data_provenance} if getattr(self, "data_provenance", None) else {}),
-        }
+        return {**self.common_metrics(losses, steps, seconds), "num_images": num_images}
 
 
 class DiffusionStream:
