@@ -236,6 +236,45 @@ def _local_table(folder: Path, split: str):
     return table
 
 
+def split_names(folder: str | Path) -> list[str]:
+    """The splits of a local published folder: those `arrow/dataset_dict.json` lists, else those of its parquet shards."""
+    folder = Path(folder)
+    read_layout(folder)  # a published folder at all (else PulledDataError listing what is there)
+    if (folder / "arrow").is_dir():
+        listing = _read_json(_inside(folder, "arrow", "dataset_dict.json"))
+        splits = listing.get("splits") if isinstance(listing, dict) else None
+        if isinstance(splits, list) and all(isinstance(name, str) for name in splits):
+            return splits
+    shards = sorted((folder / "data").glob("*-*.parquet")) if (folder / "data").is_dir() else []
+    return sorted({shard.name.rsplit("-", 1)[0] for shard in shards})
+
+
+def read_rows(folder: str | Path, split: str, columns: Sequence[str] | None = None,
+              job_ids: Sequence[str] | None = None, strict: bool = True) -> list[dict[str, Any]]:
+    """Rows of one split of a local published folder as dicts (`weights` as a (D,) float32 array),
+    only `columns` (default: all; strict=False leaves out those the rows lack) and only the rows of
+    `job_ids` (default: all), in stored order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = _local_table(Path(folder), split)
+    missing = sorted(set(columns or ()) - set(table.column_names))
+    if missing and not strict:
+        columns, missing = [c for c in columns or () if c in table.column_names], []
+    if missing:
+        raise PulledDataError(f"split {split!r} of {folder} has no column(s) {missing}; columns: {', '.join(table.column_names)}")
+    if job_ids is not None:
+        table = table.filter(pc.is_in(table.column("job_id"), value_set=pa.array(list(job_ids), pa.string())))
+    if columns is not None:
+        table = table.select(list(columns))
+    rows = table.drop_columns([WEIGHTS_COLUMN]).to_pylist() if WEIGHTS_COLUMN in table.column_names else table.to_pylist()
+    if WEIGHTS_COLUMN in table.column_names and len(rows):
+        matrix = _weights_matrix(table)
+        for row, vector in zip(rows, matrix):
+            row[WEIGHTS_COLUMN] = np.array(vector, dtype=np.float32)
+    return rows
+
+
 def _read_arrow(path: Path):
     """One Arrow stream file (as `save_to_disk` writes them), memory-mapped."""
     import pyarrow as pa

@@ -11,6 +11,8 @@ Outputs in `out_dir`:
     runs/{predictor}--{task}.json     # selection trials (validation scores), chosen config, per seed: best
                                       # epoch and validation metrics; test job ids and every seed's test
                                       # predictions — no test label, no test metric
+    predictors/{predictor}--{task}--seed{s}.{json,safetensors}  # each trained model, for `lol predict`
+                                      # (lol_models/predictors.py)
     results.json, results.md          # `evaluate`: test metrics, mean ± std over seeds, bootstrap CIs,
                                       # differences GL-net − each predictor
     report.md, figures/*.png          # `lol_models.report.report`
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from lol_models import evaluation
+from lol_models.data import read_layout, read_rows, split_names
+from lol_models.predictors import remove_saved, save_predictor
 from lol_models.protocol import tune_and_train
 from lol_models.tasks import (
     MAIN_METRIC,
@@ -52,11 +56,14 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     splits = load_splits(published, settings.split)
     test = splits["test"]
+    published_layout, label_info = read_layout(published)
+    facts = training_facts(published)
     written = []
     for task in tasks_of(splits["train"], settings.targets):
         train, validation = labeled_for(splits["train"], task), labeled_for(splits["validation"], task)
         for predictor in settings.predictors:
             started = time.perf_counter()
+            remove_saved(out_dir, predictor, task.name)
             record: dict[str, Any] = {"predictor": predictor, "task": asdict(task), "published": str(published),
                                       "split": settings.split, "settings": asdict(settings)}
             try:
@@ -65,6 +72,11 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
                 record["error"] = str(exc)
             else:
                 record.update(_trained_record(trained, train, settings))
+                for result in trained.runs:
+                    save_predictor(out_dir, predictor=predictor, seed=result.seed, task=asdict(task), model=result.model,
+                                   model_config=trained.model_config, labels=label_info, published_layout=published_layout,
+                                   facts=facts, target_mean=result.target_mean, target_std=result.target_std,
+                                   metrics={"best_epoch": result.best_epoch, "val": result.val})
                 record["test_job_ids"] = list(test.job_ids)
             record["seconds"] = round(time.perf_counter() - started, 2)
             path = out / f"{predictor}--{task.name}.json"
@@ -91,6 +103,20 @@ def _trained_record(trained, train, settings: LearnSettings) -> dict[str, Any]:
     if cfg.task == "regression":
         record["train_target_variance"] = train.targets.double().var(0, unbiased=False).tolist()
     return record
+
+
+def training_facts(published: str | Path) -> dict[str, Any]:
+    """What the rows of a published population share, which a LoRA must match to be predicted:
+    population, base (reference, revision), target modules, and the ranks and alphas they hold."""
+    columns = ["population", "base_ref", "base_revision", "target_modules", "rank", "alpha"]
+    rows = [row for split in split_names(published) for row in read_rows(published, split, columns=columns, strict=False)]
+    return {
+        "population": sorted({r["population"] for r in rows if r.get("population")}),
+        "base_ref": sorted({r["base_ref"] for r in rows if r.get("base_ref")}),
+        "base_revision": sorted({r["base_revision"] for r in rows if r.get("base_revision")}),
+        "target_modules": sorted({m for r in rows for m in r.get("target_modules") or []}),
+        "ranks": sorted({int(r["rank"]) for r in rows}), "alphas": sorted({float(r["alpha"]) for r in rows}),
+    }
 
 
 @dataclass

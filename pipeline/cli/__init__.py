@@ -7,7 +7,8 @@ from it) or a usage error of click/typer: one line `error: …`, a hint, exit 2.
 bug: its traceback on stderr, exit 1 — a plain ValueError or KeyError is never taken for bad input.
 
 One module per command group: population.py (validate, fetch, plan, status, verify, run, deploy),
-stages.py (finetune, score, publish, pull, train, evaluate, report), experiment.py. Tooling adds
+stages.py (finetune, score, publish, pull, train, evaluate, report), results.py (predict, export),
+experiment.py. Tooling adds
 its groups through the `lol.commands` entry points (`lol bench` from bench/, `lol bases` from
 tinyworld/), so the library never imports it.
 """
@@ -23,7 +24,7 @@ import click
 import typer
 from rich.text import Text
 
-from pipeline.cli import experiment, population, stages
+from pipeline.cli import experiment, population, results, stages
 from pipeline.cli.common import EXIT_BAD_INPUT, EXIT_BUG, err
 from pipeline.manifest import ManifestError
 from storage import DomainError, StoreError
@@ -39,6 +40,7 @@ app = typer.Typer(
 )
 app.add_typer(population.app)
 app.add_typer(stages.app)
+app.add_typer(results.app)
 app.add_typer(experiment.experiment_app, name="experiment")
 
 

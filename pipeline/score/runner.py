@@ -115,7 +115,9 @@ def score_jobs(population: PopulationStore, jobs: list[Job], spec, sid: str, sco
         try:
             with contextlib.ExitStack() as stack:
                 dirs = [stack.enter_context(_adapter_dir(population, job.job_id)) for job in cohort]
+                started = time.perf_counter()
                 labels = scorer.score_cohort(cohort, dirs)
+                share = (time.perf_counter() - started) / len(cohort)
         except Exception as exc:
             if is_out_of_memory(exc):
                 sizer.out_of_memory(len(cohort))
@@ -126,17 +128,19 @@ def score_jobs(population: PopulationStore, jobs: list[Job], spec, sid: str, sco
                 yield (job, *score_job(population, job, spec, sid, scorer))
             continue
         for job, values in zip(cohort, labels):
-            yield (job, *_store(population, job, spec, sid, values, scorer))
+            yield (job, *_store(population, job, spec, sid, values, scorer, {"seconds": share, "cohort_size": len(cohort)}))
 
 
 def score_job(population: PopulationStore, job: Job, spec, sid: str, scorer) -> tuple[str, dict | None]:
     """Score one LoRA with one (set-up) scorer and store it: ('scored', payload) or (reason, None)."""
     try:
         with _adapter_dir(population, job.job_id) as adapter_dir:
+            started = time.perf_counter()
             labels = scorer.score(job, adapter_dir)
+            seconds = time.perf_counter() - started
     except Exception as exc:  # one LoRA's failure must not stop the population
         return f"{type(exc).__name__}: {exc}"[:300], None
-    return _store(population, job, spec, sid, labels, scorer)
+    return _store(population, job, spec, sid, labels, scorer, {"seconds": seconds})
 
 
 def scorer_provenance(scorer) -> dict[str, Any] | None:
@@ -150,10 +154,16 @@ def scorer_provenance(scorer) -> dict[str, Any] | None:
     return scorer._lol_provenance
 
 
-def _store(population: PopulationStore, job: Job, spec, sid: str, labels: dict, scorer=None) -> tuple[str, dict | None]:
-    """Write one score: ('scored', payload), or (reason, None) when the store refuses the write."""
+def _store(population: PopulationStore, job: Job, spec, sid: str, labels: dict, scorer=None,
+           timing: dict[str, float | int] | None = None) -> tuple[str, dict | None]:
+    """Write one score: ('scored', payload), or (reason, None) when the store refuses the write.
+
+    timing: `seconds`, the wall time of the scorer's call for this LoRA (its setup excluded), or with
+    `cohort_size` K, its share (1/K) of a pass that scored K LoRAs together (`lol predict` reports it)."""
     payload = {"job_id": job.job_id, "scorer": spec.name, "scorer_id": sid, "settings": scorer_settings(spec),
                "labels": labels, "versions": _versions(), "scored_at": time.time()}
+    if timing is not None:
+        payload.update({key: round(value, 6) if isinstance(value, float) else value for key, value in timing.items()})
     provenance = scorer_provenance(scorer) if scorer is not None else None
     if provenance:
         payload["provenance"] = provenance
