@@ -107,7 +107,8 @@ def train(manifest: Manifest, store: Store, on_run=None):
 def evaluate(manifest: Manifest, store: Store):
     from lol_models.experiments import evaluate as collect
 
-    return collect(learn_target(manifest, store)[1])
+    published, out, _ = learn_target(manifest, store)
+    return collect(out, published)
 
 
 def report(manifest: Manifest, store: Store):

@@ -178,7 +178,7 @@ def train_command(manifest: ManifestArg, overrides: OverridesArg = None, store: 
 
 @app.command("evaluate")
 def evaluate_command(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None) -> int:
-    """Collect the trained predictors' test metrics into results.json and results.md."""
+    """Score the trained predictors on the test split, once: results.json and results.md with paired bootstrap 95% CIs."""
     from pipeline.stages import evaluate, learn_target
 
     loaded = load(manifest, overrides)
