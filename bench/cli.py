@@ -77,8 +77,7 @@ def bench_labels_command(
     output: Annotated[Optional[Path], typer.Option(help="JSON to write (default: bench/results/labels-{population}.json).")] = None,
 ) -> int:
     """Are the labels informative? Spread of every label and Kendall τ against lr × steps/epochs and each hyperparameter."""
-    import json as json_module
-
+    from bench.measure import write_json
     from pipeline.label_stats import label_statistics
 
     loaded = load(manifest, overrides)
@@ -94,9 +93,8 @@ def bench_labels_command(
         table.add_row(column, str(s["count"]), f"{s['mean']:.4g}", f"{s['std']:.4g}", f"{s['min']:.4g}", f"{s['max']:.4g}",
                       f"{tau['tau']:+.3f} ({tau['p_value']:.2g})" if tau else "—")
     out.print(table)
-    path = output or Path("bench/results") / f"labels-{loaded.population.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json_module.dumps(result, indent=1))
+    name = f"labels-{loaded.population.name}"
+    path = write_json(output.stem, result, output.parent, stamped=False) if output else write_json(name, result, stamped=False)
     out.print(f"results: {path}")
     return 0
 
@@ -126,11 +124,7 @@ def bench_unet_command(
                                                            show_default=False)] = None,
 ) -> int:
     """LoRA training throughput on an SD-shaped UNet with random weights: sequential vs cohort, TFLOP/s."""
-    import json as json_module
-    import time as time_module
-    from dataclasses import asdict
-
-    from bench.unet import bench_unet
+    from bench.unet import bench_unet, write_unet_results
 
     results, facts = bench_unet(config, adapters, steps, device, dtype, tuple(chosen(modes, UnetMode)))
     table = Table(title=f"lol bench unet: {config}, {facts['device']}, {dtype}")
@@ -141,12 +135,7 @@ def bench_unet_command(
         table.add_row(m.mode, str(m.adapters), str(m.steps), f"{m.seconds:.2f}", f"{m.adapter_steps_per_second:.2f}",
                       f"{m.achieved_tflops:.2f}", share, f"{m.peak_memory_mb:.0f}")
     out.print(table)
-    path = Path("bench/results") / f"unet-{config}-{time_module.strftime('%Y%m%dT%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json_module.dumps({"facts": facts, "results": [
-        {**asdict(m), "adapter_steps_per_second": m.adapter_steps_per_second, "achieved_tflops": m.achieved_tflops}
-        for m in results]}, indent=2) + "\n")
-    out.print(f"results: {path}")
+    out.print(f"results: {write_unet_results(config, results, facts)}")
     return 0
 
 
@@ -262,9 +251,7 @@ def bench_scaling_command(
     memory_gb: Annotated[float, typer.Option(help="Address-space limit per measurement.")] = 16.0,
 ) -> int:
     """Forward time and peak memory of each predictor on rank-4 LoRAs shaped like GPT-3 125M…175B."""
-    import json as json_module
-    import time
-
+    from bench.measure import write_json
     from lol_models.scaling import GPT3_SIZES, as_rows, plot, scaling
 
     predictors = chosen(models, Predictor)
@@ -280,12 +267,9 @@ def bench_scaling_command(
             cells.append("" if point is None else f"{point.forward_ms:.1f} / {point.peak_rss_mb:.0f}" if point.status == "ok" else point.status.split(":")[0])
         table.add_row(model, *cells)
     out.print(table)
-    RESULTS = Path("bench/results")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    (RESULTS / f"scaling-{stamp}.json").write_text(json_module.dumps({"memory_limit_gb": memory_gb, "points": as_rows(points)}, indent=1))
-    plot(points, RESULTS / f"scaling-{stamp}.png")
-    out.print(f"results: {RESULTS / f'scaling-{stamp}.json'} and .png")
+    path = write_json("scaling", {"memory_limit_gb": memory_gb, "points": as_rows(points)})
+    plot(points, path.with_suffix(".png"))
+    out.print(f"results: {path} and .png")
     return 0
 
 

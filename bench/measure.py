@@ -187,6 +187,14 @@ def write_results(name: str, measurements: list[Measurement], settings: dict[str
     return path
 
 
+def write_json(name: str, payload: Any, out_dir: Path = RESULTS_DIR, stamped: bool = True) -> Path:
+    """`payload` as `out_dir/{name}-{time}.json` (or `{name}.json` unstamped); the path written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / (f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.json" if stamped else f"{name}.json")
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------- loading published weights
 
 SD14_BLOCK_WIDTHS = [320] * 5 + [640] * 5 + [1280] * 6  # transformer blocks of SD-1.x's UNet by width

@@ -190,3 +190,14 @@ def bench_unet(config: str, adapters: int, steps: int, device: str | None = None
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if torch_dtype == torch.bfloat16 else None
     return results, {"device": name, "dtype": dtype, "config": config, "peak_tflops": peak_tflops,
                      "parameters": sum(p.numel() for p in unet.parameters())}
+
+
+def write_unet_results(config: str, results: list, facts: dict) -> Path:
+    """`bench/results/unet-{config}-{time}.json`: the device facts and every mode's measurement."""
+    from dataclasses import asdict
+
+    from bench.measure import write_json
+
+    return write_json(f"unet-{config}", {"facts": facts, "results": [
+        {**asdict(m), "adapter_steps_per_second": m.adapter_steps_per_second, "achieved_tflops": m.achieved_tflops}
+        for m in results]})
