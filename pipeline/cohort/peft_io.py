@@ -10,6 +10,8 @@ into a fresh peft wrap and calls `save_pretrained`: the folder is an ordinary pe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 
 from lol_models.published import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, module_factors
 from pipeline.cohort import CohortError
-from pipeline.cohort.layers import LoraFactors
+from pipeline.cohort.layers import LoraFactors, Routing
 
 ADAPTER_NAME = "default"
 
@@ -89,3 +91,21 @@ def read_factors(adapter_dir: Path, device: torch.device | str = "cpu") -> tuple
         raise CohortError(f"{weights_file} holds no lora_A/lora_B weights")
     factors = {name: LoraFactors(A, B, float(config["lora_alpha"]) / A.shape[0]) for name, (A, B) in pairs.items()}
     return factors, config
+
+
+@contextmanager
+def stored_adapters_on(model: nn.Module, adapter_dirs: Sequence[Path], device: torch.device | str = "cpu") -> Iterator[Routing]:
+    """K stored adapters on `model` at once, frozen, adapter k in slot k (for scoring them in the same
+    forward passes); yields the routing that says which rows go through which slot. They must target
+    the same modules. The model's own layers are back when the block ends."""
+    from pipeline.cohort.layers import cohort_layers
+
+    loaded = [read_factors(d, device) for d in adapter_dirs]
+    targets = {tuple(sorted(config["target_modules"])) for _, config in loaded}
+    if len(targets) != 1:
+        raise CohortError(f"adapters scored together must target the same modules; these target {sorted(targets)}")
+    with cohort_layers(model, list(next(iter(targets)))) as (routing, layers):
+        for slot, (factors, _) in enumerate(loaded):
+            for name, layer in layers.items():
+                layer.add_slot(slot, factors[name], trainable=False)
+        yield routing

@@ -209,21 +209,13 @@ class ClipScoreScorer:
     @torch.no_grad()
     def generate_cohort(self, adapter_dirs) -> np.ndarray:
         """(K, I, H, W, 3) the images `generate` makes with each of K adapters, in one denoising loop."""
-        from pipeline.cohort.layers import cohort_layers
-        from pipeline.cohort.peft_io import read_factors
+        from pipeline.cohort.peft_io import stored_adapters_on
 
         spec, K = self.spec, len(adapter_dirs)
-        loaded = [read_factors(d, self.device) for d in adapter_dirs]
-        targets = {tuple(sorted(config["target_modules"])) for _, config in loaded}
-        if len(targets) != 1:
-            raise ValueError(f"adapters scored together must target the same modules; these target {sorted(targets)}")
         prompts = [p for p in self.prompts for _ in range(spec.images_per_prompt)]
         guided = spec.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None  # the pipeline's CFG rule
         batches = []
-        with cohort_layers(self.pipe.unet, list(next(iter(targets)))) as (routing, layers):
-            for slot, (factors, _) in enumerate(loaded):
-                for name, layer in layers.items():
-                    layer.add_slot(slot, factors[name], trainable=False)
+        with stored_adapters_on(self.pipe.unet, adapter_dirs, self.device) as routing:
             for start in range(0, len(prompts), spec.batch_size):
                 chunk = prompts[start:start + spec.batch_size]
                 positive, negative = self.pipe.encode_prompt(chunk, self.device, 1, guided)  # (B, S, E) each

@@ -176,18 +176,10 @@ class _LogLikelihoodScorer:
     @torch.no_grad()
     def cohort_logliks(self, adapter_dirs: Sequence[Path]) -> np.ndarray:
         """(K, P) `logliks` of K adapters, computed in the same forwards."""
-        from pipeline.cohort.layers import cohort_layers
-        from pipeline.cohort.peft_io import read_factors
+        from pipeline.cohort.peft_io import stored_adapters_on
 
-        loaded = [read_factors(d, self.device) for d in adapter_dirs]
-        targets = {tuple(sorted(config["target_modules"])) for _, config in loaded}
-        if len(targets) != 1:
-            raise ValueError(f"adapters scored together must target the same modules; these target {sorted(targets)}")
         K = len(adapter_dirs)
-        with cohort_layers(self.model, list(next(iter(targets)))) as (routing, layers):
-            for slot, (factors, _) in enumerate(loaded):
-                for name, layer in layers.items():
-                    layer.add_slot(slot, factors[name], trainable=False)
+        with stored_adapters_on(self.model, adapter_dirs, self.device) as routing:
             sorted_ll = batched_logliks(self.model.eval(), self.contexts, self.continuations, pad_token(self.tokenizer),
                                         self.spec.batch_size, copies=K,
                                         route=lambda rows: routing.set_blocks(range(K), [rows] * K))
