@@ -1,9 +1,11 @@
 """Train on one distribution of LoRAs, test on others: the core of the rank and transfer experiments.
 
-`train_and_test` trains one predictor on one task over seeds (the test score of every named
-test set is taken at the best-validation epoch, as in the main experiment), and
-`shift_experiment` runs it for every predictor × task; `shift_bars` draws test metric per
-predictor, one bar per test set, one panel per task.
+`train_and_test` trains one predictor on one task as the main experiment does (`lol_models.protocol`):
+unless a config is given, the same tuning budget from the predictor's own search space, chosen on the
+validation set only, then `seeds` final trainings with the epoch rule; every named test set is scored
+after that. `shift_experiment` runs it for every predictor × task and adds, per test set, paired bootstrap
+95% CIs over its LoRAs and the CIs of GL-net − each predictor (`lol_models.bootstrap`); `shift_bars` draws
+test metric per predictor, one bar per test set, one panel per task.
 
 Shape legend
     N LoRAs in a set, T targets (regression) / K labels (multilabel), r rank.
@@ -21,9 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from lol_models.bootstrap import bootstrap_table
 from lol_models.data import LoraDataset, PulledDataError
+from lol_models.protocol import select_config, train_config
+from lol_models.registry import config_for
+from lol_models.search import Candidate
 from lol_models.tasks import MAIN_METRIC, SECOND_METRIC, LearnSettings, Task, predictor_order
-from lol_models.train import LabeledLoras, TrainConfig, evaluate, train_and_evaluate
+from lol_models.train import LabeledLoras, evaluate, fit, predict
 
 __all__ = ["labeled", "mean_std", "metric_of", "shift_bars", "shift_experiment", "train_and_test"]
 
@@ -49,13 +55,15 @@ def _pad_all(sets: Mapping[str, LabeledLoras]) -> dict[str, LabeledLoras]:
 def train_and_test(predictor: str, task: Task, train: LabeledLoras, validation: LabeledLoras,
                    tests: Mapping[str, LabeledLoras], settings: LearnSettings,
                    model_config: Any = None) -> dict[str, Any]:
-    """Train `predictor` on `train` (epoch chosen on `validation`) once per seed; score every test set.
+    """Select a config and train `predictor` on `train` (chosen on `validation`) once per seed; score every test set.
 
-    tests: name → LabeledLoras (N ≥ 2 each); model_config: the predictor's config (None: defaults).
+    tests: name → LabeledLoras (N ≥ 2 each); model_config: the predictor's config (None: chosen under the
+    tuning budget, `settings.tuning_budget`, from its search space).
     All sets are zero-padded to their common largest rank, so models on raw factors meet columns of
     a rank unseen in training as inputs they only ever saw as zeros.
-    Returns {"seeds", "tests": {name: {"n", "mean", "std"}}, "per_seed": [{seed, best_epoch, val, tests}],
-    "parameters", "seconds"}, or {"error": …} when the model refuses the inputs (e.g. mlp_dense's budget).
+    Returns {"seeds", "selection" (None when `model_config` was given), "tests": {name: {"n", "mean", "std"}},
+    "per_seed": [{seed, best_epoch, val, tests}], "parameters", "seconds", "_predictions": {name: (S, N, T)}},
+    or {"error": …} when the model refuses the inputs (e.g. mlp_dense's budget).
     """
     if not tests:
         raise ValueError("train_and_test needs at least one test set")
@@ -64,29 +72,38 @@ def train_and_test(predictor: str, task: Task, train: LabeledLoras, validation: 
         raise PulledDataError(f"test set(s) with fewer than 2 LoRAs cannot be scored: {small}")
     started = time.perf_counter()
     padded = _pad_all({"train": train, "validation": validation, **{f"test:{k}": v for k, v in tests.items()}})
-    first = next(iter(tests))
-    config = TrainConfig(task=task.kind, epochs=settings.epochs, batch_size=settings.batch_size,
-                         lr=settings.learning_rate)
-    per_seed, parameters = [], None
-    for seed in range(settings.seeds):
-        try:
-            result = train_and_evaluate(predictor, padded["train"], padded["validation"], padded[f"test:{first}"],
-                                        model_config=model_config, config=replace(config, seed=seed))
-        except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal
-            return {"error": str(exc), "seconds": round(time.perf_counter() - started, 2)}
-        scores = {first: result.test}
-        for name in tests:
-            if name != first:
-                scores[name] = evaluate(result.model, padded[f"test:{name}"], task.kind,
-                                        target_mean=result.target_mean, target_std=result.target_std)
-        per_seed.append({"seed": seed, "best_epoch": result.best_epoch, "val": result.val, "tests": scores})
-        parameters = sum(p.numel() for p in result.model.parameters())
+    per_seed, parameters, predictions = [], None, {name: [] for name in tests}
+    try:
+        if model_config is None:
+            selection = select_config(predictor, task.kind, padded["train"], padded["validation"], settings)
+            candidate, chosen = selection.candidate, selection.as_dict()
+        else:
+            candidate, chosen = Candidate(), None
+        config = train_config(settings, task.kind, candidate)
+        model_config = config_for(predictor, task.kind, candidate.model) if model_config is None else model_config
+        for seed in range(settings.seeds):
+            result = fit(predictor, padded["train"], padded["validation"], model_config=model_config,
+                         config=replace(config, seed=seed))
+            scores = {}
+            for name in tests:
+                data = padded[f"test:{name}"]
+                scores[name] = evaluate(result.model, data, task.kind, target_mean=result.target_mean,
+                                        target_std=result.target_std)
+                out = predict(result.model, data.weights).double()  # (N, T)
+                if task.kind == "regression":
+                    out = out * result.target_std.double().cpu() + result.target_mean.double().cpu()
+                predictions[name].append(out.numpy())
+            per_seed.append({"seed": seed, "best_epoch": result.best_epoch, "val": result.val, "tests": scores})
+            parameters = sum(p.numel() for p in result.model.parameters())
+    except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal
+        return {"error": str(exc), "seconds": round(time.perf_counter() - started, 2)}
     summary = {}
     for name in tests:
         mean, std = mean_std([s["tests"][name] for s in per_seed])
         summary[name] = {"n": len(tests[name]), "mean": mean, "std": std}
-    return {"seeds": settings.seeds, "tests": summary, "per_seed": per_seed, "parameters": parameters,
-            "seconds": round(time.perf_counter() - started, 2)}
+    return {"seeds": settings.seeds, "selection": chosen, "tests": summary, "per_seed": per_seed,
+            "parameters": parameters, "seconds": round(time.perf_counter() - started, 2),
+            "_predictions": {name: np.stack(p) for name, p in predictions.items()}}
 
 
 def labeled(dataset: LoraDataset, task: Task, rows: torch.Tensor | None = None) -> LabeledLoras:
@@ -113,9 +130,28 @@ def shift_experiment(tasks: Sequence[Task], sets: Mapping[str, Mapping[str, Labe
                                                 (model_configs or {}).get(predictor))
             if on_run is not None:
                 on_run(predictor, task.name)
+        differences = _add_intervals(task, records, data)
         out[task.name] = {"kind": task.kind, "columns": list(task.columns), "metric": MAIN_METRIC[task.kind],
-                          "second_metric": SECOND_METRIC[task.kind], "predictors": records}
+                          "second_metric": SECOND_METRIC[task.kind], "predictors": records, "difference": differences}
     return out
+
+
+def _add_intervals(task: Task, records: dict[str, Any], tests: Mapping[str, LabeledLoras]) -> dict[str, Any]:
+    """Per test set: each predictor's paired bootstrap 95% CIs (into its record) and GL-net − each other's."""
+    differences = {}
+    ok = {p: r for p, r in records.items() if "error" not in r}
+    for name, data in tests.items():
+        predictions = {p: r["_predictions"][name] for p, r in ok.items()}
+        if not predictions:
+            continue
+        table = bootstrap_table(task.kind, data.targets.double().numpy(), predictions,
+                                reference="glnet" if "glnet" in predictions else None)
+        for p, r in ok.items():
+            r["tests"][name]["ci"] = table["ci"][p]
+        differences[name] = {"reference": table["reference"], "vs": table["difference"]}
+    for r in ok.values():
+        del r["_predictions"]
+    return differences
 
 
 def metric_of(tasks: Mapping[str, Any], task: str, predictor: str, test: str,
@@ -131,12 +167,13 @@ def metric_of(tasks: Mapping[str, Any], task: str, predictor: str, test: str,
 
 
 def metric_cells(tasks: Mapping[str, Any], task: str, predictor: str, tests: Sequence[str]) -> list[str]:
-    """"mean ± std" of the task's main metric per test set, "—" where the predictor has none."""
+    """"mean ± std [bootstrap 95% CI]" of the task's main metric per test set, "—" where the predictor has none."""
     cells = []
     for test in tests:
         try:
             mean, std = metric_of(tasks, task, predictor, test)
-            cells.append(f"{mean:.3f} ± {std:.3f}")
+            ci = tasks[task]["predictors"][predictor]["tests"][test].get("ci", {}).get(tasks[task]["metric"])
+            cells.append(f"{mean:.3f} ± {std:.3f}" + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""))
         except (KeyError, ValueError):
             cells.append("—")
     return cells

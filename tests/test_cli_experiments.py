@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import ROOT
 from published_format import BIG, NORM, gl_population, write_published
 
 RANKS = ROOT / "manifests" / "tiny-shapes-ranks.yaml"
 SHAPES = ROOT / "manifests" / "tiny-shapes.yaml"
 CONTINUED = ROOT / "manifests" / "tiny-shapes-continued.yaml"
-FAST = ["learn.predictors=[mlp, glnet]", "learn.seeds=2", "learn.epochs=5"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process CLI, tiny models
+FAST = ["learn.predictors=[mlp, glnet]", "learn.seeds=2", "learn.epochs=5", "learn.tuning_budget=2", "learn.selection_seeds=1"]
 
 
 def test_experiment_ranks_trains_on_seen_ranks_and_reports_unseen(run_cli, tmp_path):

@@ -44,6 +44,11 @@ def test_trained_on_a_scored_on_b_and_on_a(populations, tmp_path):
     record = saved["tasks"]["clip_score.clip_score"]["predictors"]["glnet"]
     assert {t: record["tests"][t]["n"] for t in ("a_test", "b_test")} == {"a_test": 60, "b_test": 20}
     assert [s["seed"] for s in record["per_seed"]] == [0, 1]
+    ci = record["tests"]["b_test"]["ci"]["r2"]  # paired bootstrap over B's test LoRAs
+    assert ci["low"] <= ci["value"] <= ci["high"] and ci["value"] == pytest.approx(gl_b)
+    difference = saved["tasks"]["clip_score.clip_score"]["difference"]["b_test"]
+    assert difference["reference"] == "glnet" and set(difference["vs"]) == {"mlp"}
+    assert record["selection"] is None  # a given config is not tuned
     assert record["tests"]["b_test"]["mean"]["kendall_tau"] == pytest.approx(
         sum(s["tests"]["b_test"]["kendall_tau"] for s in record["per_seed"]) / 2)
     assert result.figure_path.stat().st_size > 5000
