@@ -2,7 +2,7 @@
 
 from storage.errors import DomainError
 from storage.population import Claim, PopulationStore, Problem, StatusReport
-from storage.store import LAYOUT_VERSION, Store, StoreError, check_name, resolve_store_url
+from storage.store import STORE_FORMAT, Store, StoreError, check_name, resolve_store_url
 
-__all__ = ["Claim", "DomainError", "LAYOUT_VERSION", "PopulationStore", "Problem", "StatusReport", "Store", "StoreError",
+__all__ = ["Claim", "DomainError", "PopulationStore", "Problem", "STORE_FORMAT", "StatusReport", "Store", "StoreError",
            "check_name", "resolve_store_url"]

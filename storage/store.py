@@ -3,7 +3,7 @@
 One `Store` over a local directory or any fsspec URL (`memory://`, `s3://bucket/prefix`).
 Layout (DESIGN §4)::
 
-    {root}/LAYOUT.json                              # {"layout_version": 1}
+    {root}/FORMAT.json                              # {"store_format": 1} (stores before it: LAYOUT.json)
     {root}/populations/{population}/manifest.yaml
     {root}/populations/{population}/jobs/{job_id}/spec.json
     {root}/populations/{population}/jobs/{job_id}/adapter/...
@@ -46,14 +46,15 @@ from storage.locks import file_lock
 from storage.paths import TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 from storage.population import PopulationStore
 
-__all__ = ["DEFAULT_STORE", "LAYOUT_FILE", "LAYOUT_VERSION", "Store", "StoreError", "TMP_MARK", "check_name",
+__all__ = ["DEFAULT_STORE", "STORE_FORMAT", "STORE_FORMAT_FILE", "Store", "StoreError", "TMP_MARK", "check_name",
            "check_rel", "resolve_store_url", "sha256_bytes"]
 
 if TYPE_CHECKING:
     from storage.population import PopulationStore
 
-LAYOUT_VERSION = 1
-LAYOUT_FILE = "LAYOUT.json"
+STORE_FORMAT = 1  # the version of this file layout; a store written by a later one is refused
+STORE_FORMAT_FILE = "FORMAT.json"
+LEGACY_FORMAT_FILE, LEGACY_FORMAT_KEY = "LAYOUT.json", "layout_version"  # what stores written before FORMAT.json hold
 DEFAULT_STORE = "./lol-store"
 def resolve_store_url(url: str | None = None) -> str:
     """`--store URL`, else `$LOL_STORE`, else `./lol-store`."""
@@ -70,32 +71,34 @@ class Store:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._real_root = os.path.realpath(self.root) if self.is_local else None
         self._conditional: S3ConditionalWrites | None = None  # probed on first use (claims)
-        self._check_layout(create)
+        self._check_format(create)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
-    # ------------------------------------------------------------ layout
+    # ------------------------------------------------------------ format
 
-    def _check_layout(self, create: bool) -> None:
-        path = self.path(LAYOUT_FILE)
+    def _check_format(self, create: bool) -> None:
+        """Refuse a store written by a later store format; write FORMAT.json into a new store."""
         try:
-            exists = self.fs.exists(path)
-            if exists:
+            for name, key in ((STORE_FORMAT_FILE, "store_format"), (LEGACY_FORMAT_FILE, LEGACY_FORMAT_KEY)):
+                path = self.path(name)
+                if not self.fs.exists(path):
+                    continue
                 try:
-                    layout = json.loads(self.fs.cat_file(path))
-                    version = int(layout.get("layout_version", 0))
+                    version = int(json.loads(self.fs.cat_file(path)).get(key, 0))
                 except (AttributeError, TypeError, RecursionError, UnicodeDecodeError):
-                    raise StoreError(f"store {self.url}: {LAYOUT_FILE} is not a layout file "
-                                     f'(expected {{"layout_version": {LAYOUT_VERSION}}})') from None
-                if version > LAYOUT_VERSION:
+                    raise StoreError(f"store {self.url}: {name} is not a store format file "
+                                     f'(expected {{"{key}": {STORE_FORMAT}}})') from None
+                if version > STORE_FORMAT:
                     raise StoreError(
-                        f"store {self.url} was written with layout version {version}, but this lol-pipeline "
-                        f"reads versions ≤ {LAYOUT_VERSION}; upgrade lol-pipeline, or use another --store"
+                        f"store {self.url} was written with store format {version}, but this lol-pipeline "
+                        f"reads formats ≤ {STORE_FORMAT}; upgrade lol-pipeline, or use another --store"
                     )
-            elif create:
+                return
+            if create:
                 self.fs.makedirs(self.root, exist_ok=True)
-                self.write_json(LAYOUT_FILE, {"layout_version": LAYOUT_VERSION})
+                self.write_json(STORE_FORMAT_FILE, {"store_format": STORE_FORMAT})
         except StoreError:
             raise
         except (OSError, ValueError) as exc:

@@ -104,13 +104,13 @@ def test_status_and_verify_see_stored_jobs(run_cli, tmp_path):
     assert code == 1 and "corrupt" in out and jobs[0].job_id in out
 
 
-def test_store_with_newer_layout_exits_2(run_cli, tmp_path):
+def test_store_with_newer_format_exits_2(run_cli, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
-    (store / "LAYOUT.json").write_text('{"layout_version": 999}')
+    (store / "FORMAT.json").write_text('{"store_format": 999}')
     code, _, err = run_cli("run", TINY, "--store", store)
-    assert code == 2 and "layout version 999" in err
-    assert sorted(p.name for p in store.iterdir()) == ["LAYOUT.json"]
+    assert code == 2 and "store format 999" in err
+    assert sorted(p.name for p in store.iterdir()) == ["FORMAT.json"]
 
 
 def test_console_script_is_installed():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from job_specs import spec_json, stored_spec
 
-from storage import LAYOUT_VERSION, Store, StoreError
+from storage import STORE_FORMAT, Store, StoreError
 
 WORKERS = Path(__file__).with_name("store_workers.py")
 
@@ -106,14 +106,25 @@ def test_unsafe_names_are_refused(store, name):
         store.population("pop").write_spec(name, "{}")
 
 
-def test_newer_layout_is_refused_and_untouched(tmp_path):
+@pytest.mark.parametrize(("name", "key"), [("FORMAT.json", "store_format"), ("LAYOUT.json", "layout_version")])
+def test_a_newer_store_format_is_refused_and_untouched(tmp_path, name, key):
     root = tmp_path / "store"
     root.mkdir()
-    (root / "LAYOUT.json").write_text(json.dumps({"layout_version": LAYOUT_VERSION + 1}))
-    with pytest.raises(StoreError, match=f"layout version {LAYOUT_VERSION + 1}"):
+    (root / name).write_text(json.dumps({key: STORE_FORMAT + 1}))
+    with pytest.raises(StoreError, match=f"store format {STORE_FORMAT + 1}"):
         Store(str(root))
-    assert json.loads((root / "LAYOUT.json").read_text())["layout_version"] == LAYOUT_VERSION + 1
-    assert sorted(p.name for p in root.iterdir()) == ["LAYOUT.json"]
+    assert json.loads((root / name).read_text())[key] == STORE_FORMAT + 1
+    assert sorted(p.name for p in root.iterdir()) == [name]
+
+
+def test_a_new_store_names_its_format_and_a_store_from_before_keeps_its_file(tmp_path):
+    Store(str(tmp_path / "new"))
+    assert json.loads((tmp_path / "new" / "FORMAT.json").read_text()) == {"store_format": STORE_FORMAT}
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "LAYOUT.json").write_text(json.dumps({"layout_version": 1}))  # as stores before FORMAT.json were written
+    Store(str(old)).population("p").write_manifest("x: 1\n")
+    assert not (old / "FORMAT.json").exists() and (old / "LAYOUT.json").is_file()
 
 
 @pytest.mark.parametrize("url", ["/proc/no-such-dir/store", "nosuchproto://bucket/x", "https://example.invalid/store"])

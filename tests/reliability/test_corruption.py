@@ -150,7 +150,9 @@ def _unseal(store, population, job_id: str, sid: str, labels=None) -> None:
         value = json.loads(store.read_bytes(rel))
         value.pop("_sha256")
         if rel.endswith(f"{sid}.json"):
-            value.pop("population")  # scores named no population then
+            value.pop("population")  # scores named no population then, nor their time
+            value.pop("seconds", None)
+            value.pop("cohort_size", None)
             if labels is not None:
                 value["labels"] = {k: labels for k in value["labels"]}
         store.write_json(rel, value)
