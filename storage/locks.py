@@ -1,4 +1,9 @@
-"""An exclusive advisory lock on a local file (`flock`), for processes sharing one disk."""
+"""An exclusive advisory lock on a local file (`flock`), for processes sharing one disk.
+
+Not `filelock.FileLock`: it opens the lock file without `O_NOFOLLOW`, so a link planted at the
+lock's path would make every locker create or truncate the file the link points to, outside the
+store (docs/reliability.md, containment). storage/ imports only the standard library and fsspec.
+"""
 
 from __future__ import annotations
 
