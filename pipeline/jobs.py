@@ -150,27 +150,41 @@ def draw_data(manifest: Manifest, index: int) -> dict[str, Any]:
     return descriptor
 
 
+def spec_values(manifest: Manifest, index: int, fixed: _Fixed | None = None) -> dict[str, Any]:
+    """Job `index`'s spec as plain JSON values: exactly `JobSpec.model_dump(mode="json")` of `job_at`'s
+    spec (tests/test_jobs.py checks it on every shipped manifest), so ids can be computed without
+    building pydantic models (`planned_job_ids`)."""
+    seed = manifest.seed
+    fixed = fixed or _Fixed.of(manifest)
+    hyper = {name: draw_value(value, seed, index, name) for name, value in fixed.hyperparameters}
+    lora_dropout = float(hyper.pop("lora_dropout", manifest.lora.dropout))
+    return {
+        "base": dict(fixed.base),
+        "data": draw_data(manifest, index),
+        "rank": int(_pick(manifest.lora.rank, unit_draw(seed, index, "lora:rank"))),
+        "alpha": float(manifest.lora.alpha),
+        "target_modules": list(manifest.lora.target_modules),
+        "lora_dropout": lora_dropout,
+        "hyperparameters": hyper,
+        "seed": int(unit_draw(seed, index, "job:seed") * 2**31),
+        "recipe_version": RECIPE_VERSIONS[manifest.base.kind],
+    }
+
+
 def job_at(manifest: Manifest, index: int, fixed: _Fixed | None = None) -> Job:
     """Job `index` of the population (0-based); independent of `manifest.count`.
 
     `fixed`: what every job of `manifest` shares, worked out once (`expand` passes it)."""
-    seed = manifest.seed
-    ranks = manifest.lora.rank
-    fixed = fixed or _Fixed.of(manifest)
-    hyper = {name: draw_value(value, seed, index, name) for name, value in fixed.hyperparameters}
-    lora_dropout = float(hyper.pop("lora_dropout", manifest.lora.dropout))
-    spec = JobSpec(
-        base=dict(fixed.base),
-        data=draw_data(manifest, index),
-        rank=int(_pick(ranks, unit_draw(seed, index, "lora:rank"))),
-        alpha=manifest.lora.alpha,
-        target_modules=tuple(manifest.lora.target_modules),
-        lora_dropout=lora_dropout,
-        hyperparameters=hyper,
-        seed=int(unit_draw(seed, index, "job:seed") * 2**31),
-        recipe_version=RECIPE_VERSIONS[manifest.base.kind],
-    )
-    return Job(population=manifest.population.name, index=index, spec=spec)
+    return Job(population=manifest.population.name, index=index, spec=JobSpec(**spec_values(manifest, index, fixed)))
+
+
+def planned_job_ids(manifest: Manifest, limit: int | None = None) -> list[str]:
+    """The ids of jobs 0..count-1 (or the first `limit`), as `expand` would give them, without the models
+    (`lol status` on 10,000 jobs)."""
+    stop = manifest.count if limit is None else min(limit, manifest.count)
+    fixed = _Fixed.of(manifest)
+    return [hashlib.sha256(canonical_json(spec_values(manifest, index, fixed)).encode()).hexdigest()[:JOB_ID_LENGTH]
+            for index in range(stop)]
 
 
 def expand(manifest: Manifest, limit: int | None = None) -> Iterator[Job]:

@@ -5,10 +5,10 @@ Each is idempotent: storage decides what is done. The CLI and the Prefect flows 
 
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from pathlib import Path
 
-from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 from storage import PopulationStore, StatusReport, Store, StoreError
 
@@ -34,15 +34,39 @@ def prepare(manifest: Manifest, store: Store, manifest_text: str) -> PopulationS
 
 
 def planned_ids(manifest: Manifest, limit: int | None = None) -> list[str]:
-    return [job.job_id for job in expand(manifest, limit=limit)]
+    from pipeline.jobs import planned_job_ids
+
+    return planned_job_ids(manifest, limit)
 
 
 def population_status(manifest: Manifest, store: Store) -> StatusReport:
     return store.population(manifest.population.name).status(planned_ids(manifest))
 
 
+_trainer_overrides: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def override_trainer(kind: str, factory):
+    """Within this block (in this process), `trainer_factory(kind)` returns `factory`.
+
+    For benchmark fixtures such as `bench/orchestration.py`'s fixed-time trainer: code chooses it,
+    a manifest never can (its base kind picks one of the real trainers)."""
+    before = _trainer_overrides.get(kind)
+    _trainer_overrides[kind] = factory
+    try:
+        yield
+    finally:
+        if before is None:
+            _trainer_overrides.pop(kind, None)
+        else:
+            _trainer_overrides[kind] = before
+
+
 def trainer_factory(kind: str):
-    """The Trainer class for a base kind."""
+    """The Trainer class for a base kind (or what `override_trainer` put in its place)."""
+    if kind in _trainer_overrides:
+        return _trainer_overrides[kind]
     if kind == "diffusion":
         from pipeline.finetune.diffusion import DiffusionTrainer
 

@@ -10,7 +10,7 @@ from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.jobs import expand, job_at, shard, unit_draw
+from pipeline.jobs import expand, job_at, planned_job_ids, shard, spec_values, unit_draw
 from pipeline.manifest import Manifest
 
 TINY = (ROOT / "manifests" / "tiny-shapes.yaml").read_text()
@@ -99,3 +99,14 @@ def test_shard_partitions_jobs():
     assert sorted(j.index for p in parts for j in p) == list(range(10))
     with pytest.raises(ValueError, match="i/n"):
         shard(jobs, "4/3")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "manifests").glob("*.yaml")))
+def test_planned_ids_without_the_models_are_the_expanded_jobs_ids(name):
+    """`planned_job_ids` (what `lol status` uses) builds no pydantic models: its values must be the
+    models' own JSON, for every shipped manifest, mixed ranks and class / source subsets included."""
+    manifest = Manifest.from_yaml(ROOT / "manifests" / f"{name}.yaml", overrides=["count=60"])
+    jobs = list(expand(manifest))
+    assert planned_job_ids(manifest) == [job.job_id for job in jobs]
+    assert all(spec_values(manifest, job.index) == job.spec.model_dump(mode="json") for job in jobs[:10])
+    assert planned_job_ids(manifest, limit=7) == [job.job_id for job in jobs[:7]]
