@@ -158,11 +158,12 @@ def spec_values(manifest: Manifest, index: int, fixed: _Fixed | None = None) -> 
     fixed = fixed or _Fixed.of(manifest)
     hyper = {name: draw_value(value, seed, index, name) for name, value in fixed.hyperparameters}
     lora_dropout = float(hyper.pop("lora_dropout", manifest.lora.dropout))
+    rank = int(_pick(manifest.lora.rank, unit_draw(seed, index, "lora:rank")))
     return {
         "base": dict(fixed.base),
         "data": draw_data(manifest, index),
-        "rank": int(_pick(manifest.lora.rank, unit_draw(seed, index, "lora:rank"))),
-        "alpha": float(manifest.lora.alpha),
+        "rank": rank,
+        "alpha": manifest.lora.alpha_at(rank),
         "target_modules": list(manifest.lora.target_modules),
         "lora_dropout": lora_dropout,
         "hyperparameters": hyper,

@@ -301,9 +301,23 @@ class LoraSection(StrictModel):
     rank: Annotated[list[Annotated[int, Field(ge=1, le=MAX_RANK)]], BeforeValidator(_as_list)] = Field(
         min_length=1, max_length=64, description=f"LoRA rank (1..{MAX_RANK:,}), or a list of up to 64 ranks each job draws one of."
     )
-    alpha: float = Field(gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    alpha_per_rank: float | None = Field(None, gt=0, description=(
+        "Instead of alpha: each job's alpha is this × its rank, so the update's scale alpha / rank is the same at "
+        "every rank (for populations where rank is to be the only shift)."))
     target_modules: list[str] = Field(min_length=1, description="Module names (suffixes) that get LoRA layers.")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout unless hyperparameters.lora_dropout sets it.")
+
+    @model_validator(mode="after")
+    def _one_alpha(self) -> LoraSection:
+        if (self.alpha is None) == (self.alpha_per_rank is None):
+            raise ValueError("give exactly one of alpha (the same for every rank) and alpha_per_rank (alpha = it × rank); "
+                             f"got alpha={self.alpha}, alpha_per_rank={self.alpha_per_rank}")
+        return self
+
+    def alpha_at(self, rank: int) -> float:
+        """The alpha of a job of `rank`."""
+        return float(self.alpha) if self.alpha is not None else float(self.alpha_per_rank) * rank
 
 
 class Hyperparameters(StrictModel):
@@ -316,6 +330,9 @@ class Hyperparameters(StrictModel):
     gradient_accumulation: HyperValue | None = Field(None, description=f"Micro-batches per optimiser step, 1..{MAX_ACCUMULATION:,}.")
     weight_decay: HyperValue | None = None
     lora_dropout: HyperValue | None = None
+    lora_init: HyperValue | None = Field(None, description=(
+        "How the LoRA factors start: `gaussian` (A ~ N(0, 1/r), B = 0; the diffusion trainer's default) or `peft_default` "
+        "(peft's Kaiming-uniform A, B = 0; the causal-LM trainer's default). Unset: the trainer's default."))
     instance_prompt: HyperValue | None = None
     resolution: HyperValue | None = Field(None, description=f"Training image side in pixels (diffusion), 1..{MAX_RESOLUTION:,}.")
     max_length: HyperValue | None = Field(None, description=f"Tokens per example (causal LM), 1..{MAX_LENGTH:,}.")
@@ -369,27 +386,30 @@ HYPERPARAMETER_MAXIMA = {"steps": MAX_STEPS, "epochs": MAX_EPOCHS, "batch_size":
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+LORA_INITS = ("gaussian", "peft_default")
 # name -> (kind of value, check of one value). Distributions are checked on every value they can draw.
 HYPERPARAMETER_RULES: dict[str, tuple[str, Any]] = {
     "learning_rate": ("number", lambda v: _is_number(v) and v > 0),
     **{name: ("count", _count_up_to(most)) for name, most in HYPERPARAMETER_MAXIMA.items()},
     "weight_decay": ("number", lambda v: _is_number(v) and v >= 0),
     "lora_dropout": ("number", lambda v: _is_number(v) and 0 <= v < 1),
+    "lora_init": ("text", lambda v: v in LORA_INITS),
     "instance_prompt": ("text", lambda v: isinstance(v, str)),
     "mixed_precision": ("text", lambda v: v in MIXED_PRECISION),
 }
 HYPERPARAMETER_HELP = {
     "learning_rate": "numbers > 0", "weight_decay": "numbers ≥ 0", "lora_dropout": "numbers in [0, 1)",
     "instance_prompt": "strings", "mixed_precision": f"one of {', '.join(MIXED_PRECISION)}",
+    "lora_init": f"one of {', '.join(LORA_INITS)}",
     **{name: f"whole numbers 1..{most:,}" for name, most in HYPERPARAMETER_MAXIMA.items()},
 }
 
 
 HYPERPARAMETERS_BY_KIND: dict[str, tuple[str, ...]] = {
     "diffusion": ("learning_rate", "steps", "batch_size", "gradient_accumulation", "weight_decay",
-                  "lora_dropout", "instance_prompt", "resolution", "mixed_precision"),
+                  "lora_dropout", "lora_init", "instance_prompt", "resolution", "mixed_precision"),
     "causal_lm": ("learning_rate", "steps", "epochs", "batch_size", "gradient_accumulation",
-                  "weight_decay", "lora_dropout", "max_length", "mixed_precision"),
+                  "weight_decay", "lora_dropout", "lora_init", "max_length", "mixed_precision"),
 }
 REQUIRED_HYPERPARAMETERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "diffusion": (("learning_rate",), ("steps",)),

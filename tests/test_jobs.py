@@ -110,3 +110,32 @@ def test_planned_ids_without_the_models_are_the_expanded_jobs_ids(name):
     assert planned_job_ids(manifest) == [job.job_id for job in jobs]
     assert all(spec_values(manifest, job.index) == job.spec.model_dump(mode="json") for job in jobs[:10])
     assert planned_job_ids(manifest, limit=7) == [job.job_id for job in jobs[:7]]
+
+
+def test_alpha_per_rank_keeps_the_update_scale_the_same_at_every_rank():
+    m = manifest(**{"lora.alpha": None, "lora.alpha_per_rank": 2, "lora.rank": [1, 2, 4, 8, 16, 32]}, count=60)
+    jobs = list(expand(m))
+    assert {job.spec.rank for job in jobs} == {1, 2, 4, 8, 16, 32}
+    assert all(job.spec.alpha == 2.0 * job.spec.rank for job in jobs)
+    assert planned_job_ids(m) == [job.job_id for job in jobs]
+    fixed = list(expand(manifest(count=60)))  # alpha alone: the ids of manifests without the new fields stay
+    assert all(job.spec.alpha == 4.0 for job in fixed)
+
+
+@pytest.mark.parametrize("alphas", [{}, {"lora.alpha": 4, "lora.alpha_per_rank": 1}])
+def test_exactly_one_of_alpha_and_alpha_per_rank(alphas):
+    from pipeline.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="exactly one of alpha"):
+        manifest(**{"lora.alpha": None, **alphas})
+
+
+def test_lora_init_is_a_hyperparameter_only_where_set():
+    plain = job_at(manifest(), 0)
+    chosen = job_at(manifest(**{"hyperparameters.lora_init": "peft_default"}), 0)
+    assert "lora_init" not in plain.spec.hyperparameters and chosen.spec.hyperparameters["lora_init"] == "peft_default"
+    assert chosen.job_id != plain.job_id
+    from pipeline.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="lora_init"):
+        manifest(**{"hyperparameters.lora_init": "kaiming"})

@@ -36,6 +36,8 @@ from pipeline.finetune.cohort import (
 from pipeline.jobs import Job
 from pipeline.manifest import Manifest
 
+LORA_INIT_WEIGHTS = {"gaussian": "gaussian", "peft_default": True}  # manifest name -> peft's init_lora_weights
+
 
 class LoraTrainer:
     """Trains one LoRA per job, or a cohort of them, on a base loaded once (see the module docstring)."""
@@ -88,11 +90,15 @@ class LoraTrainer:
         return select_job_examples(self.examples, job.spec.data, job.spec.seed)
 
     def lora_config(self, job: Job):
+        """The job's peft `LoraConfig`; `hyperparameters.lora_init` overrides the trainer's initialisation."""
         from peft import LoraConfig
 
         spec = job.spec
+        options = self.lora_init()
+        if (init := spec.hyperparameters.get("lora_init")) is not None:
+            options["init_lora_weights"] = LORA_INIT_WEIGHTS[init]
         return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
-                          target_modules=list(spec.target_modules), **self.lora_init())
+                          target_modules=list(spec.target_modules), **options)
 
     def run(self, job: Job, out_dir: Path) -> dict[str, Any]:
         return self.train(self.job_examples(job), self.lora_config(job), job.spec.hyperparameters, job.spec.seed, out_dir)
