@@ -90,6 +90,11 @@ def _score_task(name: str, entry: dict[str, Any], published: str | Path | None,
     test = _test_split(str(published or first["published"]), first.get("split", "protocol"), cache)
     y = test.targets(entry["columns"]).double().numpy()  # (N, T)
     kind = entry["kind"]
+    entry["n_test"] = int(y.shape[0])
+    if y.shape[0] < 2:  # recorded like a model that refused its inputs: the table shows why
+        for record in ok.values():
+            record["error"] = f"the test split holds {y.shape[0]} LoRA(s); scoring needs at least 2"
+        return
     train_variance = first.get("train_target_variance")
     predictions = {}
     for predictor, record in ok.items():
@@ -108,7 +113,6 @@ def _score_task(name: str, entry: dict[str, Any], published: str | Path | None,
                             resamples=resamples, seed=seed)
     for predictor, record in ok.items():
         record["ci"] = table["ci"][predictor]
-    entry["n_test"] = int(y.shape[0])
     entry["bootstrap"] = {k: table[k] for k in ("resamples", "seed", "level", "n")}
     entry["difference"] = {"reference": table["reference"], "vs": table["difference"]}
 

@@ -98,3 +98,18 @@ def test_candidates_are_the_defaults_then_distinct_seeded_draws():
 def test_every_registered_space_fills_the_default_budget():
     for name, spec in MODELS.items():
         assert spec.search.size >= LearnSettings().tuning_budget - 1, name
+
+
+def test_a_test_split_too_small_to_score_is_reported_not_a_crash(tmp_path):
+    factors, rows = gl_population([2], 30, seed=2)
+    names = iter(f"g{k}" for k in range(10_000))
+    test_one = next(n for n in names if group_split(n) == "test")
+    others = [n for n in names if group_split(n) != "test"][:len(rows) - 1]
+    for row, group in zip(rows, [test_one, *others]):
+        row["group"] = group
+    folder = write_published(tmp_path / "one-test", factors, rows, NORM)
+    settings = LearnSettings(predictors=("mlp",), seeds=1, epochs=2, tuning_budget=1)
+    train_all(folder, settings, tmp_path / "out")
+    record = evaluate(tmp_path / "out").tasks["clip_score.clip_score"]["predictors"]["mlp"]
+    assert "holds 1 LoRA(s)" in record["error"]
+    assert "holds 1 LoRA" in (tmp_path / "out" / "results.md").read_text()
