@@ -4,8 +4,8 @@ Wires the population's `clip_score` scorer (`pipeline.score.clip_score.ClipScore
 published dataset into `lol_models.speed.compare_speed` (which never imports the pipeline):
 
 - the predictor: `trained` (a `lol_models.train.RunResult`), or one trained here on the published
-  train split (epoch picked on validation) with the manifest's learn settings — the learn stage
-  keeps predictions, not models, so there is none to load;
+  train split (epoch picked on validation) with the manifest's learn settings (`lol predict` uses
+  the models `lol train` keeps, `lol_models/predictors.py`);
 - predicting: one batched pass over every published LoRA (all splits), timed;
 - computing: `ClipScoreScorer.score(job, adapter)` for the first `loras_scored` LoRAs of the test
   split (LoRAs the predictor never trained on), read from the store that published them; the
