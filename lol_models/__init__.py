@@ -20,10 +20,11 @@ _EXPORTS = {
     "register_model": "registry",
     "MLPConfig": "models", "SVDConfig": "models", "OAlignConfig": "models", "DenseConfig": "models",
     "TransformerConfig": "models", "GLNetConfig": "glnet", "GLNet": "glnet", "LoLModel": "common",
+    "GLNetPaper": "glnet_paper", "GLNetPaperConfig": "glnet_paper", "SearchSpace": "search",
     "SettingsError": "common",
     # train.py and metrics.py
     "LabeledLoras": "train", "RunResult": "train", "SeedSummary": "train", "TrainConfig": "train",
-    "evaluate": "train", "predict": "train", "run_seeds": "train", "train_and_evaluate": "train",
+    "evaluate": "train", "fit": "train", "predict": "train", "run_seeds": "train", "train_and_evaluate": "train",
     "regression_metrics": "metrics", "multilabel_metrics": "metrics",
 }
 
