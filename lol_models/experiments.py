@@ -65,7 +65,7 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
             started = time.perf_counter()
             remove_saved(out_dir, predictor, task.name)
             record: dict[str, Any] = {"predictor": predictor, "task": asdict(task), "published": str(published),
-                                      "split": settings.split, "settings": asdict(settings)}
+                                      "split": settings.split, "settings": settings.as_json()}
             try:
                 trained = tune_and_train(predictor, task.kind, train, validation, test.weights, settings)
             except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal

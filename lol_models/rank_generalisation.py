@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from lol_models.data import PulledDataError
-from lol_models.shift import labeled, metric_of, settings_json, shift_bars, shift_experiment
+from lol_models.shift import labeled, metric_of, shift_bars, shift_experiment
 from lol_models.tasks import LearnSettings, jsonable, load_splits, tasks_of
 
 __all__ = ["RankGeneralisation", "rank_generalisation", "split_ranks"]
@@ -130,7 +130,7 @@ def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir:
     record = {"experiment": "rank_generalisation", "published": str(published), "ranks": outcome.ranks,
               "train_ranks": train, "test_ranks": test, "rows": rows,
               "unseen_rows_from": "test split (group-disjoint from train and validation)",
-              "rows_per_split_and_rank": _counts(splits), "settings": settings_json(settings), "tasks": results}
+              "rows_per_split_and_rank": _counts(splits), "settings": settings.as_json(), "tasks": results}
     outcome.results_path = out / RESULTS_FILE
     outcome.results_path.write_text(json.dumps(record, indent=1, default=jsonable) + "\n")
     outcome.figure_path = shift_bars(results, ["seen", "unseen"], [f"seen ranks {train}", f"unseen ranks {test}"],

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +179,6 @@ def metric_cells(tasks: Mapping[str, Any], task: str, predictor: str, tests: Seq
     return cells
 
 
-def settings_json(settings: LearnSettings) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
 
 
 def shift_bars(results: Mapping[str, Any], test_names: Sequence[str], labels: Sequence[str], path: str | Path,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ class LearnSettings:
     min_epochs: int = 10  # the epoch rule: earliest epoch it may pick (capped at `epochs`) …
     smooth_epochs: int = 5  # … ranking epochs by the mean validation score of this many epochs ending there
     split: str = "protocol"  # "protocol" (by group name, lol_models.splits) or "published"
+
+    def as_json(self) -> dict[str, Any]:
+        """The settings as the run and results JSON record them (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)

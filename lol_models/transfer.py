@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lol_models.data import PulledDataError, read_layout
-from lol_models.shift import labeled, metric_of, settings_json, shift_bars, shift_experiment
+from lol_models.shift import labeled, metric_of, shift_bars, shift_experiment
 from lol_models.tasks import LearnSettings, jsonable, load_splits, tasks_of
 from lol_models.weights import Layout
 
@@ -85,7 +85,7 @@ def train_on_a_test_on_b(published_a: str | Path, published_b: str | Path, setti
     out.mkdir(parents=True, exist_ok=True)
     outcome = Transfer(str(published_a), str(published_b), rows, results, skipped)
     record = {"experiment": "transfer", "published_a": str(published_a), "published_b": str(published_b),
-              "rows": rows, "skipped_tasks": skipped, "settings": settings_json(settings), "tasks": results}
+              "rows": rows, "skipped_tasks": skipped, "settings": settings.as_json(), "tasks": results}
     outcome.results_path = out / RESULTS_FILE
     outcome.results_path.write_text(json.dumps(record, indent=1, default=jsonable) + "\n")
     outcome.figure_path = shift_bars(results, ["a_test", "b_test"], ["A's test split (same base)", "B's test split (other base)"],
