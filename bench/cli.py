@@ -139,11 +139,30 @@ def bench_unet_command(
     return 0
 
 
+OrchestrationServer = Enum("OrchestrationServer", {name: name for name in ("ephemeral", "sqlite", "postgres")}, type=str)
+
+
 @bench_app.command("orchestration")
 def bench_orchestration_command(
     overrides: OverridesArg = None, manifest: BenchManifest = Path("manifests/tiny-shapes.yaml"), count: BenchCount = 8,
+    server: Annotated[OrchestrationServer, typer.Option(help="ephemeral: the library vs `lol run` on a real model (COUNT "
+                      "LoRAs); sqlite / postgres: a real `prefect server start` on that database, process work pool, "
+                      "--workers real workers, --jobs jobs of a fixed-time bench trainer (bench/orchestration.py).")]
+    = OrchestrationServer.ephemeral,
+    jobs: Annotated[int, typer.Option(min=1, help="Server bench: jobs (tiny-shapes layout, fixed-time trainer).")] = 10000,
+    workers: Annotated[int, typer.Option(min=1, help="Server bench: `prefect worker` processes, one flow run (shard) each.")] = 4,
+    cohort_sizes: Annotated[Optional[list[int]], typer.Option("--cohort-size", help="Server bench: jobs per task; "
+                            "repeatable, one fresh server per size (default: 1 and 16).", show_default=False)] = None,
+    job_seconds: Annotated[float, typer.Option(min=0.0, help="Server bench: seconds the bench trainer takes per LoRA.")] = 0.05,
+    library: Annotated[bool, typer.Option(help="Server bench: also run the shards as plain library processes (no Prefect).")]
+    = True,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Server bench: where stores, databases and logs go (temp dirs, removed).")]
+    = None,
 ) -> int:
-    """The same population through the library and through the Prefect flows: the overhead."""
+    """The same population through the library and through the Prefect flows: the overhead; with --server sqlite|postgres,
+    N jobs through a real Prefect server and workers (jobs/s, overhead per job, server RSS, database size, failures)."""
+    if server is not OrchestrationServer.ephemeral:
+        return _bench_orchestration_server(server.value, jobs, workers, cohort_sizes or [1, 16], job_seconds, library, work_dir)
     from bench.measure import bench_orchestration, write_results
 
     load(manifest, overrides)
@@ -151,9 +170,39 @@ def bench_orchestration_command(
     direct, flows = results
     _bench_table("lol bench orchestration", results, write_results("orchestration", results, {"manifest": str(manifest), "overrides": overrides, "count": count}))
     overhead = flows.seconds - direct.seconds
-    server = flows.extra.get("ephemeral_server_start_s")
+    server_s = flows.extra.get("ephemeral_server_start_s")
     out.print(f"orchestration overhead: {overhead:+.1f} s ({100 * overhead / direct.seconds:+.0f}% of the library run)"
-              + (f"; the ephemeral server start took {server:.1f} s of it" if server else ""))
+              + (f"; the ephemeral server start took {server_s:.1f} s of it" if server_s else ""))
+    return 0
+
+
+def _bench_orchestration_server(server: str, jobs: int, workers: int, cohort_sizes: list[int], job_seconds: float,
+                                library: bool, work_dir: Path | None) -> int:
+    from bench.orchestration import bench_server
+
+    def show(arm: dict) -> None:
+        s = arm.get("summary") or {}
+        out.print(f"{arm['arm']} cohort {arm['cohort_size']}: " + (f"skipped ({arm['skipped']})" if arm.get("skipped") else
+                  f"{arm.get('records')} of {jobs} LoRAs in {arm.get('wall_s')} s, {s.get('jobs_per_s')} jobs/s "
+                  f"(sustained {s.get('sustained_jobs_per_s')}), overhead {s.get('steady_overhead_ms_per_job')} ms/job steady, "
+                  f"failed {arm.get('failed_json')}, trained twice {arm.get('trained_twice')}"), highlight=False)
+
+    arms, path = bench_server(server, jobs, workers, cohort_sizes, job_seconds, library=library, work_dir=work_dir, on_arm=show)
+    table = Table(title=f"lol bench orchestration --server {server}: {jobs} jobs, {workers} workers, {job_seconds} s per LoRA")
+    for column in ("arm", "cohort", "LoRAs", "wall s", "jobs/s", "sustained", "overhead ms/job", "steady ms/job",
+                   "server RSS MB", "DB MB", "failures"):
+        table.add_column(column, justify="right")
+    for arm in arms:
+        s = arm.get("summary") or {}
+        locked = sum(f.get("database is locked", 0) for f in (arm.get("log_failures") or {}).values())
+        table.add_row(arm["arm"], str(arm["cohort_size"]), str(arm.get("records", "—")), str(arm.get("wall_s", "—")),
+                      str(s.get("jobs_per_s", "—")), str(s.get("sustained_jobs_per_s", "—")), str(s.get("overhead_ms_per_job", "—")),
+                      str(s.get("steady_overhead_ms_per_job", "—")),
+                      f"{s.get('server_rss_mb_start', '—')} → {s.get('server_rss_mb_peak', '—')}",
+                      f"{s.get('db_mb_start', '—')} → {s.get('db_mb_end', '—')}",
+                      arm.get("skipped") or f"{arm.get('failed_json', 0)} failed, {locked} locked")
+    out.print(table)
+    out.print(f"results: {path}")
     return 0
 
 
