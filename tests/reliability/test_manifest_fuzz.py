@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,7 +275,7 @@ HOSTILE_FILES = {
     "tabs.yaml": "population:\n\tname: x\n",
     "duplicate-key.yaml": TEXTS[0] + "\ncount: 4\n",
     "huge-group.yaml": TEXTS[-1].replace("group_size: 20", "group_size: 1000000000", 1),
-    "huge-seeds.yaml": TEXTS[-1].replace("seeds: 3", "seeds: 100000000000000000000", 1),
+    "huge-seeds.yaml": re.sub(r"\n  seeds: \d+", "\n  seeds: 100000000000000000000", TEXTS[-1], count=1),  # learn.seeds
     "huge-steps.yaml": TEXTS[-1].replace("steps: {choice: [24, 32, 40, 48]}", "steps: 100000000000", 1),
 }
 
