@@ -165,9 +165,11 @@ def _stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
 class Postgres:
     """A PostgreSQL (Debian's package) on 127.0.0.1 with its data in `folder`; run as user postgres under root."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.data = folder / "pgdata"
+    def __init__(self, work: Path):
+        # its own temp folder (not under `work`, whose 0700 root-owned parents user postgres cannot enter)
+        self.folder = Path(tempfile.mkdtemp(prefix="lol-bench-postgres-"))
+        self.log_copy = work / "postgres.log"
+        self.data = self.folder / "pgdata"
         self.port = free_port()
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         self.database = "prefect"
@@ -209,6 +211,9 @@ class Postgres:
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError):
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        with contextlib.suppress(OSError):
+            shutil.copyfile(self.folder / "postgres.log", self.log_copy)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class Cluster:
@@ -218,7 +223,7 @@ class Cluster:
         self.work, self.server, self.workers, self.extra_env = work, server, workers, dict(extra_env or {})
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.postgres = Postgres(work / "postgres") if server == "postgres" else None
+        self.postgres = Postgres(work) if server == "postgres" else None
         self.sqlite = work / "prefect.db"
         self.processes: dict[str, subprocess.Popen] = {}
         self.env: dict[str, str] = {}
