@@ -12,6 +12,7 @@ each base / scorer once and reuses it for every task it runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections import Counter
@@ -52,16 +53,27 @@ _cache_lock = threading.Lock()
 
 
 def load_manifest(manifest: str, overrides: list[str] | None = None) -> tuple[Manifest, str]:
-    """(manifest, its text) from a local path or any fsspec URL."""
+    """(manifest, its text) from a local path or any fsspec URL.
+
+    The text is read on every call; what was parsed from the same text and overrides is reused
+    (`_parsed`): every task of a flow loads the manifest, and parsing it (YAML with its checks,
+    then validation) was the largest cost of a one-job task (bench/orchestration.py, issue #19).
+    """
     if "://" in manifest:
         import fsspec
 
         with fsspec.open(manifest, "rt", encoding="utf-8") as handle:
             text = handle.read()
-        return Manifest.from_text(text, source=manifest, overrides=overrides), text
-    with open(manifest, encoding="utf-8") as handle:
-        text = handle.read()
-    return Manifest.from_text(text, source=manifest, overrides=overrides), text
+    else:
+        with open(manifest, encoding="utf-8") as handle:
+            text = handle.read()
+    return _parsed(text, manifest, tuple(overrides or ())), text
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(text: str, source: str, overrides: tuple[str, ...]) -> Manifest:
+    """`Manifest.from_text`, once per (text, source, overrides) in a process; manifests are frozen."""
+    return Manifest.from_text(text, source=source, overrides=list(overrides))
 
 
 def _task_runner(workers: int):
