@@ -1,0 +1,70 @@
+"""`lol bench orchestration --server …` plumbing (bench/orchestration.py): the fixed-time bench trainer,
+how it is put in place, the figures computed from samples, and (slow) 20 jobs through a real server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ROOT
+from safetensors.numpy import load_file
+
+from bench.orchestration import MODULES_ENV, TRAINED_LOG_ENV, FixedTimeTrainer, bench_server, summarise, sustained_rate
+from pipeline.finetune.runner import finetune_population
+from pipeline.manifest import Manifest
+from pipeline.stages import override_trainer, trainer_factory
+from storage import Store
+
+SHAPES = ROOT / "manifests" / "tiny-shapes.yaml"
+
+
+def test_override_trainer_is_scoped_and_code_only():
+    real = trainer_factory("diffusion")
+    with override_trainer("diffusion", FixedTimeTrainer):
+        assert trainer_factory("diffusion") is FixedTimeTrainer
+        assert trainer_factory("causal_lm") is not FixedTimeTrainer
+    assert trainer_factory("diffusion") is real
+
+
+@pytest.mark.parametrize("cohort_size", [1, 3])
+def test_fixed_time_trainer_commits_real_adapters_once_each(tmp_path, monkeypatch, cohort_size):
+    monkeypatch.setenv(MODULES_ENV, json.dumps({"down.attn1.to_q": [8, 8], "down.attn1.to_v": [8, 8]}))
+    monkeypatch.setenv(TRAINED_LOG_ENV, str(tmp_path / "trained.txt"))
+    manifest = Manifest.from_yaml(SHAPES, overrides=["count=5", f"execution.cohort_size={cohort_size}"])
+    store = Store(str(tmp_path / "store"))
+    summary = finetune_population(manifest, store, lambda: FixedTimeTrainer(0.0))
+    assert len(summary.trained) == 5 and not summary.failed
+    population = store.population("tiny-shapes")
+    job = summary.trained[0]
+    assert population.verify_job(job) == []
+    record = population.record(job)
+    assert record["metrics"]["bench"] == "fixed-time" and record["metrics"]["cohort"] in ({1} if cohort_size == 1 else {2, 3})
+    tensors = load_file(str(tmp_path / "store" / "populations" / "tiny-shapes" / "jobs" / job / "adapter" / "adapter_model.safetensors"))
+    rank = json.loads((tmp_path / "store" / "populations" / "tiny-shapes" / "jobs" / job / "spec.json").read_text())["spec"]["rank"]
+    assert tensors["base_model.model.down.attn1.to_q.lora_A.weight"].shape == (rank, 8)
+    assert sorted((tmp_path / "trained.txt").read_text().split()) == sorted(summary.trained)
+
+
+def test_summary_figures_from_samples():
+    samples = [{"t": t, "done": done, "load1": 2.0, "server_rss_mb": 200.0 + t, "db_mb": 5.0 + t}
+               for t, done in [(0, 0), (10, 10), (20, 50), (30, 90), (40, 100)]]
+    assert sustained_rate(samples, 100) == pytest.approx((90 - 10) / 20)
+    result = {"wall_s": 40.0, "samples": samples, "steady_s_per_job_per_worker": 0.15}
+    summary = summarise(result, jobs=100, workers=2, job_seconds=0.05)
+    assert summary["jobs_per_s"] == 2.5
+    assert summary["overhead_ms_per_job"] == pytest.approx(1000 * (40 * 2 / 100 - 0.05))
+    assert summary["steady_overhead_ms_per_job"] == pytest.approx(100.0)
+    assert (summary["server_rss_mb_start"], summary["server_rss_mb_peak"], summary["db_mb_end"]) == (200.0, 240.0, 45.0)
+
+
+@pytest.mark.slow
+def test_twenty_jobs_through_a_real_sqlite_server(tmp_path):
+    """A real `prefect server start` (SQLite), process work pool, 2 workers: every job trained once, figures written."""
+    arms, path = bench_server("sqlite", 20, 2, [1], 0.0, library=False, every_s=2.0, timeout_s=600,
+                              work_dir=tmp_path, out_dir=tmp_path / "results")
+    (arm,) = arms
+    assert arm["records"] == 20 and arm["trained_twice"] == 0 and arm["failed_json"] == 0, arm
+    assert [r["state"] for r in arm["flow_runs"]] == ["COMPLETED", "COMPLETED"]
+    assert arm["task_runs"]["completed"] >= 20  # one task per job (+ none failed)
+    assert arm["summary"]["jobs_per_s"] > 0 and arm["summary"]["server_rss_mb_peak"] > 50
+    assert json.loads(path.read_text())["arms"][0]["records"] == 20
