@@ -274,17 +274,30 @@ class Cluster:
         except psutil.Error:
             return None
 
+    def server_cpu_s(self) -> float | None:
+        """CPU seconds (user + system) the server's process tree has used so far (Postgres not included)."""
+        import psutil
+
+        try:
+            parent = psutil.Process(self.processes["server"].pid)
+            times = [p.cpu_times() for p in [parent, *parent.children(recursive=True)]]
+            return sum(t.user + t.system for t in times)
+        except psutil.Error:
+            return None
+
     def database_bytes(self) -> int | None:
         if self.postgres:
             return self.postgres.size_bytes()
         return sum(p.stat().st_size for p in self.work.glob("prefect.db*")) or None
 
-    def log_failures(self) -> dict[str, dict[str, int]]:
-        """Per log file: how many lines match each failure pattern."""
-        counts = {}
+    def log_failures(self) -> dict[str, dict[str, Any]]:
+        """Per log file: how many lines match each failure pattern, and its ERROR lines by logger and message start."""
+        counts: dict[str, dict[str, Any]] = {}
         for log in sorted(self.work.glob("*.log")):
             text = log.read_text(errors="replace")
             counts[log.stem] = {name: len(re.findall(pattern, text, re.M)) for name, pattern in FAILURE_PATTERNS.items()}
+            errors = re.findall(r"^[\d:.]+ \| ERROR +\| (.{0,90})", text, re.M)
+            counts[log.stem]["errors"] = {line: errors.count(line) for line in sorted(set(errors))}
         return counts
 
     def stop(self) -> None:
@@ -319,8 +332,9 @@ class Sampler:
         row = {"t": round(time.time() - self.started, 2), "done": _count_records(self.jobs_dir),
                "load1": round(os.getloadavg()[0], 2)}
         if self.cluster:
-            rss, size = self.cluster.server_rss_mb(), self.cluster.database_bytes()
-            row.update(server_rss_mb=round(rss, 1) if rss else None, db_mb=round(size / 2**20, 2) if size else None)
+            rss, size, cpu = self.cluster.server_rss_mb(), self.cluster.database_bytes(), self.cluster.server_cpu_s()
+            row.update(server_rss_mb=round(rss, 1) if rss else None, db_mb=round(size / 2**20, 2) if size else None,
+                       server_cpu_s=round(cpu, 2) if cpu is not None else None)
         self.samples.append(row)
         return row
 
@@ -495,6 +509,10 @@ def summarise(result: dict[str, Any], jobs: int, workers: int, job_seconds: floa
         out.update(server_rss_mb_start=rss[0], server_rss_mb_peak=max(rss), server_rss_mb_end=rss[-1])
     if db:
         out.update(db_mb_start=db[0], db_mb_end=db[-1])
+    cpu = [s["server_cpu_s"] for s in result["samples"] if s.get("server_cpu_s") is not None]
+    tasks = (result.get("task_runs") or {}).get("total")
+    if len(cpu) > 1 and tasks:  # the server's CPU per task run it recorded (flow runs and heartbeats included)
+        out.update(server_cpu_s=round(cpu[-1] - cpu[0], 1), server_cpu_ms_per_task_run=round(1000 * (cpu[-1] - cpu[0]) / tasks, 1))
     loads = [s["load1"] for s in result["samples"]]
     out["load1_mean"] = round(sum(loads) / len(loads), 2) if loads else None
     return out

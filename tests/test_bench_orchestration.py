@@ -9,7 +9,14 @@ import pytest
 from conftest import ROOT
 from safetensors.numpy import load_file
 
-from bench.orchestration import MODULES_ENV, TRAINED_LOG_ENV, FixedTimeTrainer, bench_server, summarise, sustained_rate
+from bench.orchestration import (
+    MODULES_ENV,
+    TRAINED_LOG_ENV,
+    FixedTimeTrainer,
+    bench_server,
+    summarise,
+    sustained_rate,
+)
 from pipeline.finetune.runner import finetune_population
 from pipeline.manifest import Manifest
 from pipeline.stages import override_trainer, trainer_factory
