@@ -298,6 +298,12 @@ class Cluster:
             counts[log.stem] = {name: len(re.findall(pattern, text, re.M)) for name, pattern in FAILURE_PATTERNS.items()}
             errors = re.findall(r"^[\d:.]+ \| ERROR +\| (.{0,90})", text, re.M)
             counts[log.stem]["errors"] = {line: errors.count(line) for line in sorted(set(errors))}
+            lines, examples = text.splitlines(), {}
+            for i, line in enumerate(lines):  # the first of each kind, with what follows it (its traceback)
+                kind = re.match(r"^[\d:.]+ \| ERROR +\| (.{0,90})", line)
+                if kind and kind.group(1) not in examples:
+                    examples[kind.group(1)] = "\n".join(lines[i:i + 60])[-6000:]
+            counts[log.stem]["error_examples"] = examples
         return counts
 
     def stop(self) -> None:
