@@ -38,7 +38,7 @@ from pipeline.finetune.runner import (  # noqa: E402
 )
 from pipeline.jobs import Job, expand, job_at, shard  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
-from pipeline.preflight import check_before_training  # noqa: E402
+from pipeline.preflight import check_before_training, check_data_unchanged, finished_records  # noqa: E402
 from pipeline.score import make_scorer, scorer_id  # noqa: E402
 from pipeline.score.runner import score_jobs  # noqa: E402
 from pipeline.stages import RUN_STAGES, evaluate, publish, report, train, trainer_factory  # noqa: E402
@@ -244,12 +244,20 @@ def _retrying(task_fn, name: str, retries: int):
 
 
 def _outcome(call, retries: int) -> tuple[Any, str | None]:
-    """(call(), None), or (None, why) when the task failed after its retries (or its worker process died)."""
+    """(call(), None), or (None, why) when the task failed after its retries (or its worker process died).
+
+    Every task here returns its jobs' outcomes, so a task that returns None did not run: Prefect ended it
+    without calling it (seen under load on SQLite: 'ConcurrencySlotAcquisitionWithLeaseService failed to
+    process item', the task 'Finished in state Pending()'). Its jobs count as failed, never as done, and
+    the next run takes them (bench/orchestration.py, issue #19)."""
     try:
-        return call(), None
+        result = call()
     except Exception as exc:
         message = str(exc).splitlines()[0][:200] if str(exc) else ""
         return None, f"task failed after {retries + 1} attempt(s): {type(exc).__name__}: {message}".rstrip(": ")
+    if result is None:
+        return None, "task did not run: Prefect ended it without a result (e.g. its concurrency slot could not be acquired)"
+    return result, None
 
 
 def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[Job]:
@@ -271,10 +279,10 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
     loaded, text = load_manifest(manifest, overrides)
     target = Store(store)
     population = target.population(loaded.population.name)
-    population.write_manifest(text)
     done, todo = plan_jobs(loaded, population, limit, shard_spec)
-    if todo:  # bad data fails the flow before any task starts
+    if todo:  # bad data fails the flow before any task starts, and before anything is written
         check_before_training(loaded, population, todo)
+    population.write_manifest(text)
     outcomes: Counter = Counter({Outcome.ALREADY_DONE.value: len(done)} if done else {})
     busy: list[Job] = []
     cohorts = plan_cohorts(todo, loaded, workers)
@@ -308,6 +316,7 @@ def score_population(manifest: str, overrides: list[str] | None = None, store: s
     overrides = list(overrides or [])
     loaded, _ = load_manifest(manifest, overrides)
     population = Store(store).population(loaded.population.name)
+    check_data_unchanged(loaded, finished_records(population))  # labels of changed data would describe other data
     sids = [scorer_id(s) for s in loaded.scorers]
     outcomes: Counter = Counter()
     todo = []

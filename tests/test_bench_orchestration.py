@@ -75,3 +75,12 @@ def test_twenty_jobs_through_a_real_sqlite_server(tmp_path):
     assert arm["task_runs"]["completed"] >= 20  # one task per job (+ none failed)
     assert arm["summary"]["jobs_per_s"] > 0 and arm["summary"]["server_rss_mb_peak"] > 50
     assert json.loads(path.read_text())["arms"][0]["records"] == 20
+
+
+def test_a_task_prefect_ended_without_running_counts_as_failed_not_done():
+    """Seen in the SQLite bench: a task 'Finished in state Pending()' and its call returned None."""
+    from flows.population import _outcome
+
+    assert _outcome(lambda: ["trained"], 2) == (["trained"], None)
+    result, why = _outcome(lambda: None, 2)
+    assert result is None and "did not run" in why
