@@ -465,6 +465,24 @@ def _task_run_counts(api_url: str) -> dict[str, int]:
     return counts
 
 
+@contextlib.contextmanager
+def _client_of(api_url: str):
+    """This process's Prefect client talks to `api_url` (settings are cached: setting the variable is not enough
+    once a first arm has run)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
 def run_prefect(work: Path, server: str, jobs: int, workers: int, cohort_size: int, job_seconds: float,
                 every_s: float, timeout_s: float) -> dict[str, Any]:
     """One arm: a fresh server and database, W workers, W flow runs (shards) of `jobs` jobs."""
@@ -473,9 +491,10 @@ def run_prefect(work: Path, server: str, jobs: int, workers: int, cohort_size: i
     store = work / "store"
     logs = [work / "trained.txt"]
     cluster = Cluster(work, server, workers, {TRAINED_LOG_ENV: str(logs[0])})
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(cluster.stop)
         server_s = cluster.start()
-        os.environ.update(PREFECT_API_URL=cluster.api_url)  # for this process's client
+        stack.enter_context(_client_of(cluster.api_url))
         triggered = time.time()
         with Sampler(store / "populations" / "tiny-shapes" / "jobs", cluster, every_s) as sampler:
             ids = asyncio.run(_deploy_and_trigger(cluster, store, jobs, cohort_size, job_seconds))
@@ -494,8 +513,6 @@ def run_prefect(work: Path, server: str, jobs: int, workers: int, cohort_size: i
                   "total_s": round(time.time() - triggered, 2), "first_flow_start_after_trigger_s":
                   round(min(starts) - triggered, 2) if starts else None, "flow_runs": runs, "task_runs": tasks,
                   "timed_out": not all(r["state"] in terminal for r in runs), "samples": sampler.samples}
-    finally:
-        cluster.stop()
     result["log_failures"] = cluster.log_failures()
     result.update(_store_outcome(store, jobs, logs))
     return result
@@ -532,7 +549,9 @@ def bench_server(server: str, jobs: int, workers: int, cohort_sizes: Sequence[in
         from bench.measure import tiny_modules
 
         os.environ[MODULES_ENV] = json.dumps(tiny_modules())  # children and workers inherit it
-    arms = []
+    arms: list[dict[str, Any]] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"orchestration-{server}-{jobs}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     for cohort_size in cohort_sizes:
         for kind in (["library"] if library else []) + [server]:
             with tempfile.TemporaryDirectory(prefix=f"lol-bench-orch-{kind}-", dir=work_dir) as tmp:
@@ -546,16 +565,19 @@ def bench_server(server: str, jobs: int, workers: int, cohort_sizes: Sequence[in
             row = {"cohort_size": cohort_size, **result, "summary": summarise(result, jobs, workers, job_seconds)
                    if "skipped" not in result else {}}
             arms.append(row)
+            _write(path, server, jobs, workers, cohort_sizes, job_seconds, arms)  # after every arm: a later crash keeps these
             if on_arm:
                 on_arm(row)
+    return arms, path
+
+
+def _write(path: Path, server: str, jobs: int, workers: int, cohort_sizes: Sequence[int], job_seconds: float,
+           arms: list[dict[str, Any]]) -> None:
     payload = {"benchmark": "orchestration-server", "settings": {"server": server, "jobs": jobs, "workers": workers,
                "cohort_sizes": list(cohort_sizes), "job_seconds": job_seconds, "manifest": str(MANIFEST.relative_to(ROOT))},
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                            "load_at_start": os.getloadavg()}, "measured_at": time.time(), "arms": arms}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"orchestration-{server}-{jobs}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(payload, indent=1) + "\n")
-    return arms, path
 
 
 def main(argv: list[str] | None = None) -> int:
