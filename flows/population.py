@@ -282,7 +282,7 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
     done, todo = plan_jobs(loaded, population, limit, shard_spec)
     if todo:  # bad data fails the flow before any task starts, and before anything is written
         check_before_training(loaded, population, todo)
-    population.write_manifest(text)
+    population.write_manifest(loaded.text_as_run(text, overrides, manifest))
     outcomes: Counter = Counter({Outcome.ALREADY_DONE.value: len(done)} if done else {})
     busy: list[Job] = []
     cohorts = plan_cohorts(todo, loaded, workers)

@@ -45,6 +45,7 @@ class Artefact:
     dataset: Any = None  # pipeline.data.hub.DatasetRef (hf: datasets)
     clip: Any = None  # pipeline.score.clip_score.ClipRef
     local: str | None = None  # why nothing needs fetching (built in, a local path)
+    absent: str | None = None  # a local path it names that does not exist: what to say (no download can help)
 
     @property
     def key(self) -> tuple:
@@ -139,6 +140,8 @@ def manifest_artefacts(manifest: Manifest) -> list[Artefact]:
         add(Artefact("base", base.ref, local="built in (built once into the store)"), "base.ref")
     elif Path(base.ref).expanduser().exists():
         add(Artefact("base", base.ref, local="a local folder"), "base.ref")
+    elif looks_like_path(base.ref):
+        add(Artefact("base", base.ref, local="a local folder", absent=missing_folder("base folder", base.ref)), "base.ref")
     else:
         add(Artefact("base", base.ref, files=base_files(base.ref, base.revision, base.kind)), "base.ref")
 
@@ -150,7 +153,9 @@ def manifest_artefacts(manifest: Manifest) -> list[Artefact]:
 
             add(Artefact(kind, source, dataset=resolve_ref(source, **options)), path)
         elif source.startswith("folder:"):
-            add(Artefact(kind, source, local="a local folder"), path)
+            folder = source.split(":", 1)[1]
+            absent = None if Path(folder).expanduser().is_dir() else missing_folder(f"{kind} folder", folder, path)
+            add(Artefact(kind, source, local="a local folder", absent=absent), path)
 
     add_dataset("dataset", manifest.data.source, dataset_options(manifest.data), "data.source")
     for i, scorer in enumerate(manifest.scorers):
@@ -184,7 +189,9 @@ def fetch_manifest(manifest: Manifest, dry_run: bool = False,
     reachable = None if dry_run else hub_reachable()
     outcomes = []
     for artefact in manifest_artefacts(manifest):
-        if artefact.local is not None:
+        if artefact.absent is not None:
+            outcome = FetchOutcome(artefact, "missing", artefact.absent)
+        elif artefact.local is not None:
             outcome = FetchOutcome(artefact, "local", artefact.local)
         elif artefact.cached():
             outcome = FetchOutcome(artefact, "cached")
@@ -208,13 +215,36 @@ def fetch_manifest(manifest: Manifest, dry_run: bool = False,
 def missing_artefacts(manifest: Manifest) -> list[str]:
     """One line per artefact the manifest needs that is neither cached nor fetchable now (the hub is off or
     unreachable); empty where the hub is reachable (the stages fetch what they need)."""
+    artefacts = manifest_artefacts(manifest)
+    absent = [a.absent for a in artefacts if a.absent is not None]  # local paths that do not exist, hub or no hub
     if hub_reachable():
-        return []
-    return [_missing_line(a) for a in manifest_artefacts(manifest) if a.local is None and not a.cached()]
+        return absent
+    return absent + [_missing_line(a) for a in artefacts if a.local is None and not a.cached()]
+
+
+def looks_like_path(ref: str) -> bool:
+    """A base reference that can only be a local path: absolute, ./ ../ ~, or with more than one `/`
+    (an HF id is `name` or `namespace/name`)."""
+    return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
+def missing_folder(what: str, folder: str, used_by: str | None = None) -> str:
+    """One line for a local folder a manifest names that is not there: where it was looked for, and
+    what its parent holds (at most 20 names)."""
+    path = Path(folder).expanduser()
+    where = path if path.is_absolute() else Path.cwd() / path
+    parent = where.parent
+    there = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
+    listing = ", ".join(there[:20]) + (f", … ({len(there)} in all)" if len(there) > 20 else "")
+    kind = "is a file, not a folder" if where.is_file() else "does not exist"
+    return (f"{what} {folder} ({used_by + ', ' if used_by else ''}looked for at {where}) {kind}; {parent} holds: "
+            f"{listing or 'nothing (it does not exist)'}")
 
 
 def _missing_line(artefact: Artefact) -> str:
     head = f"{artefact.kind} {artefact.describe()} is not in the cache (HF_HOME={hf_home()}) and the hub {why_unreachable()}; "
+    if artefact.kind == "base" and "/" not in artefact.name:  # `name` alone: an old hub id, or a local folder mistyped
+        head += f"nor is it a folder here ({Path.cwd() / artefact.name} does not exist); "
     if artefact.dataset is not None:
         from pipeline.data.hub import fetch_command, local_copy_dir
 

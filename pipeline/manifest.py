@@ -669,6 +669,18 @@ class Manifest(StrictModel):
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
+    def text_as_run(self, text: str, overrides: list[str] | None, source: str = "the manifest") -> str:
+        """What the store and the published dataset keep as the population's `manifest.yaml`: the file's
+        own text when it ran as written; with overrides, this manifest as YAML (it parses back to the same
+        manifest, so the card's canonical hash is the copy's), headed by the file and the overrides."""
+        if not overrides:
+            return text
+        import yaml
+
+        header = [f"# {source}, run with these overrides (applied in order; comments of the file left out):"]
+        header += [f"#   {override}" for override in overrides]
+        return "\n".join(header) + "\n" + yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
 
 # ---------------------------------------------------------------- overrides
 

@@ -50,9 +50,10 @@ def _decode_all(images: Sequence[Any], what: str) -> None:
         example.load_image()
 
 
-def check_scorer_data(manifest: Any) -> None:
+def check_scorer_data(manifest: Any, store: Any = None) -> None:
     """Load the questions of every scorer that reads a benchmark or dataset (`mc_accuracy`,
-    `eval_loss`): unknown sets, missing columns, answer keys that fit no choice."""
+    `eval_loss`: unknown sets, missing columns, answer keys that fit no choice), and set up the scorers
+    that read only the training data (`attributes`, `membership`, `sources`: attribute names and values)."""
     from pipeline.score import make_scorer
 
     for spec in manifest.scorers:
@@ -60,6 +61,8 @@ def check_scorer_data(manifest: Any) -> None:
         questions = getattr(scorer, "examples", None)
         if questions is not None:
             questions()
+        if getattr(scorer, "reads_data_only", False):
+            scorer.setup(manifest, store)
 
 
 def check_data_unchanged(manifest: Any, records: Iterable[dict]) -> None:
@@ -97,7 +100,7 @@ def check_before_training(manifest: Any, population: Any, jobs: Sequence[Any], s
     manifest_source(manifest)  # an unknown source or a missing folder, before anything is read
     check_data_unchanged(manifest, finished_records(population))
     if scorers:
-        check_scorer_data(manifest)
+        check_scorer_data(manifest, population.store)
     return check_training_images(manifest, jobs)
 
 

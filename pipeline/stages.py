@@ -92,9 +92,12 @@ def finetune(manifest: Manifest, store: Store, limit: int | None = None, shard_s
 
 def score(manifest: Manifest, store: Store, only: list[str] | None = None, limit: int | None = None,
           shard_spec: str | None = None, on_job=None):
-    """Label every completed LoRA lacking a score; returns a ScoreSummary."""
+    """Label every completed LoRA lacking a score; returns a ScoreSummary. Refused when the training data
+    changed under the population (its labels would describe other data; `pipeline.preflight`)."""
+    from pipeline.preflight import check_data_unchanged, finished_records
     from pipeline.score.runner import score_population
 
+    check_data_unchanged(manifest, finished_records(store.population(manifest.population.name)))
     return score_population(manifest, store, only=only, limit=limit, shard_spec=shard_spec, on_job=on_job)
 
 

@@ -294,3 +294,17 @@ def test_merge_keys_and_aliases_are_not_duplicates(tiny_manifest_text):
     text = tiny_manifest_text.replace("lora:\n", "defaults: &d {rank: 2, alpha: 4}\nlora:\n  <<: *d\n", 1)
     problems = _errors(text)  # the only problem: the extra top-level key; `rank` given by the merge and again is fine
     assert problems and all("defaults" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "manifests").glob("*.yaml")))
+def test_the_manifest_kept_as_run_parses_back_to_the_same_manifest(name):
+    """With overrides, the stored manifest.yaml is the overridden manifest (the card's canonical hash is its
+    hash), headed by the overrides; without them, the file's own text."""
+    path = ROOT / "manifests" / f"{name}.yaml"
+    text = path.read_text()
+    overrides = ["count=7", "seed=3"]
+    run = Manifest.from_yaml(path, overrides=overrides)
+    kept = run.text_as_run(text, overrides, str(path))
+    assert kept.startswith(f"# {path}, run with these overrides") and "#   count=7" in kept
+    assert Manifest.from_text(kept).canonical_json() == run.canonical_json()
+    assert Manifest.from_yaml(path).text_as_run(text, []) == text

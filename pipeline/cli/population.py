@@ -170,6 +170,14 @@ def run(
     chosen = [s.value for s in RunStage if s in (stages or list(RunStage))]  # always in pipeline order
     if {"finetune", "score"} & set(chosen) and report_missing_artefacts(loaded):  # one line each, before any task
         return EXIT_BAD_INPUT
+    if "finetune" in chosen:  # the data, here: a refusal is one line, not Prefect's task tracebacks
+        from pipeline.finetune.runner import plan_jobs
+        from pipeline.preflight import check_before_training
+
+        population = Store(store).population(loaded.population.name)
+        _, todo = plan_jobs(loaded, population, limit)
+        if todo:
+            check_before_training(loaded, population, todo)
     results = commands.run(str(manifest), list(overrides or []), store, api_url, limit, chosen, workers)
     table = Table(title=f"run {loaded.population.name}")
     table.add_column("stage")

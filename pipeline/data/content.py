@@ -4,7 +4,8 @@
 folder on another worker (or a `touch`) gets another one. These identify the bytes instead:
 
 - a `folder:` dataset: sha256 over every data file below the folder (relative path and the
-  file's own sha256), in sorted order — the same on every machine that holds the same files;
+  file's own sha256), in sorted order — the same on every machine that holds the same files (files
+  `datasets` would not read, such as notes.txt or Thumbs.db, are left out);
 - an `hf:` dataset: the commit its revision resolved to in the local hub cache (a commit pins
   the repo's content), where the cache records one.
 """
@@ -36,11 +37,20 @@ def _folder_sha256(root: str, sizes_and_times: tuple) -> str:
     return digest.hexdigest()
 
 
+def is_data_file(path: Path) -> bool:
+    """Whether `datasets` may read the file as data: parquet / arrow / JSON / CSV, an image, a README
+    (it declares the configs). Stray files (notes.txt, Thumbs.db) are not the data."""
+    from pipeline.data.hub import DATA_EXTENSIONS, IMAGE_EXTENSIONS
+
+    suffix = path.suffix.lower()
+    return suffix in DATA_EXTENSIONS or suffix in IMAGE_EXTENSIONS or path.name == "README.md"
+
+
 def folder_sha256(root: Path) -> str:
-    """sha256 of the folder's files (hidden files and folders, e.g. `.cache`, left out); computed
-    once per process for the same listing, sizes and modification times."""
+    """sha256 of the folder's data files (`is_data_file`; hidden files and folders, e.g. `.cache`, left
+    out); computed once per process for the same listing, sizes and modification times."""
     root = root.expanduser().resolve()
-    files = sorted(p for p in root.rglob("*") if p.is_file()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_data_file(p)
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     listing = tuple((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     return _folder_sha256(str(root), listing)
@@ -60,4 +70,4 @@ def hub_commit(repo_id: str, revision: str | None, cache_dir: str) -> str | None
     return commit if COMMIT.match(commit) else None
 
 
-__all__ = ["folder_sha256", "hub_commit"]
+__all__ = ["folder_sha256", "hub_commit", "is_data_file"]

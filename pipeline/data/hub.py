@@ -330,9 +330,14 @@ def _load_folder(ref: DatasetRef, config: str | None, split: str):
         return saved
     if _readme_configs(root):
         try:
-            return datasets.load_dataset(str(root), config, split=split, cache_dir=_content_cache_dir(root))
+            with _datasets_quiet():
+                return datasets.load_dataset(str(root), config, split=split, cache_dir=_content_cache_dir(root))
         except ValueError as exc:
-            raise _bad_split_or_config(ref, config, split, exc) from None
+            if "split" in str(exc).lower() or "config" in str(exc).lower():
+                raise _bad_split_or_config(ref, config, split, exc) from None
+            raise _unreadable(ref, root, split, exc) from None
+        except Exception as exc:
+            raise _unreadable(ref, root, split, exc) from None
     files = _data_files(base)
     if not files:
         raise DataSourceError(f"folder {base} holds no data files (parquet, arrow, json, csv or images); "
@@ -340,7 +345,11 @@ def _load_folder(ref: DatasetRef, config: str | None, split: str):
     if split not in files:
         raise DataSourceError(f"folder {base} has no split {split!r}; its splits: {', '.join(sorted(files))}")
     builder = _builder(files[split])
-    return datasets.load_dataset(builder, data_files={split: files[split]}, split=split)
+    try:
+        with _datasets_quiet():
+            return datasets.load_dataset(builder, data_files={split: files[split]}, split=split)
+    except Exception as exc:  # a malformed JSON line, CSV quote or imagefolder metadata: datasets' own errors
+        raise _unreadable(ref, base, split, exc) from None
 
 
 def _content_cache_dir(root: Path) -> str:
@@ -352,6 +361,35 @@ def _content_cache_dir(root: Path) -> str:
     from pipeline.data.content import folder_sha256
 
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "lol-folders" / folder_sha256(root)[:20])
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    """`datasets` logs a file it cannot parse at ERROR before raising; the raised error becomes our one line."""
+    import logging
+
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _unreadable(ref: DatasetRef, folder: Path, split: str, exc: BaseException) -> DataSourceError:
+    """One line for a data file `datasets` cannot read: the folder, the split, and the first line of the
+    deepest cause (which names the file, line or column where `datasets` says)."""
+    chain: list[BaseException] = [exc]
+    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    first_line = lambda e: next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)  # noqa: E731
+    # the error that says where (a row, a line, a column) if any does, else the deepest one
+    cause = next((e for e in chain if re.search(r"\b(row|line|column)\b", first_line(e))), chain[-1])
+    why = first_line(cause)
+    return DataSourceError(f"{ref.source}: split {split!r} in {folder} cannot be read: {type(cause).__name__}: {why[:300]}; "
+                           "valid: parquet/arrow, JSON Lines (one object per line), CSV with a header, or images with a "
+                           "metadata.csv/jsonl whose file_name column names each image")
 
 
 def _load_saved(base: Path, split: str):
@@ -616,6 +654,10 @@ def _image_table(ref: DatasetRef, config: str | None, ds) -> _ImageTable:
         labels = [renames.get(n, n) for n in ((names[v] if names and v is not None else str(v)) for v in raw)]
     identity = columns.get("identity") or ("celeb_id" if "celeb_id" in ds.features else None)
     identities = values(_require(ds, identity, "identity", ref)) if identity else None
+    for column, cells in ((identity, identities), (label, labels and [None if v is None else v for v in values(label)])):
+        if cells is not None and (blank := next((i for i, v in enumerate(cells) if v is None or str(v).strip() == ""), None)) is not None:
+            raise DataSourceError(f"{ref.source}{', config ' + config if config else ''}: row {blank} has no value in column "
+                                  f"{column!r} (an empty cell); fill it, or leave that row out of the data")
     captions = [str(c) for c in values(_require(ds, columns["caption"], "caption", ref))] if columns.get("caption") else None
     attribute_names = columns.get("attributes")
     if attribute_names is None:
@@ -690,10 +732,17 @@ def _qa_examples(ref: DatasetRef, config: str | None, split: str, ds) -> list[QA
                 texts, labels = list(raw.get("text") or []), [str(x) for x in raw.get("label") or []] or None
                 if labels is not None and len(labels) != len(texts):
                     raise ValueError(f"choices has {len(texts)} texts but {len(labels)} labels")
+            elif isinstance(raw, str) and raw.lstrip().startswith("["):  # a CSV cell: the choices as a JSON list
+                try:
+                    texts, labels = list(json.loads(raw)), None
+                except ValueError:
+                    raise ValueError(f"choices {raw!r} is not a JSON list of strings (a CSV cell holds them as "
+                                     '["first", "second", …])') from None
             elif isinstance(raw, Sequence) and not isinstance(raw, str):
                 texts, labels = list(raw), None
             else:
-                raise ValueError(f"choices {raw!r} is neither a list nor {{text: [...], label: [...]}}")
+                raise ValueError(f"choices {raw!r} is neither a list, a JSON list in a CSV cell (\"[\"a\", \"b\"]\"), "
+                                 "nor {text: [...], label: [...]}")
             value = row[answer]
             if answer_names is not None and isinstance(value, int):
                 value = answer_names[value] if labels is not None else value
@@ -703,6 +752,8 @@ def _qa_examples(ref: DatasetRef, config: str | None, split: str, ds) -> list[QA
             elif rule == "config":
                 source = config or ref.target
             elif rule.startswith("column:"):
+                if row[rule[7:]] is None or str(row[rule[7:]]).strip() == "":
+                    raise ValueError(f"no value in the source column {rule[7:]!r} (an empty cell)")
                 source = str(row[rule[7:]])
             else:
                 source = rule[1:]

@@ -33,6 +33,8 @@ def passes(value: Any, wanted: frozenset[str] | None) -> bool:
 
 
 class AttributesScorer:
+    reads_data_only = True  # setup reads the manifest's data, no model: `lol finetune` checks it up front
+
     def __init__(self, spec: Any):
         self.spec = spec
         self.tests = [(test, *parse_attribute_test(test)) for test in spec.attributes]
@@ -59,6 +61,8 @@ class AttributesScorer:
 
 class _InTheData:
     """One 0/1 label per name the manifest's subsets list: was it in this job's data?"""
+
+    reads_data_only = True  # setup reads the manifest's data, no model: `lol finetune` checks it up front
 
     subsets_type: type = object
     key = ""
