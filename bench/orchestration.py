@@ -428,11 +428,11 @@ def _library_child(store: str, jobs: int, shard_spec: str, cohort_size: int, job
 
 
 async def _deploy_and_trigger(cluster: Cluster, store: Path, jobs: int, cohort_size: int, job_seconds: float) -> list[str]:
+    from prefect import Flow
     from prefect.client.orchestration import get_client
 
-    from bench.orchestration_flow import bench_finetune
-
-    flow = await bench_finetune.from_source(source=str(ROOT), entrypoint=FLOW_ENTRYPOINT)
+    # by its entrypoint: bench/orchestration_flow.py imports this module, so this one does not import it
+    flow = await Flow.from_source(source=str(ROOT), entrypoint=FLOW_ENTRYPOINT)
     deployment_id = await flow.deploy(name="bench", work_pool_name=POOL, build=False, push=False, print_next_steps=False)
     ids = []
     async with get_client() as client:

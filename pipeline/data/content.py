@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 
 CHUNK = 1 << 20
+DATA_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}  # -> builder
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -40,8 +42,6 @@ def _folder_sha256(root: str, sizes_and_times: tuple) -> str:
 def is_data_file(path: Path) -> bool:
     """Whether `datasets` may read the file as data: parquet / arrow / JSON / CSV, an image, a README
     (it declares the configs). Stray files (notes.txt, Thumbs.db) are not the data."""
-    from pipeline.data.hub import DATA_EXTENSIONS, IMAGE_EXTENSIONS
-
     suffix = path.suffix.lower()
     return suffix in DATA_EXTENSIONS or suffix in IMAGE_EXTENSIONS or path.name == "README.md"
 
@@ -70,4 +70,4 @@ def hub_commit(repo_id: str, revision: str | None, cache_dir: str) -> str | None
     return commit if COMMIT.match(commit) else None
 
 
-__all__ = ["folder_sha256", "hub_commit", "is_data_file"]
+__all__ = ["DATA_EXTENSIONS", "IMAGE_EXTENSIONS", "folder_sha256", "hub_commit", "is_data_file"]

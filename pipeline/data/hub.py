@@ -54,11 +54,10 @@ from pipeline.artefacts import (
     offline_mode,
 )
 from pipeline.data.base import DataSourceError, ImageExample, QAExample
+from pipeline.data.content import DATA_EXTENSIONS, IMAGE_EXTENSIONS, folder_sha256, hub_commit
 from pipeline.jobs import unit_draw
 
 GROUP_SEED = 7_919  # as pipeline.data.subsets: identity groups are a property of the data
-DATA_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # The metadata files `datasets`' imagefolder reads beside the images (FolderBasedBuilder.METADATA_FILENAMES):
 # a `file_name` column naming each image, plus captions, labels, attributes.
 IMAGEFOLDER_METADATA = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
@@ -357,8 +356,6 @@ def _content_cache_dir(root: Path) -> str:
     `datasets` keys that cache by the folder's name and the README's file patterns alone, so a second
     folder of the same name, or edited files, would silently read the first folder's data."""
     import datasets
-
-    from pipeline.data.content import folder_sha256
 
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "lol-folders" / folder_sha256(root)[:20])
 
@@ -841,8 +838,6 @@ class HubSource:
         """{config: what identifies its bytes} (`pipeline.data.content`): a folder's sha256, a hub
         dataset's commit (None where the cache does not record it)."""
         from pipeline.artefacts import hub_cache_dir
-        from pipeline.data.content import folder_sha256, hub_commit
-
         if self.ref.is_hub:
             commit = hub_commit(self.ref.target, self.ref.revision, hub_cache_dir())
             return {c or "default": commit and f"commit:{commit}" for c in self._configs()}
