@@ -84,3 +84,15 @@ def test_a_task_prefect_ended_without_running_counts_as_failed_not_done():
     assert _outcome(lambda: ["trained"], 2) == (["trained"], None)
     result, why = _outcome(lambda: None, 2)
     assert result is None and "did not run" in why
+
+
+def test_load_manifest_parses_a_text_once_per_process_and_sees_edits(tmp_path):
+    from flows.population import load_manifest
+
+    path = tmp_path / "m.yaml"
+    path.write_text(SHAPES.read_text())
+    first, _ = load_manifest(str(path), ["count=7"])
+    assert load_manifest(str(path), ["count=7"])[0] is first  # the same text and overrides: parsed once
+    assert load_manifest(str(path), ["count=8"])[0].count == 8
+    path.write_text(SHAPES.read_text().replace("count:", "count: 9 #", 1))
+    assert load_manifest(str(path))[0].count == 9  # an edited file is parsed again
