@@ -285,6 +285,15 @@ class Cluster:
         except psutil.Error:
             return None
 
+    def task_runs_recorded(self) -> int | None:
+        """Task runs the server has written so far (it records them from the clients' events, asynchronously)."""
+        import httpx
+
+        try:
+            return int(httpx.post(f"{self.api_url}/task_runs/count", json={}, timeout=10).json())
+        except (httpx.HTTPError, ValueError, TypeError):
+            return None
+
     def database_bytes(self) -> int | None:
         if self.postgres:
             return self.postgres.size_bytes()
@@ -340,7 +349,7 @@ class Sampler:
         if self.cluster:
             rss, size, cpu = self.cluster.server_rss_mb(), self.cluster.database_bytes(), self.cluster.server_cpu_s()
             row.update(server_rss_mb=round(rss, 1) if rss else None, db_mb=round(size / 2**20, 2) if size else None,
-                       server_cpu_s=round(cpu, 2) if cpu is not None else None)
+                       server_cpu_s=round(cpu, 2) if cpu is not None else None, task_runs=self.cluster.task_runs_recorded())
         self.samples.append(row)
         return row
 
@@ -504,11 +513,23 @@ def run_prefect(work: Path, server: str, jobs: int, workers: int, cohort_size: i
             while not all(r["state"] in terminal for r in runs) and time.monotonic() < deadline:
                 time.sleep(2)
                 runs = asyncio.run(_flow_runs(ids))
+            flows_done = time.time()
+            # the server records task runs from the clients' events, asynchronously: wait until it has caught up
+            # (the count stops growing for 20 s), at most `drain_s`
+            last, still_since = -1, time.monotonic()
+            while time.monotonic() - still_since < 20 and time.monotonic() < deadline:
+                time.sleep(every_s)
+                count = cluster.task_runs_recorded()
+                if count != last:
+                    last, still_since = count, time.monotonic()
+            drained = time.time()
         starts = [r["start"] for r in runs if r["start"]]
         ends = [r["end"] for r in runs if r["end"]]
         wall = (max(ends) - min(starts)) if starts and len(ends) == len(runs) else None
-        time.sleep(3)  # let the server write the last task-run events
         tasks = _task_run_counts(cluster.api_url)
+        tasks["recorded_when_flows_ended"] = next((s.get("task_runs") for s in reversed(sampler.samples)
+                                                   if s["t"] <= flows_done - sampler.started), None)
+        tasks["caught_up_s_after_flows_ended"] = round(drained - 20 - flows_done, 1)
         result = {"arm": f"prefect-{server}", "server_start_s": round(server_s, 2), "wall_s": round(wall, 2) if wall else None,
                   "total_s": round(time.time() - triggered, 2), "first_flow_start_after_trigger_s":
                   round(min(starts) - triggered, 2) if starts else None, "flow_runs": runs, "task_runs": tasks,
@@ -536,6 +557,9 @@ def summarise(result: dict[str, Any], jobs: int, workers: int, job_seconds: floa
     tasks = (result.get("task_runs") or {}).get("total")
     if len(cpu) > 1 and tasks:  # the server's CPU per task run it recorded (flow runs and heartbeats included)
         out.update(server_cpu_s=round(cpu[-1] - cpu[0], 1), server_cpu_ms_per_task_run=round(1000 * (cpu[-1] - cpu[0]) / tasks, 1))
+    recorded = [(s["t"], s["task_runs"]) for s in result["samples"] if s.get("task_runs")]
+    if len(recorded) > 1 and recorded[-1][0] > recorded[0][0]:  # how fast the server wrote task runs, backlog included
+        out["server_task_runs_recorded_per_s"] = round((recorded[-1][1] - recorded[0][1]) / (recorded[-1][0] - recorded[0][0]), 2)
     loads = [s["load1"] for s in result["samples"]]
     out["load1_mean"] = round(sum(loads) / len(loads), 2) if loads else None
     return out
