@@ -316,9 +316,15 @@ class Cluster:
         return counts
 
     def stop(self) -> None:
-        for name in [n for n in self.processes if n != "server"] + ["server"]:
-            if name in self.processes:
-                _stop(self.processes[name])
+        workers = [p for n, p in self.processes.items() if n != "server"]
+        for process in workers:  # signal every worker first, then wait: each may take its flow run's time to stop
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        for process in workers:
+            _stop(process)
+        if "server" in self.processes:
+            _stop(self.processes["server"])
         if self.postgres:
             self.postgres.stop()
 
