@@ -36,11 +36,16 @@ def check_api(api_url: str, timeout_s: float = 5.0) -> None:
         raise OrchestrationError(f"{api_url}/health answered HTTP {response.status_code}; is this a Prefect API URL (…/api)?")
 
 
+EPHEMERAL_STARTUP_S = "120"  # Prefect waits 20 s for its temporary server: too little on a busy machine
+
+
 def use_api(api_url: str | None) -> None:
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     if api_url:
         check_api(api_url)
         os.environ["PREFECT_API_URL"] = api_url
+    else:  # before prefect is imported in this process (flows.population is imported after this)
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_S)
 
 
 def run(manifest: str, overrides: list[str], store: str | None, api_url: str | None = None,
