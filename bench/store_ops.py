@@ -119,9 +119,20 @@ def upload(folder: Path, url: str) -> float:
 
     started = time.perf_counter()
     fs, root = fsspec.core.url_to_fs(url)
-    fs.mkdir(root.split("/", 1)[0], exist_ok=True)  # the bucket
+    with contextlib.suppress(FileExistsError):  # s3fs raises it for a bucket that exists, exist_ok or not
+        fs.mkdir(root.split("/", 1)[0], exist_ok=True)  # the bucket
     fs.put(str(folder).rstrip("/") + "/", root, recursive=True)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    fs.pipe_file(f"{root}/.bench-uploaded", f"{seconds:.1f}".encode())  # whole: a later run may reuse it
+    return seconds
+
+
+def _uploaded(url: str, env: dict[str, str]) -> float | None:
+    """The seconds an earlier run took to upload the store at `url` (its `.bench-uploaded` object), or None."""
+    done = subprocess.run([sys.executable, "-c", "import fsspec, sys; print(fsspec.open(sys.argv[1]).open().read().decode())",
+                           f"{url}/.bench-uploaded"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env={**os.environ, **env})
+    return float(done.stdout) if done.returncode == 0 else None
 
 
 def _in_child(*args: str, env: dict[str, str] | None = None) -> float:
@@ -131,30 +142,45 @@ def _in_child(*args: str, env: dict[str, str] | None = None) -> float:
     return float(done.stdout.split()[-1])
 
 
-def run_command(command: str, store_url: str, count: int, env: dict[str, str], code: Path = ROOT) -> dict:
-    """Run `lol COMMAND` in a fresh process; its exit status, wall and CPU seconds and peak RSS."""
+def _cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) the process `pid` has used so far (Linux), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_command(command: str, store_url: str, count: int, env: dict[str, str], code: Path = ROOT,
+                server_pid: int | None = None) -> dict:
+    """Run `lol COMMAND` in a fresh process; its exit status, wall and CPU seconds and peak RSS, and
+    the CPU seconds the S3 server (`server_pid`) spent meanwhile."""
     args = [sys.executable, "-m", "pipeline.cli", command, str(MANIFEST), f"count={count}", "--store", store_url]
     if command == "publish":
         args.append("--no-push")
     with tempfile.TemporaryFile("w+") as log:
+        server_before = _cpu_s(server_pid)
         started = time.perf_counter()
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONPATH": str(code)}, cwd=code)
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - started
+        server_after = _cpu_s(server_pid)
         child.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
         tail = log.read()[-800:]
     return {"code": str(code), "command": f"lol {command}" + (" --no-push" if command == "publish" else ""), "exit_status": child.returncode,
             "wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "output_tail": tail}
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            **({"server_cpu_s": round(server_after - server_before, 2)} if server_after is not None else {}),
+            "output_tail": tail}
 
 
 def measure(where: str, store_url: str, count: int, commands: list[str], env: dict[str, str], written_s: float,
-            codes: list[Path] = (ROOT,)) -> list[dict]:
+            codes: list[Path] = (ROOT,), server_pid: int | None = None) -> list[dict]:
     results = []
     for command, code in ((command, code) for command in commands for code in codes):
         result = {"where": where, "records": count, "store_write_s": round(written_s, 1),
-                  **run_command(command, store_url, count, env, code)}
+                  **run_command(command, store_url, count, env, code, server_pid)}
         print(json.dumps({k: v for k, v in result.items() if k != "output_tail"}), flush=True)
         if result["exit_status"] != 0:
             print(result["output_tail"], flush=True)
@@ -168,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", type=int, nargs="*", default=[10_000, 100_000], help="record counts on a local disk")
     parser.add_argument("--s3", type=int, nargs="*", default=[10_000], help="record counts on moto's S3 on loopback")
     parser.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS))
+    parser.add_argument("--endpoint", help="an S3 server already running (e.g. `python tests/s3_server.py PORT_FILE "
+                        "--no-serialise`) instead of a fresh moto server: a store uploaded to it by an earlier run "
+                        "is reused (uploading 10,000 records to moto takes ~20 min)")
+    parser.add_argument("--endpoint-pid", type=int, help="the process id of --endpoint's server, to record its CPU seconds")
     parser.add_argument("--code", type=Path, nargs="+", default=[ROOT], help="run the commands from these source "
                         "trees, each in turn (e.g. a `git archive` of an older commit, for before/after figures)")
     parser.add_argument("--label", default="", help="a note stored with the results (e.g. before/after a change)")
@@ -201,16 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         results += measure("local", str(folder), count, args.commands, {}, seconds, args.code)
     if args.s3:
         sys.path.insert(0, str(ROOT / "tests"))
-        from s3_server import ACCESS, moto_s3_server
+        from s3_server import ACCESS, SERVER_PIDS, moto_s3_server
 
-        with moto_s3_server(serialise=False) as endpoint:  # no claims race here: requests served as they come
+        with contextlib.ExitStack() as stack:
+            # no claims race here: requests served as they come
+            endpoint = args.endpoint or stack.enter_context(moto_s3_server(serialise=False))
             env = {**ACCESS, "FSSPEC_S3_ENDPOINT_URL": endpoint}
             for count in args.s3:
                 folder, seconds = store_of(count)
-                url = f"s3://lol-bench/store-{count}"
-                uploaded = _in_child("--upload", str(folder), url, env=env)
-                print(f"uploaded {count} records to {url} in {uploaded:.0f} s", flush=True)
-                results += measure("s3 (moto, loopback)", url, count, args.commands, env, uploaded, args.code)
+                url = f"s3://lol-bench-{count}/store"  # a bucket each: moto scans its whole bucket for every listing
+                uploaded = _uploaded(url, env) if args.endpoint else None
+                if uploaded is None:
+                    uploaded = _in_child("--upload", str(folder), url, env=env)
+                    print(f"uploaded {count} records to {url} in {uploaded:.0f} s", flush=True)
+                results += measure("s3 (moto, loopback)", url, count, args.commands, env, uploaded, args.code,
+                                   args.endpoint_pid or SERVER_PIDS.get(endpoint))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"store-ops-{time.strftime('%Y%m%dT%H%M%S')}.json"
     command = " ".join(["python -m bench.store_ops", "WORK", "--local", *map(str, args.local), "--s3", *map(str, args.s3),

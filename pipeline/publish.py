@@ -34,7 +34,9 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ from lol_models.published import (
     make_layout,
     module_factors,
 )
-from pipeline.jobs import Job, canonical_json, expand, unit_draw
+from pipeline.jobs import Job, canonical_json, expand, planned_job_ids, unit_draw
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
 from storage import DomainError, Store, StoreError
@@ -64,6 +66,7 @@ from storage import DomainError, Store, StoreError
 ROWS_PER_SHARD = 1000
 MAX_SHARD_BYTES = 256 << 20  # a parquet shard holds at most this many bytes of weights (fewer rows for big LoRAs)
 BATCH_BYTES = 64 << 20  # weights of the rows written to Arrow at once
+OBJECT_STORE_READS = 8  # jobs read at once from an object store (one job's files at a time on local disks)
 # Float weights do not compress and dictionary encoding only slows them down.
 PARQUET_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
@@ -114,10 +117,10 @@ def read_adapter(store: Store, rel: str, trust_remote_pickle: bool = False):
 
     NaN/Inf values are counted, not refused (`Weights.non_finite`): the caller decides.
     """
-    from pipeline.safe_weights import load_weights
+    from pipeline.safe_weights import load_weights, max_file_bytes
 
-    name = _adapter_weights_name(store, rel)
-    weights = load_weights(store.read_bytes(f"{rel}/{name}"), f"{rel}/{name}", non_finite="count",
+    name = _adapter_weights_name(store, rel)  # its size checked: a bounded read (one GET on S3) then refuses a larger one
+    weights = load_weights(store.read_bytes(f"{rel}/{name}", max_bytes=max_file_bytes()), f"{rel}/{name}", non_finite="count",
                            trust_remote_pickle=trust_remote_pickle)
     return weights, read_adapter_config(store, rel)
 
@@ -139,7 +142,11 @@ def _adapter_weights_name(store: Store, rel: str) -> str:
 def read_adapter_config(store: Store, rel: str) -> dict[str, Any]:
     """The adapter_config.json of the adapter folder `rel`, as a dict."""
     try:
-        config = json.loads(store.read_bytes(f"{rel}/{ADAPTER_CONFIG}"))
+        data = store.read_bytes(f"{rel}/{ADAPTER_CONFIG}", max_bytes=MAX_CONFIG_BYTES)
+    except StoreError as exc:
+        raise PublishError(f"{rel}/{ADAPTER_CONFIG}: {exc}") from None
+    try:
+        config = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise PublishError(f"{rel}/{ADAPTER_CONFIG} is not JSON: {exc}") from None
     if not isinstance(config, dict):
@@ -180,15 +187,26 @@ def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False
     adapters: dict[str, str] = {}
     ranks: dict[str, int] = {}
     label_names: dict[str, dict[str, str]] = {}
-    for job in expand(manifest):
+
+    def read(job: Job) -> tuple[dict | None, list[dict | None], dict | None]:
+        """The job's record (None: its failure, or None), its scores (None where missing) and,
+        if it has all of them, its adapter config."""
         record = population.record(job.job_id)
         if record is None:
-            failure = population.failure(job.job_id)
+            return None, [population.failure(job.job_id)], None
+        scores = [population.read_score(job.job_id, sid) for _, sid in scorers]
+        if any(score is None for score in scores):
+            return record, scores, None
+        return record, scores, read_adapter_config(store, population.job_rel(job.job_id, "adapter"))
+
+    jobs = list(expand(manifest))
+    for job, (record, read_back, config) in zip(jobs, _in_order(store, read, jobs)):
+        if record is None:
+            failure = read_back[0]
             excluded[job.job_id] = f"failed: {failure['reason']}" if failure else "not finetuned yet"
             continue
         labels, missing = {}, []
-        for name, sid in scorers:
-            score = population.read_score(job.job_id, sid)
+        for (name, sid), score in zip(scorers, read_back):
             if score is None:
                 missing.append(sid)
                 continue
@@ -201,7 +219,6 @@ def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False
             continue
         adapters[job.job_id] = population.job_rel(job.job_id, "adapter")
         ranks[job.job_id] = job.spec.rank
-        config = read_adapter_config(store, adapters[job.job_id])
         spec = job.spec
         rows.append({
             "job_id": job.job_id, "population": job.population, "index": job.index,
@@ -232,11 +249,14 @@ def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False
 
 def weighted_rows(assembled: Assembled, store: Store, rows: list[dict[str, Any]],
                   trust_remote_pickle: bool = False) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-    """(row, its (D,) float32 weight vector) for each of `rows`, one adapter read at a time; a LoRA
-    holding NaN/Inf weights is skipped and added to `assembled.excluded` with its count."""
-    for row in rows:
+    """(row, its (D,) float32 weight vector) for each of `rows`, one adapter read at a time (from an
+    object store at most OBJECT_STORE_READS at once); a LoRA holding NaN/Inf weights is skipped and
+    added to `assembled.excluded` with its count."""
+    def read(row: dict[str, Any]):
+        return read_adapter(store, assembled.adapters[row["job_id"]], trust_remote_pickle)[0]
+
+    for row, weights in zip(rows, _in_order(store, read, rows)):
         job_id = row["job_id"]
-        weights, _ = read_adapter(store, assembled.adapters[job_id], trust_remote_pickle)
         if weights.non_finite:
             assembled.excluded[job_id] = f"{weights.non_finite_total} NaN/Inf weight value(s)"
             continue
@@ -247,6 +267,23 @@ def weighted_rows(assembled: Assembled, store: Store, rows: list[dict[str, Any]]
             raise PublishError(f"job {job_id}: {exc}; every LoRA of a population adapts the same base "
                                f"(the layout is job {assembled.rows[0]['job_id']}'s)") from None
         yield row, vector
+
+
+def _in_order(store: Store, read: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """`read(item)` for each item, in order: one after the other on a local disk; on an object
+    store up to OBJECT_STORE_READS at once (a request's latency is most of its cost there), holding
+    at most that many results ahead of the caller."""
+    if store.is_local:
+        yield from map(read, items)
+        return
+    with ThreadPoolExecutor(OBJECT_STORE_READS, thread_name_prefix="publish-read") as pool:
+        ahead: deque = deque()
+        for item in items:
+            ahead.append(pool.submit(read, item))
+            if len(ahead) >= OBJECT_STORE_READS:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def job_factors(tensors: dict[str, np.ndarray], rank: int, job_id: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -270,7 +307,7 @@ def refuse_damage(manifest: Manifest, population) -> None:
     Publishing around damage would silently drop those LoRAs (or their labels) from the
     dataset; the repair is a rerun (`lol finetune` retrains them, `lol score` relabels them).
     """
-    damaged = {job.job_id: found for job in expand(manifest) if (found := population.damage(job.job_id))}
+    damaged = {job_id: found for job_id, found in population.verify(planned_job_ids(manifest)) if found}
     if damaged:
         examples = "; ".join(str(p) for problems in list(damaged.values())[:3] for p in problems[:1])
         raise PublishError(f"{len(damaged)} stored LoRA(s) of {manifest.population.name!r} are damaged, so nothing was "

@@ -27,10 +27,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from storage.listing import CONCURRENCY
 from storage.paths import TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 from storage.seal import CorruptFile, seal, unseal
 
@@ -75,6 +77,8 @@ class Claim:
     token: str
     expires: float
     lease_s: float = 0.0  # 0: written before leases were recorded; the reader's bound then is MAX_LEASE_S
+    # On S3: the ETag of the claim object as this worker last wrote it (never stored in the object).
+    etag: str = field(default="", repr=False, compare=False)
 
     def is_live(self, now: float) -> bool:
         """Unexpired, and not further ahead than its lease allows (an absurd expiry is stale)."""
@@ -162,10 +166,13 @@ class PopulationStore:
             raise CorruptFile(f"score of {mismatch or 'scorer ' + repr(score.get('scorer_id'))}")
         return score
 
-    def spec_problem(self, job_id: str) -> str:
-        """Why the folder's spec.json is not this job's ('' if it is): its id, population and content hash."""
+    def spec_problem(self, job_id: str, data: bytes | None = None) -> str:
+        """Why the folder's spec.json (or `data`, its bytes already read) is not this job's ('' if
+        it is): its id, population and content hash."""
         try:
-            spec = json.loads(self.store.read_bytes(self.job_rel(job_id, SPEC), max_bytes=MAX_BOOKKEEPING_BYTES))
+            if data is None:
+                data = self.store.read_bytes(self.job_rel(job_id, SPEC), max_bytes=MAX_BOOKKEEPING_BYTES)
+            spec = json.loads(data)
         except FileNotFoundError:
             return "no spec.json"
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # StoreError is a ValueError
@@ -239,11 +246,13 @@ class PopulationStore:
         self.store.delete(self.job_rel(job_id, FAILED))
         return record
 
-    def verify_job(self, job_id: str, hashes: bool = True) -> list[Problem]:
+    def verify_job(self, job_id: str, hashes: bool = True, objects: dict[str, int] | None = None) -> list[Problem]:
         """Problems of the job's LoRA: its record, every file the record lists, files it does not list.
 
         `hashes=False` compares sizes only (no download on object stores). Scores are checked
         by `verify_scores`: a damaged label is rescored, it does not make the LoRA retrain.
+        `objects` ({path in the job folder: size}, from `object_listing` on an object store) stands
+        in for the per-file size requests and the folder's listing; every file is still read.
         """
         try:
             links = self.store.links_under(self.job_rel(job_id))
@@ -267,7 +276,11 @@ class PopulationStore:
         mismatch = _identity_mismatch(record, job_id, self.name)
         if mismatch:
             return problems + [Problem(job_id, RECORD, "mismatch", f"the record of {mismatch}")]
-        spec_problem = self.spec_problem(job_id)
+        spec_data = None  # on an object store spec.json is read once, for its identity and its checksum
+        if objects is not None and objects.get(SPEC, MAX_BOOKKEEPING_BYTES + 1) <= MAX_BOOKKEEPING_BYTES:
+            with contextlib.suppress(OSError, StoreError):
+                spec_data = self.store.read_bytes(self.job_rel(job_id, SPEC), max_bytes=MAX_BOOKKEEPING_BYTES)
+        spec_problem = self.spec_problem(job_id, spec_data)
         if spec_problem:
             problems.append(Problem(job_id, SPEC, "mismatch", spec_problem))
         listed = record.get("files")
@@ -278,9 +291,10 @@ class PopulationStore:
                 continue
             try:
                 check_rel(name)
-                size, digest = self.store.size(self.job_rel(job_id, name)), meta.get("sha256")
+                size, digest = self._size(job_id, name, objects), meta.get("sha256")
                 if hashes and size == meta.get("size"):  # never read more than the record lists
-                    data = self.store.read_bytes(self.job_rel(job_id, name), max_bytes=size)
+                    data = spec_data if name == SPEC and spec_data is not None else \
+                        self.store.read_bytes(self.job_rel(job_id, name), max_bytes=size)
                     size, digest = len(data), sha256_bytes(data)
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 problems.append(Problem(job_id, name, "missing"))
@@ -294,16 +308,16 @@ class PopulationStore:
             if size != meta.get("size") or digest != meta.get("sha256"):
                 problems.append(Problem(job_id, name, "corrupt", f"{size} bytes, sha256 {str(digest)[:12]}… ≠ "
                                         f"recorded {meta.get('size')} bytes, {str(meta.get('sha256'))[:12]}…"))
-        for name in self.store.list_files(self.job_rel(job_id)):
+        for name in sorted(objects) if objects is not None else self.store.list_files(self.job_rel(job_id)):
             if name not in listed and name not in links and name not in (RECORD, FAILED) and not _is_score_file(name) and TMP_MARK not in name:
                 problems.append(Problem(job_id, name, "unexpected", "a file the record does not list"))
         return problems
 
-    def verify_scores(self, job_id: str) -> list[Problem]:
-        """Problems of the job's score files (each is sealed)."""
+    def verify_scores(self, job_id: str, objects: dict[str, int] | None = None) -> list[Problem]:
+        """Problems of the job's score files (each is sealed); `objects` as in `verify_job`."""
         problems = []
         try:
-            names = self.store.list_dir(self.job_rel(job_id, SCORES))
+            names = self._score_names(job_id, objects)
         except StoreError as exc:
             return [Problem(job_id, SCORES, "unsafe", str(exc)[:120])]
         for name in names:
@@ -324,15 +338,41 @@ class PopulationStore:
                 problems.append(Problem(job_id, f"{SCORES}/{name}", "unexpected", "not a score file"))
         return problems
 
-    def leftovers(self, job_id: str) -> list[str]:
+    def leftovers(self, job_id: str, objects: dict[str, int] | None = None, claims: set[str] | None = None) -> list[str]:
         """Files of a job without a record beyond its spec and failure: what a dead commit, or a
-        deleted record, leaves. Empty for a job that has a record or is claimed right now."""
-        if self._has_record_file(job_id) or job_id in self.active_claims():
-            return []
-        return [f for f in self.store.list_files(self.job_rel(job_id)) if f not in (SPEC, FAILED) and TMP_MARK not in f]
+        deleted record, leaves. Empty for a job that has a record or is claimed right now.
+        With `objects` and `claims` (from `object_listing`) only this job's claim is read, if it has one."""
+        if objects is None:
+            if self._has_record_file(job_id) or job_id in self.active_claims():
+                return []
+            files = self.store.list_files(self.job_rel(job_id))
+        else:
+            if RECORD in objects or (job_id in (claims or ()) and self._live_claim(job_id) is not None):
+                return []
+            files = sorted(objects)
+        return [f for f in files if f not in (SPEC, FAILED) and TMP_MARK not in f]
 
-    def damage(self, job_id: str) -> list[Problem]:
-        """Everything wrong with one stored job: its LoRA, its scores, or files left without a record."""
+    def damage(self, job_id: str, objects: dict[str, int] | None = None, claims: set[str] | None = None) -> list[Problem]:
+        """Everything wrong with one stored job: its LoRA, its scores, or files left without a record.
+
+        On an object store `objects` and `claims` (from `object_listing`) spare the per-file
+        requests. A listing is not a snapshot, though (a commit may land between its pages), so
+        a job in which it finds anything wrong is examined again path by path, and only what that
+        finds is reported: the listing can spare requests, never decide that a job is damaged.
+        """
+        if objects is not None and not self.store.is_local:
+            try:
+                if RECORD in objects:
+                    found = self.verify_job(job_id, objects=objects) + self.verify_scores(job_id, objects)
+                else:
+                    found = self.leftovers(job_id, objects, claims)
+            except StoreError:
+                found = True
+            if not found:
+                return []
+        return self._damage_by_path(job_id)
+
+    def _damage_by_path(self, job_id: str) -> list[Problem]:
         try:
             if self.store.is_link(self.job_rel(job_id)):
                 return [Problem(job_id, "", "unsafe", "the job folder is a symbolic link")]
@@ -348,8 +388,17 @@ class PopulationStore:
                             "(an interrupted commit or a deleted record)")]
         return []
 
-    def verify(self, job_ids: Iterable[str] | None = None) -> Iterator[tuple[str, list[Problem]]]:
-        """(job_id, problems) for every stored job (of `job_ids`, default all) that holds a LoRA or its remains."""
+    def verify(self, job_ids: Iterable[str] | None = None,
+               scored: dict[str, set[str]] | None = None) -> Iterator[tuple[str, list[Problem]]]:
+        """(job_id, problems) for every stored job (of `job_ids`, default all) that holds a LoRA or its remains.
+
+        With `scored`, each job that holds a record and has no problem gets the scorer ids of its
+        score files there (all of which verified). On an object store the jobs and claims folders
+        are listed once (`object_listing`) and jobs are checked `CONCURRENCY` at a time, in order.
+        """
+        if not self.store.is_local:
+            yield from self._verify_objects(job_ids, scored)
+            return
         for job_id in job_ids if job_ids is not None else self.job_ids():
             try:
                 check_name(job_id, "job id")
@@ -361,7 +410,53 @@ class PopulationStore:
                 yield job_id, [Problem(job_id, "", "unsafe", str(exc)[:120])]
                 continue
             if holds:
-                yield job_id, self.damage(job_id)
+                problems = self.damage(job_id)
+                if scored is not None and not problems and self._has_record_file(job_id):
+                    scored[job_id] = {n.removesuffix(".json") for n in self.store.list_dir(self.job_rel(job_id, SCORES))}
+                yield job_id, problems
+
+    def _verify_objects(self, job_ids: Iterable[str] | None,
+                        scored: dict[str, set[str]] | None) -> Iterator[tuple[str, list[Problem]]]:
+        jobs, claims = self.object_listing()
+        ids = list(job_ids) if job_ids is not None else sorted(jobs)
+
+        def check(job_id: str) -> list[Problem] | None:
+            try:
+                check_name(job_id, "job id")
+            except StoreError as exc:
+                return [Problem(job_id, "", "unsafe", str(exc)[:120])]
+            objects = jobs.get(job_id, {})
+            if RECORD not in objects and not self.leftovers(job_id, objects, claims):
+                return None
+            problems = self.damage(job_id, objects, claims)
+            if scored is not None and not problems and RECORD in objects:
+                scored[job_id] = {n.removesuffix(".json") for n in self._score_names(job_id, objects)}
+            return problems
+
+        with ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="verify") as pool:
+            for job_id, problems in zip(ids, pool.map(check, ids)):
+                if problems is not None:
+                    yield job_id, problems
+
+    def _size(self, job_id: str, name: str, objects: dict[str, int] | None) -> int:
+        """The size of the job's file `name`: from `objects` if given (FileNotFoundError if not there)."""
+        if objects is None:
+            return self.store.size(self.job_rel(job_id, name))
+        if name not in objects:
+            raise FileNotFoundError(name)
+        return objects[name]
+
+    def _score_names(self, job_id: str, objects: dict[str, int] | None) -> list[str]:
+        """Names directly under the job's scores folder (files and folders), sorted."""
+        if objects is None:
+            return self.store.list_dir(self.job_rel(job_id, SCORES))
+        self.job_rel(job_id, SCORES)  # the job id's checks
+        return sorted({rel[len(SCORES) + 1:].split("/", 1)[0] for rel in objects
+                       if rel.startswith(f"{SCORES}/") and len(rel) > len(SCORES) + 1})
+
+    def _live_claim(self, job_id: str) -> Claim | None:
+        claim = self._read_claim(job_id)
+        return claim if claim is not None and claim.is_live(time.time()) else None
 
     def _has_record_file(self, job_id: str) -> bool:
         path = self.store.path(self.job_rel(job_id, RECORD))
@@ -471,7 +566,8 @@ class PopulationStore:
         lease_s = min(float(lease_s), MAX_LEASE_S)
         claim = Claim(job_id, worker, uuid.uuid4().hex, time.time() + lease_s, lease_s)
         if self._object_claims():
-            return claim if self._put_claim_if(job_id, _free_for(worker), claim) else None
+            claim.etag = self._put_claim_if(job_id, _free_for(worker), claim) or ""
+            return claim if claim.etag else None
         with self._claims_lock():
             if not _free_for(worker)(self._read_claim(job_id)):
                 return None
@@ -483,7 +579,8 @@ class PopulationStore:
         lease_s = min(float(lease_s), MAX_LEASE_S)
         renewed = Claim(claim.job_id, claim.worker, claim.token, time.time() + lease_s, lease_s)
         if self._object_claims():
-            ours = self._put_claim_if(claim.job_id, _held_by(claim.token), renewed)
+            etag = self._replace_own_claim(claim, renewed)
+            ours, claim.etag = etag is not None, etag or claim.etag
         else:
             with self._claims_lock():
                 ours = _held_by(claim.token)(self._read_claim(claim.job_id))
@@ -529,7 +626,7 @@ class PopulationStore:
         """Drop the claim if it is still ours (on S3: mark it ended, see `sweep_claims`)."""
         if self._object_claims():
             ended = Claim(claim.job_id, claim.worker, claim.token, 0.0, claim.lease_s)
-            self._put_claim_if(claim.job_id, _held_by(claim.token), ended)
+            self._replace_own_claim(claim, ended)
             return
         with self._claims_lock():
             if _held_by(claim.token)(self._read_claim(claim.job_id)):
@@ -588,23 +685,37 @@ class PopulationStore:
         self.store.conditional_writes(self.rel("claims"))
         return True
 
-    def _put_claim_if(self, job_id: str, replaceable: Callable[[Claim | None], bool], new: Claim) -> bool:
+    def _replace_own_claim(self, claim: Claim, new: Claim) -> str | None:
+        """Write `new` over our claim on S3 (a renewal or release); its new ETag, or None if the
+        claim is no longer ours. One conditional PUT on the ETag of our last write: the object is
+        then byte for byte what we wrote, so still ours. If that is refused (the claim changed —
+        taken over, or our last write's answer was lost) or no ETag is known, the claim is read
+        and its token checked (`_put_claim_if`), as for any other claim write."""
+        if claim.etag:
+            writes = self.store.conditional_writes(self.rel("claims"))
+            etag = writes.replace(self.store.path(self.rel("claims", claim.job_id)), _claim_bytes(new), claim.etag)
+            if etag is not None:
+                return etag
+        return self._put_claim_if(claim.job_id, _held_by(claim.token), new)
+
+    def _put_claim_if(self, job_id: str, replaceable: Callable[[Claim | None], bool], new: Claim) -> str | None:
         """Write `new` as the job's claim if `replaceable(current claim)`, atomically on S3: created
         only if no claim object exists (If-None-Match: *), else replacing only the object read
-        (If-Match: its ETag) — so of two workers that read the same claim, one writes. False if
-        `replaceable` said no or another worker's write came first."""
+        (If-Match: its ETag) — so of two workers that read the same claim, one writes. The new
+        ETag, or None if `replaceable` said no or another worker's write came first."""
         writes = self.store.conditional_writes(self.rel("claims"))
         path = self.store.path(self.rel("claims", job_id))
         current = writes.read(path)
         if not replaceable(_parse_claim(current.data, job_id) if current else None):
-            return False
+            return None
         data = _claim_bytes(new)
-        if (writes.create(path, data) if current is None else writes.replace(path, data, current.etag)) is not None:
-            return True
+        etag = writes.create(path, data) if current is None else writes.replace(path, data, current.etag)
+        if etag is not None:
+            return etag
         # Refused: another worker's write came first — or ours landed and only its answer was
         # lost (the client retried it). The claim object tells which.
         again = writes.read(path)
-        return again is not None and again.data == data
+        return again.etag if again is not None and again.data == data else None
 
     @contextlib.contextmanager
     def _claims_lock(self) -> Iterator[None]:
@@ -621,7 +732,8 @@ class PopulationStore:
     # ------------------------------------------------------------ status
 
     def status(self, planned_ids: list[str]) -> StatusReport:
-        """The state of every planned job, from one listing of the jobs folder (and of the claims).
+        """The state of every planned job, from one listing of the jobs folder (and of the claims;
+        on object stores both at once, in concurrent parts: `object_listing`).
 
         Reads only what the listing cannot tell: the claim of a job without a record that holds
         one, the failure of a job without a record or live claim that holds one. On local disks a
@@ -629,8 +741,13 @@ class PopulationStore:
         examined as before, one path at a time (`_job_state`), so damage is found as it always was.
         """
         report = StatusReport()
-        entries, default = self._job_entries()
-        claim_names = set(self.store.list_dir(self.rel("claims")))
+        if self.store.is_local:
+            entries, default = self._job_entries()
+            claim_names = set(self.store.list_dir(self.rel("claims")))
+        else:
+            jobs, claims = self.object_listing()
+            entries = {job_id: frozenset(files.keys() & {RECORD, FAILED}) for job_id, files in jobs.items()}
+            default, claim_names = _NO_FOLDER, claims
         now = time.time()
         for job_id in planned_ids:
             names = entries.get(job_id, default)
@@ -670,25 +787,25 @@ class PopulationStore:
             return "damaged", "the job's folder is a file"
         return ("done" if has_record else "open"), ""
 
+    def object_listing(self) -> tuple[dict[str, dict[str, int]], set[str]]:
+        """On an object store: ({job folder name: {path in the folder: size}}, {claim name}) of every
+        object under the population's jobs and claims folders, both listed at once by concurrent
+        listings (`Store.list_trees`): no request per job."""
+        jobs, claims = self.store.list_trees(self.rel("jobs"), self.rel("claims"))
+        by_job: dict[str, dict[str, int]] = {}
+        for rel, size in jobs.items():
+            job_id, _, rest = rel.partition("/")
+            by_job.setdefault(job_id, {})[rest] = size
+        return by_job, {rel.split("/", 1)[0] for rel in claims}
+
     def _job_entries(self) -> tuple[dict[str, frozenset[str] | object], frozenset[str] | object]:
-        """({job folder name: the bookkeeping files in it (of record.json, failed.json)}, what a job
-        not listed maps to) from one listing: a recursive listing on object stores (no per-job
-        request), a scan of the jobs folder and an lstat of each job's two files on local disks.
-        A local job whose folder (or a folder above it) is a link, is not a folder, or whose
-        record is not a plain file maps to `_UNUSUAL`: the caller examines it path by path."""
+        """On a local disk: ({job folder name: the bookkeeping files in it (of record.json,
+        failed.json)}, what a job not listed maps to) from a scan of the jobs folder and an lstat
+        of each job's two files. A job whose folder (or a folder above it) is a link, is not a
+        folder, or whose record is not a plain file maps to `_UNUSUAL`: the caller examines it
+        path by path."""
         jobs = self.rel("jobs")
-        if not self.store.is_local:
-            base = self.store.path(jobs).rstrip("/")
-            try:
-                keys = self.store.fs.find(base)
-            except FileNotFoundError:
-                keys = []
-            prefix_len = len(self.store.fs._strip_protocol(base).rstrip("/")) + 1
-            found: dict[str, set[str]] = {}
-            for key in keys:
-                job_id, _, rest = self.store.fs._strip_protocol(key)[prefix_len:].partition("/")
-                found.setdefault(job_id, set()).add(rest.split("/", 1)[0])
-            return {job_id: frozenset(names & {RECORD, FAILED}) for job_id, names in found.items()}, _NO_FOLDER
+        assert self.store.is_local, "object stores are listed by object_listing()"
         try:
             if self.store.is_link(jobs):
                 raise StoreError("the jobs folder is reached through a link")
@@ -729,15 +846,21 @@ def _held_by(token: str) -> Callable[[Claim | None], bool]:
     return lambda current: current is not None and current.token == token
 
 
+CLAIM_FIELDS = ("job_id", "worker", "token", "expires", "lease_s")  # what a claim object holds (not the ETag)
+
+
 def _claim_bytes(claim: Claim) -> bytes:
-    return (json.dumps(claim.__dict__, indent=2, sort_keys=True) + "\n").encode()
+    return (json.dumps({name: getattr(claim, name) for name in CLAIM_FIELDS}, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _parse_claim(data: bytes, job_id: str) -> Claim | None:
     """The claim in `data` if it is a well-formed claim of `job_id`, else None."""
     try:
-        claim = Claim(**json.loads(data))
-    except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
+        value = json.loads(data)
+        claim = Claim(**{name: value[name] for name in CLAIM_FIELDS if name in value})
+        if set(value) - set(CLAIM_FIELDS):
+            return None  # not a claim this store wrote
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError, RecursionError):
         return None
     numbers_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
                      for v in (claim.expires, claim.lease_s))

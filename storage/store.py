@@ -42,6 +42,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.conditional import S3ConditionalWrites, object_claims
+from storage.listing import list_objects
 from storage.locks import file_lock
 from storage.paths import TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 from storage.population import PopulationStore
@@ -187,6 +188,12 @@ class Store:
             lock.__exit__(None, None, None)
 
     @property
+    def is_s3(self) -> bool:
+        """An S3 store (s3fs)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return "s3" in protocols and hasattr(self.fs, "_call_s3")
+
+    @property
     def is_memory(self) -> bool:
         """A `memory://` store: one process's, so a process lock serialises its claims."""
         return "memory" in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,))
@@ -211,7 +218,9 @@ class Store:
     def read_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
         """The file's bytes. On local disks only a regular file is read (a FIFO or device would
         block or never end: IsADirectoryError for a folder, StoreError otherwise), and with
-        `max_bytes` a larger file is refused (StoreError) before any of it is read."""
+        `max_bytes` a larger file is refused (StoreError) before any of it is read. On S3 a read
+        with `max_bytes` is one ranged GET of at most `max_bytes` + 1 bytes, a larger file refused
+        (without it, s3fs asks for the size first: a HEAD, then the GET)."""
         path = self.path(rel)
         if self.is_local:
             info = os.stat(path)  # FileNotFoundError when absent
@@ -223,6 +232,17 @@ class Store:
                 raise StoreError(f"{rel!r} holds {info.st_size} bytes, more than the {max_bytes} expected")
             with open(path, "rb") as handle:
                 return handle.read()
+        if max_bytes is not None and self.is_s3:
+            try:
+                data = self.fs.cat_file(path, start=0, end=max_bytes + 1)
+            except FileNotFoundError:
+                raise
+            except OSError:  # e.g. S3's answer to a range of an empty object: read it whole
+                data = None
+            if data is not None:
+                if len(data) > max_bytes:
+                    raise StoreError(f"{rel!r} holds more than the {max_bytes} bytes expected")
+                return data
         return self.fs.cat_file(path)
 
     def read_json(self, rel: str) -> Any:
@@ -298,6 +318,12 @@ class Store:
         found = self.fs.find(base)
         prefix_len = len(self.fs._strip_protocol(base).rstrip("/")) + 1
         return sorted(self.fs._strip_protocol(f)[prefix_len:] for f in found)
+
+    def list_trees(self, *rels: str) -> list[dict[str, int]]:
+        """For each folder `rel` of an object store, {path below it: size} of every object under it,
+        all folders listed at once in concurrent listings (storage/listing.py); {} where there is none."""
+        assert not self.is_local, "list_trees() lists object stores (local folders are scanned where they are read)"
+        return list_objects(self.fs, [self.path(rel).rstrip("/") for rel in rels])
 
     def local_write_dir(self, rel: str) -> Path:
         """The on-disk folder `rel` for a caller that writes files into it (only local stores):

@@ -78,7 +78,9 @@ def moto_s3_server(serialise: bool = True, timeout_s: float = 60) -> Iterator[st
                                    f"{log.read()[-600:]}")
                 time.sleep(0.05)
             with open(port_file) as handle:
-                yield f"http://127.0.0.1:{handle.read()}"
+                endpoint = f"http://127.0.0.1:{handle.read()}"
+            SERVER_PIDS[endpoint] = child.pid
+            yield endpoint
         finally:
             child.kill()
             child.wait()
@@ -112,6 +114,7 @@ def s3_bucket() -> Iterator[str]:
 
 
 S3_ENV: dict[str, str] = {}  # the endpoint and credentials a worker process needs while `s3_bucket` is up
+SERVER_PIDS: dict[str, int] = {}  # endpoint -> the process serving it (benches read its CPU time)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,31 @@ def test_a_claim_whose_answer_was_lost_is_still_ours(s3_store):
     assert claim is not None and population.active_claims()["j"].token == claim.token
 
 
+def test_a_renewal_or_release_is_one_conditional_put_on_our_own_etag_unless_the_claim_changed(s3_store):
+    """Renewing (and releasing) our claim is one PutObject with If-Match: the ETag of our last
+    write, no read; the object holds the claim's fields only. Once another worker has taken the
+    job over, that PUT is refused, the claim is read, and the renewal fails."""
+    population = s3_store.population("pop")
+    writes = s3_store.conditional_writes(population.rel("claims"))
+    read, reads = writes.read, []
+    writes.read = lambda path: reads.append(path) or read(path)
+    claim = population.claim("j", "worker-a", lease_s=60)
+    assert claim is not None and claim.etag and len(reads) == 1  # claiming reads the current claim
+    before = claim.etag
+    assert population.renew(claim, 60) and claim.etag != before and len(reads) == 1
+    stored = json.loads(s3_store.read_bytes(population.rel("claims", "j")))
+    assert stored == {"job_id": "j", "worker": "worker-a", "token": claim.token, "expires": claim.expires, "lease_s": 60.0}
+    population.release(claim)
+    assert len(reads) == 1 and population.active_claims() == {}
+    mine = population.claim("j", "worker-a", lease_s=0.05)
+    time.sleep(0.1)
+    theirs = Store(s3_store.url).population("pop").claim("j", "worker-b", lease_s=60)
+    assert theirs is not None and not population.renew(mine, 60)
+    assert population.active_claims()["j"].token == theirs.token
+    population.release(mine)
+    assert population.active_claims()["j"].token == theirs.token
+
+
 def test_racing_claimers_on_one_job_exactly_one_wins(s3_bucket):  # noqa: F811
     """Four threads, each with its own Store, claim one job at the same moment; RACE_ROUNDS rounds
     on a fresh job and RACE_ROUNDS on a job whose claim expired (taken over by If-Match)."""

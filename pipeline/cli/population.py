@@ -115,10 +115,10 @@ def verify(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOp
     if reseal:
         resealed = population.reseal(ids)
         out.print(f"resealed {sum(map(len, resealed.values()))} file(s) of {len(resealed)} job(s) written before seals existed")
-    problems, checked = [], 0
+    problems, checked, scored = [], 0, {}
     with progress_bar() as progress:
         task = progress.add_task("verifying", total=len(ids))
-        for _job_id, found in population.verify(ids):
+        for _job_id, found in population.verify(ids, scored=scored):
             problems.extend(found)
             checked += 1
             progress.advance(task)
@@ -126,19 +126,20 @@ def verify(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOp
         out.print(Text.assemble(("✗ ", "red"), str(problem)), highlight=False)
     bad_jobs = len({p.job_id for p in problems})
     out.print(f"{checked - bad_jobs} of {checked} stored LoRAs verify; {len(problems)} problem(s).")
-    _print_unscored(loaded, population, {p.job_id for p in problems})
+    _print_unscored(loaded, scored)
     if problems:
         out.print("repair: `lol finetune` retrains damaged LoRAs, then `lol score` relabels them")
     return EXIT_PROBLEMS if problems else 0
 
 
-def _print_unscored(loaded: Manifest, population, damaged: set[str]) -> None:
-    """Note intact LoRAs lacking a score of the manifest's scorers (never scored, or the file was deleted)."""
+def _print_unscored(loaded: Manifest, scored: dict[str, set[str]]) -> None:
+    """Note intact LoRAs lacking a score of the manifest's scorers (never scored, or the file was
+    deleted), from what `verify` found: `scored` holds each intact LoRA's verified scorer ids."""
     from pipeline.score import scorer_id
+    from pipeline.stages import planned_ids
 
     sids = [scorer_id(spec) for spec in loaded.scorers]
-    unscored = [job.job_id for job in expand(loaded) if job.job_id not in damaged and population.record(job.job_id) is not None
-                and not all(population.has_score(job.job_id, sid) for sid in sids)]
+    unscored = [job_id for job_id in planned_ids(loaded) if job_id in scored and not all(sid in scored[job_id] for sid in sids)]
     if unscored:
         shown = ", ".join(unscored[:10]) + (f" and {len(unscored) - 10} more" if len(unscored) > 10 else "")
         out.print(f"unscored: {len(unscored)} intact LoRA(s) lack a score of {', '.join(sids)}: {shown} "

@@ -1,0 +1,126 @@
+"""Store operations on S3 (a real S3 API: moto's server on loopback, tests/s3_server.py): the
+concurrent listing lists every object once whatever its name, and what `status` and `verify`
+read from it agrees with each job's own files."""
+
+from __future__ import annotations
+
+import uuid
+
+import fsspec
+import pytest
+from job_specs import stored_spec
+from s3_server import s3_bucket  # noqa: F401  (the fixture)
+
+from storage import Store
+from storage.listing import list_objects
+
+
+@pytest.fixture
+def s3_store(s3_bucket) -> Store:  # noqa: F811
+    return Store(f"{s3_bucket}/{uuid.uuid4().hex[:12]}")
+
+
+def staged_adapter(tmp_path, payload: bytes = b"\x00" * 512):
+    staged = tmp_path / f"staged-{uuid.uuid4().hex[:6]}"
+    (staged / "adapter").mkdir(parents=True)
+    (staged / "adapter" / "adapter_config.json").write_text('{"r": 4}')
+    (staged / "adapter" / "adapter_model.safetensors").write_bytes(payload)
+    return staged
+
+
+def test_the_concurrent_listing_lists_every_object_once_whatever_its_name(s3_store):
+    """Hex names, names starting with other characters, direct files and deep paths, over
+    several pages per part: the same objects and sizes as one recursive `find`."""
+    names = [f"{c}{n}/a/b.json" for c in "0379af" for n in range(3)]
+    names += ["Zfolder/x", "_under/y/z", "-dash/w", "README", "f", "fz", "ff/deep/er/still.bin", "ünïcode/k"]
+    for n, name in enumerate(names):
+        s3_store.write_bytes(f"top/{name}", b"x" * n)
+    s3_store.write_bytes("top-sibling/0/not-under-top", b"no")
+    fs, folder = s3_store.fs, s3_store.path("top")
+    expected = {path[len(folder) + 1:]: info["size"] for path, info in fs.find(folder, detail=True).items()}
+    assert expected == {name: n for n, name in enumerate(names)}
+    for page_size in (1, 2, 1000):
+        listed, empty = list_objects(fs, [folder, s3_store.path("nothing-here")], page_size=page_size, concurrency=3)
+        assert listed == expected and empty == {}
+    assert list_objects(fs, [f"lol-no-such-bucket-{uuid.uuid4().hex[:8]}/x"]) == [{}]
+
+
+def test_status_on_s3_from_the_listing_matches_each_jobs_files(s3_store, tmp_path):
+    population = s3_store.population("pop")
+    done, failed, claimed, expired, leftover, unplanned = (stored_spec(population, t) for t in
+                                                           ("done", "failed", "claimed", "expired", "leftover", "unplanned"))
+    for job in (done, unplanned, "Zunplanned"):
+        if job == "Zunplanned":
+            population.write_spec(job, "{}")
+        population.commit(job, staged_adapter(tmp_path), {})
+    population.write_failed(failed, "out of memory")
+    population.write_failed(claimed, "earlier failure")  # a live claim outranks an old failure
+    assert population.claim(claimed, "worker-a", lease_s=60) is not None
+    assert population.claim(expired, "worker-b", lease_s=0.05) is not None
+    s3_store.write_bytes(population.job_rel(leftover, "adapter", "adapter_model.safetensors"), b"partial")
+    report = population.status([done, failed, claimed, expired, leftover, "nofolder"])
+    assert report.done == [done] and report.failed == {failed: "out of memory"} and report.damaged == {}
+    assert report.claimed == {claimed: "worker-a"}
+    assert report.pending == [expired, leftover, "nofolder"]
+    assert report.unplanned == sorted([unplanned, "Zunplanned"])
+
+
+def test_listing_a_memory_store_agrees_with_find():
+    fs = fsspec.filesystem("memory")
+    root = f"/lol-test-{uuid.uuid4().hex[:8]}"
+    fs.pipe({f"{root}/a/b": b"12", f"{root}/Z/c/d": b"3"})
+    assert list_objects(fs, [root]) == [{"a/b": 2, "Z/c/d": 1}]
+
+
+def test_verify_on_s3_from_the_listing_reports_what_each_job_read_path_by_path_reports(s3_store, tmp_path):
+    """A flipped byte, a missing file, a stray file, a damaged score, remains of a dead commit (and
+    of a live one), a folder with an unsafe name: `verify` (one listing, jobs checked at once)
+    reports exactly what the path-by-path check of each job reports, and nothing for intact jobs."""
+    population = s3_store.population("pop")
+    tags = ("good", "flipped", "gone", "stray", "badscore", "unscored", "dead", "live")
+    jobs = dict(zip(tags, (stored_spec(population, t) for t in tags)))
+    for tag in tags[:6]:
+        population.commit(jobs[tag], staged_adapter(tmp_path, bytes(range(256)) * 2), {})
+        if tag != "unscored":
+            population.write_score(jobs[tag], "s-1", {"job_id": jobs[tag], "scorer_id": "s-1", "labels": {"v": 1.0}})
+    weights = population.job_rel(jobs["flipped"], "adapter/adapter_model.safetensors")
+    s3_store.write_bytes(weights, b"\x01" + s3_store.read_bytes(weights)[1:])
+    s3_store.delete(population.job_rel(jobs["gone"], "adapter/adapter_config.json"))
+    s3_store.write_bytes(population.job_rel(jobs["stray"], "adapter/extra.bin"), b"?")
+    s3_store.write_bytes(population.score_rel(jobs["badscore"], "s-1"), b"{}")
+    for tag in ("dead", "live"):
+        s3_store.write_bytes(population.job_rel(jobs[tag], "adapter/adapter_model.safetensors"), b"partial")
+    assert population.claim(jobs["live"], "worker-a", lease_s=60) is not None
+    s3_store.write_bytes(population.rel("jobs", ".hidden", "record.json"), b"{}")
+    scored: dict[str, set[str]] = {}
+    found = dict(population.verify(scored=scored))
+    assert found[jobs["good"]] == [] and found[jobs["unscored"]] == [] and jobs["live"] not in found
+    assert [(p.path, p.kind) for p in found[jobs["flipped"]]] == [("adapter/adapter_model.safetensors", "corrupt")]
+    assert [(p.path, p.kind) for p in found[jobs["gone"]]] == [("adapter/adapter_config.json", "missing")]
+    assert [(p.path, p.kind) for p in found[jobs["stray"]]] == [("adapter/extra.bin", "unexpected")]
+    assert [(p.path, p.kind) for p in found[jobs["badscore"]]] == [("scores/s-1.json", "corrupt")]
+    assert [(p.path, p.kind) for p in found[jobs["dead"]]] == [("record.json", "incomplete")]
+    assert [p.kind for p in found[".hidden"]] == ["unsafe"]
+    for job_id, problems in found.items():
+        if job_id != ".hidden":
+            assert problems == population._damage_by_path(job_id), job_id
+    assert scored == {jobs["good"]: {"s-1"}, jobs["unscored"]: set()}
+    assert dict(population.verify([jobs["good"], jobs["flipped"], "absent"])) == {
+        jobs["good"]: [], jobs["flipped"]: found[jobs["flipped"]]}
+
+
+def test_a_bounded_read_on_s3_is_one_ranged_get_that_refuses_a_larger_file(s3_store, monkeypatch):
+    from storage import StoreError
+
+    s3_store.write_bytes("small", b"12345")
+    s3_store.write_bytes("empty", b"")
+    calls = []
+    call = s3_store.fs._call_s3
+    monkeypatch.setattr(s3_store.fs, "_call_s3", lambda method, *a, **kw: calls.append(method) or call(method, *a, **kw))
+    assert s3_store.read_bytes("small", max_bytes=5) == b"12345" and calls == ["get_object"]
+    with pytest.raises(StoreError, match="more than the 4 bytes"):
+        s3_store.read_bytes("small", max_bytes=4)
+    assert s3_store.read_bytes("empty", max_bytes=4) == b""
+    with pytest.raises(FileNotFoundError):
+        s3_store.read_bytes("absent", max_bytes=4)
+    assert s3_store.read_bytes("small") == b"12345"
