@@ -75,23 +75,27 @@ def bench_finetune_command(
 def bench_labels_command(
     manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
     output: Annotated[Optional[Path], typer.Option(help="JSON to write (default: bench/results/labels-{population}.json).")] = None,
+    base: Annotated[bool, typer.Option("--base", help="Also score the base model without an adapter (loads it once per scorer).")] = False,
 ) -> int:
-    """Are the labels informative? Spread of every label and Kendall τ against lr × steps/epochs and each hyperparameter."""
+    """Are the labels informative? Spread of every label, its distinct values, Kendall τ against lr × steps/epochs, each
+    hyperparameter and the other labels, and its mean per quintile of lr × steps/epochs."""
     from bench.measure import write_json
-    from pipeline.label_stats import label_statistics
+    from pipeline.label_stats import base_labels, label_statistics
 
     loaded = load(manifest, overrides)
-    result = label_statistics(loaded, Store(store, create=False))
+    opened = Store(store, create=False)
+    result = label_statistics(loaded, opened, base_labels(loaded, opened) if base else None)
     if not result["labels"]:
         raise BenchError(f"no scores stored for {loaded.population.name!r}; run `lol score {manifest}` first")
     table = Table(title=f"labels of {loaded.population.name} ({result['planned']} planned)")
     table.add_column("label", overflow="fold")  # long attribute tests wrap instead of being cut
-    for column in ("n", "mean", "std", "min", "max", "τ vs lr×length (p)"):
+    for column in ("n", "distinct", "base", "mean", "std", "min", "max", "τ vs lr×length (p)", "mean by lr×length quintile"):
         table.add_column(column, justify="right")
     for column, s in result["labels"].items():
         tau = s["kendall"].get("lr×length")
-        table.add_row(column, str(s["count"]), f"{s['mean']:.4g}", f"{s['std']:.4g}", f"{s['min']:.4g}", f"{s['max']:.4g}",
-                      f"{tau['tau']:+.3f} ({tau['p_value']:.2g})" if tau else "—")
+        table.add_row(column, str(s["count"]), str(s["distinct"]), f"{s['base']:.4g}" if "base" in s else "—", f"{s['mean']:.4g}",
+                      f"{s['std']:.4g}", f"{s['min']:.4g}", f"{s['max']:.4g}", f"{tau['tau']:+.3f} ({tau['p_value']:.2g})" if tau else "—",
+                      " ".join(f"{b['mean']:.3g}" for b in s["by_budget"]) or "—")
     out.print(table)
     name = f"labels-{loaded.population.name}"
     path = write_json(output.stem, result, output.parent, stamped=False) if output else write_json(name, result, stamped=False)

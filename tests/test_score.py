@@ -196,12 +196,29 @@ def test_label_statistics_match_a_direct_computation(trained, run_cli, tmp_path)
         assert budgets == [j.spec.hyperparameters["learning_rate"] * j.spec.hyperparameters["steps"] for j in jobs]
         if "lr×length" in s["kendall"]:
             assert np.isclose(s["kendall"]["lr×length"]["tau"], kendalltau(budgets, values).statistic, atol=1e-4)
+        assert s["distinct"] == len(set(values)) and sum(b["count"] for b in s["by_budget"]) == 3
+    circle = [population.read_score(j.job_id, sid)["labels"]["shape=circle"] for j in jobs]
+    large = [population.read_score(j.job_id, sid)["labels"]["size=large"] for j in jobs]
+    between = stats["attributes/shape=circle"]["kendall"].get("label:attributes/size=large")
+    if len(set(circle)) > 1 and len(set(large)) > 1:
+        assert np.isclose(between["tau"], kendalltau(circle, large).statistic, atol=1e-4)
     out = tmp_path / "labels.json"
     code, stdout, err = run_cli("bench", "labels", SHAPES, *overrides, *extra, "--store", store.url, "--output", out)
     assert code == 0, err
     assert json.loads(out.read_text())["labels"].keys() == stats.keys()
     code, _, err = run_cli("bench", "labels", SHAPES, *overrides, "--store", tmp_path / "empty")
     assert code == 2 and "no scores stored" in err
+
+
+def test_budget_curve_is_the_label_mean_per_equal_count_bin_of_the_budget():
+    from pipeline.label_stats import budget_curve
+
+    budgets = [5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 8.0, 7.0, 9.0, 10.0]
+    values = [b * 10 for b in budgets]  # sorted: 10, 20, …, 100
+    curve = budget_curve(budgets, values, bins=5)
+    assert [c["count"] for c in curve] == [2] * 5
+    assert [c["mean"] for c in curve] == [15.0, 35.0, 55.0, 75.0, 95.0]
+    assert (curve[0]["budget_min"], curve[-1]["budget_max"]) == (1.0, 10.0)
 
 
 @pytest.mark.parametrize("rows_per_call", [32, 4], ids=["one-loop", "loop-per-adapter"])

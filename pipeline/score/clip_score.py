@@ -252,7 +252,8 @@ class ClipScoreScorer:
         cosine = (features * self.text_features[prompt_index]).sum(dim=-1)
         return (100 * cosine.clamp(min=0)).cpu().numpy()
 
-    def score(self, job: Job, adapter_dir: Path) -> dict[str, float]:
+    def score(self, job: Job | None, adapter_dir: Path | None) -> dict[str, float]:
+        """The mean CLIP score of the adapter's images (None: the base's own)."""
         scores = self.clip_scores(self.generate(adapter_dir))
         return {"clip_score": float(scores.mean())}
 
