@@ -112,29 +112,32 @@ def split_of(group: str, fractions: dict[str, float], seed: int) -> str:
 # ---------------------------------------------------------------- weights
 
 
-def read_adapter(store: Store, rel: str, trust_remote_pickle: bool = False):
+def read_adapter(store: Store, rel: str, trust_remote_pickle: bool = False, files: dict[str, int] | None = None):
     """(Weights, adapter_config) of a stored peft adapter folder, read with `safe_weights`.
 
     NaN/Inf values are counted, not refused (`Weights.non_finite`): the caller decides.
+    `files` ({name: size} of the folder, from a listing of the store) spares listing the folder.
     """
     from pipeline.safe_weights import load_weights, max_file_bytes
 
-    name = _adapter_weights_name(store, rel)  # its size checked: a bounded read (one GET on S3) then refuses a larger one
+    name = _adapter_weights_name(store, rel, files)  # its size checked: a bounded read (one GET on S3) then refuses a larger one
     weights = load_weights(store.read_bytes(f"{rel}/{name}", max_bytes=max_file_bytes()), f"{rel}/{name}", non_finite="count",
                            trust_remote_pickle=trust_remote_pickle)
     return weights, read_adapter_config(store, rel)
 
 
-def _adapter_weights_name(store: Store, rel: str) -> str:
-    """The weights file of the adapter folder `rel` (safetensors, else a pickle), its sizes checked."""
+def _adapter_weights_name(store: Store, rel: str, files: dict[str, int] | None = None) -> str:
+    """The weights file of the adapter folder `rel` (safetensors, else a pickle), its sizes checked
+    (from `files`, {name: size}, where given)."""
     from pipeline.safe_weights import max_file_bytes
 
-    names = store.list_dir(rel)
+    names = sorted(files) if files is not None else store.list_dir(rel)
     name = ADAPTER_WEIGHTS if ADAPTER_WEIGHTS in names else ADAPTER_PICKLE if ADAPTER_PICKLE in names else None
     if name is None or ADAPTER_CONFIG not in names:
         raise PublishError(f"{rel} is not a peft adapter folder: it needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}, "
                            f"it holds: {', '.join(names) or 'nothing'}")
-    if store.size(f"{rel}/{name}") > max_file_bytes() or store.size(f"{rel}/{ADAPTER_CONFIG}") > MAX_CONFIG_BYTES:
+    size = files.__getitem__ if files is not None else lambda file: store.size(f"{rel}/{file}")
+    if size(name) > max_file_bytes() or size(ADAPTER_CONFIG) > MAX_CONFIG_BYTES:
         raise PublishError(f"{rel}: the adapter files are larger than any LoRA's")
     return name
 
@@ -170,6 +173,7 @@ class Assembled:
     excluded: dict[str, str]
     adapters: dict[str, str]  # job_id -> the adapter folder's store path
     ranks: dict[str, int]  # job_id -> the rank its spec trains
+    adapter_files: dict[str, dict[str, int]] | None = None  # job_id -> {file: size} (object stores: from one listing)
 
 
 def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False) -> Assembled:
@@ -180,7 +184,8 @@ def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False
     largest rank of the rows; every other adapter is checked against it when it is read.
     """
     population = store.population(manifest.population.name)
-    refuse_damage(manifest, population)
+    listing = None if store.is_local else population.object_listing()  # one listing, not one per job
+    refuse_damage(manifest, population, listing)
     scorers = [(spec.name, scorer_id(spec)) for spec in manifest.scorers]
     excluded: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
@@ -239,12 +244,25 @@ def assemble(manifest: Manifest, store: Store, trust_remote_pickle: bool = False
         column, ids = next(iter(gaps.items()))
         raise PublishError(f"label {column!r} is missing from {len(ids)} row(s), e.g. {ids[:5]}; rescore those LoRAs")
     first = rows[0]["job_id"]
-    weights, _ = read_adapter(store, adapters[first], trust_remote_pickle)
+    adapter_files = None if listing is None else {job_id: _adapter_files(listing[0].get(job_id, {})) for job_id in adapters}
+    weights, _ = read_adapter(store, adapters[first], trust_remote_pickle, adapter_files and adapter_files[first])
     layout = make_layout(job_factors(weights.tensors, ranks[first], first), max(ranks.values()))
     fractions = dict(manifest.publish.splits)
     for row in rows:
         row["split"] = split_of(row["group"], fractions, manifest.publish.split_seed)
-    return Assembled(rows, layout, label_names, excluded, adapters, ranks)
+    return Assembled(rows, layout, label_names, excluded, adapters, ranks, adapter_files)
+
+
+def _adapter_files(job_files: dict[str, int]) -> dict[str, int]:
+    """{name: size} of the files directly in a job's adapter folder, of {path in the job folder: size};
+    a folder inside it shows as its name with size -1 (never a weights or config file)."""
+    files: dict[str, int] = {}
+    for path, size in job_files.items():
+        folder, _, rest = path.partition("/")
+        if folder == "adapter" and rest:
+            name, _, deeper = rest.partition("/")
+            files[name] = -1 if deeper else size
+    return files
 
 
 def weighted_rows(assembled: Assembled, store: Store, rows: list[dict[str, Any]],
@@ -253,7 +271,8 @@ def weighted_rows(assembled: Assembled, store: Store, rows: list[dict[str, Any]]
     object store at most OBJECT_STORE_READS at once); a LoRA holding NaN/Inf weights is skipped and
     added to `assembled.excluded` with its count."""
     def read(row: dict[str, Any]):
-        return read_adapter(store, assembled.adapters[row["job_id"]], trust_remote_pickle)[0]
+        files = assembled.adapter_files[row["job_id"]] if assembled.adapter_files is not None else None
+        return read_adapter(store, assembled.adapters[row["job_id"]], trust_remote_pickle, files)[0]
 
     for row, weights in zip(rows, _in_order(store, read, rows)):
         job_id = row["job_id"]
@@ -301,13 +320,13 @@ def job_factors(tensors: dict[str, np.ndarray], rank: int, job_id: str) -> dict[
     return factors
 
 
-def refuse_damage(manifest: Manifest, population) -> None:
+def refuse_damage(manifest: Manifest, population, listing=None) -> None:
     """PublishError naming every planned job whose LoRA, scores or files are damaged.
 
     Publishing around damage would silently drop those LoRAs (or their labels) from the
     dataset; the repair is a rerun (`lol finetune` retrains them, `lol score` relabels them).
     """
-    damaged = {job_id: found for job_id, found in population.verify(planned_job_ids(manifest)) if found}
+    damaged = {job_id: found for job_id, found in population.verify(planned_job_ids(manifest), listing=listing) if found}
     if damaged:
         examples = "; ".join(str(p) for problems in list(damaged.values())[:3] for p in problems[:1])
         raise PublishError(f"{len(damaged)} stored LoRA(s) of {manifest.population.name!r} are damaged, so nothing was "

@@ -388,16 +388,17 @@ class PopulationStore:
                             "(an interrupted commit or a deleted record)")]
         return []
 
-    def verify(self, job_ids: Iterable[str] | None = None,
-               scored: dict[str, set[str]] | None = None) -> Iterator[tuple[str, list[Problem]]]:
+    def verify(self, job_ids: Iterable[str] | None = None, scored: dict[str, set[str]] | None = None,
+               listing: tuple[dict[str, dict[str, int]], set[str]] | None = None) -> Iterator[tuple[str, list[Problem]]]:
         """(job_id, problems) for every stored job (of `job_ids`, default all) that holds a LoRA or its remains.
 
         With `scored`, each job that holds a record and has no problem gets the scorer ids of its
         score files there (all of which verified). On an object store the jobs and claims folders
-        are listed once (`object_listing`) and jobs are checked `CONCURRENCY` at a time, in order.
+        are listed once (`object_listing`, or `listing`: what it returned) and jobs are checked
+        `CONCURRENCY` at a time, in order.
         """
         if not self.store.is_local:
-            yield from self._verify_objects(job_ids, scored)
+            yield from self._verify_objects(job_ids, scored, listing)
             return
         for job_id in job_ids if job_ids is not None else self.job_ids():
             try:
@@ -415,9 +416,9 @@ class PopulationStore:
                     scored[job_id] = {n.removesuffix(".json") for n in self.store.list_dir(self.job_rel(job_id, SCORES))}
                 yield job_id, problems
 
-    def _verify_objects(self, job_ids: Iterable[str] | None,
-                        scored: dict[str, set[str]] | None) -> Iterator[tuple[str, list[Problem]]]:
-        jobs, claims = self.object_listing()
+    def _verify_objects(self, job_ids: Iterable[str] | None, scored: dict[str, set[str]] | None,
+                        listing: tuple[dict[str, dict[str, int]], set[str]] | None) -> Iterator[tuple[str, list[Problem]]]:
+        jobs, claims = listing if listing is not None else self.object_listing()
         ids = list(job_ids) if job_ids is not None else sorted(jobs)
 
         def check(job_id: str) -> list[Problem] | None:

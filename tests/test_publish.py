@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT
+from s3_server import s3_bucket  # noqa: F401  (the fixture)
 from safetensors.numpy import load_file
 
 from lol_models.published import row_to_adapter
@@ -389,3 +390,18 @@ def test_big_loras_get_smaller_shards_and_load_whole(population, tmp_path, monke
     loaded = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "cache"))
     from_disk = datasets.load_from_disk(str(folder / "arrow"))["train"]
     assert sorted(loaded["job_id"]) == sorted(from_disk["job_id"]) and len(loaded) == summary.rows["train"]
+
+
+def test_a_publish_from_s3_writes_what_a_publish_from_a_local_disk_writes(population, s3_bucket, tmp_path):  # noqa: F811
+    """The same store on moto's S3 (one listing, reads 8 at once): the same rows and the same shard bytes
+    (parquet shards are named by their sha256)."""
+    import fsspec
+
+    store, manifest = population
+    url = f"{s3_bucket}/publish-{tmp_path.name}"
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.put(str(store.local_path("populations")).rstrip("/") + "/", f"{root}/populations", recursive=True)
+    local, remote = publish_population(manifest, store), publish_population(manifest, Store(url))
+    assert remote.rows == local.rows and remote.excluded == local.excluded
+    remote_shards = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{remote.folder}/data/*.parquet"))
+    assert remote_shards == [p.rsplit("/", 1)[-1] for p in shards(local.folder)]
