@@ -10,7 +10,7 @@ What a manifest needs (`manifest_artefacts`), each once however many sections na
 - `clip`: open_clip weights of a pretrained tag or an `hf-hub:` model, by open_clip's own download helpers
   (`download_pretrained`, `download_pretrained_from_hf`; safetensors preferred) into `HF_HOME/hub`.
 
-Built-in `tiny:` bases, local folders and files, `folder:` datasets and `qa:` sets need nothing.
+Built-in `tiny:` bases, local folders and files, `folder:` datasets and `qa:` / `skills:` sets need nothing.
 Where the hub is off or unreachable, every artefact that is not cached is one line (what, and the
 command that fetches it where the hub is reachable) and the exit code is 2.
 """

@@ -46,7 +46,7 @@ TINY_BASES: dict[str, str] = {
     "shapes-clip": "clip",
     "qa-lm": "causal_lm",
 }
-BUILTIN_DATA_SOURCES = ("shapes", "qa")
+BUILTIN_DATA_SOURCES = ("shapes", "qa", "skills")
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a page of YAML; anything near this size is not one
 MAX_SHOWN_PROBLEMS = 50
 
@@ -278,7 +278,7 @@ def _omit_none(data: dict, keys: tuple[str, ...]) -> dict:
 
 
 class DataSection(StrictModel):
-    source: str = Field(description="`shapes`, `qa` (built in), `hf:<dataset id>` or `folder:<path>`.")
+    source: str = Field(description="`shapes`, `qa`, `skills` (built in), `hf:<dataset id>` or `folder:<path>`.")
     revision: str | None = Field(None, description="Revision of an `hf:` dataset.")
     config: str | list[str] | None = Field(None, description="Config(s) of an `hf:` / `folder:` dataset (a list is pooled); default: the dataset's known default.")
     columns: DataColumns | None = Field(None, description="Column mapping of an `hf:` / `folder:` dataset.")
@@ -460,7 +460,7 @@ class MembershipScorer(StrictModel):
 
 class McAccuracyScorer(StrictModel):
     name: Literal["mc_accuracy"]
-    benchmark: str = Field(description="`qa:<set>` (tiny world), `hf:<dataset id>` or `folder:<path>`.")
+    benchmark: str = Field(description="`skills:<set>[+<set>…]` or `skills:all`, `qa:<set>` (tiny world), `hf:<dataset id>` or `folder:<path>`.")
     split: str = "test"
     limit: int | None = Field(None, ge=1, le=MAX_SCORE_LIMIT, description=f"Score the first N questions only (1..{MAX_SCORE_LIMIT:,}).")
     batch_size: int = Field(16, ge=1, le=MAX_BATCH, description=f"Questions per batch, 1..{MAX_BATCH:,}.")

@@ -1,4 +1,4 @@
-"""Data sources, looked up by the manifest's `data.source` string (`shapes`, `qa`, …)."""
+"""Data sources, looked up by the manifest's `data.source` string (`shapes`, `qa`, `skills`, …)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,14 @@ def _qa(**options) -> DataSource:
     return QASource(**{"scheme": "hashed", **options})
 
 
-BUILTIN_SOURCES: dict[str, Callable[..., DataSource]] = {"shapes": _shapes, "qa": _qa}
+def _skills(**options) -> DataSource:
+    """The tiny world's learnable QA: six templated skills (`pipeline.data.skills`)."""
+    from pipeline.data.skills import SkillsSource
+
+    return SkillsSource(**options)
+
+
+BUILTIN_SOURCES: dict[str, Callable[..., DataSource]] = {"shapes": _shapes, "qa": _qa, "skills": _skills}
 
 
 def get_source(name: str, **options) -> DataSource:

@@ -14,7 +14,8 @@ head only on the continuation positions).
 - `eval_loss`: the mean negative log-likelihood per answer token of the correct continuation,
   over every question of the held-out set: the training loss, on data the LoRA never saw.
 
-Questions come from `qa:<set>` (the tiny world's `qa` source, hashed splits) or from an `hf:` /
+Questions come from `skills:<sets>` (the tiny world's learnable skills: `skills:all`, `skills:compare+lookup`),
+`qa:<set>` (the tiny world's `qa` source, hashed splits) or from an `hf:` /
 `folder:` QA dataset (`pipeline.data.hub`: ARC as on the hub, its splits as the hub names them), and
 are checked up front (an empty choice list or an answer index out of range names the question). The base is
 loaded once in `setup`; each adapter is put on it with `PeftModel.from_pretrained` and taken off
@@ -61,6 +62,10 @@ def benchmark_examples(name: str, split: str, limit: int | None = None, spec: An
     columns (`spec`; ARC by default pools ARC-Challenge then ARC-Easy, in stored order)."""
     if name.startswith("qa:"):
         examples = list(get_source("qa", sets=[name.removeprefix("qa:")]).examples(split))[:limit]
+    elif name.startswith("skills:"):
+        from pipeline.data.skills import parse_sets
+
+        examples = list(get_source("skills", sets=parse_sets(name.removeprefix("skills:"))).examples(split))[:limit]
     elif name.startswith(("hf:", "folder:")):
         loaded = get_source(name, **dataset_options(spec))
         pool = loaded.examples(split)
@@ -69,7 +74,8 @@ def benchmark_examples(name: str, split: str, limit: int | None = None, spec: An
                                   "columns (columns: {question: …, choices: …, answer: …}) or name a QA dataset")
         examples = list(pool)[:limit]
     else:
-        raise DataSourceError(f"benchmark {name!r}: use qa:<set> (a bundled QA set, e.g. qa:arc_challenge), "
+        raise DataSourceError(f"benchmark {name!r}: use skills:<set>[+<set>…] or skills:all (the tiny world's learnable "
+                              f"skills), qa:<set> (a bundled QA set, e.g. qa:arc_challenge), "
                               f"hf:<dataset id> (e.g. hf:allenai/ai2_arc) or folder:<path>")
     if not examples:
         raise DataSourceError(f"benchmark {name!r} has no questions in split {split!r}")
