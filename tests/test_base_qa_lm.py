@@ -19,6 +19,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from pipeline.data.qa import QASource, format_question  # noqa: E402
+from pipeline.data.skills import SkillsSource, statement  # noqa: E402
 from tinyworld import qa_lm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is far faster on shared cores
@@ -69,7 +70,7 @@ def check_same_state(a: dict, b: dict) -> None:
 def test_module_interface():
     assert (qa_lm.NAME, qa_lm.KIND, qa_lm.SIZES) == ("qa-lm", "causal_lm", ("smoke", "full"))
     fingerprint = qa_lm.data_fingerprint()
-    assert fingerprint.startswith("qa-") and fingerprint == qa_lm.data_fingerprint()
+    assert fingerprint.startswith("skills-") and "-qa-" in fingerprint and fingerprint == qa_lm.data_fingerprint()
 
 
 @pytest.mark.parametrize("size", ["smoke", "full"])
@@ -84,7 +85,7 @@ def test_full_recipe_fits_the_budget():
     recipe = qa_lm.QALMRecipe.from_dict(qa_lm.recipe_config("full"))
     model = transformers.Qwen2ForCausalLM(qa_lm.qwen2_config(recipe, 0, 1))
     params = sum(p.numel() for p in model.parameters())
-    assert 4096 <= recipe.tokenizer.vocab_size <= 8192
+    assert 512 <= recipe.tokenizer.vocab_size <= 8192  # the skills' text trains a BPE of ~740 tokens
     assert 128 <= recipe.model.hidden_size <= 256 and 2 <= recipe.model.num_hidden_layers <= 4
     assert params * 4 <= 6 * 1024**2, params  # fp32 safetensors ≤ 6 MB
 
@@ -101,6 +102,25 @@ def test_recipe_errors_name_the_problem():
         qa_lm.QALMRecipe.from_dict({**config, "model": {**config["model"], "num_attention_heads": 3}})
     with pytest.raises(ValueError, match="max_position_embeddings"):
         qa_lm.QALMRecipe.from_dict({**config, "train": {**config["train"], "seq_len": 500}})
+    with pytest.raises(ValueError, match=r"data.qa_share must be in \[0, 1\]"):
+        qa_lm.QALMRecipe.from_dict({**config, "data": {**config["data"], "qa_share": 1.5}})
+    with pytest.raises(ValueError, match=r"data.source must be one of \['skills', 'qa'\]"):
+        qa_lm.QALMRecipe.from_dict({**config, "data": {**config["data"], "source": "wiki"}})
+    real_qa = {**config["data"], "source": "qa", "sets": ["arc_easy"], "mc_sets": ["arc_easy"]}
+    with pytest.raises(ValueError, match="1 unless data.source is skills"):
+        qa_lm.QALMRecipe.from_dict({**config, "data": real_qa})
+    assert qa_lm.QALMRecipe.from_dict({**config, "data": {**real_qa, "qa_share": 1.0}}).data.source == "qa"
+
+
+def test_pretraining_reads_a_share_of_the_questions_and_the_rest_as_statements():
+    recipe = qa_lm.QALMRecipe.from_dict(qa_lm.recipe_config("full"))
+    texts = qa_lm.pretrain_texts(recipe)
+    examples = SkillsSource().examples("pretrain")
+    assert len(texts) == len(examples) > 9000
+    asked = [t == qa_lm.document_text(e) for t, e in zip(texts, examples)]
+    assert all(asked[i] or t == statement(e) for i, (t, e) in enumerate(zip(texts, examples)))
+    assert abs(sum(asked) / len(asked) - recipe.data.qa_share) < 0.02
+    assert not any("Question:" in t for t, a in zip(texts, asked) if not a)
 
 
 # ----------------------------------------------------------------------------- build, save, load
@@ -124,7 +144,7 @@ def test_smoke_build_saves_safetensors_and_tokenizer(smoke_build, smoke_config):
     assert json.loads(json.dumps(metrics)) == metrics
     assert metrics["eval_docs"] == smoke_config["data"]["max_eval_docs"]
     assert metrics["val_perplexity"] > 1 and metrics["unigram_perplexity"] > 1
-    mc = metrics["mc"]["arc_easy"]
+    mc = metrics["mc"]["lookup"]
     assert mc["questions"] == smoke_config["data"]["max_mc_questions"] and 0 <= mc["acc"] <= 1
 
 
@@ -200,7 +220,7 @@ def test_tokenizer_round_trips_and_matches_the_auto_loaded_one(smoke_build, smok
     assert [loaded.decode(i) for i in ids] == texts
     assert loaded(SAMPLE_TEXTS[0])["input_ids"] == ids[0]  # nothing added around the text
     assert (loaded.eos_token, loaded.eos_token_id, loaded.pad_token, loaded.pad_token_id) == ("<|endoftext|>", 0, "<|pad|>", 1)
-    assert loaded.bos_token is None and len(loaded) == recipe.tokenizer.vocab_size
+    assert loaded.bos_token is None and len(loaded) <= recipe.tokenizer.vocab_size
     assert loaded("12")["input_ids"] == [loaded.convert_tokens_to_ids("1"), loaded.convert_tokens_to_ids("2")]
 
 
@@ -249,7 +269,7 @@ def test_sequence_nll_matches_a_direct_computation(tiny_model):
 def test_mc_accuracy_counts_the_likeliest_choice(smoke_build):
     out, metrics, _ = smoke_build
     model, tokenizer = qa_lm.load(out)
-    examples = QASource(["arc_easy"], scheme="hashed").examples_of("arc_easy", "test")[:6]
+    examples = SkillsSource(["lookup"]).examples_of("lookup", "test")[:6]
     scores = [qa_lm.mc_scores(model, tokenizer, ex) for ex in examples]
     best = [max(range(len(ll)), key=ll.__getitem__) for ll, _ in scores]
     wrong = [(b + 1) % len(ex.choices) for b, ex in zip(best, examples)]
@@ -271,9 +291,9 @@ def test_mc_accuracy_counts_the_likeliest_choice(smoke_build):
     with pytest.raises(ValueError, match="at least one"):
         qa_lm.mc_accuracy(model, tokenizer, [])
     # the build's reported figure is mc_accuracy on the first `max_mc_questions` test questions
-    n = metrics["mc"]["arc_easy"]["questions"]
-    again = qa_lm.mc_accuracy(model, tokenizer, QASource(["arc_easy"], scheme="hashed").examples_of("arc_easy", "test")[:n])
-    assert round(again["acc"], 4) == metrics["mc"]["arc_easy"]["acc"]
+    n = metrics["mc"]["lookup"]["questions"]
+    again = qa_lm.mc_accuracy(model, tokenizer, SkillsSource(["lookup"]).examples_of("lookup", "test")[:n])
+    assert round(again["acc"], 4) == metrics["mc"]["lookup"]["acc"]
 
 
 # ----------------------------------------------------------------------------- the real model
@@ -284,3 +304,23 @@ def test_full_build_reaches_the_quality_bar(tmp_path):
     metrics = qa_lm.build(qa_lm.recipe_config("full"), tmp_path)
     assert metrics["val_perplexity"] < 0.5 * metrics["unigram_perplexity"], metrics
     assert (tmp_path / "model.safetensors").stat().st_size <= 6 * 1024**2
+
+
+def test_bases_evaluate_lm_gives_each_skill_its_accuracy_with_a_wilson_interval(run_cli, tmp_path):
+    from scipy.stats import binomtest
+
+    out = tmp_path / "quality.json"
+    code, stdout, err = run_cli("bases", "evaluate-lm", "--size", "smoke", "--split", "validation", "--output", out,
+                                "--store", tmp_path / "store")
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    per_skill = result["per_skill"]
+    assert list(per_skill) == list(SkillsSource().sets()) and result["chance"] == 0.25
+    assert sum(r["questions"] for r in per_skill.values()) == result["acc"]["questions"] == len(SkillsSource().examples("validation"))
+    assert result["acc"]["correct"] == sum(r["correct"] for r in per_skill.values())
+    for r in [*per_skill.values(), result["acc"]]:
+        ci = binomtest(r["correct"], r["questions"]).proportion_ci(method="wilson")
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx((ci.low, ci.high)) and r["ci_low"] <= r["value"] <= r["ci_high"]
+    assert "all" in stdout and "95% interval" in stdout
+    code, _, err = run_cli("bases", "evaluate-lm", "--size", "smoke", "--split", "train", "--store", tmp_path / "store")
+    assert code == 2 and "not a held-out skills split; valid: validation, test" in err

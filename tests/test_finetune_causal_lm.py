@@ -186,8 +186,8 @@ def test_missing_target_module_fails_before_training_and_lists_candidates(store)
 
 
 def test_unknown_source_name_fails_before_training_and_lists_known(store):
-    with pytest.raises(DataSourceError, match=r"unknown source\(s\) \['arc_hard'\]; known: .*arc_challenge"):
-        finetune_population(manifest("lm-sources", "data.subsets.sources=[arc_easy, arc_hard]"), store, CausalLMTrainer)
+    with pytest.raises(DataSourceError, match=r"unknown source\(s\) \['algebra'\]; known: arithmetic, category, compare"):
+        finetune_population(manifest("lm-sources", "data.subsets.sources=[lookup, algebra]"), store, CausalLMTrainer)
     assert store.population("lm-sources").job_ids() == []
 
 

@@ -103,6 +103,40 @@ def bases_evaluate(
     return 0
 
 
+@bases_app.command("evaluate-lm")
+def bases_evaluate_lm(
+    size: Annotated[str, typer.Option(help="full, or smoke (seconds; for tests).")] = "full",
+    split: Annotated[str, typer.Option(help="The skills split to answer: test (563 questions) or validation.")] = "test",
+    output: Annotated[Path, typer.Option(help="Where to write the figures (JSON).")] = Path("bench/results/tiny-qa-lm-quality.json"),
+    store: StoreOpt = None,
+) -> int:
+    """Measure tiny:qa-lm: zero-shot accuracy on the skills' held-out questions, per skill, with 95% intervals."""
+    import json as json_module
+
+    from pipeline.bases.cache import ensure_base
+    from pipeline.data.skills import SkillsSource
+    from tinyworld import qa_lm
+
+    if split not in SkillsSource().splits() or split in ("pretrain", "train"):
+        raise typer.BadParameter(f"{split!r} is not a held-out skills split; valid: validation, test", param_hint="--split")
+    base = ensure_base("qa-lm", Store(store), size=size, log=lambda message: err.print(message, highlight=False))
+    model, tokenizer = qa_lm.load(base.path)
+    with progress_bar() as progress:
+        progress.add_task("answering", total=None)
+        result = qa_lm.skills_quality(model, tokenizer, split)
+    result["base"] = base.recipe.folder
+    table = Table(title=f"tiny:qa-lm ({base.recipe.folder}), {split} split, chance 0.25")
+    for column in ("skill", "questions", "acc", "95% interval"):
+        table.add_column(column)
+    for name, r in [*result["per_skill"].items(), ("all", result["acc"])]:
+        table.add_row(name, str(r["questions"]), f"{r['value']:.3f}", f"{r['ci_low']:.3f} – {r['ci_high']:.3f}")
+    out.print(table)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json_module.dumps(result, indent=1))
+    out.print(f"results: {output}")
+    return 0
+
+
 @bases_app.command("list")
 def bases_list(store: StoreOpt = None) -> int:
     """The built bases the store holds."""

@@ -14,33 +14,40 @@ A built folder holds (transformers' own layout)
     model.safetensors                        # the weights, fp32, embeddings tied to the LM head
     tokenizer.json, tokenizer_config.json    # Qwen2Tokenizer, byte-level BPE; eos "<|endoftext|>", pad "<|pad|>"
 
-Data (`pipeline.data.qa`, scheme "hashed"): the model pretrains on the "pretrain" split (40 %
-of every bundled set, by id hash) of the recipe's sets, each example rendered as the scorers
-will present it, lm-evaluation-harness style:
+Data (`data.source`): by default the tiny world's learnable skills (`pipeline.data.skills`: six
+templated kinds of question, four choices each, split by a hash of the question text). The model
+pretrains on the "pretrain" split of the recipe's sets; each example is read either as the scorers
+will present it, lm-evaluation-harness style,
 
-    "Question: {question}\\nAnswer: {correct choice}"
+    "Question: {question}\nAnswer: {correct choice}"
+
+or, for the other examples, as the plain statement of the same fact ("23 plus 9 is 32.", "Of
+lamp, pear, wolf and drum, pear is a fruit.", "Snow is white."): a share `data.qa_share` (10 %),
+chosen by a hash of the id, is read as questions. So the base knows most of what it is asked but
+has met the question form rarely, as a pretrained LM has met most of its knowledge as prose: it
+answers above chance, and a LoRA on a few dozen questions of a skill teaches it to answer those
+(the analog of finetuning Qwen2 on ARC). `data.source: qa` pretrains on the bundled real QA sets
+instead (hashed splits; every example as a question): a model this size stays at chance on them.
 
 Documents are shuffled (seeded), joined into one token stream with an eos token before each,
 and cut into windows of `seq_len + 1` tokens that each epoch visits in a fresh seeded order.
 The tokenizer is trained on the same pretrain texts (so no held-out text shapes it).
 
 Measures, reported by `build`:
-- held-out perplexity on the "validation" split texts: each document is scored as
-  eos + text + eos (targets: text tokens and the closing eos, at most `seq_len` of them),
-  next to the perplexity of an add-one-smoothed unigram model of the pretrain token stream
-  on exactly the same targets (`unigram_log_probs`);
+- held-out perplexity on the "validation" split texts (questions with their answers): each
+  document is scored as eos + text + eos (targets: text tokens and the closing eos, at most
+  `seq_len` of them), next to the perplexity of an add-one-smoothed unigram model of the
+  pretrain token stream on exactly the same targets (`unigram_log_probs`);
 - zero-shot multiple-choice accuracy on the "test" split of `data.mc_sets`: log-likelihood of
-  " {choice}" after eos + "Question: …\\nAnswer:", argmax (`acc`), and divided by the
+  " {choice}" after eos + "Question: …\nAnswer:", argmax (`acc`), and divided by the
   continuation's length in characters (`acc_norm`), as lm-evaluation-harness defines them;
-  chance is the mean of 1 / (number of choices).
+  chance is the mean of 1 / (number of choices). `skills_quality` (`lol bases evaluate-lm`)
+  gives the same per skill with 95 % intervals.
 
-The "full" model: vocabulary 4096, hidden 128, 4 layers, 4 heads (head dim 32), MLP 384,
-embeddings tied: 1.38 M parameters, 5.5 MB of fp32. 400 steps × 16 windows × 256 tokens
-(1.64 M tokens, 1.16 epochs of the 1.41 M-token pretrain stream). Measured with one torch
-thread on a shared, contended 2-core machine: 412 s build (358 s of training); validation
-perplexity 110.8 against 874.8 for the unigram model (323,037 tokens of 3,964 documents);
-zero-shot `acc` 0.20 / 0.20 / 0.22 on the arc_easy / arc_challenge / sciq test splits (65 / 25 / 82
-questions; chance 0.25): the model learns the text's form, not yet the answers.
+The "full" model: vocabulary 1024 (the skills' text trains ~740 BPE tokens), hidden 128, 4
+layers, 4 heads (head dim 32), MLP 384, embeddings tied: 0.99 M parameters. 400 steps × 16
+windows × 256 tokens (1.64 M tokens, ≈ 11 epochs of the ≈ 0.15 M-token pretrain stream).
+Measured figures are in docs/tiny-world.md.
 
 Deterministic given `config["seed"]` on one machine and thread count; the caller's global torch
 RNG state is left as it was. Run it with one torch thread where cores are shared: two threads on
@@ -62,6 +69,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.data import skills
 from pipeline.data.base import QAExample
 from pipeline.data.qa import SETS, QASource, encode_documents, format_question
 from pipeline.data.qa import data_fingerprint as qa_data_fingerprint
@@ -84,7 +92,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class TokenizerSettings:
-    vocab_size: int = 4096  # byte-level BPE vocabulary, special tokens included
+    vocab_size: int = 1024  # byte-level BPE vocabulary, special tokens included (the skills' text needs ~740)
     min_frequency: int = 2  # a merge needs a pair seen at least this often
     eos_token: str = "<|endoftext|>"  # document separator and end of text (no bos, as Qwen2)
     pad_token: str = "<|pad|>"
@@ -106,13 +114,27 @@ class ModelSettings:
     tie_word_embeddings: bool = True
 
 
+DATA_SOURCES = ("skills", "qa")  # the learnable templated skills, or the bundled real QA sets
+
+
 @dataclass(frozen=True)
 class DataSettings:
-    sets: tuple[str, ...] = tuple(SETS)  # QA sets whose "pretrain" split the model reads
+    source: str = "skills"  # "skills" (pipeline.data.skills) or "qa" (bundled real QA sets, hashed splits)
+    sets: tuple[str, ...] = skills.SETS  # sets whose "pretrain" split the model reads
     max_pretrain_docs: int | None = None  # use only the first N pretrain documents (None: all)
     max_eval_docs: int | None = None  # perplexity on the first N validation documents (None: all)
-    mc_sets: tuple[str, ...] = ("arc_easy", "arc_challenge", "sciq")  # zero-shot MC report
+    mc_sets: tuple[str, ...] = skills.SETS  # zero-shot MC report, per set
     max_mc_questions: int | None = None  # per MC set, the first N test questions (None: all)
+    # skills only: the share of pretrain examples the model reads as a question with its answer; the
+    # rest it reads as the plain statement of the same fact (`skills.statement`), chosen by id hash
+    qa_share: float = 0.1
+
+    def known_sets(self) -> tuple[str, ...]:
+        return skills.SETS if self.source == "skills" else tuple(SETS)
+
+    def questions(self, sets: Sequence[str]):
+        """The source of `sets`: `examples(split)`, `examples_of(set, split)` with splits pretrain … test."""
+        return skills.SkillsSource(sets) if self.source == "skills" else QASource(list(sets), scheme=SCHEME)
 
 
 @dataclass(frozen=True)
@@ -181,10 +203,15 @@ class QALMRecipe:
                             f"which must divide by num_key_value_heads ({m.num_key_value_heads})")
         if min(m.hidden_size, m.num_hidden_layers, m.intermediate_size, m.num_key_value_heads) < 1:
             problems.append("model sizes must be ≥ 1")
+        if not 0 <= d.qa_share <= 1 or (d.source != "skills" and d.qa_share != 1):
+            problems.append(f"data.qa_share must be in [0, 1] (and 1 unless data.source is skills), got {d.qa_share}")
+        if d.source not in DATA_SOURCES:
+            problems.append(f"data.source must be one of {list(DATA_SOURCES)}, got {d.source!r}")
         for key in ("sets", "mc_sets"):
-            unknown = [s for s in getattr(d, key) if s not in SETS]
+            unknown = [s for s in getattr(d, key) if s not in d.known_sets()]
             if unknown or not getattr(d, key) or len(set(getattr(d, key))) != len(getattr(d, key)):
-                problems.append(f"data.{key} must be distinct QA set names from {list(SETS)}, got {list(getattr(d, key))}")
+                problems.append(f"data.{key} must be distinct {d.source} set names from {list(d.known_sets())}, "
+                                f"got {list(getattr(d, key))}")
         for key in ("max_pretrain_docs", "max_eval_docs", "max_mc_questions"):
             value = getattr(d, key)
             if value is not None and value < 1:
@@ -216,8 +243,8 @@ def recipe_config(size: str) -> dict[str, Any]:
             tokenizer=TokenizerSettings(vocab_size=384),
             model=ModelSettings(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                 intermediate_size=64, max_position_embeddings=128),
-            data=DataSettings(sets=("arc_easy", "sciq"), max_pretrain_docs=200, max_eval_docs=24,
-                              mc_sets=("arc_easy",), max_mc_questions=8),
+            data=DataSettings(sets=("arithmetic", "lookup"), max_pretrain_docs=200, max_eval_docs=24,
+                              mc_sets=("lookup",), max_mc_questions=8, qa_share=0.5),
             train=TrainSettings(steps=4, batch_size=4, seq_len=64, warmup_steps=1),
         )
     else:
@@ -226,8 +253,8 @@ def recipe_config(size: str) -> dict[str, Any]:
 
 
 def data_fingerprint() -> str:
-    """The QA data the model can train on: every bundled set's examples and the hashed-split table."""
-    return f"qa-{qa_data_fingerprint()}"
+    """The QA data the model can train on: the skills' and every bundled set's examples and split tables."""
+    return f"skills-{skills.data_fingerprint()}-qa-{qa_data_fingerprint()}"
 
 
 # ----------------------------------------------------------------------------- text and tokenizer
@@ -448,9 +475,18 @@ class TrainResult:
     final_loss: float
 
 
+def reads_as_question(example: QAExample, qa_share: float) -> bool:
+    """Whether pretraining shows `example` as a question with its answer (else as its statement)."""
+    bucket = int.from_bytes(hashlib.sha256(f"pretrain-form:{example.id}".encode()).digest()[:8], "big") % 1000
+    return bucket < round(qa_share * 1000)
+
+
 def pretrain_texts(recipe: QALMRecipe) -> list[str]:
-    source = QASource(list(recipe.data.sets), scheme=SCHEME)
-    return [document_text(ex) for ex in source.examples(PRETRAIN_SPLIT)][: recipe.data.max_pretrain_docs]
+    d = recipe.data
+    examples = d.questions(d.sets).examples(PRETRAIN_SPLIT)[: d.max_pretrain_docs]
+    if d.source != "skills":
+        return [document_text(ex) for ex in examples]
+    return [document_text(ex) if reads_as_question(ex, d.qa_share) else skills.statement(ex) for ex in examples]
 
 
 def train(config: dict[str, Any], progress: Progress | None = None) -> TrainResult:
@@ -538,14 +574,14 @@ def load(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = to
 def evaluate(model, tokenizer, recipe: QALMRecipe, stream: torch.Tensor) -> dict[str, Any]:
     """Held-out perplexity vs the unigram model of `stream`, and zero-shot MC accuracy."""
     d = recipe.data
-    source = QASource(list(d.sets), scheme=SCHEME)
+    source = d.questions(d.sets)
     eval_texts = [document_text(ex) for ex in source.examples(EVAL_SPLIT)][: d.max_eval_docs]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     targets = eval_targets(encode_documents(tokenizer, eval_texts), eos, recipe.train.seq_len)
     nll, n = sequence_nll(model, targets, eos, pad)
     uni_nll, uni_n = unigram_nll(unigram_log_probs(stream, recipe.tokenizer.vocab_size), targets)
     assert uni_n == n
-    mc_source = QASource(list(d.mc_sets), scheme=SCHEME)
+    mc_source = d.questions(d.mc_sets)
     mc = {s: mc_accuracy(model, tokenizer, mc_source.examples_of(s, MC_SPLIT)[: d.max_mc_questions])
           for s in d.mc_sets}
     return {
@@ -587,8 +623,35 @@ def build(config: dict[str, Any], out_dir: Path, progress: Progress | None = Non
     }
 
 
+def proportion_with_ci(correct: int, total: int) -> dict[str, float]:
+    """A share of questions right with its 95% Wilson interval (scipy), and the count it came from."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"value": correct / total, "ci_low": float(ci.low), "ci_high": float(ci.high), "correct": correct, "questions": total}
+
+
+def skills_quality(model, tokenizer, split: str = MC_SPLIT) -> dict[str, Any]:
+    """Zero-shot `acc` of the model on every question of the skills' `split`, per skill and over all of them,
+    each with its 95% Wilson interval; chance is 0.25 (four choices each). This is the base's own value of
+    tiny-arc's `mc_accuracy` label (the same questions, `format_question`, eos first)."""
+    per_skill: dict[str, Any] = {}
+    correct_all = total_all = 0
+    for name in skills.SETS:
+        examples = skills.SkillsSource([name]).examples(split)
+        correct = 0
+        for ex in examples:
+            ll, _ = mc_scores(model, tokenizer, ex)
+            correct += max(range(len(ll)), key=ll.__getitem__) == ex.answer
+        per_skill[name] = proportion_with_ci(correct, len(examples))
+        correct_all, total_all = correct_all + correct, total_all + len(examples)
+    overall = proportion_with_ci(correct_all, total_all)
+    return {"split": split, "chance": 0.25, "acc": overall, "margin_over_chance": overall["value"] - 0.25,
+            "per_skill": per_skill}
+
+
 __all__ = [
     "KIND", "NAME", "SIZES", "QALMRecipe", "build", "continuation_logliks", "data_fingerprint", "document_text",
-    "evaluate", "load", "mc_accuracy", "mc_scores", "perplexity", "recipe_config", "save", "sequence_nll",
+    "evaluate", "load", "mc_accuracy", "proportion_with_ci", "skills_quality", "mc_scores", "perplexity", "recipe_config", "save", "sequence_nll",
     "token_stream", "train", "train_tokenizer", "unigram_log_probs", "unigram_nll",
 ]
