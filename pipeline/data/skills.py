@@ -40,7 +40,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 
-from pipeline.data.base import DataSourceError, QAExample
+from pipeline.data.base import DataSourceError, QAExample, hash_bucket, split_of_bucket
 
 GENERATOR_VERSION = 1  # changing a template or word list must bump it (it is in the fingerprint)
 EXAMPLES_PER_SET = 2000
@@ -192,13 +192,7 @@ def split_names() -> tuple[str, ...]:
 
 def split_of(question: str) -> str:
     """The split of a question text: fixed by a salted sha256 of the text alone."""
-    bucket = int.from_bytes(hashlib.sha256(f"{SPLIT_SALT}{question}".encode()).digest()[:8], "big") % 1000
-    edge = 0
-    for name, share in SPLITS:
-        edge += share
-        if bucket < edge:
-            return name
-    raise AssertionError(f"SPLITS shares sum to {edge}, not 1000")
+    return split_of_bucket(hash_bucket(SPLIT_SALT, question), SPLITS)
 
 
 @functools.cache
