@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import yaml
 from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,7 +45,8 @@ def test_job_k_is_a_function_of_content_seed_and_k(seed, k):
 def test_drawn_values_lie_in_their_distributions(seed, k):
     spec = job_at(manifest(ARC, seed=seed), k).spec
     hp = spec.hyperparameters
-    assert 1e-4 <= hp["learning_rate"] <= 1e-2 and 1e-6 <= hp["weight_decay"] <= 1e-2
+    low, high = yaml.safe_load(ARC)["hyperparameters"]["learning_rate"]["loguniform"]  # the manifest's own range
+    assert low <= hp["learning_rate"] <= high and 1e-6 <= hp["weight_decay"] <= 1e-2
     assert hp["epochs"] in (1, 2, 3) and hp["batch_size"] in (8, 16, 32)
     assert 0.0 <= spec.lora_dropout <= 0.1
     sources = spec.data["sources"]
