@@ -638,10 +638,7 @@ def skills_quality(model, tokenizer, split: str = MC_SPLIT) -> dict[str, Any]:
     correct_all = total_all = 0
     for name in skills.SETS:
         examples = skills.SkillsSource([name]).examples(split)
-        correct = 0
-        for ex in examples:
-            ll, _ = mc_scores(model, tokenizer, ex)
-            correct += max(range(len(ll)), key=ll.__getitem__) == ex.answer
+        correct = round(mc_accuracy(model, tokenizer, examples)["acc"] * len(examples))
         per_skill[name] = proportion_with_ci(correct, len(examples))
         correct_all, total_all = correct_all + correct, total_all + len(examples)
     overall = proportion_with_ci(correct_all, total_all)

@@ -29,7 +29,7 @@ about facts its training questions also use; the procedural ones (arithmetic, co
 sequence) have thousands of distinct instances.
 
 Benchmarks name the sets: `skills:all`, `skills:compare`, `skills:lookup+sequence`.
-Loading is cached per process; all six sets generate in about 0.1 s.
+Generation is cached per process.
 """
 
 from __future__ import annotations
