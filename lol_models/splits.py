@@ -15,35 +15,15 @@ Shape legend: N LoRAs.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 
 import torch
 
 from lol_models.data import LoraDataset, PulledDataError
+from lol_models.split_rule import PROTOCOL_FRACTIONS, SPLIT_SALT, SPLITS, group_split
 from lol_models.weights import collate
 
 __all__ = ["PROTOCOL_FRACTIONS", "SPLIT_SALT", "group_split", "protocol_splits", "subset"]
-
-SPLITS = ("train", "validation", "test")
-PROTOCOL_FRACTIONS = {"train": 0.70, "validation": 0.15, "test": 0.15}
-SPLIT_SALT = "lol-protocol-split-v1"  # changing it moves every group: a new protocol version
-
-
-def group_unit(group: str) -> float:
-    """u ∈ [0, 1): the first 8 bytes of sha256(SPLIT_SALT NUL group), as a fraction of 2⁶⁴."""
-    digest = hashlib.sha256(f"{SPLIT_SALT}\0{group}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def group_split(group: str) -> str:
-    """"train", "validation" or "test" for a group key (e.g. `group:17`, `sources:arc_easy|sciq`)."""
-    u, edge = group_unit(group), 0.0
-    for name in SPLITS:
-        edge += PROTOCOL_FRACTIONS[name]
-        if u < edge:
-            return name
-    return "train"  # u within rounding of 1
 
 
 def subset(dataset: LoraDataset, rows: torch.Tensor) -> LoraDataset:

@@ -24,6 +24,11 @@ from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
 
 
+def _split_rule(seed: int | None) -> str:
+    if seed is None:
+        return "each group's split a hash of its name alone (the LoL protocol's rule, `lol_models.split_rule`)"
+    return f"each group's split drawn from (seed {seed}, group)"
+
 def code_version() -> str:
     version = importlib.metadata.version("lol-pipeline")
     try:
@@ -101,7 +106,7 @@ def dataset_card(manifest: Manifest, dataset, shard_bytes: dict[str, int], layou
               f"- manifest: `{manifest.population.name}` v{manifest.population.version}, canonical hash `{manifest_hash}` (copy in `manifest.yaml`)",
               f"- base: `{manifest.base.ref}` revision `{manifest.base.revision or 'n/a'}`",
               *_data_lines(manifest, data_provenance or []),
-              f"- splits: group-disjoint, fractions {dict(manifest.publish.splits)}, seed {manifest.publish.split_seed}",
+              f"- splits: group-disjoint, fractions {dict(manifest.publish.splits)}, " + _split_rule(manifest.publish.split_seed),
               f"- code: lol-pipeline {code_version()}",
               "- libraries: " + ", ".join(f"{p} {v}" for p, v in runtime.versions("torch", "diffusers", "transformers", "peft", "datasets").items()),
               "- scorers:"]

@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from lol_models.names import PREDICTORS
+from lol_models.split_rule import PROTOCOL_FRACTIONS
 from pipeline.yaml_source import Loc, YamlDuplicateKeyError, YamlSource, YamlSyntaxError, load_yaml
 from storage.errors import DomainError
 
@@ -506,10 +507,13 @@ class PublishSection(StrictModel):
     repo_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$",
                                 description="Hub dataset repo `namespace/name`; unset publishes locally only.")
     splits: dict[Literal["train", "validation", "test"], float] = Field(
-        default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
-        description="Fraction of groups per split; fractions sum to 1.",
+        default_factory=lambda: dict(PROTOCOL_FRACTIONS),
+        description="Fraction of groups per split; fractions sum to 1. The default is the LoL protocol's "
+                    "(train 0.7, validation 0.15, test 0.15): published splits then equal the ones `lol train` uses.",
     )
-    split_seed: int = 0
+    split_seed: int | None = Field(
+        None, description="Unset: a group's split is a hash of its name alone (the protocol's rule; populations "
+                          "sharing groups split them alike). An integer draws splits from (seed, group) instead.")
     license: str = "cc-by-4.0"
     private: bool = False
 

@@ -13,8 +13,10 @@ reader, `lol_models.data`, uses too); this module assembles the rows and writes 
         manifest.yaml                      # the manifest as run
 
 Splits are group-disjoint: a LoRA's group is its identity group, its set of classes or its
-set of sources; each group goes to a split by a hash of (split_seed, group) against the
-manifest's fractions, so adding LoRAs never moves old ones between splits. The folder is
+set of sources; each group goes to a split by a hash of the group's name alone (the LoL protocol's
+rule, `lol_models.split_rule`; or of (split_seed, group) where the manifest sets a seed) against the
+manifest's fractions, so adding LoRAs never moves old ones between splits, and populations that
+share groups put each in the same split. The folder is
 written under `published/.versions/` and `published/{population}` is a symlink swapped
 atomically: readers see the old version or the new, and a killed publish leaves the old.
 
@@ -58,6 +60,7 @@ from lol_models.published import (
     make_layout,
     module_factors,
 )
+from lol_models.split_rule import group_unit, split_at
 from pipeline.jobs import Job, canonical_json, expand, planned_job_ids, unit_draw
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
@@ -99,14 +102,12 @@ def group_key(job: Job) -> str:
     raise PublishError(f"job {job.job_id} has an unknown data kind {data['kind']!r}")
 
 
-def split_of(group: str, fractions: dict[str, float], seed: int) -> str:
-    u = unit_draw(seed, 0, f"split:{group}")
-    edge = 0.0
-    for name in ("train", "validation", "test"):
-        edge += fractions.get(name, 0.0)
-        if u < edge:
-            return name
-    return "train" if fractions.get("train") else next(n for n, f in fractions.items() if f > 0)
+def split_of(group: str, fractions: dict[str, float], seed: int | None) -> str:
+    """The published split of a group: u = the protocol's hash of the group name
+    (`lol_models.split_rule.group_unit`), or with a seed the seeded draw of (seed, group), cut at the
+    fractions. With no seed and the protocol's fractions this is exactly the split `lol train` uses."""
+    u = group_unit(group) if seed is None else unit_draw(seed, 0, f"split:{group}")
+    return split_at(u, fractions)
 
 
 # ---------------------------------------------------------------- weights

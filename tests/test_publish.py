@@ -72,6 +72,26 @@ def test_plain_load_dataset_in_a_fresh_process_sees_rows_columns_and_splits(publ
     assert {"job_id", "rank", "weights", "attributes.shape_circle", "attributes.color_red_yellow_brown", "group"} <= set(columns)
 
 
+def test_published_splits_are_the_protocols_group_splits(published):
+    """With no split seed and the protocol's fractions, every published row sits in the split the
+    LoL protocol gives its group, so `lol train` keeps the published splits as they are."""
+    import datasets
+
+    from lol_models.split_rule import group_split
+    from pipeline.publish import split_of
+
+    store, manifest, summary = published
+    assert manifest.publish.split_seed is None
+    on_disk = datasets.load_from_disk(str(Path(summary.folder) / "arrow"))
+    placed = {(name, group) for name, split in on_disk.items() for group in split["group"]}
+    assert len({g for _, g in placed}) > 1 and {name for name, _ in placed} == set(summary.rows)
+    assert all(name == group_split(group) for name, group in placed)
+    # an explicit seed keeps the seeded draw of (seed, group), which differs for some groups
+    groups = [f"group:{i}" for i in range(200)]
+    seeded = [split_of(g, dict(manifest.publish.splits), 0) for g in groups]
+    assert seeded != [group_split(g) for g in groups] and set(seeded) == {"train", "validation", "test"}
+
+
 def test_plain_load_dataset_reads_the_card_without_a_warning(published, tmp_path):
     """The card's `dataset_info` is whole (features; per split num_bytes and num_examples), so plain
     `datasets.load_dataset` takes it without a warning or log line (and checks the split sizes by it)."""
@@ -386,10 +406,11 @@ def test_big_loras_get_smaller_shards_and_load_whole(population, tmp_path, monke
     monkeypatch.setattr(publish, "BATCH_BYTES", 1)
     summary = publish.publish_population(manifest, store)
     folder = store.local_path(f"published/{manifest.population.name}")
-    assert len(shards(folder, "train")) == summary.rows["train"] > 1
-    loaded = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "cache"))
-    from_disk = datasets.load_from_disk(str(folder / "arrow"))["train"]
-    assert sorted(loaded["job_id"]) == sorted(from_disk["job_id"]) and len(loaded) == summary.rows["train"]
+    split = max(summary.rows, key=summary.rows.get)  # the largest split, whichever the group hash made it
+    assert len(shards(folder, split)) == summary.rows[split] > 1
+    loaded = datasets.load_dataset(str(folder), split=split, cache_dir=str(tmp_path / "cache"))
+    from_disk = datasets.load_from_disk(str(folder / "arrow"))[split]
+    assert sorted(loaded["job_id"]) == sorted(from_disk["job_id"]) and len(loaded) == summary.rows[split]
 
 
 def test_a_publish_from_s3_writes_what_a_publish_from_a_local_disk_writes(population, s3_bucket, tmp_path):  # noqa: F811
