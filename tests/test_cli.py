@@ -66,7 +66,7 @@ def test_run_with_an_unreachable_api_says_so(run_cli, tmp_path, random_sd):
 def test_run_goes_through_prefect_end_to_end(run_cli, tmp_path, random_sd, prefect_harness):
     args = ("run", TINY, f"base.ref={random_sd}", "count=2", "hyperparameters.steps=1", "hyperparameters.batch_size=1",
             "data.subsets.num_groups=2", "scorers=[{name: attributes, attributes: [shape=circle]}]",
-            "publish.splits={train: 0.5, test: 0.5}", "--store", tmp_path / "store", "--stage", "finetune", "--stage", "score", "--stage", "publish")
+            "publish.splits={train: 0.5, test: 0.5}", "publish.split_seed=0", "--store", tmp_path / "store", "--stage", "finetune", "--stage", "score", "--stage", "publish")
     code, out, err = run_cli(*args)
     assert code == 0, err
     assert "trained: 2" in out and (tmp_path / "store" / "published" / "tiny-shapes" / "README.md").is_file()

@@ -26,7 +26,7 @@ OVERRIDES = [
     "base.size=smoke", "count=12", "data.subsets.num_groups=12", "hyperparameters.steps=1", "hyperparameters.batch_size=1",
     "scorers=[{name: clip_score, model: 'tiny:shapes-clip', size: smoke, prompts: ['a red circle', 'a blue square'], "
     "steps: 2, guidance_scale: 2.0, batch_size: 2}]",
-    "publish.splits={train: 0.5, validation: 0.25, test: 0.25}", "learn.epochs=2",
+    "publish.splits={train: 0.5, validation: 0.25, test: 0.25}", "publish.split_seed=0", "learn.epochs=2",
 ]
 
 
