@@ -612,11 +612,11 @@ def _install(store: Store, staging: Path, rel: str) -> None:
             os.replace(temporary_link, link)
             _remove_stale(store, parent, name, keep=version_name)
         return
-    # Object stores: upload every file, the card last (a reader that finds the card finds the data).
+    # Object stores: upload every file, the card last (a reader that finds the card finds the data),
+    # each a block at a time: a shard holds up to MAX_SHARD_BYTES, read whole it set publish's peak memory.
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "README.md")
-    for path in files:
-        store.write_bytes(f"{rel}/{path.relative_to(staging).as_posix()}", path.read_bytes())
-    store.write_bytes(f"{rel}/README.md", (staging / "README.md").read_bytes())
+    for path in [*files, staging / "README.md"]:
+        store.upload_file(path, f"{rel}/{path.relative_to(staging).as_posix()}")
 
 
 def _remove_stale(store: Store, parent: str, name: str, keep: str) -> None:

@@ -29,6 +29,7 @@ standard library and fsspec.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -57,6 +58,9 @@ STORE_FORMAT = 1  # the version of this file layout; a store written by a later 
 STORE_FORMAT_FILE = "FORMAT.json"
 LEGACY_FORMAT_FILE, LEGACY_FORMAT_KEY = "LAYOUT.json", "layout_version"  # what stores written before FORMAT.json hold
 DEFAULT_STORE = "./lol-store"
+COPY_BLOCK_BYTES = 1 << 20  # `upload_file` reads a local file this much at a time
+UPLOAD_PART_BYTES = 8 << 20  # S3: a file of two parts or more is uploaded in parts of this size (S3's least is 5 MiB)
+UPLOAD_PARTS_AT_ONCE = 2  # S3: parts of one upload in flight (held in memory) at once
 def resolve_store_url(url: str | None = None) -> str:
     """`--store URL`, else `$LOL_STORE`, else `./lol-store`."""
     return url or os.environ.get("LOL_STORE") or DEFAULT_STORE
@@ -271,10 +275,39 @@ class Store:
         self.write_bytes(rel, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
     def upload_file(self, local_path: str | Path, rel: str) -> str:
-        """Copy a local file into the store atomically; returns its sha256."""
-        data = Path(local_path).read_bytes()
-        self.write_bytes(rel, data)
-        return sha256_bytes(data)
+        """Copy a local file into the store atomically, a block at a time (never the whole file in
+        memory); returns its sha256.
+
+        Local disks: copied to a temporary name, fsynced, renamed. S3: one PUT for a file under two
+        parts, else a multipart upload of UPLOAD_PART_BYTES parts, UPLOAD_PARTS_AT_ONCE in flight
+        (the object appears whole when the upload completes; a failed one is aborted). Other object
+        stores: fsspec's `put_file` (written in blocks, committed when closed).
+        """
+        local_path = Path(local_path)
+        target = self.write_path(rel)
+        digest = hashlib.sha256()
+        if not self.is_local:
+            with open(local_path, "rb") as source:
+                for block in iter(lambda: source.read(COPY_BLOCK_BYTES), b""):
+                    digest.update(block)
+            parts = {"chunksize": UPLOAD_PART_BYTES, "max_concurrency": UPLOAD_PARTS_AT_ONCE} if self.is_s3 else {}
+            self.fs.put_file(str(local_path), target, **parts)
+            return digest.hexdigest()
+        directory = os.path.dirname(target)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f"{os.path.basename(target)}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with open(local_path, "rb") as source, open(tmp, "wb") as handle:
+                for block in iter(lambda: source.read(COPY_BLOCK_BYTES), b""):
+                    digest.update(block)
+                    handle.write(block)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return digest.hexdigest()
 
     def download_dir(self, rel: str, local_dir: str | Path) -> Path:
         """Copy a store folder to a local folder (a no-op copy for local stores is still a copy)."""

@@ -124,3 +124,34 @@ def test_a_bounded_read_on_s3_is_one_ranged_get_that_refuses_a_larger_file(s3_st
     with pytest.raises(FileNotFoundError):
         s3_store.read_bytes("absent", max_bytes=4)
     assert s3_store.read_bytes("small") == b"12345"
+
+
+def test_uploading_a_file_to_s3_sends_it_in_parts_never_whole(s3_store, monkeypatch, tmp_path):
+    """A file of two parts or more is a multipart upload, one bounded part per request (publish
+    uploads shards of up to 256 MiB this way); a smaller one is one PUT. Both read back whole."""
+    import hashlib
+
+    import storage.store
+
+    part = 5 << 20  # S3's (and moto's) least part size
+    monkeypatch.setattr(storage.store, "UPLOAD_PART_BYTES", part)
+    big, small = tmp_path / "big.bin", tmp_path / "small.json"
+    big.write_bytes(uuid.uuid4().bytes * ((2 * part + 123) // 16 + 1))
+    small.write_bytes(b'{"small": true}')
+    calls, bodies = [], []
+    call = s3_store.fs._call_s3
+
+    def recording(method, *args, **kwargs):
+        calls.append(method)
+        bodies.append(len(kwargs.get("Body") or b""))
+        return call(method, *args, **kwargs)
+
+    monkeypatch.setattr(s3_store.fs, "_call_s3", recording)
+    assert s3_store.upload_file(big, "published/big.bin") == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert calls == ["create_multipart_upload", "upload_part", "upload_part", "upload_part", "complete_multipart_upload"]
+    assert max(bodies) == part
+    calls.clear()
+    s3_store.upload_file(small, "published/small.json")
+    assert calls == ["put_object"]
+    assert s3_store.read_bytes("published/big.bin") == big.read_bytes()
+    assert s3_store.read_bytes("published/small.json") == small.read_bytes()

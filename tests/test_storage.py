@@ -63,6 +63,19 @@ def test_verify_reports_a_flipped_byte_and_a_missing_file(store, tmp_path):
     assert not population.is_done(flipped, verify=True)
 
 
+def test_an_uploaded_file_reads_back_whole_with_its_sha256_and_leaves_no_temporary(store, tmp_path, monkeypatch):
+    import hashlib
+
+    import storage.store
+
+    monkeypatch.setattr(storage.store, "COPY_BLOCK_BYTES", 7)  # many blocks
+    source = tmp_path / "shard.parquet"
+    source.write_bytes(bytes(range(256)) * 3)
+    assert store.upload_file(source, "published/p/data/shard.parquet") == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert store.read_bytes("published/p/data/shard.parquet") == source.read_bytes()
+    assert store.list_files("published/p") == ["data/shard.parquet"]
+
+
 def test_failed_jobs_are_recorded_and_cleared_by_success(store, tmp_path):
     population = store.population("pop")
     j = stored_spec(population, "j")
