@@ -67,6 +67,24 @@ def resolve_store_url(url: str | None = None) -> str:
 
 
 
+
+@contextlib.contextmanager
+def _replacing(target: str) -> Iterator[Any]:
+    """A binary handle whose content replaces local file `target` atomically when the block ends:
+    written to a temporary name beside it, fsynced, renamed; removed if the block fails."""
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f"{os.path.basename(target)}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
 class Store:
     """A store rooted at a local path or fsspec URL."""
 
@@ -256,18 +274,8 @@ class Store:
         """Write atomically: readers see the old content or the new, never a prefix."""
         target = self.write_path(rel)
         if self.is_local:
-            directory = os.path.dirname(target)
-            os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f"{os.path.basename(target)}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-            try:
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with _replacing(target) as handle:
+                handle.write(data)
         else:
             self.fs.pipe_file(target, data)  # one PUT: an object is whole or absent
 
@@ -293,20 +301,10 @@ class Store:
             parts = {"chunksize": UPLOAD_PART_BYTES, "max_concurrency": UPLOAD_PARTS_AT_ONCE} if self.is_s3 else {}
             self.fs.put_file(str(local_path), target, **parts)
             return digest.hexdigest()
-        directory = os.path.dirname(target)
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f"{os.path.basename(target)}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-        try:
-            with open(local_path, "rb") as source, open(tmp, "wb") as handle:
-                for block in iter(lambda: source.read(COPY_BLOCK_BYTES), b""):
-                    digest.update(block)
-                    handle.write(block)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with open(local_path, "rb") as source, _replacing(target) as handle:
+            for block in iter(lambda: source.read(COPY_BLOCK_BYTES), b""):
+                digest.update(block)
+                handle.write(block)
         return digest.hexdigest()
 
     def download_dir(self, rel: str, local_dir: str | Path) -> Path:
