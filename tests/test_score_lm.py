@@ -24,7 +24,13 @@ from pipeline.finetune.causal_lm import encode_questions
 from pipeline.jobs import expand
 from pipeline.manifest import Manifest
 from pipeline.score import make_scorer, scorer_id
-from pipeline.score.lm_scorers import EvalLossScorer, McAccuracyScorer, mc_metrics
+from pipeline.score.lm_scorers import (
+    EvalLossScorer,
+    McAccuracyScorer,
+    batched_logliks,
+    mc_metrics,
+    shared_context_logliks,
+)
 from storage import Store
 
 ARC = ROOT / "manifests" / "tiny-arc.yaml"
@@ -116,7 +122,7 @@ def test_acc_and_acc_norm_by_hand():
 def test_mc_accuracy_equals_an_independent_unbatched_computation(population, adapter_index):
     store, manifest, _, _ = population
     adapter = None if adapter_index is None else adapter_dir(store, manifest, adapter_index)
-    mc = scorer(McAccuracyScorer, population, limit=12, batch_size=5)  # batches that split questions
+    mc = scorer(McAccuracyScorer, population, limit=12, batch_size=9)  # 2 questions (8 pairs) per batch, the last alone
     got = mc.choice_logliks(adapter)
     model, tokenizer = plain_transformers(population, adapter)
     examples = get_source("skills").examples("test")[:12]
@@ -203,3 +209,30 @@ def test_cohort_scoring_equals_scoring_each_adapter_alone(population, cls):
     assert np.abs(together[0] - together[1]).max() > 1e-3  # each copy met its own adapter
     for got, d in zip(instance.score_cohort(jobs, dirs), dirs):
         assert got == pytest.approx(instance.score(None, d), abs=1e-6)
+
+
+def test_shared_contexts_give_each_pairs_own_loglik_within_the_positions():
+    """Each context run once for its choices (KV cache repeated per choice) equals each pair run alone,
+    with continuations of different lengths, left-padded contexts of different lengths, copies, and
+    contexts cut on the left to fit 16 positions (cut once per question, to fit its longest choice)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                         pad_token_id=1, eos_token_id=0)).eval()
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(2, 50, (n,), generator=g).tolist()
+
+    questions = [(ids(n), [ids(k) for k in lengths])
+                 for n, lengths in [(5, [1, 3, 2, 1]), (2, [2]), (9, [4, 1, 1]), (14, [1, 1]), (20, [3, 1, 5])]]
+    got = shared_context_logliks(model, questions, pad_id=1, batch_size=5, copies=2)  # (2, 13)
+    cut = [(context[-(16 - max(map(len, continuations))):], c) for context, continuations in questions for c in continuations]
+    expected = batched_logliks(model, [c for c, _ in cut], [k for _, k in cut], pad_id=1, batch_size=13)
+    assert got.shape == (2, 13)
+    np.testing.assert_allclose(got, np.repeat(expected, 2, 0), rtol=1e-5, atol=1e-5)
+    assert len(questions[3][0]) + 1 <= 16 and len(questions[4][0]) + 5 > 16  # one fits whole, one is cut
+    with pytest.raises(ValueError, match="question 0: a context of 1 token"):
+        shared_context_logliks(model, [([7], [[3]])], pad_id=1, batch_size=4)
