@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -61,6 +60,7 @@ from lol_models.published import (
     module_factors,
 )
 from lol_models.split_rule import group_unit, split_at
+from pipeline.finetune.staging import scratch_dir, sweep
 from pipeline.jobs import Job, canonical_json, expand, planned_job_ids, unit_draw
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
@@ -550,10 +550,11 @@ def published_rel(manifest: Manifest) -> str:
 def publish_population(manifest: Manifest, store: Store, push: bool | None = None,
                        trust_remote_pickle: bool = False) -> PublishSummary:
     """Assemble, write the folder atomically, and push when a token is set (and `push` allows)."""
+    sweep()  # what killed publishes (or workers) of this host left in the temporary folder
     assembled = assemble(manifest, store, trust_remote_pickle)
     rel = published_rel(manifest)
-    with tempfile.TemporaryDirectory(prefix="lol-publish-") as tmp:
-        staging = Path(tmp) / "folder"
+    with scratch_dir("lol-publish-") as tmp:
+        staging = tmp / "folder"
         staging.mkdir()
         counts = write_folder(manifest, store, staging, assembled, trust_remote_pickle)
         _install(store, staging, rel)

@@ -32,6 +32,11 @@ def shards(folder, split: str = "*") -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in Path(folder).glob(f"data/{split}-*.parquet"))
 
 
+def overrides_of(manifest: Manifest) -> list[str]:
+    """The overrides `population` built its manifest with."""
+    return overrides(manifest.base.ref)
+
+
 def overrides(base, *extra):
     return [f"base.ref={base}", "count=8", "hyperparameters.steps=1", "hyperparameters.batch_size=1",
             "lora.rank=[2, 4]", "data.subsets.num_groups=4",
@@ -190,6 +195,37 @@ def test_republish_swaps_versions_and_a_failed_publish_keeps_the_old(population,
     publish_population(manifest, store)
     assert link.resolve() != before and not before.exists()  # the new version replaced the old one
     assert len(list((link.parent / ".versions").iterdir())) == 1
+
+
+def test_a_killed_publishs_staging_folder_is_removed_by_the_next_publish(population, tmp_path, monkeypatch):
+    """A publish SIGKILLed while its dataset is staged leaves the staged folder; the next publish on this host removes it."""
+    import os
+    import signal
+    import tempfile
+    import time
+
+    from pipeline.finetune import staging
+
+    store, manifest = population
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time, pipeline.publish as publish
+        from pipeline.manifest import Manifest
+        from storage import Store
+        publish._install = lambda *a: time.sleep(600)  # hold the staged folder until killed
+        publish.publish_population(Manifest.from_yaml({str(SHAPES)!r}, overrides={overrides_of(manifest)!r}),
+                                   Store({store.url!r}))
+        """)], env={**os.environ, "TMPDIR": str(tmp_path)}, cwd=ROOT)
+    left = staging.staging_root() / f"{__import__('socket').gethostname()}-{child.pid}"
+    deadline = time.monotonic() + 120
+    while not list(left.glob("lol-publish-*/folder/data")) and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.1)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert list(left.glob("lol-publish-*/folder/data")), "the child never staged its dataset"
+    summary = publish_population(manifest, store)
+    assert not left.exists() and sum(summary.rows.values()) == 8
+    assert list(staging.staging_root().iterdir()) == []  # this publish's own staging went too
 
 
 @pytest.fixture

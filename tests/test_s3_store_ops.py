@@ -155,3 +155,21 @@ def test_uploading_a_file_to_s3_sends_it_in_parts_never_whole(s3_store, monkeypa
     assert calls == ["put_object"]
     assert s3_store.read_bytes("published/big.bin") == big.read_bytes()
     assert s3_store.read_bytes("published/small.json") == small.read_bytes()
+
+
+def test_a_scorer_reads_an_s3_adapter_from_this_processs_staging_folder_and_leaves_nothing(s3_store, tmp_path, monkeypatch):
+    """Scoring from an object store downloads the adapter into the process's staging folder (which
+    `sweep` can find after a kill) and removes it when the job is scored."""
+    import tempfile
+
+    from pipeline.finetune import staging
+    from pipeline.score.runner import _adapter_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    population = s3_store.population("pop")
+    job = stored_spec(population, "one")
+    population.commit(job, staged_adapter(tmp_path, b"weights"), {})
+    with _adapter_dir(population, job) as folder:
+        assert folder.is_relative_to(mine := staging.worker_dir())
+        assert (folder / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert not folder.exists() and not mine.exists()

@@ -1,12 +1,14 @@
-"""Where a worker stages a job's files before committing them to the store.
+"""Where a process stages files on local disk: a job's files before they are committed to the store,
+a dataset before `lol publish` installs it, a stored adapter a scorer reads from an object store.
 
-One folder per worker process, so that what a killed worker left can be found and removed::
+One folder per process, so that what a killed process left can be found and removed::
 
     {tempdir}/lol-staging/{host}-{pid}/lol-job-{job_id}-xxxxxxxx/adapter/…
+    {tempdir}/lol-staging/{host}-{pid}/lol-publish-xxxxxxxx/folder/…
 
-A job's folder is a `TemporaryDirectory`, removed when the job ends — but not when its process
-is SIGKILLed. `sweep()` (run at the start of every finetuning run) removes the folders of
-processes of this host that are no longer alive; folders of other hosts are never touched.
+Each folder is a `TemporaryDirectory`, removed when its work ends — but not when its process
+is SIGKILLed. `sweep()` (run at the start of every finetuning, scoring and publishing run) removes
+the folders of processes of this host that are no longer alive; other hosts' are never touched.
 """
 
 from __future__ import annotations
@@ -33,14 +35,19 @@ def worker_dir() -> Path:
     return folder
 
 
+def job_dir(job_id: str) -> contextlib.AbstractContextManager[Path]:
+    """A fresh folder for one attempt at `job_id` (`scratch_dir`)."""
+    return scratch_dir(f"lol-job-{job_id}-")
+
+
 @contextlib.contextmanager
-def job_dir(job_id: str) -> Iterator[Path]:
-    """A fresh folder for one attempt at `job_id`, removed when the context exits (with this
-    process's staging folder, once it holds no other job's)."""
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A fresh folder named `prefix`…, in this process's staging folder, removed when the context exits
+    (with the process's folder, once it holds nothing else)."""
     parent = worker_dir()
-    with tempfile.TemporaryDirectory(prefix=f"lol-job-{job_id}-", dir=parent) as folder:
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as folder:
         yield Path(folder)
-    with contextlib.suppress(OSError):  # not empty: another job of this process is staged there
+    with contextlib.suppress(OSError):  # not empty: other work of this process is staged there
         parent.rmdir()
 
 

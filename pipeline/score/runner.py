@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 
 from pipeline import runtime
 from pipeline.cohort.sizing import CohortSizer, is_out_of_memory
+from pipeline.finetune.staging import scratch_dir, sweep
 from pipeline.jobs import Job, expand, shard
 from pipeline.manifest import Manifest
 from pipeline.score import (
@@ -67,6 +67,8 @@ def score_population(
     `summary.failed` with the reason, and the others go on; a rerun scores what is missing.
     `scorer_factory(spec)` builds each scorer (`make_scorer`; tests inject faulty ones)."""
     started = time.perf_counter()
+    for folder in sweep():
+        log.info("removed %s, left by a process that died", folder)
     sizer = CohortSizer(cohort_size or manifest.execution.requested_cohort_size, manifest.execution.memory_fraction)
     population = store.population(manifest.population.name)
     jobs = shard(list(expand(manifest, limit=limit)), shard_spec)
@@ -192,12 +194,12 @@ class _adapter_dir:
             if links:  # the scorers open files directly: never through a link
                 raise StoreError(f"job {self.job_id}: {rel}/{links[0] or ''} is a symbolic link; `lol finetune` repairs the job")
             return self.population.store.local_path(rel)
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"lol-adapter-{self.job_id}-")
-        return self.population.store.download_dir(rel, Path(self._tmp.name))
+        self._tmp = scratch_dir(f"lol-adapter-{self.job_id}-")
+        return self.population.store.download_dir(rel, self._tmp.__enter__())
 
     def __exit__(self, *exc) -> None:
         if self._tmp is not None:
-            self._tmp.cleanup()
+            self._tmp.__exit__(*exc)
 
 
 def _report(on_job, job: Job, sid: str, outcome: str) -> None:
