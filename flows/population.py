@@ -367,17 +367,19 @@ def publish_population(manifest: str, overrides: list[str] | None = None, store:
 
 
 @task(name="train-predictors", tags=["gpu"], retries=1)
-def train_predictors(manifest: str, overrides: list[str], store: str | None) -> int:
+def train_predictors(manifest: str, overrides: list[str], store: str | None, workers: int = 1) -> int:
     loaded, _ = load_manifest(manifest, overrides)
-    return len(train(loaded, Store(store)))
+    return len(train(loaded, Store(store), workers=workers))
 
 
 @flow(name="learn_population")
-def learn_population(manifest: str, overrides: list[str] | None = None, store: str | None = None) -> dict[str, Any]:
-    """Train every predictor on every target of the published population, evaluate, write the report."""
+def learn_population(manifest: str, overrides: list[str] | None = None, store: str | None = None,
+                     workers: int = 1) -> dict[str, Any]:
+    """Train every predictor on every target of the published population (`workers` (predictor, target)
+    units at once, in processes), evaluate, write the report."""
     overrides = list(overrides or [])
     loaded, _ = load_manifest(manifest, overrides)
-    runs = train_predictors(manifest, overrides, store)
+    runs = train_predictors(manifest, overrides, store, workers)
     results = evaluate(loaded, Store(store))
     path = report(loaded, Store(store))
     from lol_models.experiments import results_markdown
@@ -397,7 +399,8 @@ def run_population(manifest: str, overrides: list[str] | None = None, store: str
     """The stages in order: finetune → score → publish → learn (train, evaluate, report).
 
     `stages` picks a subset (e.g. ["finetune", "score", "publish"]); each stage skips what the
-    store already holds. `workers` > 1 runs finetune and score tasks in that many local processes.
+    store already holds. `workers` > 1 runs finetune and score tasks, and the learn stage's (predictor,
+    target) units, in that many local processes.
     """
     chosen = list(stages or ALL_STAGES)
     unknown = sorted(set(chosen) - set(ALL_STAGES))
@@ -415,7 +418,7 @@ def run_population(manifest: str, overrides: list[str] | None = None, store: str
     if "publish" in chosen:
         results["publish"] = publish_population(manifest, overrides, store)
     if "learn" in chosen:
-        results["learn"] = learn_population(manifest, overrides, store)
+        results["learn"] = learn_population(manifest, overrides, store, workers)
     return results
 
 

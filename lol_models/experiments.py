@@ -47,44 +47,107 @@ __all__ = ["MAIN_METRIC", "SECOND_METRIC", "LearnSettings", "Task", "Results", "
 
 
 def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Path,
-              on_run: Callable[[str, str], None] | None = None) -> list[Path]:
-    """Train every predictor on every task under the protocol; one JSON per (predictor, task).
+              on_run: Callable[[str, str], None] | None = None, workers: int = 1) -> list[Path]:
+    """Train every predictor on every task under the protocol; one JSON per (predictor, task), in
+    task × predictor order.
 
     Reads the training and validation labels, and only the weights and job ids of the test split.
+    `workers` > 1 trains that many (predictor, task) units at once in spawned processes, each with
+    cores / workers torch threads; every unit is seeded, so the runs are those one process trains,
+    up to float rounding of the thread count. `on_run(predictor, task)` follows each finished unit.
     """
-    out = Path(out_dir) / "runs"
-    out.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(published, settings.split)
-    test = splits["test"]
-    published_layout, label_info = read_layout(published)
-    facts = training_facts(published)
-    written = []
-    for task in tasks_of(splits["train"], settings.targets):
-        train, validation = labeled_for(splits["train"], task), labeled_for(splits["validation"], task)
-        for predictor in settings.predictors:
-            started = time.perf_counter()
-            remove_saved(out_dir, predictor, task.name)
-            record: dict[str, Any] = {"predictor": predictor, "task": asdict(task), "published": str(published),
-                                      "split": settings.split, "settings": settings.as_json()}
-            try:
-                trained = tune_and_train(predictor, task.kind, train, validation, test.weights, settings)
-            except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal
-                record["error"] = str(exc)
-            else:
-                record.update(_trained_record(trained, train, settings))
-                for result in trained.runs:
-                    save_predictor(out_dir, predictor=predictor, seed=result.seed, task=asdict(task), model=result.model,
-                                   model_config=trained.model_config, labels=label_info, published_layout=published_layout,
-                                   facts=facts, target_mean=result.target_mean, target_std=result.target_std,
-                                   metrics={"best_epoch": result.best_epoch, "val": result.val})
-                record["test_job_ids"] = list(test.job_ids)
-            record["seconds"] = round(time.perf_counter() - started, 2)
-            path = out / f"{predictor}--{task.name}.json"
-            path.write_text(json.dumps(record, indent=1, default=jsonable) + "\n")
-            written.append(path)
+    (Path(out_dir) / "runs").mkdir(parents=True, exist_ok=True)
+    context = _UnitContext.load(published, settings)
+    units = [(task, predictor) for task in tasks_of(context.splits["train"], settings.targets)
+             for predictor in settings.predictors]
+    written: dict[int, Path] = {}
+    if workers <= 1 or len(units) <= 1:
+        for i, (task, predictor) in enumerate(units):
+            written[i] = _train_unit(context, out_dir, task, predictor)
             if on_run is not None:
                 on_run(predictor, task.name)
-    return written
+    else:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        workers = min(workers, len(units))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                                 initargs=(published, settings, threads)) as pool:
+            futures = {pool.submit(_train_unit_in_worker, out_dir, task, predictor): i
+                       for i, (task, predictor) in enumerate(units)}
+            try:
+                for future in as_completed(futures):
+                    written[futures[future]] = future.result()
+                    task, predictor = units[futures[future]]
+                    if on_run is not None:
+                        on_run(predictor, task.name)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+    return [written[i] for i in range(len(units))]
+
+
+@dataclass
+class _UnitContext:
+    """What every (predictor, task) unit of one `train_all` reads: the splits and the published facts."""
+
+    published: str | Path
+    settings: LearnSettings
+    splits: dict[str, Any]
+    published_layout: Any
+    label_info: Any
+    facts: dict[str, Any]
+
+    @classmethod
+    def load(cls, published: str | Path, settings: LearnSettings) -> _UnitContext:
+        splits = load_splits(published, settings.split)
+        published_layout, label_info = read_layout(published)
+        return cls(published, settings, splits, published_layout, label_info, training_facts(published))
+
+
+_worker_context: _UnitContext | None = None  # a `train_all` worker process's context, loaded once
+
+
+def _start_worker(published: str | Path, settings: LearnSettings, threads: int) -> None:
+    import torch
+
+    global _worker_context
+    torch.set_num_threads(threads)
+    _worker_context = _UnitContext.load(published, settings)
+
+
+def _train_unit_in_worker(out_dir: str | Path, task: Task, predictor: str) -> Path:
+    assert _worker_context is not None, "a train_all worker runs _start_worker first"
+    return _train_unit(_worker_context, out_dir, task, predictor)
+
+
+def _train_unit(context: _UnitContext, out_dir: str | Path, task: Task, predictor: str) -> Path:
+    """Tune and train `predictor` on `task`, save its final models and write runs/{predictor}--{task}.json."""
+    settings, test = context.settings, context.splits["test"]
+    train, validation = labeled_for(context.splits["train"], task), labeled_for(context.splits["validation"], task)
+    started = time.perf_counter()
+    remove_saved(out_dir, predictor, task.name)
+    record: dict[str, Any] = {"predictor": predictor, "task": asdict(task), "published": str(context.published),
+                              "split": settings.split, "settings": settings.as_json()}
+    try:
+        trained = tune_and_train(predictor, task.kind, train, validation, test.weights, settings)
+    except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal
+        record["error"] = str(exc)
+    else:
+        record.update(_trained_record(trained, train, settings))
+        for result in trained.runs:
+            save_predictor(out_dir, predictor=predictor, seed=result.seed, task=asdict(task), model=result.model,
+                           model_config=trained.model_config, labels=context.label_info,
+                           published_layout=context.published_layout, facts=context.facts,
+                           target_mean=result.target_mean, target_std=result.target_std,
+                           metrics={"best_epoch": result.best_epoch, "val": result.val})
+        record["test_job_ids"] = list(test.job_ids)
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    path = Path(out_dir) / "runs" / f"{predictor}--{task.name}.json"
+    path.write_text(json.dumps(record, indent=1, default=jsonable) + "\n")
+    return path
 
 
 def _trained_record(trained, train, settings: LearnSettings) -> dict[str, Any]:

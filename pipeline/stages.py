@@ -124,11 +124,12 @@ def learn_target(manifest: Manifest, store: Store):
     return store.local_path(f"published/{name}"), store.local_write_dir(f"learn/{name}"), settings
 
 
-def train(manifest: Manifest, store: Store, on_run=None):
+def train(manifest: Manifest, store: Store, on_run=None, workers: int = 1):
+    """Train the learn section's predictors on every target; `workers` (predictor, target) units at once."""
     from lol_models.experiments import train_all
 
     published, out, settings = learn_target(manifest, store)
-    return train_all(published, settings, out, on_run=on_run)
+    return train_all(published, settings, out, on_run=on_run, workers=workers)
 
 
 def evaluate(manifest: Manifest, store: Store):

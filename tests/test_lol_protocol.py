@@ -113,3 +113,25 @@ def test_a_test_split_too_small_to_score_is_reported_not_a_crash(tmp_path):
     record = evaluate(tmp_path / "out").tasks["clip_score.clip_score"]["predictors"]["mlp"]
     assert "holds 1 LoRA(s)" in record["error"]
     assert "holds 1 LoRA" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_worker_processes_train_the_runs_one_process_trains(published, tmp_path, monkeypatch):
+    """`train_all(workers=2)`: the same run files, the same choices, the same test predictions (up to
+    float rounding), in the same order; a unit that fails in a worker fails the call."""
+    import dataclasses
+    import os
+
+    import numpy as np
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # one torch thread per worker, as this process has
+    settings = dataclasses.replace(SETTINGS, predictors=("mlp", "glnet"), seeds=1, epochs=4, tuning_budget=2)
+    alone = train_all(published, settings, tmp_path / "one")
+    seen = []
+    parallel = train_all(published, settings, tmp_path / "two", workers=2, on_run=lambda p, t: seen.append((p, t)))
+    assert [p.name for p in parallel] == [p.name for p in alone] and len(alone) == 4 and len(seen) == 4
+    for a, b in zip(alone, parallel):
+        a, b = json.loads(a.read_text()), json.loads(b.read_text())
+        assert a["selection"]["chosen"] == b["selection"]["chosen"] and a["test_job_ids"] == b["test_job_ids"]
+        np.testing.assert_allclose(b["test_predictions"], a["test_predictions"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(KeyError, match="no_such_predictor"):
+        train_all(published, dataclasses.replace(settings, predictors=("mlp", "no_such_predictor")), tmp_path / "bad", workers=2)

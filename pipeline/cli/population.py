@@ -154,7 +154,7 @@ def run(
     limit: Annotated[Optional[int], typer.Option(help="Only the first N jobs of the population.")] = None,
     stages: Annotated[Optional[list[RunStage]], typer.Option(
         "--stage", help="Run only this stage; repeatable (default: all, in order).", show_default=False)] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Local worker processes for finetune and score tasks (one per core suits the tiny world).")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Local worker processes for finetune and score tasks, and for the learn stage's (predictor, target) units (one per core suits the tiny world).")] = 1,
 ) -> int:
     """Run every stage through Prefect (run_population), skipping what the store already holds."""
     import importlib
