@@ -52,14 +52,15 @@ def overrides(base):
 
 @pytest.fixture(scope="module")
 def trained(random_sd, tmp_path_factory):
-    """(store folder, published folder): 8 finetuned, scored, published LoRAs and mlp + glnet trained on them."""
+    """(store folder, published folder): 8 finetuned, scored, published LoRAs and mlp + glnet trained on them
+    (in two worker processes, so every predictor test also reads models that a `train --workers` process saved)."""
     folder = tmp_path_factory.mktemp("store")
     store = Store(str(folder))
     manifest = Manifest.from_yaml(SHAPES, overrides=overrides(random_sd))
     assert len(finetune_population(manifest, store, DiffusionTrainer).trained) == 8
     assert not score_population(manifest, store).failed
     publish_population(manifest, store, push=False)
-    stages.train(manifest, store)
+    assert len(stages.train(manifest, store, workers=2)) >= 2
     return folder, folder / "published" / POPULATION
 
 
