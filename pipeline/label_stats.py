@@ -6,8 +6,9 @@ LoRAs, and Kendall's τ-b (scipy) against each numeric hyperparameter and agains
 `epochs`), the product the paper's grids vary. A label that does not vary, or does not move
 with how hard a LoRA was trained, teaches a predictor little. Also per label: how many distinct
 values it takes, its mean per quintile of the training budget (a label that rises and then
-falls shows over-training), and Kendall's τ-b against every other label; and, with
-`base_labels`, each label of the base model itself, so that a LoRA's label reads as a change.
+falls shows over-training), Kendall's τ-b against every other label, and the `HIGHEST` LoRAs with
+the largest value (job id, value, hyperparameters, data groups); and, with `base_labels`, each label
+of the base model itself, so that a LoRA's label reads as a change.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
 from storage import Store
 
+HIGHEST = 10  # LoRAs listed per label, largest value first
 BUDGET_LENGTHS = ("steps", "epochs")  # the first of these a job has is its training length
 
 
@@ -74,14 +76,15 @@ def base_labels(manifest: Manifest, store: Store) -> dict[str, float]:
 
 def label_statistics(manifest: Manifest, store: Store, base: dict[str, float] | None = None) -> dict[str, Any]:
     """{label column: {count, distinct, mean, std, min, max, [base], kendall: {hyperparameter, "lr×length" or
-    "label:<other column>": {tau, p_value}}, by_budget: [{budget_min, budget_max, count, mean}]}}.
+    "label:<other column>": {tau, p_value}}, by_budget: [{budget_min, budget_max, count, mean}],
+    highest: [{job_id, value, hyperparameters, data}] (`HIGHEST`, ties in job order)}}.
 
     `base`: the base model's labels (`base_labels`), copied next to each column's statistics."""
     population = store.population(manifest.population.name)
     jobs = list(expand(manifest))
     sids = {scorer_id(spec): spec.name for spec in manifest.scorers}
     columns: dict[str, list[tuple[dict[str, Any], float]]] = {}
-    by_job: dict[str, dict[str, float]] = {}
+    by_job: dict[str, dict[str, float]] = {}  # column -> {job id: value}, in job order
     for job in jobs:
         for sid, name in sids.items():
             payload = population.read_score(job.job_id, sid)
@@ -89,6 +92,7 @@ def label_statistics(manifest: Manifest, store: Store, base: dict[str, float] | 
                 if value is not None and math.isfinite(float(value)):
                     columns.setdefault(f"{name}/{label}", []).append((job.spec.hyperparameters, float(value)))
                     by_job.setdefault(f"{name}/{label}", {})[job.job_id] = float(value)
+    specs = {job.job_id: job.spec for job in jobs}
     numeric = sorted({k for job in jobs for k, v in job.spec.hyperparameters.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
     stats: dict[str, Any] = {}
@@ -111,5 +115,8 @@ def label_statistics(manifest: Manifest, store: Store, base: dict[str, float] | 
                          "min": float(values.min()), "max": float(values.max()),
                          **({"base": base[column]} if base and column in base else {}),
                          "kendall": {k: v for k, v in kendall.items() if v is not None},
-                         "by_budget": budget_curve([b for b, _ in budget], [v for _, v in budget]) if budget else []}
+                         "by_budget": budget_curve([b for b, _ in budget], [v for _, v in budget]) if budget else [],
+                         "highest": [{"job_id": job_id, "value": value, "hyperparameters": specs[job_id].hyperparameters,
+                                      "data": specs[job_id].data}
+                                     for job_id, value in sorted(by_job[column].items(), key=lambda kv: -kv[1])[:HIGHEST]]}
     return {"population": manifest.population.name, "planned": len(jobs), "labels": stats}

@@ -197,6 +197,10 @@ def test_label_statistics_match_a_direct_computation(trained, run_cli, tmp_path)
         if "lr×length" in s["kendall"]:
             assert np.isclose(s["kendall"]["lr×length"]["tau"], kendalltau(budgets, values).statistic, atol=1e-4)
         assert s["distinct"] == len(set(values)) and sum(b["count"] for b in s["by_budget"]) == 3
+        assert [h["value"] for h in s["highest"]] == sorted(values, reverse=True)
+        assert {h["job_id"]: h["value"] for h in s["highest"]} == {j.job_id: v for j, v in zip(jobs, values)}
+        assert all(h["hyperparameters"] == next(j for j in jobs if j.job_id == h["job_id"]).spec.hyperparameters
+                   for h in s["highest"])
     circle = [population.read_score(j.job_id, sid)["labels"]["shape=circle"] for j in jobs]
     large = [population.read_score(j.job_id, sid)["labels"]["size=large"] for j in jobs]
     between = stats["attributes/shape=circle"]["kendall"].get("label:attributes/size=large")
