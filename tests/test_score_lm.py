@@ -236,3 +236,28 @@ def test_shared_contexts_give_each_pairs_own_loglik_within_the_positions():
     assert len(questions[3][0]) + 1 <= 16 and len(questions[4][0]) + 5 > 16  # one fits whole, one is cut
     with pytest.raises(ValueError, match="question 0: a context of 1 token"):
         shared_context_logliks(model, [([7], [[3]])], pad_id=1, batch_size=4)
+    for too_long in (15, 16, 17):  # leaves 1, 0 or no positions for the context
+        with pytest.raises(ValueError, match=rf"question 1: a context of [01] token\(s\) after fitting its longest choice \({too_long} tokens\)"):
+            shared_context_logliks(model, [questions[0], (ids(5), [ids(2), ids(too_long)])], pad_id=1, batch_size=4)
+
+
+def test_a_model_without_a_kv_cache_or_position_ids_is_scored_pair_by_pair():
+    """`shared_context_logliks` falls back to `batched_logliks` where the forward cannot take a cache and positions."""
+    from pipeline.score import lm_scorers
+
+    class NoCache(torch.nn.Module):  # a causal LM whose forward names neither
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"max_position_embeddings": 32})()
+            self.embed, self.head = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 20)
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return type("Out", (), {"logits": self.head(self.embed(input_ids).cumsum(1))})()
+
+    torch.manual_seed(0)
+    model = NoCache()
+    assert lm_scorers.cache_argument(model) is None
+    questions = [([2, 3, 4], [[5], [6, 7]]), ([8, 9], [[10, 11, 12]])]
+    got = shared_context_logliks(model, questions, pad_id=1, batch_size=4)
+    expected = batched_logliks(model, [[2, 3, 4], [2, 3, 4], [8, 9]], [[5], [6, 7], [10, 11, 12]], pad_id=1, batch_size=4)
+    np.testing.assert_array_equal(got, expected)

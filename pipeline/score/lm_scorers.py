@@ -151,12 +151,14 @@ def shared_context_logliks(model, questions: Sequence[tuple[Sequence[int], Seque
     log-likelihoods: ≈ (T_context + C · T_continuation) tokens per question instead of C · (T_context +
     T_continuation), 3× fewer on the tiny world's four-choice questions. `route(rows)` is called before
     each forward with the rows of one copy (B, then N). A question whose context and longest continuation
-    exceed `max_position_embeddings` loses context tokens from the left, the same number for all its choices.
-    Contexts need ≥ 2 tokens (`encode_questions` gives "Question: …\nAnswer:"); a model whose forward
-    takes no KV cache gets `batched_logliks`.
+    exceed `max_position_embeddings` loses context tokens from the left, the same number for all its choices
+    (so its shorter choices keep less context than `batched_logliks` would leave them; within the positions
+    the numbers are the same). Contexts need ≥ 2 tokens (`encode_questions` gives "Question: …\nAnswer:");
+    a model whose forward takes no KV cache or no position ids gets `batched_logliks`.
     """
     cache_name = cache_argument(model)
-    if cache_name is None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if cache_name is None or "position_ids" not in forward_args(inner):
         contexts = [context for context, continuations in questions for _ in continuations]
         continuations = [c for _, continuations in questions for c in continuations]
         return batched_logliks(model, contexts, continuations, pad_id, batch_size, copies, route)
@@ -176,10 +178,10 @@ def shared_context_logliks(model, questions: Sequence[tuple[Sequence[int], Seque
         for q in batch:
             context, continuations = questions[q]
             keep = limit - max(len(c) for c in continuations)
-            context = list(context)[-keep:]
+            context = list(context)[-keep:] if keep > 0 else []
             if len(context) < 2:
-                raise ValueError(f"question {q}: a context of {len(context)} token(s) after fitting "
-                                 f"{limit} positions; contexts need at least 2")
+                raise ValueError(f"question {q}: a context of {len(context)} token(s) after fitting its longest choice "
+                                 f"({max(len(c) for c in continuations)} tokens) into {limit} positions; contexts need at least 2")
             prefixes.append((context[:-1], context[:-1]))
             tails += [[context[-1], *c] for c in continuations]
             choices.append(len(continuations))
