@@ -236,6 +236,22 @@ def _local_table(folder: Path, split: str):
     return table
 
 
+def published_fingerprint(repo_or_path: str | Path) -> str | None:
+    """A short hash of a local published folder's content, or None for a hub repo (never taken as unchanged).
+
+    Parquet shards are named by their sha256, so their sorted names identify the rows; the Arrow copy's
+    files enter by name, size and modification time (a new publish writes new files)."""
+    if not _is_local(repo_or_path):
+        return None
+    import hashlib
+
+    folder = Path(repo_or_path)
+    parts = sorted(p.name for p in (folder / "data").glob("*.parquet"))
+    parts += sorted(f"{p.relative_to(folder).as_posix()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                    for p in (folder / "arrow").rglob("*") if p.is_file())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16] if parts else None
+
+
 def split_names(folder: str | Path) -> list[str]:
     """The splits of a local published folder: those `arrow/dataset_dict.json` lists, else those of its parquet shards."""
     folder = Path(folder)

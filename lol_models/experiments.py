@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from lol_models import evaluation
-from lol_models.data import read_layout, read_rows, split_names
-from lol_models.predictors import remove_saved, save_predictor
+from lol_models.data import published_fingerprint, read_layout, read_rows, split_names
+from lol_models.predictors import PREDICTORS_DIR, remove_saved, save_predictor, saved_stem
 from lol_models.protocol import tune_and_train
 from lol_models.tasks import (
     MAIN_METRIC,
@@ -47,7 +47,7 @@ __all__ = ["MAIN_METRIC", "SECOND_METRIC", "LearnSettings", "Task", "Results", "
 
 
 def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Path,
-              on_run: Callable[[str, str], None] | None = None, workers: int = 1) -> list[Path]:
+              on_run: Callable[[str, str], None] | None = None, workers: int = 1, resume: bool = True) -> list[Path]:
     """Train every predictor on every task under the protocol; one JSON per (predictor, task), in
     task × predictor order.
 
@@ -55,14 +55,24 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
     `workers` > 1 trains that many (predictor, task) units at once in spawned processes, each with
     cores / workers torch threads; every unit is seeded, so the runs are those one process trains,
     up to float rounding of the thread count. `on_run(predictor, task)` follows each finished unit.
+    `resume`: a unit whose run file is already there — trained with the same settings on the same
+    published rows (`published_fingerprint`), without error, every seed's model saved — is kept, not
+    trained again, so an interrupted `lol train` goes on where it stopped.
     """
     (Path(out_dir) / "runs").mkdir(parents=True, exist_ok=True)
     context = _UnitContext.load(published, settings)
     units = [(task, predictor) for task in tasks_of(context.splits["train"], settings.targets)
              for predictor in settings.predictors]
     written: dict[int, Path] = {}
-    if workers <= 1 or len(units) <= 1:
-        for i, (task, predictor) in enumerate(units):
+    for i, (task, predictor) in enumerate(units):
+        if resume and (kept := _finished_run(context, out_dir, task, predictor)) is not None:
+            written[i] = kept
+            if on_run is not None:
+                on_run(predictor, task.name)
+    todo = [i for i in range(len(units)) if i not in written]
+    if workers <= 1 or len(todo) <= 1:
+        for i in todo:
+            task, predictor = units[i]
             written[i] = _train_unit(context, out_dir, task, predictor)
             if on_run is not None:
                 on_run(predictor, task.name)
@@ -71,12 +81,11 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
         import os
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        workers = min(workers, len(units))
+        workers = min(workers, len(todo))
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                  initargs=(published, settings, threads)) as pool:
-            futures = {pool.submit(_train_unit_in_worker, out_dir, task, predictor): i
-                       for i, (task, predictor) in enumerate(units)}
+            futures = {pool.submit(_train_unit_in_worker, out_dir, *units[i]): i for i in todo}
             try:
                 for future in as_completed(futures):
                     written[futures[future]] = future.result()
@@ -89,6 +98,24 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
     return [written[i] for i in range(len(units))]
 
 
+def _finished_run(context: _UnitContext, out_dir: str | Path, task: Task, predictor: str) -> Path | None:
+    """The run file of (predictor, task) if it can be kept (see `train_all`'s `resume`), else None."""
+    path = Path(out_dir) / "runs" / f"{predictor}--{task.name}.json"
+    if context.fingerprint is None or not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(run, dict) and "error" not in run and run.get("published_fingerprint") == context.fingerprint
+            and run.get("settings") == json.loads(json.dumps(context.settings.as_json(), default=jsonable))
+            and run.get("task") == json.loads(json.dumps(asdict(task), default=jsonable)))
+    saved = Path(out_dir) / PREDICTORS_DIR
+    complete = all((saved / f"{saved_stem(predictor, task.name, seed)}{suffix}").is_file()
+                   for seed in range(context.settings.seeds) for suffix in (".json", ".safetensors"))
+    return path if same and complete else None
+
+
 @dataclass
 class _UnitContext:
     """What every (predictor, task) unit of one `train_all` reads: the splits and the published facts."""
@@ -99,12 +126,14 @@ class _UnitContext:
     published_layout: Any
     label_info: Any
     facts: dict[str, Any]
+    fingerprint: str | None  # `published_fingerprint`
 
     @classmethod
     def load(cls, published: str | Path, settings: LearnSettings) -> _UnitContext:
         splits = load_splits(published, settings.split)
         published_layout, label_info = read_layout(published)
-        return cls(published, settings, splits, published_layout, label_info, training_facts(published))
+        return cls(published, settings, splits, published_layout, label_info, training_facts(published),
+                   published_fingerprint(published))
 
 
 _worker_context: _UnitContext | None = None  # a `train_all` worker process's context, loaded once
@@ -130,7 +159,8 @@ def _train_unit(context: _UnitContext, out_dir: str | Path, task: Task, predicto
     started = time.perf_counter()
     remove_saved(out_dir, predictor, task.name)
     record: dict[str, Any] = {"predictor": predictor, "task": asdict(task), "published": str(context.published),
-                              "split": settings.split, "settings": settings.as_json()}
+                              "published_fingerprint": context.fingerprint, "split": settings.split,
+                              "settings": settings.as_json()}
     try:
         trained = tune_and_train(predictor, task.kind, train, validation, test.weights, settings)
     except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal

@@ -82,7 +82,8 @@ class SavedPredictor:
         return int(self.published_layout["max_rank"])
 
 
-def _stem(predictor: str, task: str, seed: int) -> str:
+def saved_stem(predictor: str, task: str, seed: int) -> str:
+    """The file name, without suffix, of one saved seed of (predictor, task)."""
     return f"{predictor}--{task}--seed{seed}"
 
 
@@ -108,7 +109,7 @@ def save_predictor(out_dir: str | Path, *, predictor: str, seed: int, task: Mapp
 
     folder = Path(out_dir) / PREDICTORS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    stem = _stem(predictor, task["name"], seed)
+    stem = saved_stem(predictor, task["name"], seed)
     config = dataclasses.asdict(coerce_config(MODELS[predictor].config_cls, model_config, model=predictor))
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     weights_path = folder / f"{stem}.safetensors"
@@ -160,12 +161,12 @@ def find_predictors(learn_dir: str | Path, predictor: str, tasks: Sequence[str] 
     names = sorted({t for t, s in mine if s == seed})
     chosen = names
     if tasks:
-        columns = {t: _columns_of(Path(learn_dir) / PREDICTORS_DIR / f"{_stem(predictor, t, seed)}.json") for t in names}
+        columns = {t: _columns_of(Path(learn_dir) / PREDICTORS_DIR / f"{saved_stem(predictor, t, seed)}.json") for t in names}
         chosen = [t for t in names if t in tasks or any(c in tasks for c in columns[t])]
         unknown = sorted(set(tasks) - set(chosen) - {c for t in chosen for c in columns[t]})
         if unknown:
             raise PredictorError(f"{predictor} (seed {seed}) was not trained on {unknown}; its tasks: {', '.join(names)}")
-    return [Path(learn_dir) / PREDICTORS_DIR / f"{_stem(predictor, t, seed)}.json" for t in chosen]
+    return [Path(learn_dir) / PREDICTORS_DIR / f"{saved_stem(predictor, t, seed)}.json" for t in chosen]
 
 
 def _columns_of(path: Path) -> list[str]:

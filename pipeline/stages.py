@@ -124,12 +124,13 @@ def learn_target(manifest: Manifest, store: Store):
     return store.local_path(f"published/{name}"), store.local_write_dir(f"learn/{name}"), settings
 
 
-def train(manifest: Manifest, store: Store, on_run=None, workers: int = 1):
-    """Train the learn section's predictors on every target; `workers` (predictor, target) units at once."""
+def train(manifest: Manifest, store: Store, on_run=None, workers: int = 1, resume: bool = True):
+    """Train the learn section's predictors on every target; `workers` (predictor, target) units at once;
+    `resume`: keep the units already trained with the same settings on the same published rows."""
     from lol_models.experiments import train_all
 
     published, out, settings = learn_target(manifest, store)
-    return train_all(published, settings, out, on_run=on_run, workers=workers)
+    return train_all(published, settings, out, on_run=on_run, workers=workers, resume=resume)
 
 
 def evaluate(manifest: Manifest, store: Store):

@@ -135,3 +135,29 @@ def test_worker_processes_train_the_runs_one_process_trains(published, tmp_path,
         np.testing.assert_allclose(b["test_predictions"], a["test_predictions"], rtol=1e-4, atol=1e-4)
     with pytest.raises(KeyError, match="no_such_predictor"):
         train_all(published, dataclasses.replace(settings, predictors=("mlp", "no_such_predictor")), tmp_path / "bad", workers=2)
+
+
+def test_an_interrupted_train_goes_on_where_it_stopped(published, tmp_path, monkeypatch):
+    """Units already trained with the same settings on the same rows, every seed saved, are kept; a changed
+    setting, a missing model file or `resume=False` trains them again."""
+    import dataclasses
+
+    import lol_models.experiments as experiments
+
+    settings = dataclasses.replace(SETTINGS, predictors=("mlp", "glnet"), seeds=1, epochs=3, tuning_budget=1)
+    first = train_all(published, settings, tmp_path)
+    stamps = {p.name: p.stat().st_mtime_ns for p in first}
+    trained = []
+    real = experiments._train_unit
+    monkeypatch.setattr(experiments, "_train_unit", lambda c, o, task, p: trained.append((p, task.name)) or real(c, o, task, p))
+    again = train_all(published, settings, tmp_path)
+    assert again == first and trained == [] and {p.name: p.stat().st_mtime_ns for p in again} == stamps
+    next((tmp_path / "predictors").glob("glnet--attributes--seed0.safetensors")).unlink()
+    train_all(published, settings, tmp_path)
+    assert trained == [("glnet", "attributes")]
+    trained.clear()
+    train_all(published, dataclasses.replace(settings, epochs=4), tmp_path)
+    assert len(trained) == 4
+    trained.clear()
+    train_all(published, dataclasses.replace(settings, epochs=4), tmp_path, resume=False)
+    assert len(trained) == 4

@@ -166,6 +166,8 @@ def train_command(
     manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
     workers: Annotated[int, typer.Option(min=1, help="(predictor, target) units trained at once, each in its own process "
                                                     "with cores / workers torch threads.")] = 1,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Train every unit again, even those already trained with the same "
+                                                        "settings on the same published rows (kept by default).")] = False,
 ) -> int:
     """Train every predictor of the manifest's `learn` section on every target, over seeds."""
     from pipeline.stages import learn_target, train
@@ -175,7 +177,7 @@ def train_command(
     published, out_dir, settings = learn_target(loaded, target)
     with progress_bar() as progress:
         task = progress.add_task(f"training predictors on {loaded.population.name}", total=None)
-        written = train(loaded, target, workers=workers,
+        written = train(loaded, target, workers=workers, resume=not fresh,
                         on_run=lambda predictor, name: progress.update(task, description=f"{predictor} on {name} done", advance=1))
     out.print(f"trained {len(written)} predictor × task runs ({settings.seeds} seed(s) each) into {out_dir}/runs")
     return 0
