@@ -55,9 +55,10 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
     `workers` > 1 trains that many (predictor, task) units at once in spawned processes, each with
     cores / workers torch threads; every unit is seeded, so the runs are those one process trains,
     up to float rounding of the thread count. `on_run(predictor, task)` follows each finished unit.
-    `resume`: a unit whose run file is already there — trained with the same settings on the same
-    published rows (`published_fingerprint`), without error, every seed's model saved — is kept, not
-    trained again, so an interrupted `lol train` goes on where it stopped.
+    `resume`: a unit whose run file is already there — trained with the same settings (whichever other
+    predictors and targets that run had) on the same published rows (`published_fingerprint`), without
+    error, every seed's model saved — is kept, not trained again, so an interrupted `lol train` goes on
+    where it stopped.
     """
     (Path(out_dir) / "runs").mkdir(parents=True, exist_ok=True)
     context = _UnitContext.load(published, settings)
@@ -108,12 +109,17 @@ def _finished_run(context: _UnitContext, out_dir: str | Path, task: Task, predic
     except (OSError, ValueError):
         return None
     same = (isinstance(run, dict) and "error" not in run and run.get("published_fingerprint") == context.fingerprint
-            and run.get("settings") == json.loads(json.dumps(context.settings.as_json(), default=jsonable))
+            and isinstance(run.get("settings"), dict) and _unit_settings(run["settings"]) == _unit_settings(context.settings.as_json())
             and run.get("task") == json.loads(json.dumps(asdict(task), default=jsonable)))
     saved = Path(out_dir) / PREDICTORS_DIR
     complete = all((saved / f"{saved_stem(predictor, task.name, seed)}{suffix}").is_file()
                    for seed in range(context.settings.seeds) for suffix in (".json", ".safetensors"))
     return path if same and complete else None
+
+
+def _unit_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The learn settings one unit's training depends on: all but which predictors and targets the run trains."""
+    return {k: v for k, v in json.loads(json.dumps(settings, default=jsonable)).items() if k not in ("predictors", "targets")}
 
 
 @dataclass

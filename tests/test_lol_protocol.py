@@ -152,6 +152,8 @@ def test_an_interrupted_train_goes_on_where_it_stopped(published, tmp_path, monk
     monkeypatch.setattr(experiments, "_train_unit", lambda c, o, task, p: trained.append((p, task.name)) or real(c, o, task, p))
     again = train_all(published, settings, tmp_path)
     assert again == first and trained == [] and {p.name: p.stat().st_mtime_ns for p in again} == stamps
+    train_all(published, dataclasses.replace(settings, predictors=("glnet",), targets=("attributes",)), tmp_path)
+    assert trained == []  # a narrower run keeps them too
     next((tmp_path / "predictors").glob("glnet--attributes--seed0.safetensors")).unlink()
     train_all(published, settings, tmp_path)
     assert trained == [("glnet", "attributes")]
