@@ -65,18 +65,19 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
     units = [(task, predictor) for task in tasks_of(context.splits["train"], settings.targets)
              for predictor in settings.predictors]
     written: dict[int, Path] = {}
+
+    def finished(i: int, path: Path) -> None:
+        written[i] = path
+        if on_run is not None:
+            on_run(units[i][1], units[i][0].name)
+
     for i, (task, predictor) in enumerate(units):
         if resume and (kept := _finished_run(context, out_dir, task, predictor)) is not None:
-            written[i] = kept
-            if on_run is not None:
-                on_run(predictor, task.name)
+            finished(i, kept)
     todo = [i for i in range(len(units)) if i not in written]
     if workers <= 1 or len(todo) <= 1:
         for i in todo:
-            task, predictor = units[i]
-            written[i] = _train_unit(context, out_dir, task, predictor)
-            if on_run is not None:
-                on_run(predictor, task.name)
+            finished(i, _train_unit(context, out_dir, *units[i]))
     else:
         import multiprocessing
         import os
@@ -89,10 +90,7 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
             futures = {pool.submit(_train_unit_in_worker, out_dir, *units[i]): i for i in todo}
             try:
                 for future in as_completed(futures):
-                    written[futures[future]] = future.result()
-                    task, predictor = units[futures[future]]
-                    if on_run is not None:
-                        on_run(predictor, task.name)
+                    finished(futures[future], future.result())
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
