@@ -126,7 +126,7 @@ def test_lol_run_checks_hub_artefacts_before_any_task_one_line_each(run_cli, cap
     assert errors[0].startswith("error: base Qwen/Qwen2-0.5B @ main is not in the cache")
     assert errors[1].startswith("error: benchmark hf:allenai/ai2_arc") and \
         "scorers[0].benchmark=folder:datasets/ai2_arc and scorers[1].dataset=folder:datasets/ai2_arc" in errors[1]
-    assert not (tmp_path / "store" / "populations" / "qwen2-arc" / "jobs").exists()
+    assert not (tmp_path / "store").exists()  # a refused run creates no store (no FORMAT.json either)
 
 
 # ------------------------------------------------------------------ lol fetch

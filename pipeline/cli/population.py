@@ -166,7 +166,7 @@ def run(
     trainer_factory(loaded.base.kind)
     for spec in loaded.scorers:
         make_scorer(spec)
-    Store(store)
+    target = Store(store, create=False)  # reachable and of a format we read; a refused run leaves no new store
     commands = importlib.import_module("flows.commands")  # the Prefect side lives in flows/
     chosen = [s.value for s in RunStage if s in (stages or list(RunStage))]  # always in pipeline order
     if {"finetune", "score"} & set(chosen) and report_missing_artefacts(loaded):  # one line each, before any task
@@ -175,7 +175,7 @@ def run(
         from pipeline.finetune.runner import plan_jobs
         from pipeline.preflight import check_before_training
 
-        population = Store(store).population(loaded.population.name)
+        population = target.population(loaded.population.name)
         _, todo = plan_jobs(loaded, population, limit)
         if todo:
             check_before_training(loaded, population, todo)
