@@ -129,11 +129,15 @@ def batched_logliks(model, contexts: Sequence[Sequence[int]], continuations: Seq
     return out
 
 
+def _unwrapped(model):
+    """The transformers model under a peft wrapper (`model` itself if it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def cache_argument(model) -> str | None:
     """The name under which `model`'s forward takes and returns a KV cache (`cache` in transformers ≥ 5.2x,
     `past_key_values` before), looked up on the model under a peft wrapper; None if it takes neither."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    accepted = forward_args(inner)
+    accepted = forward_args(_unwrapped(model))
     return next((name for name in ("cache", "past_key_values") if name in accepted), None)
 
 
@@ -157,8 +161,7 @@ def shared_context_logliks(model, questions: Sequence[tuple[Sequence[int], Seque
     a model whose forward takes no KV cache or no position ids gets `batched_logliks`.
     """
     cache_name = cache_argument(model)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if cache_name is None or "position_ids" not in forward_args(inner):
+    if cache_name is None or "position_ids" not in forward_args(_unwrapped(model)):
         contexts = [context for context, continuations in questions for _ in continuations]
         continuations = [c for _, continuations in questions for c in continuations]
         return batched_logliks(model, contexts, continuations, pad_id, batch_size, copies, route)
@@ -247,8 +250,12 @@ class _LogLikelihoodScorer:
         questions = self.examples()  # bad data fails before the base loads
         self.model, self.tokenizer = load_causal_lm(manifest.base.model_dump(), store, self.device)
         self.questions: list[EncodedQuestion] = encode_questions(self.tokenizer, questions)
+        self.plan_batches()
+
+    def plan_batches(self) -> None:
+        """Sort the pairs longest first, the order `copies_logliks` runs them in."""
         pairs = self.pairs()
-        self.order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))  # longest first
+        self.order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         self.contexts = [pairs[i][0] for i in self.order]
         self.continuations = [pairs[i][1] for i in self.order]
 
@@ -314,16 +321,20 @@ class McAccuracyScorer(_LogLikelihoodScorer):
     def pairs(self):
         return [(q.context, cont) for q in self.questions for cont in q.continuations]
 
+    def plan_batches(self) -> None:
+        """Sort the questions longest context first, and map their pairs back to `pairs()` order."""
+        order = sorted(range(len(self.questions)), key=lambda q: -len(self.questions[q].context))
+        self.sorted_questions = [(self.questions[q].context, self.questions[q].continuations) for q in order]
+        bounds = np.cumsum([0] + [len(q.continuations) for q in self.questions])
+        self.columns = np.concatenate([np.arange(bounds[q], bounds[q + 1]) for q in order])  # sorted pair → pairs() index
+
     def copies_logliks(self, model, copies: int = 1, route: Callable[[int], None] | None = None) -> np.ndarray:
         """(copies, P) in `pairs()` order, each question's context run once for all its choices
         (`shared_context_logliks`), questions longest context first."""
-        order = sorted(range(len(self.questions)), key=lambda q: -len(self.questions[q].context))
-        sorted_ll = shared_context_logliks(model, [(self.questions[q].context, self.questions[q].continuations) for q in order],
-                                           pad_token(self.tokenizer), self.spec.batch_size, copies, route)
-        bounds = np.cumsum([0] + [len(q.continuations) for q in self.questions])
-        columns = np.concatenate([np.arange(bounds[q], bounds[q + 1]) for q in order])  # sorted pair → pairs() index
+        sorted_ll = shared_context_logliks(model, self.sorted_questions, pad_token(self.tokenizer),
+                                           self.spec.batch_size, copies, route)
         out = np.empty_like(sorted_ll)
-        out[:, columns] = sorted_ll
+        out[:, self.columns] = sorted_ll
         return out
 
     def choice_logliks(self, adapter_dir: Path | None = None) -> list[np.ndarray]:
