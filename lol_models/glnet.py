@@ -16,6 +16,10 @@ equivariant piece maps LoraWeights → LoraWeights and commutes with that action
 - `RowDropout` drops whole rows of U_i and of V_i (equivariant for the same reason).
 - head         P_i = U_i V_iᵀ ∈ ℝ^{h×h} per layer (invariant), Σ_i Linear_i(vec P_i) [+ Linear'_i(vec P_i ⊙ P_i)]
                [+ Linear(spectral moments of the input ΔW_i)] [→ LayerNorm] → MLP → out.
+- scale-free input (optional) each layer's U_i, V_i divided by ‖ΔW_i‖_F^½ (a GL-invariant scalar), so the stack sees
+               the shape of ΔW_i, not its size (which the spectral moments carry).
+- direction readout (optional, `glnet_directions.py`) Σ_k σ̂_k φ_i(k) over the singular directions of each input
+               ΔW_i, σ̂_k = σ_k / ‖ΔW_i‖_F: rank-agnostic and scale-free.
 - spectral moments (optional) log(Σ_k σ_k^{2p}) / p, p = 1..P, of each input layer's ΔW_i = U_i V_iᵀ, from
                the traces of powers of M_i = (U_iᵀU_i)(V_iᵀV_i) ∈ ℝ^{r×r}: g acts on M_i by similarity
                (M_i ↦ gᵀ M_i g⁻ᵀ), so the traces are invariant; rank-agnostic; cost O((n + m) r²).
@@ -40,6 +44,7 @@ from lol_models.common import (
     check_probability,
     opt,
 )
+from lol_models.glnet_directions import DirectionReadout
 from lol_models.weights import LayerGroup, Layout, LoraWeights
 
 __all__ = ["GLGate", "GLLinear", "GLNet", "GLNetConfig", "RowDropout", "frobenius_sq", "spectral_log_moments"]
@@ -67,9 +72,19 @@ class GLNetConfig:
     spectral_moments: int = opt(2, "P: the head also reads log(Σ_k σ_k^2p) / p, p = 1..P, of each input layer's "
                                    "ΔW_i (GL-invariant, any rank), standardised on the training set; 0: off")
 
+    # Off by default; for shifts in update size and rank (#21's rank experiment), chosen there on validation.
+    scale_free: bool = opt(False, "divide each layer's ΔW_i by its own ‖ΔW_i‖_F before the equivariant stack (U_i and V_i "
+                                  "by its square root): P_i then carries the update's shape; its size reaches the head "
+                                  "through the spectral moments")
+    directions: int = opt(0, "d: width of a per-direction readout over each input ΔW_i's singular directions, weighted "
+                             "by σ_k / ‖ΔW_i‖_F (rank-agnostic, exact under zero-padding); 0: off")
+
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_positive_ints(name, hidden=self.hidden, head=self.head, context=self.context)
+        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 0:
+            raise SettingsError(f"{name}.directions must be an integer ≥ 0 (0 turns the direction readout off), "
+                                f"got {self.directions!r}")
         if isinstance(self.spectral_moments, bool) or not isinstance(self.spectral_moments, int) or self.spectral_moments < 0:
             raise SettingsError(f"{name}.spectral_moments must be an integer ≥ 0 (0 turns them off), got {self.spectral_moments!r}")
         check_probability(name, dropout=self.dropout, head_dropout=self.head_dropout)
@@ -99,6 +114,14 @@ def spectral_log_moments(u: Tensor, v: Tensor, powers: int) -> Tensor:
         power = power @ unit
         moments.append(trace.log() + power.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-300).log() / p)
     return torch.stack(moments[:powers], -1).to(u.dtype)
+
+
+def _unit_frobenius(g: LayerGroup) -> LayerGroup:
+    """The group with each layer's ΔW_i = U_i V_iᵀ scaled to ‖ΔW_i‖_F = 1 (U_i, V_i each by ‖ΔW_i‖_F^-½); zero stays zero.
+    g: (B, L_g, n, r) / (B, L_g, m, r) → same shapes."""
+    norm = frobenius_sq(g.u, g.v).clamp(min=0).sqrt()  # (B, L_g)
+    scale = torch.where(norm > 0, norm.clamp(min=torch.finfo(norm.dtype).tiny).rsqrt(), torch.ones_like(norm))
+    return LayerGroup(g.names, g.u * scale[..., None, None], g.v * scale[..., None, None])
 
 
 def _group_shapes(layout: Layout) -> list[tuple[int, int, int]]:
@@ -212,6 +235,7 @@ class GLNet(LoLModel):
             nn.Parameter(torch.randn(lg, h * h, d) / (h * (sum(sizes)) ** 0.5)) for lg in sizes
         ) if cfg.quadratic_readout else None
         self.readout_bias = nn.Parameter(torch.zeros(d))
+        self.directions = DirectionReadout(_group_shapes(layout), h, cfg.directions, d) if cfg.directions else None
         P = cfg.spectral_moments
         self.spectral = nn.Linear(sum(sizes) * P, d, bias=False) if P else None
         if P:  # (L·P,) training-set statistics
@@ -253,6 +277,8 @@ class GLNet(LoLModel):
             LayerGroup(g.names, g.u * s[:, None, None], g.v * s[:, None, None])
             for g, s in zip(x.groups, self.input_scales())
         ))
+        if self.cfg.scale_free:
+            x = LoraWeights(tuple(_unit_frobenius(g) for g in x.groups))
         return self.blocks(x)
 
     def spectral_features(self, weights: LoraWeights) -> Tensor:
@@ -275,4 +301,6 @@ class GLNet(LoLModel):
                 z = z + torch.einsum("blk,lkd->bd", p * p, self.readout_sq[j])
         if self.spectral is not None:
             z = z + self.spectral(self.spectral_features(weights))
+        if self.directions is not None:
+            z = z + self.directions(self.prepare(weights))
         return self.head(self.head_norm(z))

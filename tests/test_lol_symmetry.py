@@ -21,6 +21,7 @@ from lol_models.glnet import (
     _group_shapes,
     spectral_log_moments,
 )
+from lol_models.glnet_directions import singular_directions
 from lol_models.registry import build_model
 from lol_models.symmetry import gl_act, random_gl, random_gl_like, random_orthogonal_like
 from lol_models.synthetic import random_lora_weights
@@ -39,6 +40,9 @@ GL_INVARIANT = {
     "glnet": {"hidden": (6, 5, 4), "head": (16, 8), "dropout": 0.2, "context": 3, "spectral_moments": 3, "head_norm": True},
     "transformer": {"token": "svd", "d_model": 8, "nhead": 2, "num_layers": 1, "dim_feedforward": 16},
     "glnet_paper": {"hidden": 5, "head": 8},
+    # rank-shift options: scale-free input and the per-direction readout (lol_models/glnet_directions.py)
+    "glnet+directions": {"hidden": (6, 4), "head": (16,), "context": 3, "spectral_moments": 2, "scale_free": True,
+                         "directions": 5},
 }
 
 PROPERTY = settings(max_examples=8, deadline=None, derandomize=True)
@@ -50,7 +54,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def build(name: str, weights: LoraWeights, seed: int, config=None, layout: Layout | None = None):
     torch.manual_seed(seed)
-    model = build_model(name, layout or weights.layout, 3, config).double()
+    model = build_model(name.split("+")[0], layout or weights.layout, 3, config).double()
     model.fit_input_stats(weights)
     return model.eval()
 
@@ -142,7 +146,7 @@ def test_every_layer_matters_outside_the_group(name):
     check_sensitive(model, x, doubled)
 
 
-@pytest.mark.parametrize("name", ["glnet", "glnet_paper", "mlp_svd", "mlp_dense", "transformer"])
+@pytest.mark.parametrize("name", ["glnet", "glnet+directions", "glnet_paper", "mlp_svd", "mlp_dense", "transformer"])
 def test_zero_padding_the_rank_changes_nothing(name):
     gen = torch.Generator().manual_seed(2)
     x = random_lora_weights(B, 2, generator=gen)
@@ -150,7 +154,7 @@ def test_zero_padding_the_rank_changes_nothing(name):
     model = build(name, padded, 2, GL_INVARIANT[name], layout=padded.layout)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(padded), rtol=1e-10, atol=1e-12)
-        if name in ("glnet", "glnet_paper"):  # rank-agnostic: a model built for rank 2 takes rank 5 inputs too
+        if name.startswith("glnet"):  # rank-agnostic: a model built for rank 2 takes rank 5 inputs too
             small = build(name, x, 2, GL_INVARIANT[name])
             torch.testing.assert_close(small(x), small(padded), rtol=1e-10, atol=1e-12)
 
@@ -201,3 +205,24 @@ def test_spectral_log_moments_stay_invariant_in_float32_with_ill_conditioned_fac
     for g, h in zip(x.groups, gx.groups):
         exact = spectral_log_moments(g.u.double(), g.v.double(), 4)
         torch.testing.assert_close(spectral_log_moments(h.u.float(), h.v.float(), 4).double(), exact, rtol=0, atol=1e-3)
+
+
+def test_singular_directions_rebuild_the_update_in_descending_order():
+    gen = torch.Generator().manual_seed(5)
+    u, v = torch.randn(3, 2, 7, 4, generator=gen, dtype=torch.float64), torch.randn(3, 2, 5, 4, generator=gen, dtype=torch.float64)
+    a, sigma, b = singular_directions(u, v)
+    assert a.shape == (3, 2, 7, 4) and sigma.shape == (3, 2, 4) and b.shape == (3, 2, 5, 4)
+    torch.testing.assert_close(a @ torch.diag_embed(sigma) @ b.transpose(-1, -2), u @ v.transpose(-1, -2))
+    torch.testing.assert_close(sigma, torch.linalg.svdvals(u @ v.transpose(-1, -2))[..., :4])  # rank 4: the 5th is 0
+    assert bool((sigma[..., :-1] >= sigma[..., 1:]).all())
+
+
+def test_scale_free_glnet_sees_a_layers_size_only_through_its_spectral_moments():
+    gen = torch.Generator().manual_seed(6)
+    x = random_lora_weights(B, 3, generator=gen)
+    doubled = LoraWeights(tuple(type(g)(g.names, 2 * g.u, g.v) for g in x.groups))  # every ΔW_i → 2ΔW_i
+    config = {**GL_INVARIANT["glnet+directions"], "spectral_moments": 0}
+    blind = build("glnet", x, 6, config)
+    with torch.no_grad():
+        torch.testing.assert_close(blind(x), blind(doubled), rtol=1e-10, atol=1e-12)
+    check_sensitive(build("glnet", x, 6, GL_INVARIANT["glnet+directions"]), x, doubled)

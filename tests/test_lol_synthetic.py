@@ -27,3 +27,15 @@ def test_glnet_learns_an_invariant_label_that_a_flat_mlp_cannot():
     assert gl.test["r2"] > 0.9, gl.test
     assert flat.test["r2"] < 0.3, flat.test
     assert gl.test["r2"] > flat.test["r2"] + 0.5
+
+
+def test_scale_free_glnet_reads_the_updates_size_from_its_spectral_moments_only():
+    """With `scale_free` the equivariant stack and the direction readout see ΔW_i / ‖ΔW_i‖_F: the label
+    ‖ΔW_a‖_F is learnable through the spectral moments (log ‖ΔW_i‖_F² is the first) and not without them."""
+    tr, va, te = splits()
+    config = {"hidden": (8,), "head": (32,), "scale_free": True, "directions": 8}
+    with_moments = train_and_evaluate("glnet", tr, va, te, model_config=config, config=CONFIG)
+    without = train_and_evaluate("glnet", tr, va, te, model_config={**config, "spectral_moments": 0}, config=CONFIG)
+    print(f"test R²: with moments {with_moments.test['r2']:.3f}, without {without.test['r2']:.3f}")  # 0.987, -0.424 here
+    assert with_moments.test["r2"] > 0.9, with_moments.test
+    assert without.test["r2"] < 0.3, without.test
