@@ -7,6 +7,11 @@ From a published population with several ranks (`lora.rank: [2, 4, 8, 16]`):
     seen        = test split rows whose rank is in `train_ranks`         (reference)
     unseen      = test split rows whose rank is in `test_ranks`
 
+With `select_on_rank` = s (one of the training ranks), configs are chosen the way the test measures:
+trained on the train split's rows of the other training ranks, scored on the validation split's rank-s
+rows, so the config that extrapolates to a rank it did not see wins (the same budget for every
+predictor, validation rows only); the final runs then train on every training rank as above.
+
 Unseen-rank rows come from the **test split only**. Taking every row of the unseen ranks would
 bring back finetuning groups the predictor was trained on (the attribute labels are functions
 of the group), mixing rank generalisation with memorising groups; the test split is
@@ -52,7 +57,7 @@ class RankGeneralisation:
     ranks: list[int]  # every rank in the dataset
     train_ranks: list[int]
     test_ranks: list[int]
-    rows: dict[str, int]  # train, validation, seen, unseen
+    rows: dict[str, int]  # train, validation, seen, unseen (+ selection_train, selection_validation)
     tasks: dict[str, Any] = field(default_factory=dict)
     results_path: Path | None = None
     figure_path: Path | None = None
@@ -96,14 +101,16 @@ def _rows(ranks: torch.Tensor, wanted: list[int]) -> torch.Tensor:
 def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir: str | Path,
                         train_ranks: Iterable[int] | None = None, test_ranks: Iterable[int] | None = None,
                         model_configs: Mapping[str, Any] | None = None,
-                        on_run: Callable[[str, str], None] | None = None, split: str = "protocol") -> RankGeneralisation:
+                        on_run: Callable[[str, str], None] | None = None, split: str = "protocol",
+                        select_on_rank: int | None = None) -> RankGeneralisation:
     """Train every predictor × task on `train_ranks`, test on the unseen `test_ranks` (and the seen ones).
 
     published: a published folder (or hub id) with train, validation and test splits and ≥ 2 ranks.
     train_ranks / test_ranks default to all ranks but the largest / the largest ({2, 4, 8} / {16}
     for `manifests/tiny-shapes-ranks.yaml`). model_configs: predictor → config (default: each
     model's defaults). split: "protocol" (default; groups re-split by name, `lol_models.splits`) or
-    "published". Writes rank_generalisation.json and .png in `out_dir`.
+    "published". select_on_rank: a training rank held out while configs are chosen (see above); None:
+    chosen on the training ranks' validation rows. Writes rank_generalisation.json and .png in `out_dir`.
     """
     splits = load_splits(published, split)
     present = torch.cat([s.ranks for s in splits.values()]).tolist()
@@ -114,6 +121,12 @@ def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir:
         "seen": (splits["test"], _rows(splits["test"].ranks, train)),
         "unseen": (splits["test"], _rows(splits["test"].ranks, test)),
     }
+    if select_on_rank is not None:
+        if select_on_rank not in train or len(train) < 2:
+            raise PulledDataError(f"select_on_rank {select_on_rank} must be one of ≥ 2 training ranks {train}, "
+                                  "so configs train on the others and are scored on it")
+        index["selection_train"] = (splits["train"], _rows(splits["train"].ranks, [r for r in train if r != select_on_rank]))
+        index["selection_validation"] = (splits["validation"], _rows(splits["validation"].ranks, [select_on_rank]))
     rows = {name: len(idx) for name, (_, idx) in index.items()}
     lacking = {name: n for name, n in rows.items() if n < 2}
     if lacking:
@@ -130,6 +143,7 @@ def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir:
     record = {"experiment": "rank_generalisation", "published": str(published), "ranks": outcome.ranks,
               "train_ranks": train, "test_ranks": test, "rows": rows,
               "unseen_rows_from": "test split (group-disjoint from train and validation)",
+              "select_on_rank": select_on_rank,
               "rows_per_split_and_rank": _counts(splits), "settings": settings.as_json(), "tasks": results}
     outcome.results_path = out / RESULTS_FILE
     outcome.results_path.write_text(json.dumps(record, indent=1, default=jsonable) + "\n")

@@ -23,7 +23,12 @@ def report(out_dir: str | Path, title: str = "Learning on LoRAs", scaling_figure
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
-    results = evaluate(out)
+    if not any((out / "runs").glob("*.json")) and _has_experiments(out):  # e.g. only `lol experiment ranks` ran
+        figures = out / "figures"
+        figures.mkdir(parents=True, exist_ok=True)
+        lines = [f"# {title}", "", "## Main table", "", "Not trained yet: `lol train MANIFEST` trains it.", ""]
+        return _write(out, lines + experiment_sections(out.parent, figures, scaling_figure))
+    results = evaluate(out)  # no runs and no experiments: a clear error
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     lines = [f"# {title}", "", "## Main table", "", results_markdown(results), ""]
@@ -64,7 +69,16 @@ def report(out_dir: str | Path, title: str = "Learning on LoRAs", scaling_figure
             fig.savefig(scatter, dpi=110)
             plt.close(fig)
             lines += [f"![{name} scatter](figures/{scatter.name})", ""]
-    lines += experiment_sections(out.parent, figures, scaling_figure)
+    return _write(out, lines + experiment_sections(out.parent, figures, scaling_figure))
+
+
+def _has_experiments(out: Path) -> bool:
+    """Whether the population's learn folder holds a rank, transfer or speed experiment's results."""
+    return any(next(out.glob(pattern), None) is not None
+               for pattern in ("ranks/**/*.json", "transfer-from-*/*.json", "speed/*.json"))
+
+
+def _write(out: Path, lines: list[str]) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -23,12 +23,16 @@ SPEED_FILE = "speed.json"  # pipeline.speed.RESULTS_FILE (pipeline imports lol_m
 def experiment_sections(learn_root: Path, figures: Path, scaling_figure: Path | None = None) -> list[str]:
     """Markdown lines for every experiment found under `learn_root` (the store's `learn/`), figures copied to `figures`."""
     lines: list[str] = []
-    for path in sorted(learn_root.glob(f"*/ranks/{rank_generalisation.RESULTS_FILE}")):
+    for path in sorted(learn_root.glob(f"*/ranks/**/{rank_generalisation.RESULTS_FILE}")):  # one folder per rank setting
         data = json.loads(path.read_text())
-        title = (f"Rank generalisation ({path.parent.parent.name}): train on ranks {data.get('train_ranks')}, "
-                 f"test on unseen ranks {data.get('test_ranks')}")
+        parts = path.parent.relative_to(learn_root).parts  # (population, "ranks", *setting folder)
+        population, setting = parts[0], parts[2:]
+        selection = f", configs chosen on held-out rank {data['select_on_rank']}" if data.get("select_on_rank") is not None else ""
+        title = (f"Rank generalisation ({population}): train on ranks {data.get('train_ranks')}, "
+                 f"test on unseen ranks {data.get('test_ranks')}{selection}")
         lines += _shift_section(title, data["tasks"], {"seen": "seen ranks", "unseen": "unseen ranks"},
-                                path.parent / rank_generalisation.FIGURE_FILE, figures, f"ranks-{path.parent.parent.name}")
+                                path.parent / rank_generalisation.FIGURE_FILE, figures,
+                                "-".join(["ranks", population, *setting]))
     for path in sorted(learn_root.glob(f"*/transfer-from-*/{transfer.RESULTS_FILE}")):
         data = json.loads(path.read_text())
         source, target = path.parent.name.removeprefix("transfer-from-"), path.parent.parent.name

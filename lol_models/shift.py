@@ -54,11 +54,15 @@ def _pad_all(sets: Mapping[str, LabeledLoras]) -> dict[str, LabeledLoras]:
 
 def train_and_test(predictor: str, task: Task, train: LabeledLoras, validation: LabeledLoras,
                    tests: Mapping[str, LabeledLoras], settings: LearnSettings,
-                   model_config: Any = None) -> dict[str, Any]:
+                   model_config: Any = None,
+                   selection_sets: tuple[LabeledLoras, LabeledLoras] | None = None) -> dict[str, Any]:
     """Select a config and train `predictor` on `train` (chosen on `validation`) once per seed; score every test set.
 
     tests: name → LabeledLoras (N ≥ 2 each); model_config: the predictor's config (None: chosen under the
-    tuning budget, `settings.tuning_budget`, from its search space).
+    tuning budget, `settings.tuning_budget`, from its search space). selection_sets: (train, validation) the
+    configs are tried on instead of (`train`, `validation`), e.g. a rank held out of training to choose the
+    config that extrapolates best (`lol_models.rank_generalisation`); the final runs still train on `train`
+    with the epoch picked on `validation`.
     All sets are zero-padded to their common largest rank, so models on raw factors meet columns of
     a rank unseen in training as inputs they only ever saw as zeros.
     Returns {"seeds", "selection" (None when `model_config` was given), "tests": {name: {"n", "mean", "std"}},
@@ -71,11 +75,13 @@ def train_and_test(predictor: str, task: Task, train: LabeledLoras, validation: 
     if small:
         raise PulledDataError(f"test set(s) with fewer than 2 LoRAs cannot be scored: {small}")
     started = time.perf_counter()
-    padded = _pad_all({"train": train, "validation": validation, **{f"test:{k}": v for k, v in tests.items()}})
+    chosen_on = dict(zip(("selection:train", "selection:validation"), selection_sets or ()))
+    padded = _pad_all({"train": train, "validation": validation, **chosen_on, **{f"test:{k}": v for k, v in tests.items()}})
     per_seed, parameters, predictions = [], None, {name: [] for name in tests}
     try:
         if model_config is None:
-            selection = select_config(predictor, task.kind, padded["train"], padded["validation"], settings)
+            selection = select_config(predictor, task.kind, padded.get("selection:train", padded["train"]),
+                                      padded.get("selection:validation", padded["validation"]), settings)
             candidate, chosen = selection.candidate, selection.as_dict()
         else:
             candidate, chosen = Candidate(), None
@@ -118,16 +124,19 @@ def shift_experiment(tasks: Sequence[Task], sets: Mapping[str, Mapping[str, Labe
     """Every predictor × task; `sets[task.name]` = {"train", "validation", test name…}.
 
     model_configs: predictor name → its config (dict or config object); predictors not named use defaults.
+    `sets[task.name]` may also hold "selection_train" and "selection_validation": the sets configs are chosen on
+    (`train_and_test`'s selection_sets).
     Returns {task name: {"kind", "columns", "metric", "second_metric", "predictors": {name: record}}}.
     """
     out: dict[str, Any] = {}
     for task in tasks:
         data = dict(sets[task.name])
         train, validation = data.pop("train"), data.pop("validation")
+        chosen_on = (data.pop("selection_train"), data.pop("selection_validation")) if "selection_train" in data else None
         records = {}
         for predictor in settings.predictors:
             records[predictor] = train_and_test(predictor, task, train, validation, data, settings,
-                                                (model_configs or {}).get(predictor))
+                                                (model_configs or {}).get(predictor), chosen_on)
             if on_run is not None:
                 on_run(predictor, task.name)
         differences = _add_intervals(task, records, data)

@@ -22,8 +22,21 @@ def test_experiment_ranks_trains_on_seen_ranks_and_reports_unseen(run_cli, tmp_p
                              "--train-rank", "1", "--train-rank", "2", "--test-rank", "4")
     assert code == 0, err
     assert "train [1, 2], test [4]" in out and "glnet" in out and "unseen" in out
-    results = json.loads((tmp_path / "store" / "learn" / "tiny-shapes-ranks" / "ranks" / "rank_generalisation.json").read_text())
-    assert results["train_ranks"] == [1, 2] and results["test_ranks"] == [4]
+    ranks = tmp_path / "store" / "learn" / "tiny-shapes-ranks" / "ranks"
+    results = json.loads((ranks / "train-1-2_test-4" / "rank_generalisation.json").read_text())
+    assert results["train_ranks"] == [1, 2] and results["test_ranks"] == [4] and results["select_on_rank"] is None
+    # configs chosen on rank 2 held out: a folder of its own beside the first setting's, both in the report
+    code, out, err = run_cli("experiment", "ranks", RANKS, *FAST, "--store", tmp_path / "store",
+                             "--train-rank", "1", "--train-rank", "2", "--test-rank", "4", "--select-on-rank", "2")
+    assert code == 0, err
+    results = json.loads((ranks / "train-1-2_test-4_select-2" / "rank_generalisation.json").read_text())
+    assert results["select_on_rank"] == 2 and results["rows"]["selection_validation"] == results["rows_per_split_and_rank"]["validation"]["2"] > 0
+    assert (ranks / "train-1-2_test-4" / "rank_generalisation.json").is_file()
+    code, out, err = run_cli("report", RANKS, *FAST, "--store", tmp_path / "store")
+    assert code == 0, err
+    report = (tmp_path / "store" / "learn" / "tiny-shapes-ranks" / "report.md").read_text()
+    assert "train on ranks [1, 2], test on unseen ranks [4]\n" in report
+    assert "train on ranks [1, 2], test on unseen ranks [4], configs chosen on held-out rank 2" in report
     code, _, err = run_cli("experiment", "ranks", RANKS, *FAST, "--store", tmp_path / "store", "--test-rank", "16")
     assert code == 2 and "16" in err
 

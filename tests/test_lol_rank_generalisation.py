@@ -52,6 +52,35 @@ def test_glnet_generalises_to_an_unseen_rank_where_a_flat_mlp_does_not(published
     assert result.figure_path.stat().st_size > 5000
 
 
+def test_configs_can_be_chosen_on_a_training_rank_held_out_of_selection(published, tmp_path, monkeypatch):
+    import lol_models.shift as shift
+
+    seen = []
+
+    def recording(predictor, kind, train, validation, settings):
+        seen.append((len(train), len(validation), train.weights.rank))
+        return select_config(predictor, kind, train, validation, settings)
+
+    select_config = shift.select_config
+    monkeypatch.setattr(shift, "select_config", recording)
+    settings = LearnSettings(predictors=("glnet",), targets=("clip_score.clip_score",), seeds=1, epochs=2, batch_size=32,
+                             tuning_budget=2, selection_seeds=1, min_epochs=1, smooth_epochs=1)
+    result = rank_generalisation(published, settings, tmp_path, train_ranks=[1, 2], test_ranks=[4],
+                                 split="published", select_on_rank=2)
+    # configs trained on the 120 rank-1 train rows, scored on the 40 rank-2 validation rows; the final runs
+    # train on both ranks' 240 rows (every set padded to rank 4)
+    assert seen == [(120, 40, 4)]
+    assert result.rows == {"train": 240, "validation": 80, "seen": 80, "unseen": 40,
+                           "selection_train": 120, "selection_validation": 40}
+    saved = json.loads(result.results_path.read_text())
+    assert saved["select_on_rank"] == 2
+    record = saved["tasks"]["clip_score.clip_score"]["predictors"]["glnet"]
+    assert len(record["selection"]["trials"]) == 2 and record["tests"]["unseen"]["n"] == 40
+    with pytest.raises(PulledDataError, match="select_on_rank 4 must be one of ≥ 2 training ranks \\[1, 2\\]"):
+        rank_generalisation(published, settings, tmp_path, train_ranks=[1, 2], test_ranks=[4], split="published",
+                            select_on_rank=4)
+
+
 def test_rank_sets_default_to_all_but_the_largest_and_are_checked():
     assert split_ranks([4, 2, 16, 8, 2]) == ([2, 4, 8], [16])
     assert split_ranks([2, 4, 8, 16], train_ranks=[2], test_ranks=[8, 16]) == ([2], [8, 16])

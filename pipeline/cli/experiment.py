@@ -28,18 +28,32 @@ def _shift_table(title: str, tasks: dict, tests: tuple[str, ...]) -> Table:
     return table
 
 
+def _rank_setting(train: list[int] | None, test: list[int] | None, select_on: int | None) -> str:
+    """The folder name of one rank setting: train-2-8_test-32_select-8 ("default" for an unnamed set)."""
+    def ranks(chosen: list[int] | None) -> str:
+        return "-".join(str(r) for r in sorted(set(chosen))) if chosen else "default"
+
+    return f"train-{ranks(train)}_test-{ranks(test)}" + (f"_select-{select_on}" if select_on is not None else "")
+
+
 @experiment_app.command("ranks")
 def experiment_ranks(
     manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
     train_rank: Annotated[Optional[list[int]], typer.Option("--train-rank", help="Ranks to train on (default: all but the largest).")] = None,
     test_rank: Annotated[Optional[list[int]], typer.Option("--test-rank", help="Unseen ranks to test on (default: the largest).")] = None,
+    select_on_rank: Annotated[Optional[int], typer.Option(
+        "--select-on-rank", help="Choose each predictor's config on this training rank, held out of the configs' "
+                                 "training (scored on its validation rows); default: on every training rank.")] = None,
 ) -> int:
-    """Train the predictors on some LoRA ranks of a published population, test on unseen ranks."""
+    """Train the predictors on some LoRA ranks of a published population, test on unseen ranks.
+
+    Results go to learn/<population>/ranks/<train-…_test-…[_select-…]>/, one folder per rank setting."""
     from lol_models.rank_generalisation import rank_generalisation
     from pipeline.stages import learn_target
 
     published, learn_dir, settings = learn_target(load(manifest, overrides), Store(store, create=False))
-    result = rank_generalisation(published, settings, Path(learn_dir) / "ranks", train_rank, test_rank)
+    out_dir = Path(learn_dir) / "ranks" / _rank_setting(train_rank, test_rank, select_on_rank)
+    result = rank_generalisation(published, settings, out_dir, train_rank, test_rank, select_on_rank=select_on_rank)
     out.print(_shift_table(f"rank generalisation: train {result.train_ranks}, test {result.test_ranks}", result.tasks, ("seen", "unseen")))
     out.print(f"results: {result.results_path}; figure: {result.figure_path}")
     return 0
