@@ -30,7 +30,7 @@ from typing import Any
 from lol_models import evaluation
 from lol_models.data import published_fingerprint, read_layout, read_rows, split_names
 from lol_models.predictors import PREDICTORS_DIR, remove_saved, save_predictor, saved_stem
-from lol_models.protocol import tune_and_train
+from lol_models.protocol import tune_and_train, tuning_pool
 from lol_models.tasks import (
     MAIN_METRIC,
     SECOND_METRIC,
@@ -56,9 +56,9 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
     cores / workers torch threads; every unit is seeded, so the runs are those one process trains,
     up to float rounding of the thread count. `on_run(predictor, task)` follows each finished unit.
     `resume`: a unit whose run file is already there — trained with the same settings (whichever other
-    predictors and targets that run had) on the same published rows (`published_fingerprint`), without
-    error, every seed's model saved — is kept, not trained again, so an interrupted `lol train` goes on
-    where it stopped.
+    predictors and targets that run had) on the same published rows (`published_fingerprint`), from the same
+    pool of configs (`tuning_pool`: the predictor's defaults and search space), without error, every seed's
+    model saved — is kept, not trained again, so an interrupted `lol train` goes on where it stopped.
     """
     (Path(out_dir) / "runs").mkdir(parents=True, exist_ok=True)
     context = _UnitContext.load(published, settings)
@@ -108,7 +108,8 @@ def _finished_run(context: _UnitContext, out_dir: str | Path, task: Task, predic
         return None
     same = (isinstance(run, dict) and "error" not in run and run.get("published_fingerprint") == context.fingerprint
             and isinstance(run.get("settings"), dict) and _unit_settings(run["settings"]) == _unit_settings(context.settings.as_json())
-            and run.get("task") == json.loads(json.dumps(asdict(task), default=jsonable)))
+            and run.get("task") == json.loads(json.dumps(asdict(task), default=jsonable))
+            and run.get("tuning") == json.loads(json.dumps(tuning_pool(predictor, task.kind, context.settings), default=jsonable)))
     saved = Path(out_dir) / PREDICTORS_DIR
     complete = all((saved / f"{saved_stem(predictor, task.name, seed)}{suffix}").is_file()
                    for seed in range(context.settings.seeds) for suffix in (".json", ".safetensors"))
@@ -164,7 +165,7 @@ def _train_unit(context: _UnitContext, out_dir: str | Path, task: Task, predicto
     remove_saved(out_dir, predictor, task.name)
     record: dict[str, Any] = {"predictor": predictor, "task": asdict(task), "published": str(context.published),
                               "published_fingerprint": context.fingerprint, "split": settings.split,
-                              "settings": settings.as_json()}
+                              "settings": settings.as_json(), "tuning": tuning_pool(predictor, task.kind, settings)}
     try:
         trained = tune_and_train(predictor, task.kind, train, validation, test.weights, settings)
     except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal

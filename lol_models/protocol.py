@@ -36,7 +36,7 @@ from lol_models.tasks import MAIN_METRIC, LearnSettings
 from lol_models.train import LabeledLoras, RunResult, TrainConfig, fit, predict
 from lol_models.weights import LoraWeights
 
-__all__ = ["SELECTION_SEED", "Selection", "Trained", "select_config", "train_config", "tune_and_train"]
+__all__ = ["SELECTION_SEED", "Selection", "Trained", "select_config", "train_config", "tune_and_train", "tuning_pool"]
 
 SELECTION_SEED = 1000  # selection trainings use seeds 1000, 1001, …; final ones 0 … S−1
 
@@ -75,6 +75,18 @@ def train_config(settings: LearnSettings, kind: str, candidate: Candidate) -> Tr
 
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else -math.inf
+
+
+def tuning_pool(predictor: str, kind: str, settings: LearnSettings) -> dict[str, Any]:
+    """What selection would try for `predictor` on a `kind` task, as JSON: every config of the pool, each as the
+    full model config (defaults, task defaults and the candidate's choices) and its training overrides. Two runs
+    with equal pools tried the same configs; a change to a predictor's defaults or search space changes it."""
+    pool = candidates(MODELS[predictor].search, settings.tuning_budget, seed=0)
+    configs = []
+    for candidate in pool:
+        model = coerce_config(MODELS[predictor].config_cls, config_for(predictor, kind, candidate.model), model=predictor)
+        configs.append({"model": dataclasses.asdict(model), "train": dict(candidate.train)})
+    return {"configs": configs}
 
 
 def select_config(predictor: str, kind: str, train: LabeledLoras, validation: LabeledLoras,

@@ -163,3 +163,10 @@ def test_an_interrupted_train_goes_on_where_it_stopped(published, tmp_path, monk
     trained.clear()
     train_all(published, dataclasses.replace(settings, epochs=4), tmp_path, resume=False)
     assert len(trained) == 4
+    trained.clear()  # a predictor whose defaults or search space changed tries other configs: only it is trained again
+    from lol_models.registry import MODELS
+
+    monkeypatch.setitem(MODELS, "glnet", dataclasses.replace(MODELS["glnet"], task_defaults={
+        "regression": {"head_norm": True}, "multilabel": {"head_norm": True}}))
+    train_all(published, dataclasses.replace(settings, epochs=4), tmp_path)
+    assert sorted(trained) == [("glnet", "attributes"), ("glnet", "clip_score.clip_score")]
