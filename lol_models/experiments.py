@@ -29,6 +29,7 @@ from typing import Any
 
 from lol_models import evaluation
 from lol_models.data import published_fingerprint, read_layout, read_rows, split_names
+from lol_models.parallel import run_units
 from lol_models.predictors import PREDICTORS_DIR, remove_saved, save_predictor, saved_stem
 from lol_models.protocol import tune_and_train, tuning_pool
 from lol_models.tasks import (
@@ -79,21 +80,8 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
         for i in todo:
             finished(i, _train_unit(context, out_dir, *units[i]))
     else:
-        import multiprocessing
-        import os
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        workers = min(workers, len(todo))
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                                 initargs=(published, settings, threads)) as pool:
-            futures = {pool.submit(_train_unit_in_worker, out_dir, *units[i]): i for i in todo}
-            try:
-                for future in as_completed(futures):
-                    finished(futures[future], future.result())
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
+        run_units([(out_dir, *units[i]) for i in todo], _train_unit_in_worker, workers, _start_worker,
+                  (published, settings), lambda k, path: finished(todo[k], path))
     return [written[i] for i in range(len(units))]
 
 

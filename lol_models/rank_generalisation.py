@@ -31,6 +31,7 @@ Shape legend: N LoRAs, r rank (padded to the dataset's largest).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir:
                         train_ranks: Iterable[int] | None = None, test_ranks: Iterable[int] | None = None,
                         model_configs: Mapping[str, Any] | None = None,
                         on_run: Callable[[str, str], None] | None = None, split: str = "protocol",
-                        select_on_rank: int | None = None) -> RankGeneralisation:
+                        select_on_rank: int | None = None, workers: int = 1) -> RankGeneralisation:
     """Train every predictor × task on `train_ranks`, test on the unseen `test_ranks` (and the seen ones).
 
     published: a published folder (or hub id) with train, validation and test splits and ≥ 2 ranks.
@@ -110,23 +111,16 @@ def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir:
     for `manifests/tiny-shapes-ranks.yaml`). model_configs: predictor → config (default: each
     model's defaults). split: "protocol" (default; groups re-split by name, `lol_models.splits`) or
     "published". select_on_rank: a training rank held out while configs are chosen (see above); None:
-    chosen on the training ranks' validation rows. Writes rank_generalisation.json and .png in `out_dir`.
+    chosen on the training ranks' validation rows. workers: predictor × task units trained at once, in
+    processes (`shift_experiment`). Writes rank_generalisation.json and .png in `out_dir`.
     """
     splits = load_splits(published, split)
     present = torch.cat([s.ranks for s in splits.values()]).tolist()
     train, test = split_ranks(present, train_ranks, test_ranks)
-    index = {
-        "train": (splits["train"], _rows(splits["train"].ranks, train)),
-        "validation": (splits["validation"], _rows(splits["validation"].ranks, train)),
-        "seen": (splits["test"], _rows(splits["test"].ranks, train)),
-        "unseen": (splits["test"], _rows(splits["test"].ranks, test)),
-    }
-    if select_on_rank is not None:
-        if select_on_rank not in train or len(train) < 2:
-            raise PulledDataError(f"select_on_rank {select_on_rank} must be one of ≥ 2 training ranks {train}, "
-                                  "so configs train on the others and are scored on it")
-        index["selection_train"] = (splits["train"], _rows(splits["train"].ranks, [r for r in train if r != select_on_rank]))
-        index["selection_validation"] = (splits["validation"], _rows(splits["validation"].ranks, [select_on_rank]))
+    if select_on_rank is not None and (select_on_rank not in train or len(train) < 2):
+        raise PulledDataError(f"select_on_rank {select_on_rank} must be one of ≥ 2 training ranks {train}, "
+                              "so configs train on the others and are scored on it")
+    index = _index(splits, train, test, select_on_rank)
     rows = {name: len(idx) for name, (_, idx) in index.items()}
     lacking = {name: n for name, n in rows.items() if n < 2}
     if lacking:
@@ -134,8 +128,11 @@ def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir:
             f"too few rows for rank generalisation with train ranks {train} and test ranks {test}: {lacking} "
             f"(rows per split and rank: {_counts(splits)}); publish more LoRAs or a larger test split")
     tasks = tasks_of(splits["train"], settings.targets)
-    sets = {task.name: {name: labeled(dataset, task, idx) for name, (dataset, idx) in index.items()} for task in tasks}
-    results = shift_experiment(tasks, sets, settings, model_configs=model_configs, on_run=on_run)
+    counts = _counts(splits)
+    sets = _sets(tasks, index)  # with workers, each builds its own (`load_sets`); these give the test targets
+    load_sets = functools.partial(_load_sets, published, split, settings.targets, train, test, select_on_rank)
+    results = shift_experiment(tasks, sets, settings, model_configs=model_configs, on_run=on_run, workers=workers,
+                               load_sets=load_sets)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,12 +141,37 @@ def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir:
               "train_ranks": train, "test_ranks": test, "rows": rows,
               "unseen_rows_from": "test split (group-disjoint from train and validation)",
               "select_on_rank": select_on_rank,
-              "rows_per_split_and_rank": _counts(splits), "settings": settings.as_json(), "tasks": results}
+              "rows_per_split_and_rank": counts, "settings": settings.as_json(), "tasks": results}
     outcome.results_path = out / RESULTS_FILE
     outcome.results_path.write_text(json.dumps(record, indent=1, default=jsonable) + "\n")
     outcome.figure_path = shift_bars(results, ["seen", "unseen"], [f"seen ranks {train}", f"unseen ranks {test}"],
                                      out / FIGURE_FILE, "Rank generalisation: test metric (mean ± std over seeds)")
     return outcome
+
+
+def _index(splits, train: list[int], test: list[int], select_on_rank: int | None) -> dict[str, tuple[Any, torch.Tensor]]:
+    """Set name → (split dataset, index Tensor of its rows)."""
+    index = {
+        "train": (splits["train"], _rows(splits["train"].ranks, train)),
+        "validation": (splits["validation"], _rows(splits["validation"].ranks, train)),
+        "seen": (splits["test"], _rows(splits["test"].ranks, train)),
+        "unseen": (splits["test"], _rows(splits["test"].ranks, test)),
+    }
+    if select_on_rank is not None:
+        index["selection_train"] = (splits["train"], _rows(splits["train"].ranks, [r for r in train if r != select_on_rank]))
+        index["selection_validation"] = (splits["validation"], _rows(splits["validation"].ranks, [select_on_rank]))
+    return index
+
+
+def _sets(tasks, index) -> dict[str, dict[str, Any]]:
+    return {task.name: {name: labeled(dataset, task, idx) for name, (dataset, idx) in index.items()} for task in tasks}
+
+
+def _load_sets(published: str | Path, split: str, targets: tuple[str, ...], train: list[int], test: list[int],
+               select_on_rank: int | None) -> dict[str, dict[str, Any]]:
+    """The experiment's sets, built in a worker process from the published folder."""
+    splits = load_splits(published, split)
+    return _sets(tasks_of(splits["train"], targets), _index(splits, train, test, select_on_rank))
 
 
 def _counts(splits) -> dict[str, dict[int, int]]:

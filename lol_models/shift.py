@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 
 from lol_models.bootstrap import bootstrap_table
 from lol_models.data import LoraDataset, PulledDataError
+from lol_models.parallel import run_units
 from lol_models.protocol import select_config, train_config
 from lol_models.registry import config_for
 from lol_models.search import Candidate
@@ -120,29 +121,71 @@ def labeled(dataset: LoraDataset, task: Task, rows: torch.Tensor | None = None) 
 
 def shift_experiment(tasks: Sequence[Task], sets: Mapping[str, Mapping[str, LabeledLoras]],
                      settings: LearnSettings, model_configs: Mapping[str, Any] | None = None,
-                     on_run=None) -> dict[str, Any]:
+                     on_run=None, workers: int = 1,
+                     load_sets: Callable[[], Mapping[str, Mapping[str, LabeledLoras]]] | None = None) -> dict[str, Any]:
     """Every predictor × task; `sets[task.name]` = {"train", "validation", test name…}.
 
     model_configs: predictor name → its config (dict or config object); predictors not named use defaults.
     `sets[task.name]` may also hold "selection_train" and "selection_validation": the sets configs are chosen on
-    (`train_and_test`'s selection_sets).
+    (`train_and_test`'s selection_sets). `workers` > 1 trains that many predictor × task units at once in
+    spawned processes (`lol_models.parallel`), each building the sets once with `load_sets` (picklable, e.g. a
+    `functools.partial` of a module-level function; required then), so the sets are not pickled per unit.
     Returns {task name: {"kind", "columns", "metric", "second_metric", "predictors": {name: record}}}.
     """
+    units = [(task, predictor, (model_configs or {}).get(predictor)) for task in tasks for predictor in settings.predictors]
+    records: dict[str, dict[str, Any]] = {task.name: {} for task in tasks}
+
+    def finished(i: int, record: dict[str, Any]) -> None:
+        task, predictor, _ = units[i]
+        records[task.name][predictor] = record
+        if on_run is not None:
+            on_run(predictor, task.name)
+
+    if workers > 1 and len(units) > 1:
+        if load_sets is None:
+            raise ValueError("shift_experiment with workers > 1 needs load_sets, which builds the sets in each worker")
+        run_units([(*unit, settings) for unit in units], _unit_in_worker, workers, _start_worker, (load_sets,), finished)
+    else:
+        for i, (task, predictor, config) in enumerate(units):
+            finished(i, _unit(sets[task.name], task, predictor, config, settings))
     out: dict[str, Any] = {}
     for task in tasks:
-        data = dict(sets[task.name])
-        train, validation = data.pop("train"), data.pop("validation")
-        chosen_on = (data.pop("selection_train"), data.pop("selection_validation")) if "selection_train" in data else None
-        records = {}
-        for predictor in settings.predictors:
-            records[predictor] = train_and_test(predictor, task, train, validation, data, settings,
-                                                (model_configs or {}).get(predictor), chosen_on)
-            if on_run is not None:
-                on_run(predictor, task.name)
-        differences = _add_intervals(task, records, data)
+        data = _tests_of(sets[task.name])
+        task_records = {p: records[task.name][p] for p in settings.predictors}  # settings' order, whatever finished first
+        differences = _add_intervals(task, task_records, data)
         out[task.name] = {"kind": task.kind, "columns": list(task.columns), "metric": MAIN_METRIC[task.kind],
-                          "second_metric": SECOND_METRIC[task.kind], "predictors": records, "difference": differences}
+                          "second_metric": SECOND_METRIC[task.kind], "predictors": task_records, "difference": differences}
     return out
+
+
+SET_ROLES = ("train", "validation", "selection_train", "selection_validation")  # every other set is a test set
+
+
+def _tests_of(task_sets: Mapping[str, LabeledLoras]) -> dict[str, LabeledLoras]:
+    return {name: data for name, data in task_sets.items() if name not in SET_ROLES}
+
+
+def _unit(task_sets: Mapping[str, LabeledLoras], task: Task, predictor: str, config: Any,
+          settings: LearnSettings) -> dict[str, Any]:
+    """`train_and_test` of one predictor on one task's sets."""
+    chosen_on = ((task_sets["selection_train"], task_sets["selection_validation"])
+                 if "selection_train" in task_sets else None)
+    return train_and_test(predictor, task, task_sets["train"], task_sets["validation"], _tests_of(task_sets),
+                          settings, config, chosen_on)
+
+
+_worker_sets: Mapping[str, Mapping[str, LabeledLoras]] | None = None  # a worker's sets, built once
+
+
+def _start_worker(load_sets: Callable[[], Mapping[str, Mapping[str, LabeledLoras]]], threads: int) -> None:
+    global _worker_sets
+    torch.set_num_threads(threads)
+    _worker_sets = load_sets()
+
+
+def _unit_in_worker(task: Task, predictor: str, config: Any, settings: LearnSettings) -> dict[str, Any]:
+    assert _worker_sets is not None, "a shift_experiment worker runs _start_worker first"
+    return _unit(_worker_sets[task.name], task, predictor, config, settings)
 
 
 def _add_intervals(task: Task, records: dict[str, Any], tests: Mapping[str, LabeledLoras]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ Shape legend: N LoRAs, r rank (both populations zero-padded to the larger).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,14 +53,16 @@ class Transfer:
 
 def train_on_a_test_on_b(published_a: str | Path, published_b: str | Path, settings: LearnSettings,
                          out_dir: str | Path, model_configs: Mapping[str, Any] | None = None,
-                         on_run: Callable[[str, str], None] | None = None, split: str = "protocol") -> Transfer:
+                         on_run: Callable[[str, str], None] | None = None, split: str = "protocol",
+                         workers: int = 1) -> Transfer:
     """Train every predictor × task on A (train/validation), score on B's test split and A's.
 
     split: "protocol" (default) — both populations re-split by group name (`lol_models.splits`), so B's test
     split holds the twins of A's test LoRAs whatever either was published with; "published" — as published.
     Tasks are A's (filtered by `settings.targets`); a task whose label columns B lacks is skipped
     and listed in `skipped_tasks`. A and B must have the same layers (names and shapes); ranks may
-    differ. Writes transfer.json and transfer.png in `out_dir`.
+    differ. workers: predictor × task units trained at once, in processes (`shift_experiment`).
+    Writes transfer.json and transfer.png in `out_dir`.
     """
     layout_a, layout_b = (Layout.from_published(read_layout(p)[0]) for p in (published_a, published_b))
     if not layout_a.same_layers(layout_b):
@@ -76,9 +79,9 @@ def train_on_a_test_on_b(published_a: str | Path, published_b: str | Path, setti
             tasks.append(task)
     if not tasks:
         raise PulledDataError(f"no task of {published_a} has its labels in {published_b}: {skipped}")
-    sets = {task.name: {"train": labeled(a["train"], task), "validation": labeled(a["validation"], task),
-                        "a_test": labeled(a["test"], task), "b_test": labeled(b_test, task)} for task in tasks}
-    results = shift_experiment(tasks, sets, settings, model_configs=model_configs, on_run=on_run)
+    sets = _sets(tasks, a, b_test)
+    results = shift_experiment(tasks, sets, settings, model_configs=model_configs, on_run=on_run, workers=workers,
+                               load_sets=functools.partial(_load_sets, published_a, published_b, split, tuple(tasks)))
 
     rows = {"train": len(a["train"]), "validation": len(a["validation"]), "a_test": len(a["test"]), "b_test": len(b_test)}
     out = Path(out_dir)
@@ -91,3 +94,13 @@ def train_on_a_test_on_b(published_a: str | Path, published_b: str | Path, setti
     outcome.figure_path = shift_bars(results, ["a_test", "b_test"], ["A's test split (same base)", "B's test split (other base)"],
                                      out / FIGURE_FILE, "Transfer: trained on A, tested on A and B (mean ± std over seeds)")
     return outcome
+
+
+def _sets(tasks, a, b_test) -> dict[str, dict[str, Any]]:
+    return {task.name: {"train": labeled(a["train"], task), "validation": labeled(a["validation"], task),
+                        "a_test": labeled(a["test"], task), "b_test": labeled(b_test, task)} for task in tasks}
+
+
+def _load_sets(published_a: str | Path, published_b: str | Path, split: str, tasks: tuple) -> dict[str, dict[str, Any]]:
+    """The experiment's sets, built in a worker process from the two published folders."""
+    return _sets(tasks, load_splits(published_a, split), load_splits(published_b, split)["test"])

@@ -46,7 +46,8 @@ def test_experiment_transfer_tests_on_the_other_population(run_cli, tmp_path):
     write_published(tmp_path / "store" / "published" / "tiny-shapes", factors, rows, {**NORM, **BIG})
     factors, rows = gl_population([2], 120, seed=2)
     write_published(tmp_path / "store" / "published" / "tiny-shapes-continued", factors, rows, {**NORM, **BIG})
-    code, out, err = run_cli("experiment", "transfer", SHAPES, *FAST, "--to", CONTINUED, "--store", tmp_path / "store")
+    code, out, err = run_cli("experiment", "transfer", SHAPES, *FAST, "--to", CONTINUED, "--store", tmp_path / "store",
+                             "--workers", "2")  # mlp and glnet units in two processes
     assert code == 0, err
     assert "tiny-shapes → tiny-shapes-continued" in out and "b_test" in out
     assert (tmp_path / "store" / "learn" / "tiny-shapes-continued" / "transfer-from-tiny-shapes" / "transfer.json").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -76,6 +77,13 @@ def test_configs_can_be_chosen_on_a_training_rank_held_out_of_selection(publishe
     assert saved["select_on_rank"] == 2
     record = saved["tasks"]["clip_score.clip_score"]["predictors"]["glnet"]
     assert len(record["selection"]["trials"]) == 2 and record["tests"]["unseen"]["n"] == 40
+    # two worker processes give the same selection and the same test metrics as one process
+    parallel = rank_generalisation(published, dataclasses.replace(settings, predictors=("glnet", "mlp")), tmp_path / "two",
+                                   train_ranks=[1, 2], test_ranks=[4], split="published", select_on_rank=2, workers=2)
+    assert len(seen) == 1  # selection ran in the workers, not here
+    again = json.loads(parallel.results_path.read_text())["tasks"]["clip_score.clip_score"]["predictors"]["glnet"]
+    assert again["selection"]["chosen"] == record["selection"]["chosen"]
+    assert again["tests"]["unseen"]["mean"]["r2"] == pytest.approx(record["tests"]["unseen"]["mean"]["r2"], abs=1e-3)
     with pytest.raises(PulledDataError, match="select_on_rank 4 must be one of ≥ 2 training ranks \\[1, 2\\]"):
         rank_generalisation(published, settings, tmp_path, train_ranks=[1, 2], test_ranks=[4], split="published",
                             select_on_rank=4)

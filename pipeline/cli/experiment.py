@@ -44,6 +44,7 @@ def experiment_ranks(
     select_on_rank: Annotated[Optional[int], typer.Option(
         "--select-on-rank", help="Choose each predictor's config on this training rank, held out of the configs' "
                                  "training (scored on its validation rows); default: on every training rank.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Predictor × task units trained at once, in their own processes.")] = 1,
 ) -> int:
     """Train the predictors on some LoRA ranks of a published population, test on unseen ranks.
 
@@ -53,7 +54,8 @@ def experiment_ranks(
 
     published, learn_dir, settings = learn_target(load(manifest, overrides), Store(store, create=False))
     out_dir = Path(learn_dir) / "ranks" / _rank_setting(train_rank, test_rank, select_on_rank)
-    result = rank_generalisation(published, settings, out_dir, train_rank, test_rank, select_on_rank=select_on_rank)
+    result = rank_generalisation(published, settings, out_dir, train_rank, test_rank, select_on_rank=select_on_rank,
+                                 workers=workers)
     out.print(_shift_table(f"rank generalisation: train {result.train_ranks}, test {result.test_ranks}", result.tasks, ("seen", "unseen")))
     out.print(f"results: {result.results_path}; figure: {result.figure_path}")
     return 0
@@ -65,6 +67,7 @@ def experiment_transfer(
     to: Annotated[Path, typer.Option("--to", help="Manifest of the population to test on (e.g. its base's continued version).")],
     overrides: OverridesArg = None,
     store: StoreOpt = None,
+    workers: Annotated[int, typer.Option(min=1, help="Predictor × task units trained at once, in their own processes.")] = 1,
 ) -> int:
     """Train the predictors on one published population, test on another (e.g. tiny-shapes → tiny-shapes-continued).
 
@@ -77,7 +80,7 @@ def experiment_transfer(
     published_a, _, settings = learn_target(source_manifest, target)
     published_b, learn_b, _ = learn_target(target_manifest, target)
     result = train_on_a_test_on_b(published_a, published_b, settings,
-                                  Path(learn_b) / f"transfer-from-{source_manifest.population.name}")
+                                  Path(learn_b) / f"transfer-from-{source_manifest.population.name}", workers=workers)
     out.print(_shift_table(f"transfer: {source_manifest.population.name} → {target_manifest.population.name}",
                            result.tasks, ("a_test", "b_test")))
     for task, why in result.skipped_tasks.items():

@@ -1,0 +1,39 @@
+"""Independent (predictor, task) units in worker processes: what `lol train --workers` and the
+experiments' `--workers` share.
+
+Workers are spawned (no fork of a parent holding torch threads), each set up once by
+`initializer(*initargs, threads)` with cores / workers torch threads, so a unit's data is loaded in
+the worker rather than pickled per unit. Every unit is seeded, so results equal one process's up to
+float rounding of the thread count.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
+
+__all__ = ["run_units"]
+
+
+def run_units(units: Sequence[tuple[Any, ...]], unit: Callable[..., Any], workers: int,
+              initializer: Callable[..., None], initargs: tuple[Any, ...],
+              finished: Callable[[int, Any], None]) -> None:
+    """Call `unit(*units[i])` for every i in `workers` spawned processes; `finished(i, result)` as each ends.
+
+    `unit` and `initializer` must be module-level functions (spawned workers import them). The first
+    failing unit cancels those not started and re-raises.
+    """
+    workers = max(1, min(workers, len(units)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
+                             initargs=(*initargs, threads)) as pool:
+        futures = {pool.submit(unit, *args): i for i, args in enumerate(units)}
+        try:
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
