@@ -18,8 +18,8 @@ equivariant piece maps LoraWeights → LoraWeights and commutes with that action
                [+ Linear(spectral moments of the input ΔW_i)] [→ LayerNorm] → MLP → out.
 - scale-free input (optional) each layer's U_i, V_i divided by ‖ΔW_i‖_F^½ (a GL-invariant scalar), so the stack sees
                the shape of ΔW_i, not its size (which the spectral moments carry).
-- direction readout (optional, `glnet_directions.py`) Σ_k σ̂_k φ_i(k) over the singular directions of each input
-               ΔW_i, σ̂_k = σ_k / ‖ΔW_i‖_F: rank-agnostic and scale-free.
+- spectral filters (optional, `glnet_filters.py`) the head also reads W F_ip W'ᵀ, F_ip = Σ_k (σ_k/‖ΔW_i‖_F)^p a_k b_kᵀ
+               of each input ΔW_i (its SVD Σ_k σ_k a_k b_kᵀ): rank-agnostic, scale-free, invariant.
 - spectral moments (optional) log(Σ_k σ_k^{2p}) / p, p = 1..P, of each input layer's ΔW_i = U_i V_iᵀ, from
                the traces of powers of M_i = (U_iᵀU_i)(V_iᵀV_i) ∈ ℝ^{r×r}: g acts on M_i by similarity
                (M_i ↦ gᵀ M_i g⁻ᵀ), so the traces are invariant; rank-agnostic; cost O((n + m) r²).
@@ -44,7 +44,7 @@ from lol_models.common import (
     check_probability,
     opt,
 )
-from lol_models.glnet_directions import DirectionReadout
+from lol_models.glnet_filters import SpectralFilterReadout
 from lol_models.weights import LayerGroup, Layout, LoraWeights
 
 __all__ = ["GLGate", "GLLinear", "GLNet", "GLNetConfig", "RowDropout", "frobenius_sq", "spectral_log_moments"]
@@ -76,15 +76,16 @@ class GLNetConfig:
     scale_free: bool = opt(False, "divide each layer's ΔW_i by its own ‖ΔW_i‖_F before the equivariant stack (U_i and V_i "
                                   "by its square root): P_i then carries the update's shape; its size reaches the head "
                                   "through the spectral moments")
-    directions: int = opt(0, "d: width of a per-direction readout over each input ΔW_i's singular directions, weighted "
-                             "by σ_k / ‖ΔW_i‖_F (rank-agnostic, exact under zero-padding); 0: off")
+    spectral_filters: tuple[float, ...] = opt((), "powers p ≥ 1: the head also reads W F_ip W'ᵀ, F_ip = Σ_k (σ_k / ‖ΔW_i‖_F)^p "
+                                                  "a_k b_kᵀ of each input layer's SVD (rank-agnostic, scale-free); (): off")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_positive_ints(name, hidden=self.hidden, head=self.head, context=self.context)
-        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 0:
-            raise SettingsError(f"{name}.directions must be an integer ≥ 0 (0 turns the direction readout off), "
-                                f"got {self.directions!r}")
+        if not isinstance(self.spectral_filters, tuple) or not all(
+                isinstance(p, (int, float)) and not isinstance(p, bool) and 1 <= p < float("inf") for p in self.spectral_filters):
+            raise SettingsError(f"{name}.spectral_filters must be a tuple of powers p ≥ 1 (e.g. (1, 2, 4); () turns them off), "
+                                f"got {self.spectral_filters!r}")
         if isinstance(self.spectral_moments, bool) or not isinstance(self.spectral_moments, int) or self.spectral_moments < 0:
             raise SettingsError(f"{name}.spectral_moments must be an integer ≥ 0 (0 turns them off), got {self.spectral_moments!r}")
         check_probability(name, dropout=self.dropout, head_dropout=self.head_dropout)
@@ -119,8 +120,8 @@ def spectral_log_moments(u: Tensor, v: Tensor, powers: int) -> Tensor:
 def _unit_frobenius(g: LayerGroup) -> LayerGroup:
     """The group with each layer's ΔW_i = U_i V_iᵀ scaled to ‖ΔW_i‖_F = 1 (U_i, V_i each by ‖ΔW_i‖_F^-½); zero stays zero.
     g: (B, L_g, n, r) / (B, L_g, m, r) → same shapes."""
-    norm = frobenius_sq(g.u, g.v).clamp(min=0).sqrt()  # (B, L_g)
-    scale = torch.where(norm > 0, norm.clamp(min=torch.finfo(norm.dtype).tiny).rsqrt(), torch.ones_like(norm))
+    norm = frobenius_sq(g.u.double(), g.v.double()).clamp(min=0).sqrt()  # (B, L_g), float64: no cancellation
+    scale = torch.where(norm > 0, norm.clamp(min=1e-300).rsqrt(), torch.ones_like(norm)).to(g.u.dtype)
     return LayerGroup(g.names, g.u * scale[..., None, None], g.v * scale[..., None, None])
 
 
@@ -235,7 +236,7 @@ class GLNet(LoLModel):
             nn.Parameter(torch.randn(lg, h * h, d) / (h * (sum(sizes)) ** 0.5)) for lg in sizes
         ) if cfg.quadratic_readout else None
         self.readout_bias = nn.Parameter(torch.zeros(d))
-        self.directions = DirectionReadout(_group_shapes(layout), h, cfg.directions, d) if cfg.directions else None
+        self.filters = SpectralFilterReadout(_group_shapes(layout), cfg.spectral_filters, h, d) if cfg.spectral_filters else None
         P = cfg.spectral_moments
         self.spectral = nn.Linear(sum(sizes) * P, d, bias=False) if P else None
         if P:  # (L·P,) training-set statistics
@@ -301,6 +302,6 @@ class GLNet(LoLModel):
                 z = z + torch.einsum("blk,lkd->bd", p * p, self.readout_sq[j])
         if self.spectral is not None:
             z = z + self.spectral(self.spectral_features(weights))
-        if self.directions is not None:
-            z = z + self.directions(self.prepare(weights))
+        if self.filters is not None:
+            z = z + self.filters(self.prepare(weights))
         return self.head(self.head_norm(z))

@@ -21,7 +21,8 @@ from lol_models.glnet import (
     _group_shapes,
     spectral_log_moments,
 )
-from lol_models.glnet_directions import singular_directions
+from lol_models.glnet_filters import SpectralFilterReadout, filtered_updates, singular_directions
+from lol_models.common import SettingsError
 from lol_models.registry import build_model
 from lol_models.symmetry import gl_act, random_gl, random_gl_like, random_orthogonal_like
 from lol_models.synthetic import random_lora_weights
@@ -40,9 +41,9 @@ GL_INVARIANT = {
     "glnet": {"hidden": (6, 5, 4), "head": (16, 8), "dropout": 0.2, "context": 3, "spectral_moments": 3, "head_norm": True},
     "transformer": {"token": "svd", "d_model": 8, "nhead": 2, "num_layers": 1, "dim_feedforward": 16},
     "glnet_paper": {"hidden": 5, "head": 8},
-    # rank-shift options: scale-free input and the per-direction readout (lol_models/glnet_directions.py)
-    "glnet+directions": {"hidden": (6, 4), "head": (16,), "context": 3, "spectral_moments": 2, "scale_free": True,
-                         "directions": 5},
+    # rank-shift options: scale-free input and the spectral-filter readout (lol_models/glnet_filters.py)
+    "glnet+filters": {"hidden": (6, 4), "head": (16,), "context": 3, "spectral_moments": 2, "scale_free": True,
+                      "spectral_filters": (1, 2, 4)},
 }
 
 PROPERTY = settings(max_examples=8, deadline=None, derandomize=True)
@@ -146,7 +147,7 @@ def test_every_layer_matters_outside_the_group(name):
     check_sensitive(model, x, doubled)
 
 
-@pytest.mark.parametrize("name", ["glnet", "glnet+directions", "glnet_paper", "mlp_svd", "mlp_dense", "transformer"])
+@pytest.mark.parametrize("name", ["glnet", "glnet+filters", "glnet_paper", "mlp_svd", "mlp_dense", "transformer"])
 def test_zero_padding_the_rank_changes_nothing(name):
     gen = torch.Generator().manual_seed(2)
     x = random_lora_weights(B, 2, generator=gen)
@@ -221,8 +222,65 @@ def test_scale_free_glnet_sees_a_layers_size_only_through_its_spectral_moments()
     gen = torch.Generator().manual_seed(6)
     x = random_lora_weights(B, 3, generator=gen)
     doubled = LoraWeights(tuple(type(g)(g.names, 2 * g.u, g.v) for g in x.groups))  # every ΔW_i → 2ΔW_i
-    config = {**GL_INVARIANT["glnet+directions"], "spectral_moments": 0}
+    config = {**GL_INVARIANT["glnet+filters"], "spectral_moments": 0}
     blind = build("glnet", x, 6, config)
     with torch.no_grad():
         torch.testing.assert_close(blind(x), blind(doubled), rtol=1e-10, atol=1e-12)
-    check_sensitive(build("glnet", x, 6, GL_INVARIANT["glnet+directions"]), x, doubled)
+    check_sensitive(build("glnet", x, 6, GL_INVARIANT["glnet+filters"]), x, doubled)
+
+
+def test_scale_free_glnet_stays_invariant_in_float32_with_ill_conditioned_factors():
+    """‖ΔW_i‖_F is computed in float64: in float32 the Gram products cancel under g of condition number 1e3."""
+    gen = torch.Generator().manual_seed(7)
+    x = random_lora_weights(16, 4, generator=gen)
+    gx = gl_act(x, random_gl_like(x, max_cond=1e3, generator=gen))
+    config = {"hidden": (6,), "head": (16,), "spectral_moments": 0, "scale_free": True}
+    model = build("glnet", x, 7, config).float()
+    with torch.no_grad():
+        exact = build("glnet", x, 7, config)(x)  # the same weights in float64
+        assert rel_err(exact, model(gx.to(torch.float32)).double()) < 1e-4
+
+
+def repeated_singular_values(n_loras: int, rank: int, seed: int) -> LoraWeights:
+    """Every layer's ΔW_i = 2 Q Q'ᵀ with orthonormal Q, Q': all its singular values equal (2), so its singular
+    directions are not unique."""
+    gen = torch.Generator().manual_seed(seed)
+    x = random_lora_weights(n_loras, rank, generator=gen)
+    return LoraWeights(tuple(type(g)(g.names, 2 * torch.linalg.qr(g.u).Q, torch.linalg.qr(g.v).Q) for g in x.groups))
+
+
+def test_spectral_filters_are_invariant_with_repeated_singular_values():
+    """F_p = Σ_k σ̂_k^p a_k b_kᵀ is a function of ΔW alone, whichever basis the SVD returns for a repeated σ."""
+    x = repeated_singular_values(B, 2, seed=8)
+    gx = gl_act(x, random_gl_like(x, max_cond=10.0, generator=torch.Generator().manual_seed(9)))
+    for g, h in zip(x.groups, gx.groups):
+        left, right = filtered_updates(g.u, g.v, (1.0, 3.0))
+        moved_left, moved_right = filtered_updates(h.u, h.v, (1.0, 3.0))
+        filtered = left @ right.unsqueeze(-3).transpose(-1, -2)  # (B, L_g, F, n, m)
+        torch.testing.assert_close(moved_left @ moved_right.unsqueeze(-3).transpose(-1, -2), filtered)
+        expected = g.u @ g.v.transpose(-1, -2) / (2 * 2**0.5)  # ΔW / ‖ΔW‖_F; σ̂ = 1/√2 on both directions
+        torch.testing.assert_close(filtered[..., 0, :, :], expected)
+        torch.testing.assert_close(filtered[..., 1, :, :], expected / 2)  # σ̂³ = σ̂ / 2
+    check_invariant(build("glnet", x, 8, GL_INVARIANT["glnet+filters"]), x, gx, rtol=1e-8)
+
+
+def test_the_filter_readout_reads_the_directions_not_only_the_spectrum():
+    """Rotating the left singular vectors (U → R U, R orthogonal) keeps every σ_k but moves the readout; scaling
+    ΔW does not; a rank-2 LoRA padded to rank 6 gives the same output."""
+    gen = torch.Generator().manual_seed(10)
+    x = random_lora_weights(B, 2, generator=gen)
+    torch.manual_seed(10)
+    readout = SpectralFilterReadout([(g.num_layers, g.n, g.m) for g in x.layout.groups], (1.0, 2.0), 4, 8).double()
+    rotated = LoraWeights(tuple(type(g)(g.names, torch.linalg.qr(torch.randn(g.n, g.n, generator=gen, dtype=torch.float64)).Q @ g.u, g.v)
+                                for g in x.groups))
+    scaled = LoraWeights(tuple(type(g)(g.names, 5 * g.u, g.v) for g in x.groups))
+    with torch.no_grad():
+        base = readout(x)
+        assert base.shape == (B, 8) and rel_err(base, readout(rotated)) > 1e-2
+        torch.testing.assert_close(readout(scaled), base)
+        torch.testing.assert_close(readout(x.pad_rank(6)), base, rtol=1e-10, atol=1e-12)
+
+
+def test_glnet_refuses_spectral_filter_powers_below_one():
+    with pytest.raises(SettingsError, match=r"spectral_filters must be a tuple of powers p ≥ 1"):
+        GLNetConfig(spectral_filters=(0.5,))
