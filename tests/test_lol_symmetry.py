@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lol_models.common import SettingsError
 from lol_models.glnet import (
     GLGate,
     GLLinear,
@@ -22,7 +23,6 @@ from lol_models.glnet import (
     spectral_log_moments,
 )
 from lol_models.glnet_filters import SpectralFilterReadout, filtered_updates, singular_directions
-from lol_models.common import SettingsError
 from lol_models.registry import build_model
 from lol_models.symmetry import gl_act, random_gl, random_gl_like, random_orthogonal_like
 from lol_models.synthetic import random_lora_weights
