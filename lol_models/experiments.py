@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lol_models import evaluation
+from lol_models.common import SettingsError
 from lol_models.data import published_fingerprint, read_layout, read_rows, split_names
 from lol_models.parallel import run_units
 from lol_models.predictors import PREDICTORS_DIR, remove_saved, save_predictor, saved_stem
@@ -97,11 +98,20 @@ def _finished_run(context: _UnitContext, out_dir: str | Path, task: Task, predic
     same = (isinstance(run, dict) and "error" not in run and run.get("published_fingerprint") == context.fingerprint
             and isinstance(run.get("settings"), dict) and _unit_settings(run["settings"]) == _unit_settings(context.settings.as_json())
             and run.get("task") == json.loads(json.dumps(asdict(task), default=jsonable))
-            and run.get("tuning") == json.loads(json.dumps(tuning_pool(predictor, task.kind, context.settings), default=jsonable)))
+            and run.get("tuning") is not None
+            and run.get("tuning") == _jsonable(lambda: tuning_pool(predictor, task.kind, context.settings)))
     saved = Path(out_dir) / PREDICTORS_DIR
     complete = all((saved / f"{saved_stem(predictor, task.name, seed)}{suffix}").is_file()
                    for seed in range(context.settings.seeds) for suffix in (".json", ".safetensors"))
     return path if same and complete else None
+
+
+def _jsonable(make: Callable[[], Any]) -> Any:
+    """make() as the run file stores it (tuples as lists, dtypes as text); None if make() raises SettingsError."""
+    try:
+        return json.loads(json.dumps(make(), default=jsonable))
+    except SettingsError:
+        return None
 
 
 def _unit_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -153,8 +163,9 @@ def _train_unit(context: _UnitContext, out_dir: str | Path, task: Task, predicto
     remove_saved(out_dir, predictor, task.name)
     record: dict[str, Any] = {"predictor": predictor, "task": asdict(task), "published": str(context.published),
                               "published_fingerprint": context.fingerprint, "split": settings.split,
-                              "settings": settings.as_json(), "tuning": tuning_pool(predictor, task.kind, settings)}
+                              "settings": settings.as_json()}
     try:
+        record["tuning"] = tuning_pool(predictor, task.kind, settings)  # e.g. a budget larger than the space: this unit's error
         trained = tune_and_train(predictor, task.kind, train, validation, test.weights, settings)
     except ValueError as exc:  # e.g. mlp_dense over its memory budget: recorded, not fatal
         record["error"] = str(exc)

@@ -78,14 +78,15 @@ def _finite(x: float) -> float:
 
 
 def tuning_pool(predictor: str, kind: str, settings: LearnSettings) -> dict[str, Any]:
-    """What selection would try for `predictor` on a `kind` task, as JSON: every config of the pool, each as the
-    full model config (defaults, task defaults and the candidate's choices) and its training overrides. Two runs
-    with equal pools tried the same configs; a change to a predictor's defaults or search space changes it."""
+    """What selection would try for `predictor` on a `kind` task: every config of the pool, each as the full model
+    config (defaults, task defaults and the candidate's choices) and the full TrainConfig. Two runs with equal pools
+    tried the same configs; a change to a predictor's defaults, its search space or a training default changes it
+    (so does a new config field, even one that is off by default)."""
     pool = candidates(MODELS[predictor].search, settings.tuning_budget, seed=0)
     configs = []
     for candidate in pool:
         model = coerce_config(MODELS[predictor].config_cls, config_for(predictor, kind, candidate.model), model=predictor)
-        configs.append({"model": dataclasses.asdict(model), "train": dict(candidate.train)})
+        configs.append({"model": dataclasses.asdict(model), "train": dataclasses.asdict(train_config(settings, kind, candidate))})
     return {"configs": configs}
 
 

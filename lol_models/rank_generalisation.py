@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 
-from lol_models.data import PulledDataError
+from lol_models.data import PulledDataError, read_rows, split_names
 from lol_models.shift import labeled, metric_of, shift_bars, shift_experiment
 from lol_models.tasks import LearnSettings, jsonable, load_splits, tasks_of
 
-__all__ = ["RankGeneralisation", "rank_generalisation", "split_ranks"]
+__all__ = ["RankGeneralisation", "published_ranks", "rank_generalisation", "setting_name", "split_ranks"]
 
 RESULTS_FILE = "rank_generalisation.json"
 FIGURE_FILE = "rank_generalisation.png"
@@ -92,6 +92,19 @@ def split_ranks(ranks: Iterable[int], train_ranks: Iterable[int] | None = None,
     if overlap:
         raise PulledDataError(f"train_ranks {train} and test_ranks {test} share {overlap}; they must be disjoint")
     return train, test
+
+
+def published_ranks(published: str | Path) -> list[int]:
+    """Every LoRA's rank in a local published folder, read from its `rank` column alone (no weights)."""
+    return [int(row["rank"]) for split in split_names(published) for row in read_rows(published, split, columns=["rank"])]
+
+
+def setting_name(train_ranks: Iterable[int], test_ranks: Iterable[int], select_on_rank: int | None = None) -> str:
+    """The folder name of one rank setting, e.g. train-2-8_test-32_select-8 (ranks as `split_ranks` resolves them)."""
+    def joined(ranks: Iterable[int]) -> str:
+        return "-".join(str(r) for r in sorted(set(ranks)))
+
+    return f"train-{joined(train_ranks)}_test-{joined(test_ranks)}" + (f"_select-{select_on_rank}" if select_on_rank is not None else "")
 
 
 def _rows(ranks: torch.Tensor, wanted: list[int]) -> torch.Tensor:

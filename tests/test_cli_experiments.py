@@ -31,7 +31,10 @@ def test_experiment_ranks_trains_on_seen_ranks_and_reports_unseen(run_cli, tmp_p
     assert code == 0, err
     results = json.loads((ranks / "train-1-2_test-4_select-2" / "rank_generalisation.json").read_text())
     assert results["select_on_rank"] == 2 and results["rows"]["selection_validation"] == results["rows_per_split_and_rank"]["validation"]["2"] > 0
-    assert (ranks / "train-1-2_test-4" / "rank_generalisation.json").is_file()
+    assert sorted(p.name for p in ranks.iterdir()) == ["train-1-2_test-4", "train-1-2_test-4_select-2"]
+    code, out, err = run_cli("experiment", "ranks", RANKS, *FAST, "--store", tmp_path / "store")  # the defaults: the same setting
+    assert code == 0, err
+    assert sorted(p.name for p in ranks.iterdir()) == ["train-1-2_test-4", "train-1-2_test-4_select-2"]
     code, out, err = run_cli("report", RANKS, *FAST, "--store", tmp_path / "store")
     assert code == 0, err
     report = (tmp_path / "store" / "learn" / "tiny-shapes-ranks" / "report.md").read_text()

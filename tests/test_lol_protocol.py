@@ -170,3 +170,16 @@ def test_an_interrupted_train_goes_on_where_it_stopped(published, tmp_path, monk
         "regression": {"head_norm": True}, "multilabel": {"head_norm": True}}))
     train_all(published, dataclasses.replace(settings, epochs=4), tmp_path)
     assert sorted(trained) == [("glnet", "attributes"), ("glnet", "clip_score.clip_score")]
+
+
+def test_a_budget_larger_than_one_predictors_space_is_that_units_error(published, tmp_path, monkeypatch):
+    import dataclasses
+
+    from lol_models.registry import MODELS
+    from lol_models.search import SearchSpace
+
+    monkeypatch.setitem(MODELS, "glnet", dataclasses.replace(MODELS["glnet"], search=SearchSpace({"dropout": (0.0,)})))
+    settings = dataclasses.replace(SETTINGS, predictors=("mlp", "glnet"), targets=("attributes",), seeds=1, epochs=3)
+    runs = {p.name: json.loads(p.read_text()) for p in train_all(published, settings, tmp_path)}
+    assert "cannot fill a budget of 3" in runs["glnet--attributes.json"]["error"]
+    assert "error" not in runs["mlp--attributes.json"] and len(runs["mlp--attributes.json"]["tuning"]["configs"]) == 3

@@ -28,14 +28,6 @@ def _shift_table(title: str, tasks: dict, tests: tuple[str, ...]) -> Table:
     return table
 
 
-def _rank_setting(train: list[int] | None, test: list[int] | None, select_on: int | None) -> str:
-    """The folder name of one rank setting: train-2-8_test-32_select-8 ("default" for an unnamed set)."""
-    def ranks(chosen: list[int] | None) -> str:
-        return "-".join(str(r) for r in sorted(set(chosen))) if chosen else "default"
-
-    return f"train-{ranks(train)}_test-{ranks(test)}" + (f"_select-{select_on}" if select_on is not None else "")
-
-
 @experiment_app.command("ranks")
 def experiment_ranks(
     manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOpt = None,
@@ -49,12 +41,18 @@ def experiment_ranks(
     """Train the predictors on some LoRA ranks of a published population, test on unseen ranks.
 
     Results go to learn/<population>/ranks/<train-…_test-…[_select-…]>/, one folder per rank setting."""
-    from lol_models.rank_generalisation import rank_generalisation
+    from lol_models.rank_generalisation import (
+        published_ranks,
+        rank_generalisation,
+        setting_name,
+        split_ranks,
+    )
     from pipeline.stages import learn_target
 
     published, learn_dir, settings = learn_target(load(manifest, overrides), Store(store, create=False))
-    out_dir = Path(learn_dir) / "ranks" / _rank_setting(train_rank, test_rank, select_on_rank)
-    result = rank_generalisation(published, settings, out_dir, train_rank, test_rank, select_on_rank=select_on_rank,
+    train, test = split_ranks(published_ranks(published), train_rank, test_rank)  # the defaults resolved: one folder per setting
+    out_dir = Path(learn_dir) / "ranks" / setting_name(train, test, select_on_rank)
+    result = rank_generalisation(published, settings, out_dir, train, test, select_on_rank=select_on_rank,
                                  workers=workers)
     out.print(_shift_table(f"rank generalisation: train {result.train_ranks}, test {result.test_ranks}", result.tasks, ("seen", "unseen")))
     out.print(f"results: {result.results_path}; figure: {result.figure_path}")
