@@ -54,6 +54,7 @@ def main(published: str, out: str, seeds: int = 2) -> None:
                    "mean": sum(scores) / len(scores), "best_epoch": epochs, "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps(row), flush=True)
             sink.write(json.dumps(row) + "\n")
+            sink.flush()
 
 
 if __name__ == "__main__":
