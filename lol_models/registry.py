@@ -88,8 +88,9 @@ register_model("glnet", GLNetConfig, GLNet, symmetry="GL(r)",
                # normalised per layer. Chosen on validation only: on tiny-shapes' attributes (1,000 LoRAs) it reaches
                # ROC-AUC 0.837 (2 seeds) where the best of the 8 configs drawn around the regression defaults was 0.815
                # (`bench/selection/glnet_attributes_heads.py`); on tiny-arc's sources the drawn config with
-               # head_norm and normalize_input won selection (0.926 vs the defaults' 0.696). Its first config only:
-               # the rest of the budget is still drawn from the whole space.
+               # head_norm and normalize_input won selection (0.926 vs the defaults' 0.696). Task defaults sit under every
+               # candidate: the first config is this head; the other 7 draw the space's fields as before and keep
+               # quadratic_readout off (not in the space).
                task_defaults={"multilabel": {"hidden": (32,), "head": (128,), "head_norm": True, "normalize_input": True,
                                              "spectral_moments": 0, "quadratic_readout": False}})
 register_model("glnet_paper", GLNetPaperConfig, GLNetPaper, symmetry="GL(r)",
