@@ -115,8 +115,10 @@ def _jsonable(make: Callable[[], Any]) -> Any:
 
 
 def _unit_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The learn settings one unit's training depends on: all but which predictors and targets the run trains."""
-    return {k: v for k, v in json.loads(json.dumps(settings, default=jsonable)).items() if k not in ("predictors", "targets")}
+    """The learn settings one unit's training depends on: all but which predictors and targets the run trains and
+    the widened search spaces (`search`; the unit's own is compared exactly through its tuning pool)."""
+    return {k: v for k, v in json.loads(json.dumps(settings, default=jsonable)).items()
+            if k not in ("predictors", "targets", "search")}
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 For one predictor × task:
 
-1. selection — `settings.tuning_budget` configs from the predictor's own search space
-   (`lol_models.search.candidates`; the first is its defaults, its task defaults applied), each trained
+1. selection — `settings.tuning_budget` configs from the predictor's own search space, widened by the
+   manifest's `learn.search` where it names the predictor (`lol_models.registry.space_for`,
+   `lol_models.search.candidates`; the first is its defaults, its task defaults applied), each trained
    `settings.selection_seeds` times by `lol_models.train.fit`, which sees the training and validation
    splits only; a config's score is its mean validation main metric (R² or ROC-AUC) at the epoch the
    epoch rule picks. The best score wins (ties: the earlier config).
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from lol_models.common import coerce_config
-from lol_models.registry import MODELS, config_for
+from lol_models.registry import MODELS, config_for, space_for
 from lol_models.search import Candidate, candidates
 from lol_models.tasks import MAIN_METRIC, LearnSettings
 from lol_models.train import LabeledLoras, RunResult, TrainConfig, fit, predict
@@ -82,7 +83,7 @@ def tuning_pool(predictor: str, kind: str, settings: LearnSettings) -> dict[str,
     config (defaults, task defaults and the candidate's choices) and the full TrainConfig. Two runs with equal pools
     tried the same configs; a change to a predictor's defaults, its search space or a training default changes it
     (so does a new config field, even one that is off by default)."""
-    pool = candidates(MODELS[predictor].search, settings.tuning_budget, seed=0)
+    pool = candidates(space_for(predictor, settings.search.get(predictor)), settings.tuning_budget, seed=0)
     configs = []
     for candidate in pool:
         model = coerce_config(MODELS[predictor].config_cls, config_for(predictor, kind, candidate.model), model=predictor)
@@ -97,7 +98,7 @@ def select_config(predictor: str, kind: str, train: LabeledLoras, validation: La
     With a budget of 1 the defaults are chosen without training.
     """
     metric = MAIN_METRIC[kind]
-    pool = candidates(MODELS[predictor].search, settings.tuning_budget, seed=0)
+    pool = candidates(space_for(predictor, settings.search.get(predictor)), settings.tuning_budget, seed=0)
     trials = []
     for candidate in pool if len(pool) > 1 else []:
         model_config = config_for(predictor, kind, candidate.model)

@@ -8,7 +8,8 @@ task defaults (`config_for`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +29,10 @@ from lol_models.models import (
     build_mlp_svd,
 )
 from lol_models.names import PREDICTORS
-from lol_models.search import SearchSpace
+from lol_models.search import TRAIN_KEYS, SearchSpace
 from lol_models.weights import Layout
 
-__all__ = ["MODELS", "ModelSpec", "available_models", "build_model", "config_for", "register_model"]
+__all__ = ["MODELS", "ModelSpec", "available_models", "build_model", "config_for", "register_model", "space_for"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,49 @@ def config_for(name: str, task_kind: str, overrides: Mapping[str, Any] | None = 
     if name not in MODELS:
         raise SettingsError(f"unknown model {name!r}; available: {available_models()}")
     return {**MODELS[name].task_defaults.get(task_kind, {}), **dict(overrides or {})}
+
+
+def space_for(name: str, extra: Mapping[str, Sequence[Any]] | None = None) -> SearchSpace:
+    """`name`'s search space, widened by `extra` (config field or training setting → its choices), e.g. a
+    manifest's `learn.search`. A field of `extra` replaces the space's choices for it or adds it; every choice is
+    checked by building the config with it, so a bad field or value is refused here, before any training."""
+    spec = MODELS[name]  # KeyError for a name no manifest can give (they are checked against lol_models.names)
+    model, train = dict(spec.search.model), dict(spec.search.train)
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    for key, choices in (extra or {}).items():
+        if key not in fields and key not in TRAIN_KEYS:
+            raise SettingsError(f"learn.search.{name}: {key!r} is neither a config field of {name} ({sorted(fields)}) "
+                                f"nor a training setting ({list(TRAIN_KEYS)})")
+        if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence) or not choices:
+            raise SettingsError(f"learn.search.{name}.{key}: give a non-empty list of choices, got {choices!r}")
+        values = tuple(_frozen(c) for c in choices)
+        if len(set(map(repr, values))) < len(values):
+            raise SettingsError(f"learn.search.{name}.{key}: choices repeat, got {list(choices)!r}")
+        if key in TRAIN_KEYS:
+            bad = [v for v in values if not _valid_train_value(key, v)]
+            if bad:
+                raise SettingsError(f"learn.search.{name}.{key}: {bad!r} not valid; give "
+                                    + ("positive integers" if key == "batch_size" else "numbers ≥ 0"))
+            train[key] = values
+            continue
+        for value in values:
+            try:
+                coerce_config(spec.config_cls, {key: value}, model=name)
+            except (SettingsError, TypeError, ValueError) as exc:
+                raise SettingsError(f"learn.search.{name}.{key}: the choice {value!r} is not valid: {exc}") from exc
+        model[key] = values
+    return SearchSpace(model, train)
+
+
+def _valid_train_value(key: str, value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) and value >= 1 if key == "batch_size" else value >= 0
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (as YAML gives them) → tuples, recursively, so choices hash and compare as configs hold them."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def model_help(name: str) -> str:

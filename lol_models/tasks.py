@@ -7,9 +7,10 @@ Layers (each imports only those below it): `tasks` → `experiments` (the main t
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,13 @@ class LearnSettings:
     min_epochs: int = 10  # the epoch rule: earliest epoch it may pick (capped at `epochs`) …
     smooth_epochs: int = 5  # … ranking epochs by the mean validation score of this many epochs ending there
     split: str = "protocol"  # "protocol" (by group name, lol_models.splits) or "published"
+    # predictor → {config field or training setting: its choices}: widens that predictor's search space
+    # (`lol_models.registry.space_for`); the tuning budget stays the same for every predictor
+    search: Mapping[str, Mapping[str, tuple[Any, ...]]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The settings as the run and results JSON record them (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return json.loads(json.dumps(asdict(self)))  # tuples (nested too) → lists
 
 
 @dataclass(frozen=True)

@@ -553,6 +553,10 @@ class LearnSection(StrictModel):
     batch_size: int = Field(64, ge=1, le=MAX_BATCH, description=f"LoRAs per predictor batch, 1..{MAX_BATCH:,}.")
     learning_rate: float = Field(1e-3, gt=0)
     hidden: int = Field(64, ge=1, le=MAX_HIDDEN, description=f"Predictor width, 1..{MAX_HIDDEN:,}.")
+    search: dict[Literal[PREDICTORS], dict[str, Annotated[list[Any], Field(min_length=1)]]] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Widen a predictor's search space: predictor → {config field or training setting: "
+                                          "[choices]}, e.g. {glnet: {scale_free: [false, true]}}. The tuning budget stays "
+                                          "the same for every predictor; fields and values are checked when learning starts.")
 
 
 class ExecutionSection(StrictModel):

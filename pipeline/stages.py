@@ -110,6 +110,7 @@ def publish(manifest: Manifest, store: Store, push: bool | None = None, trust_re
 
 def learn_target(manifest: Manifest, store: Store):
     """(published folder, output folder, LearnSettings) of a population's learn stage."""
+    from lol_models.registry import space_for
     from lol_models.tasks import LearnSettings
 
     if not store.is_local:
@@ -119,7 +120,10 @@ def learn_target(manifest: Manifest, store: Store):
     settings = LearnSettings(predictors=tuple(learn.predictors), targets=tuple(learn.targets), seeds=learn.seeds,
                              epochs=learn.epochs, batch_size=learn.batch_size, learning_rate=learn.learning_rate,
                              tuning_budget=learn.tuning_budget, selection_seeds=learn.selection_seeds,
-                             min_epochs=learn.min_epochs, smooth_epochs=learn.smooth_epochs, split=learn.split)
+                             min_epochs=learn.min_epochs, smooth_epochs=learn.smooth_epochs, split=learn.split,
+                             search={p: {k: tuple(v) for k, v in fields.items()} for p, fields in learn.search.items()})
+    for predictor, fields in settings.search.items():
+        space_for(predictor, fields)  # a bad field or choice is refused before anything trains
     name = manifest.population.name
     return store.local_path(f"published/{name}"), store.local_write_dir(f"learn/{name}"), settings
 

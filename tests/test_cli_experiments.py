@@ -63,3 +63,25 @@ def test_experiment_transfer_tests_on_the_other_population(run_cli, tmp_path):
     assert "## Main table" in report and "## Transfer: trained on tiny-shapes, tested on tiny-shapes and on tiny-shapes-continued" in report
     assert "| tiny-shapes test | tiny-shapes-continued test |" in report
     assert (learn / "figures" / "transfer-tiny-shapes-tiny-shapes-continued.png").is_file()
+
+
+def test_a_manifests_widened_search_reaches_the_rank_experiments_selection(run_cli, tmp_path):
+    """`learn.search` widens GL-net's space for `lol experiment ranks` (here: configs chosen on a held-out rank);
+    a field GL-net does not have is refused before anything trains, with the fields it does have."""
+    factors, rows = gl_population([1, 2, 4], 40, seed=0)
+    write_published(tmp_path / "store" / "published" / "tiny-shapes-ranks", factors, rows, NORM)
+    ranks = ["--train-rank", "1", "--train-rank", "2", "--test-rank", "4", "--select-on-rank", "2"]
+    code, out, err = run_cli("experiment", "ranks", RANKS, *FAST, "learn.predictors=[glnet]", "learn.seeds=1",
+                             "learn.search={glnet: {sclae_free: [true]}}", "--store", tmp_path / "store", *ranks)
+    assert code != 0 and "'sclae_free' is neither a config field of glnet" in err and "scale_free" in err
+    assert not (tmp_path / "store" / "learn" / "tiny-shapes-ranks").exists()
+    code, out, err = run_cli("experiment", "ranks", RANKS, *FAST, "learn.predictors=[glnet]", "learn.seeds=1",
+                             "learn.search={glnet: {scale_free: [true], spectral_filters: [[1, 2]]}}",
+                             "--store", tmp_path / "store", *ranks)
+    assert code == 0, err
+    results = json.loads(next((tmp_path / "store" / "learn" / "tiny-shapes-ranks" / "ranks").glob(
+        "*/rank_generalisation.json")).read_text())
+    assert results["settings"]["search"] == {"glnet": {"scale_free": [True], "spectral_filters": [[1, 2]]}}
+    trials = results["tasks"]["clip_score.clip_score"]["predictors"]["glnet"]["selection"]["trials"]
+    assert [t["candidate"]["model"].get("scale_free") for t in trials] == [None, True]
+    assert trials[1]["candidate"]["model"]["spectral_filters"] == [1, 2]

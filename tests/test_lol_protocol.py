@@ -170,6 +170,49 @@ def test_an_interrupted_train_goes_on_where_it_stopped(published, tmp_path, monk
         "regression": {"head_norm": True}, "multilabel": {"head_norm": True}}))
     train_all(published, dataclasses.replace(settings, epochs=4), tmp_path)
     assert sorted(trained) == [("glnet", "attributes"), ("glnet", "clip_score.clip_score")]
+    trained.clear()  # a widened search with a budget of one config tries the same (default) config: nothing retrains
+    train_all(published, dataclasses.replace(settings, epochs=4, search={"glnet": {"scale_free": (False, True)}}), tmp_path)
+    assert trained == []
+
+
+def test_a_widened_search_draws_its_configs_for_that_predictor_only(published):
+    """`learn.search` adds fields to one predictor's space: its tuning pool and selection draw them, the budget and
+    every other predictor's pool stay as they were."""
+    import dataclasses
+
+    from lol_models.protocol import tuning_pool
+    from lol_models.tasks import load_splits
+    from lol_models.train import LabeledLoras
+
+    wide = dataclasses.replace(SETTINGS, tuning_budget=6, search={"glnet": {"scale_free": (True,), "spectral_filters": ((1, 2),)}})
+    plain = dataclasses.replace(SETTINGS, tuning_budget=6)
+    configs = [c["model"] for c in tuning_pool("glnet", "regression", wide)["configs"]]
+    assert len(configs) == 6 and not configs[0]["scale_free"] and configs[0]["spectral_filters"] == ()  # the defaults first
+    assert all(c["scale_free"] and c["spectral_filters"] == (1, 2) for c in configs[1:])
+    assert not any(c["model"]["scale_free"] for c in tuning_pool("glnet", "regression", plain)["configs"])
+    assert tuning_pool("mlp", "regression", wide) == tuning_pool("mlp", "regression", plain)
+    splits = load_splits(published)
+    train, validation = (LabeledLoras(splits[s].weights, splits[s].targets(["clip_score.clip_score"]))
+                         for s in ("train", "validation"))
+    selection = select_config("glnet", "regression", train, validation,
+                              dataclasses.replace(wide, tuning_budget=2, epochs=2, min_epochs=1, smooth_epochs=1))
+    assert [t["candidate"]["model"].get("scale_free") for t in selection.trials] == [None, True]
+
+
+@pytest.mark.parametrize(("search", "message"), [
+    ({"glnet": {"sclae_free": [True]}}, "'sclae_free' is neither a config field of glnet"),
+    ({"glnet": {"spectral_filters": [[0.5]]}}, r"spectral_filters: the choice \(0.5,\) is not valid: .*powers p ≥ 1"),
+    ({"glnet": {"scale_free": []}}, "non-empty list of choices"),
+    ({"glnet": {"dropout": [0.1, 0.1]}}, "choices repeat"),
+    ({"mlp": {"lr": [-1.0]}}, r"lr: \[-1.0\] not valid; give numbers ≥ 0"),
+])
+def test_a_bad_widened_search_is_refused_with_what_is_valid(search, message):
+    from lol_models.common import SettingsError
+    from lol_models.registry import space_for
+
+    (predictor, fields), = search.items()
+    with pytest.raises(SettingsError, match=message):
+        space_for(predictor, fields)
 
 
 def test_a_budget_larger_than_one_predictors_space_is_that_units_error(published, tmp_path, monkeypatch):
