@@ -33,6 +33,7 @@ from lol_models.data import published_fingerprint, read_layout, read_rows, split
 from lol_models.parallel import run_units
 from lol_models.predictors import PREDICTORS_DIR, remove_saved, save_predictor, saved_stem
 from lol_models.protocol import tune_and_train, tuning_pool
+from lol_models.registry import MODELS
 from lol_models.tasks import (
     MAIN_METRIC,
     SECOND_METRIC,
@@ -82,7 +83,8 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
             finished(i, _train_unit(context, out_dir, *units[i]))
     else:
         run_units([(out_dir, *units[i]) for i in todo], _train_unit_in_worker, workers, _start_worker,
-                  (published, settings), lambda k, path: finished(todo[k], path))
+                  (published, settings), lambda k, path: finished(todo[k], path),
+                  costs=[MODELS[units[i][1]].unit_cost for i in todo])
     return [written[i] for i in range(len(units))]
 
 

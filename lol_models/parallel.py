@@ -15,13 +15,25 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
-__all__ = ["run_units"]
+__all__ = ["run_units", "submission_order"]
+
+
+def submission_order(costs: Sequence[float] | None, n: int) -> list[int]:
+    """Unit indices, dearest first (ties, and `costs` None: as given)."""
+    if costs is None:
+        return list(range(n))
+    if len(costs) != n:
+        raise ValueError(f"{len(costs)} costs for {n} units")
+    return sorted(range(n), key=lambda i: -costs[i])
 
 
 def run_units(units: Sequence[tuple[Any, ...]], unit: Callable[..., Any], workers: int,
               initializer: Callable[..., None], initargs: tuple[Any, ...],
-              finished: Callable[[int, Any], None]) -> None:
+              finished: Callable[[int, Any], None], costs: Sequence[float] | None = None) -> None:
     """Call `unit(*units[i])` for every i in `workers` spawned processes; `finished(i, result)` as each ends.
+
+    costs: each unit's expected relative time; the dearest start first (longest-processing-time order), so
+    the last unit left running, alone on its share of the cores, is a cheap one (None: in the given order).
 
     `unit` and `initializer` must be module-level functions (spawned workers import them). The first
     failing unit cancels those not started and re-raises.
@@ -30,7 +42,7 @@ def run_units(units: Sequence[tuple[Any, ...]], unit: Callable[..., Any], worker
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
                              initargs=(*initargs, threads)) as pool:
-        futures = {pool.submit(unit, *args): i for i, args in enumerate(units)}
+        futures = {pool.submit(unit, *units[i]): i for i in submission_order(costs, len(units))}
         try:
             for future in as_completed(futures):
                 finished(futures[future], future.result())

@@ -44,6 +44,7 @@ class ModelSpec:
     help: str
     search: SearchSpace  # what the tuning budget draws from
     task_defaults: Mapping[str, Mapping[str, Any]]  # task kind → config overrides (before the search's)
+    unit_cost: float = 1.0  # relative time of one protocol unit (selection + final seeds); parallel runs start the dearest first
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -51,7 +52,7 @@ MODELS: dict[str, ModelSpec] = {}
 
 def register_model(name: str, config_cls: type, build: Callable[[Layout, int, Any], LoLModel], *,
                    symmetry: str, help: str, search: SearchSpace = SearchSpace(),
-                   task_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                   task_defaults: Mapping[str, Mapping[str, Any]] | None = None, unit_cost: float = 1.0) -> None:
     if name in MODELS:
         raise ValueError(f"model {name!r} is already registered")
     for key, choices in search.model.items():  # every choice names a field and is a valid value
@@ -59,27 +60,34 @@ def register_model(name: str, config_cls: type, build: Callable[[Layout, int, An
             coerce_config(config_cls, {key: choice}, model=name)
     for fields in (task_defaults or {}).values():
         coerce_config(config_cls, dict(fields), model=name)
-    MODELS[name] = ModelSpec(name, config_cls, build, symmetry, help, search, dict(task_defaults or {}))
+    MODELS[name] = ModelSpec(name, config_cls, build, symmetry, help, search, dict(task_defaults or {}), unit_cost)
 
 
 # Training settings every predictor's space shares (the learn settings' values are the defaults' candidate).
 TRAIN_SPACE = {"lr": (3e-4, 1e-3, 3e-3), "weight_decay": (1e-3, 1e-2, 1e-1)}
 MLP_SPACE = {"hidden": ((64, 64), (128,), (32, 32), (128, 128)), "dropout": (0.0, 0.1, 0.3)}
+# unit_cost: hundreds of seconds per unit on one core, the middle of what tiny-shapes at 1,000 LoRAs measured (docs/results.md):
+# MLP+Dense 752–853 s, GL-net 833–839 s, Transformer 338–375 s, glnet_paper 125–341 s, the MLPs 99–319 s.
 
 register_model("mlp", MLPConfig, build_mlp, symmetry="none", help="MLP on flattened U, V",
-               search=SearchSpace(MLP_SPACE, TRAIN_SPACE))
+               search=SearchSpace(MLP_SPACE, TRAIN_SPACE),
+               unit_cost=2)
 register_model("mlp_svd", SVDConfig, build_mlp_svd, symmetry="GL(r)",
                help="MLP on the singular values of each U Vᵀ (QR, never n×m)",
-               search=SearchSpace({**MLP_SPACE, "log": (False, True)}, TRAIN_SPACE))
+               search=SearchSpace({**MLP_SPACE, "log": (False, True)}, TRAIN_SPACE),
+               unit_cost=2)
 register_model("mlp_oalign", OAlignConfig, build_mlp_oalign, symmetry="O(r)",
                help="MLP on factors Procrustes-aligned to a seeded random template",
-               search=SearchSpace(MLP_SPACE, TRAIN_SPACE))
+               search=SearchSpace(MLP_SPACE, TRAIN_SPACE),
+               unit_cost=2)
 register_model("mlp_dense", DenseConfig, build_mlp_dense, symmetry="GL(r)",
                help="MLP on flattened U Vᵀ (n·m per layer, budgeted)",
-               search=SearchSpace(MLP_SPACE, TRAIN_SPACE))
+               search=SearchSpace(MLP_SPACE, TRAIN_SPACE),
+               unit_cost=8)
 register_model("transformer", TransformerConfig, LayerTransformer, symmetry="GL(r) with token='svd', else none",
                help="one token per layer, TransformerEncoder, mean pool",
-               search=SearchSpace({"d_model": (16, 32, 64), "num_layers": (1, 2, 3), "dropout": (0.0, 0.1)}, TRAIN_SPACE))
+               search=SearchSpace({"d_model": (16, 32, 64), "num_layers": (1, 2, 3), "dropout": (0.0, 0.1)}, TRAIN_SPACE),
+               unit_cost=3.5)
 register_model("glnet", GLNetConfig, GLNet, symmetry="GL(r)",
                help="GL-equivariant linear layers, invariant row gates, invariant head",
                search=SearchSpace({"hidden": ((16, 16), (16,), (32,), (32, 32)), "head": ((64,), (128,), (64, 64)),
@@ -93,12 +101,14 @@ register_model("glnet", GLNetConfig, GLNet, symmetry="GL(r)",
                # candidate: the first config is this head; the other 7 draw the space's fields as before and keep
                # quadratic_readout off (not in the space).
                task_defaults={"multilabel": {"hidden": (32,), "head": (128,), "head_norm": True, "normalize_input": True,
-                                             "spectral_moments": 0, "quadratic_readout": False}})
+                                             "spectral_moments": 0, "quadratic_readout": False}},
+               unit_cost=8.4)
 register_model("glnet_paper", GLNetPaperConfig, GLNetPaper, symmetry="GL(r)",
                help="the authors' GL-net: one equivariant linear layer, P_i = W₁ΔW_iW₂ᵀ, "
                     "Linear → LayerNorm → ReLU → Linear head",
                search=SearchSpace({"hidden": (8, 16, 32), "head": (32, 64, 128)}, TRAIN_SPACE),
-               task_defaults={"regression": {"readout": "mean"}, "multilabel": {"readout": "full"}})
+               task_defaults={"regression": {"readout": "mean"}, "multilabel": {"readout": "full"}},
+               unit_cost=2.5)
 
 
 assert tuple(MODELS) == PREDICTORS, "lol_models/names.py lists the built-in predictors, in registration order"

@@ -27,7 +27,7 @@ from lol_models.bootstrap import bootstrap_table
 from lol_models.data import LoraDataset, PulledDataError
 from lol_models.parallel import run_units
 from lol_models.protocol import select_config, train_config
-from lol_models.registry import config_for
+from lol_models.registry import MODELS, config_for
 from lol_models.search import Candidate
 from lol_models.tasks import MAIN_METRIC, SECOND_METRIC, LearnSettings, Task, predictor_order
 from lol_models.train import LabeledLoras, evaluate, fit, predict
@@ -144,7 +144,8 @@ def shift_experiment(tasks: Sequence[Task], sets: Mapping[str, Mapping[str, Labe
     if workers > 1 and len(units) > 1:
         if load_sets is None:
             raise ValueError("shift_experiment with workers > 1 needs load_sets, which builds the sets in each worker")
-        run_units([(*unit, settings) for unit in units], _unit_in_worker, workers, _start_worker, (load_sets,), finished)
+        run_units([(*unit, settings) for unit in units], _unit_in_worker, workers, _start_worker, (load_sets,), finished,
+                  costs=[MODELS[predictor].unit_cost for _, predictor, _ in units])
     else:
         for i, (task, predictor, config) in enumerate(units):
             finished(i, _unit(sets[task.name], task, predictor, config, settings))

@@ -137,6 +137,19 @@ def test_worker_processes_train_the_runs_one_process_trains(published, tmp_path,
         train_all(published, dataclasses.replace(settings, predictors=("mlp", "no_such_predictor")), tmp_path / "bad", workers=2)
 
 
+def test_parallel_units_start_dearest_first():
+    """Longest-processing-time order: GL-net and MLP+Dense units start before the MLPs, so the unit left running alone
+    at the end is a cheap one; equal costs keep their order."""
+    from lol_models.parallel import submission_order
+
+    predictors = ["mlp", "mlp_svd", "glnet", "transformer", "mlp_dense", "glnet_paper"]
+    order = submission_order([MODELS[p].unit_cost for p in predictors], len(predictors))
+    assert [predictors[i] for i in order] == ["glnet", "mlp_dense", "transformer", "glnet_paper", "mlp", "mlp_svd"]
+    assert submission_order(None, 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="2 costs for 3 units"):
+        submission_order([1.0, 2.0], 3)
+
+
 def test_an_interrupted_train_goes_on_where_it_stopped(published, tmp_path, monkeypatch):
     """Units already trained with the same settings on the same rows, every seed saved, are kept; a changed
     setting, a missing model file or `resume=False` trains them again."""
