@@ -82,6 +82,7 @@ def train_all(published: str | Path, settings: LearnSettings, out_dir: str | Pat
         for i in todo:
             finished(i, _train_unit(context, out_dir, *units[i]))
     else:
+        del context  # each worker loads its own; the parent's copy of the weights would only add to the peak
         run_units([(out_dir, *units[i]) for i in todo], _train_unit_in_worker, workers, _start_worker,
                   (published, settings), lambda k, path: finished(todo[k], path),
                   costs=[MODELS[units[i][1]].unit_cost for i in todo])

@@ -123,10 +123,28 @@ def test_worker_processes_train_the_runs_one_process_trains(published, tmp_path,
 
     import numpy as np
 
+    import gc
+    import weakref
+
+    import lol_models.experiments as experiments
+
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # one torch thread per worker, as this process has
     settings = dataclasses.replace(SETTINGS, predictors=("mlp", "glnet"), seeds=1, epochs=4, tuning_budget=2)
     alone = train_all(published, settings, tmp_path / "one")
-    seen = []
+    seen, loaded, load, run_units = [], [], experiments._UnitContext.load, experiments.run_units
+
+    def load_and_watch(*args):
+        context = load(*args)
+        loaded.extend(weakref.ref(split) for split in context.splits.values())
+        return context
+
+    def run_units_after_the_parent_let_go(*args, **kwargs):  # the workers load their own splits: the parent's are freed
+        gc.collect()
+        assert loaded and all(ref() is None for ref in loaded)
+        return run_units(*args, **kwargs)
+
+    monkeypatch.setattr(experiments._UnitContext, "load", load_and_watch)
+    monkeypatch.setattr(experiments, "run_units", run_units_after_the_parent_let_go)
     parallel = train_all(published, settings, tmp_path / "two", workers=2, on_run=lambda p, t: seen.append((p, t)))
     assert [p.name for p in parallel] == [p.name for p in alone] and len(alone) == 4 and len(seen) == 4
     for a, b in zip(alone, parallel):
