@@ -119,12 +119,11 @@ def test_worker_processes_train_the_runs_one_process_trains(published, tmp_path,
     """`train_all(workers=2)`: the same run files, the same choices, the same test predictions (up to
     float rounding), in the same order; a unit that fails in a worker fails the call."""
     import dataclasses
+    import gc
     import os
+    import weakref
 
     import numpy as np
-
-    import gc
-    import weakref
 
     import lol_models.experiments as experiments
 
