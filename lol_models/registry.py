@@ -9,6 +9,7 @@ task defaults (`config_for`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +30,10 @@ from lol_models.models import (
     build_mlp_svd,
 )
 from lol_models.names import PREDICTORS
-from lol_models.search import TRAIN_KEYS, SearchSpace
+from lol_models.search import TRAIN_DEFAULTS, TRAIN_KEYS, SearchSpace
 from lol_models.weights import Layout
 
-__all__ = ["MODELS", "ModelSpec", "available_models", "build_model", "config_for", "register_model", "space_for"]
+__all__ = ["MODELS", "ModelSpec", "available_models", "build_model", "check_search", "config_for", "register_model", "space_for"]
 
 
 @dataclass(frozen=True)
@@ -138,25 +139,25 @@ def config_for(name: str, task_kind: str, overrides: Mapping[str, Any] | None = 
 
 def space_for(name: str, extra: Mapping[str, Sequence[Any]] | None = None) -> SearchSpace:
     """`name`'s search space, widened by `extra` (config field or training setting → its choices), e.g. a
-    manifest's `learn.search`. A field of `extra` replaces the space's choices for it or adds it; every choice is
-    checked by building the config with it, so a bad field or value is refused here, before any training."""
+    manifest's `learn.search`. A field of `extra` replaces the space's choices for it or adds it. Each choice must
+    have its field's type (a tuple field takes lists, a bool field true/false, a number field numbers; YAML's
+    `1e-3`, read as text, is taken as the number) and build a valid config on its own; `check_search` then builds
+    every config a budget draws. The first config a budget tries is always the predictor's defaults."""
     spec = MODELS[name]  # KeyError for a name no manifest can give (they are checked against lol_models.names)
     model, train = dict(spec.search.model), dict(spec.search.train)
-    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    defaults = {f.name: f.default for f in dataclasses.fields(spec.config_cls)}
     for key, choices in (extra or {}).items():
-        if key not in fields and key not in TRAIN_KEYS:
-            raise SettingsError(f"learn.search.{name}: {key!r} is neither a config field of {name} ({sorted(fields)}) "
+        if key not in defaults and key not in TRAIN_KEYS:
+            raise SettingsError(f"learn.search.{name}: {key!r} is neither a config field of {name} ({sorted(defaults)}) "
                                 f"nor a training setting ({list(TRAIN_KEYS)})")
         if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence) or not choices:
             raise SettingsError(f"learn.search.{name}.{key}: give a non-empty list of choices, got {choices!r}")
-        values = tuple(_frozen(c) for c in choices)
-        if len(set(map(repr, values))) < len(values):
+        default = TRAIN_DEFAULTS[key] if key in TRAIN_KEYS else defaults[key]
+        values = tuple(None if c is None and key == "grad_clip" else _typed_choice(f"learn.search.{name}.{key}", default, _frozen(c))
+                       for c in choices)  # grad_clip None: no clipping
+        if len(set(values)) < len(values):
             raise SettingsError(f"learn.search.{name}.{key}: choices repeat, got {list(choices)!r}")
         if key in TRAIN_KEYS:
-            bad = [v for v in values if not _valid_train_value(key, v)]
-            if bad:
-                raise SettingsError(f"learn.search.{name}.{key}: {bad!r} not valid; give "
-                                    + ("positive integers" if key == "batch_size" else "numbers ≥ 0"))
             train[key] = values
             continue
         for value in values:
@@ -168,10 +169,52 @@ def space_for(name: str, extra: Mapping[str, Sequence[Any]] | None = None) -> Se
     return SearchSpace(model, train)
 
 
-def _valid_train_value(key: str, value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return isinstance(value, int) and value >= 1 if key == "batch_size" else value >= 0
+def _typed_choice(owner: str, default: Any, value: Any) -> Any:
+    """`value` as a field whose default is `default` holds it, or SettingsError saying what the field takes."""
+    def refuse(wanted: str) -> SettingsError:
+        return SettingsError(f"{owner}: {value!r} is not valid; the field takes {wanted} (its default is {default!r})")
+
+    if value is None and default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise refuse("true or false")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                raise refuse("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise refuse("a finite number")
+        if isinstance(default, int) and not isinstance(default, bool):
+            if float(value) != int(value):
+                raise refuse("a whole number")
+            return int(value)
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, tuple):
+            raise refuse("a list, e.g. [64, 64] (one choice) — the choices are a list of lists")
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        raise refuse("text")
+    return value
+
+
+def check_search(settings_search: Mapping[str, Mapping[str, Sequence[Any]]], budget: int,
+                 build_pool: Callable[[str, str], Any]) -> None:
+    """Refuse a bad `learn.search` before anything trains: every named predictor's widened space, then the whole pool
+    of configs a budget draws from it for each task kind (`build_pool(predictor, kind)`, e.g. protocol.tuning_pool),
+    so a choice that clashes with another field or a task default, or a space too small for the budget, is caught."""
+    for predictor, fields in settings_search.items():
+        space_for(predictor, fields)
+        for kind in ("regression", "multilabel"):
+            try:
+                build_pool(predictor, kind)
+            except SettingsError as exc:
+                raise SettingsError(f"learn.search.{predictor}: a config the tuning budget ({budget}) draws for "
+                                    f"{kind} tasks is not valid: {exc}") from exc
 
 
 def _frozen(value: Any) -> Any:

@@ -23,6 +23,9 @@ from lol_models.common import SettingsError
 __all__ = ["Candidate", "SearchSpace", "candidates"]
 
 TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "grad_clip")
+# their types, as lol_models.train.TrainConfig's defaults (grad_clip may also be None: no clipping);
+# tests/test_lol_protocol.py checks they agree
+TRAIN_DEFAULTS = {"lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64, "grad_clip": 1.0}
 
 
 @dataclass(frozen=True)

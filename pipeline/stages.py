@@ -9,7 +9,7 @@ import contextlib
 from enum import Enum
 from pathlib import Path
 
-from pipeline.manifest import Manifest
+from pipeline.manifest import MAX_BATCH, Manifest
 from storage import PopulationStore, StatusReport, Store, StoreError
 
 
@@ -110,7 +110,9 @@ def publish(manifest: Manifest, store: Store, push: bool | None = None, trust_re
 
 def learn_target(manifest: Manifest, store: Store):
     """(published folder, output folder, LearnSettings) of a population's learn stage."""
-    from lol_models.registry import space_for
+    from lol_models.common import SettingsError
+    from lol_models.protocol import tuning_pool
+    from lol_models.registry import check_search
     from lol_models.tasks import LearnSettings
 
     if not store.is_local:
@@ -122,8 +124,11 @@ def learn_target(manifest: Manifest, store: Store):
                              tuning_budget=learn.tuning_budget, selection_seeds=learn.selection_seeds,
                              min_epochs=learn.min_epochs, smooth_epochs=learn.smooth_epochs, split=learn.split,
                              search={p: {k: tuple(v) for k, v in fields.items()} for p, fields in learn.search.items()})
+    check_search(settings.search, settings.tuning_budget, lambda p, kind: tuning_pool(p, kind, settings))  # before training
     for predictor, fields in settings.search.items():
-        space_for(predictor, fields)  # a bad field or choice is refused before anything trains
+        if any(b > MAX_BATCH for b in fields.get("batch_size", ()) if isinstance(b, int)):
+            raise SettingsError(f"learn.search.{predictor}.batch_size: at most {MAX_BATCH:,} LoRAs per batch, "
+                                f"got {list(fields['batch_size'])}")
     name = manifest.population.name
     return store.local_path(f"published/{name}"), store.local_write_dir(f"learn/{name}"), settings
 

@@ -74,6 +74,9 @@ def test_a_manifests_widened_search_reaches_the_rank_experiments_selection(run_c
     code, out, err = run_cli("experiment", "ranks", RANKS, *FAST, "learn.predictors=[glnet]", "learn.seeds=1",
                              "learn.search={glnet: {sclae_free: [true]}}", "--store", tmp_path / "store", *ranks)
     assert code != 0 and "'sclae_free' is neither a config field of glnet" in err and "scale_free" in err
+    code, out, err = run_cli("experiment", "ranks", RANKS, *FAST, "learn.search={mlp: {batch_size: [100000]}}",
+                             "--store", tmp_path / "store", *ranks)
+    assert code != 0 and "learn.search.mlp.batch_size: at most 4,096 LoRAs per batch" in err
     assert not (tmp_path / "store" / "learn" / "tiny-shapes-ranks").exists()
     code, out, err = run_cli("experiment", "ranks", RANKS, *FAST, "learn.predictors=[glnet]", "learn.seeds=1",
                              "learn.search={glnet: {scale_free: [true], spectral_filters: [[1, 2]]}}",

@@ -234,15 +234,40 @@ def test_a_widened_search_draws_its_configs_for_that_predictor_only(published):
     ({"glnet": {"spectral_filters": [[0.5]]}}, r"spectral_filters: the choice \(0.5,\) is not valid: .*powers p ≥ 1"),
     ({"glnet": {"scale_free": []}}, "non-empty list of choices"),
     ({"glnet": {"dropout": [0.1, 0.1]}}, "choices repeat"),
-    ({"mlp": {"lr": [-1.0]}}, r"lr: \[-1.0\] not valid; give numbers ≥ 0"),
+    ({"glnet": {"dropout": [0, 0.0]}}, "choices repeat"),  # the same number, written twice
+    ({"glnet": {"scale_free": ["false"]}}, "'false' is not valid; the field takes true or false"),
+    ({"mlp": {"hidden": [64, 128]}}, r"64 is not valid; the field takes a list, e.g. \[64, 64\]"),
+    ({"glnet": {"head": [64]}}, "the field takes a list"),
+    ({"mlp": {"lr": [-1.0]}}, r"lr must be > 0"),
+    ({"mlp": {"lr": [0]}}, r"lr must be > 0"),
+    ({"mlp": {"lr": [float("inf")]}}, "takes a finite number"),
+    ({"mlp": {"lr": ["fast"]}}, "'fast' is not valid; the field takes a number"),
+    ({"mlp": {"batch_size": [0]}}, "batch_size must be ≥ 1"),
+    ({"mlp": {"batch_size": [12.5]}}, "takes a whole number"),
+    ({"transformer": {"nhead": [32]}}, "nhead"),  # clashes with every d_model of the space
+    ({"glnet": {"dropout": [0.0], "hidden": [[16]], "head": [[64]], "spectral_moments": [0], "head_norm": [False],
+                "normalize_input": [False], "lr": [1e-3], "weight_decay": [1e-2]}}, "cannot fill a budget of 8"),
 ])
-def test_a_bad_widened_search_is_refused_with_what_is_valid(search, message):
+def test_a_bad_widened_search_is_refused_before_training_with_what_is_valid(search, message):
     from lol_models.common import SettingsError
-    from lol_models.registry import space_for
+    from lol_models.protocol import tuning_pool
+    from lol_models.registry import check_search
 
-    (predictor, fields), = search.items()
+    settings = LearnSettings(search=search)
     with pytest.raises(SettingsError, match=message):
-        space_for(predictor, fields)
+        check_search(search, settings.tuning_budget, lambda p, kind: tuning_pool(p, kind, settings))
+
+
+def test_a_widened_search_takes_yaml_values_as_its_fields_hold_them():
+    """YAML's 1e-3 (text), ints for float fields and grad_clip null become what the configs hold."""
+    from lol_models.registry import space_for
+    from lol_models.search import TRAIN_DEFAULTS
+    from lol_models.train import TrainConfig
+
+    assert TRAIN_DEFAULTS == {k: getattr(TrainConfig(task="regression"), k) for k in TRAIN_DEFAULTS}
+    space = space_for("mlp", {"lr": ["1e-3", 3e-3], "weight_decay": [0], "grad_clip": [None, 1], "batch_size": [32.0]})
+    assert space.train == {"lr": (1e-3, 3e-3), "weight_decay": (0.0,), "grad_clip": (None, 1.0), "batch_size": (32,)}
+    assert space_for("glnet", {"spectral_filters": [[], [1, 2]]}).model["spectral_filters"] == ((), (1, 2))
 
 
 def test_a_budget_larger_than_one_predictors_space_is_that_units_error(published, tmp_path, monkeypatch):
