@@ -22,6 +22,8 @@ def test_experiment_ranks_trains_on_seen_ranks_and_reports_unseen(run_cli, tmp_p
                              "--train-rank", "1", "--train-rank", "2", "--test-rank", "4")
     assert code == 0, err
     assert "train [1, 2], test [4]" in out and "glnet" in out and "unseen" in out
+    done = [line for line in err.splitlines() if " done (" in line]  # not a terminal: one timestamped line per unit
+    assert len(done) == 4 and "glnet on attributes done" in err and "done (4 unit(s), " in done[-1]
     ranks = tmp_path / "store" / "learn" / "tiny-shapes-ranks" / "ranks"
     results = json.loads((ranks / "train-1-2_test-4" / "rank_generalisation.json").read_text())
     assert results["train_ranks"] == [1, 2] and results["test_ranks"] == [4] and results["select_on_rank"] is None
@@ -54,10 +56,12 @@ def test_experiment_transfer_tests_on_the_other_population(run_cli, tmp_path):
     assert code == 0, err
     assert "tiny-shapes → tiny-shapes-continued" in out and "b_test" in out
     assert (tmp_path / "store" / "learn" / "tiny-shapes-continued" / "transfer-from-tiny-shapes" / "transfer.json").is_file()
+    assert "done (4 unit(s), " in err  # units finished in workers are reported too
     # the report of the source population shows the experiment beside its main table
     for command in ("train", "report"):
         code, out, err = run_cli(command, SHAPES, *FAST, "--store", tmp_path / "store")
         assert code == 0, err
+        assert command != "train" or ("glnet on clip_score.clip_score done" in err and "done (4 unit(s), " in err)
     learn = tmp_path / "store" / "learn" / "tiny-shapes"
     report = (learn / "report.md").read_text()
     assert "## Main table" in report and "## Transfer: trained on tiny-shapes, tested on tiny-shapes and on tiny-shapes-continued" in report

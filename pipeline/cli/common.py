@@ -6,6 +6,9 @@ entry points) parse, call one library function and render what it returns.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -36,6 +39,28 @@ def progress_bar() -> Progress:
     terminal (a log file or a pipe gets no bar and no blank line where the bar was)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=True, disable=not err.is_terminal)
+
+
+@contextlib.contextmanager
+def units_progress(description: str) -> Iterator[Callable[[str, str], None]]:
+    """An `on_run(predictor, task)` callback for the learn commands: on a terminal a transient bar counting the
+    finished predictor × task units; in a log or a pipe one timestamped line per unit, so a run in the
+    background shows how far it is (a unit can take many minutes)."""
+    started = time.monotonic()
+    with progress_bar() as progress:
+        task = progress.add_task(description, total=None)
+        done = 0
+
+        def on_run(predictor: str, name: str) -> None:
+            nonlocal done
+            done += 1
+            progress.update(task, description=f"{predictor} on {name} done", advance=1)
+            if not err.is_terminal:
+                minutes = (time.monotonic() - started) / 60
+                err.print(f"{time.strftime('%H:%M:%S')} {predictor} on {name} done ({done} unit(s), {minutes:.1f} min)",
+                          highlight=False)
+
+        yield on_run
 
 
 def report_missing_artefacts(manifest: Manifest) -> bool:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import ManifestArg, OverridesArg, StoreOpt, load, out
+from pipeline.cli.common import ManifestArg, OverridesArg, StoreOpt, load, out, units_progress
 from storage import Store
 
 experiment_app = typer.Typer(help="LoL experiments beyond the main table: rank generalisation, transfer, speed.",
@@ -52,8 +52,9 @@ def experiment_ranks(
     published, learn_dir, settings = learn_target(load(manifest, overrides), Store(store, create=False))
     train, test = split_ranks(published_ranks(published), train_rank, test_rank)  # the defaults resolved: one folder per setting
     out_dir = Path(learn_dir) / "ranks" / setting_name(train, test, select_on_rank)
-    result = rank_generalisation(published, settings, out_dir, train, test, select_on_rank=select_on_rank,
-                                 workers=workers)
+    with units_progress(f"rank generalisation: train {train}, test {test}") as on_run:
+        result = rank_generalisation(published, settings, out_dir, train, test, select_on_rank=select_on_rank,
+                                     workers=workers, on_run=on_run)
     out.print(_shift_table(f"rank generalisation: train {result.train_ranks}, test {result.test_ranks}", result.tasks, ("seen", "unseen")))
     out.print(f"results: {result.results_path}; figure: {result.figure_path}")
     return 0
@@ -77,8 +78,10 @@ def experiment_transfer(
     source_manifest, target_manifest = load(manifest, overrides), load(to, overrides)
     published_a, _, settings = learn_target(source_manifest, target)
     published_b, learn_b, _ = learn_target(target_manifest, target)
-    result = train_on_a_test_on_b(published_a, published_b, settings,
-                                  Path(learn_b) / f"transfer-from-{source_manifest.population.name}", workers=workers)
+    with units_progress(f"transfer: {source_manifest.population.name} → {target_manifest.population.name}") as on_run:
+        result = train_on_a_test_on_b(published_a, published_b, settings,
+                                      Path(learn_b) / f"transfer-from-{source_manifest.population.name}", workers=workers,
+                                      on_run=on_run)
     out.print(_shift_table(f"transfer: {source_manifest.population.name} → {target_manifest.population.name}",
                            result.tasks, ("a_test", "b_test")))
     for task, why in result.skipped_tasks.items():

@@ -18,6 +18,7 @@ from pipeline.cli.common import (
     out,
     progress_bar,
     report_missing_artefacts,
+    units_progress,
 )
 from pipeline.manifest import Manifest
 from storage import Store
@@ -175,10 +176,8 @@ def train_command(
     loaded = load(manifest, overrides)
     target = Store(store)
     published, out_dir, settings = learn_target(loaded, target)
-    with progress_bar() as progress:
-        task = progress.add_task(f"training predictors on {loaded.population.name}", total=None)
-        written = train(loaded, target, workers=workers, resume=not fresh,
-                        on_run=lambda predictor, name: progress.update(task, description=f"{predictor} on {name} done", advance=1))
+    with units_progress(f"training predictors on {loaded.population.name}") as on_run:
+        written = train(loaded, target, workers=workers, resume=not fresh, on_run=on_run)
     out.print(f"trained {len(written)} predictor × task runs ({settings.seeds} seed(s) each) into {out_dir}/runs")
     return 0
 
