@@ -46,6 +46,23 @@ def use_api(api_url: str | None) -> None:
         os.environ["PREFECT_API_URL"] = api_url
     else:  # before prefect is imported in this process (flows.population is imported after this)
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_S)
+        exit_on_sigterm()
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM → SystemExit(143) in this (main) thread, so exit handlers run: Prefect stops its temporary API
+    server in one. With the default action the process died at once and left that server running, holding the
+    command's stdout open (a pipe reading the command never saw its end). Inside a flow Prefect's own handler
+    comes first (the flow ends as Crashed, its worker processes are terminated), then re-sends the signal here."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals cannot be set here
+        pass
 
 
 def run(manifest: str, overrides: list[str], store: str | None, api_url: str | None = None,

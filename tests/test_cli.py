@@ -151,3 +151,50 @@ def test_run_with_two_workers_in_ephemeral_mode_uses_one_api(tmp_path, random_sd
     population = Store(str(tmp_path / "store")).population("tiny-shapes")
     workers = {population.record(job.job_id)["metrics"]["worker"] for job in expand(manifest)}
     assert len(workers) == 2, workers
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_with_workers_at_once_and_a_rerun_finishes(tmp_path, random_sd):
+    """SIGTERM to `lol run --workers 2` stops it within seconds: its worker processes are terminated, not left to
+    train the cohorts already handed to them (before the fix: three more cohorts of 16 after the signal). The
+    rerun, once the dead workers' claims expire, trains exactly the rest; the store then verifies."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "LOL_STORE": str(tmp_path / "store"),
+           "LOL_CLAIM_LEASE_S": "6"}
+    env.pop("PREFECT_API_URL", None)
+    lol = str(Path(sys.executable).with_name("lol"))
+    population = [str(TINY), f"base.ref={random_sd}", "count=96", "hyperparameters.steps=4", "hyperparameters.batch_size=1",
+                  "data.subsets.num_groups=8", "execution.cohort_size=8", "scorers=[]"]
+    args = [lol, "run", *population, "--stage", "finetune", "--workers", "2"]
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    records = tmp_path / "store" / "populations" / "tiny-shapes" / "jobs"
+
+    def done() -> int:
+        return len(list(records.glob("*/record.json"))) if records.is_dir() else 0
+
+    deadline = time.monotonic() + 300
+    while done() == 0 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run.poll() is None and done() > 0, "the run ended or trained nothing in 5 min"
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    at_signal = done()
+    signalled = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    logs, _ = run.communicate(timeout=120)
+    stopped_after = time.monotonic() - signalled
+    assert run.returncode != 0 and stopped_after < 60, (stopped_after, logs[-2000:])
+    assert len(workers) == 2 and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+    # at most the cohort each worker was committing at that moment, never the cohorts queued behind them
+    assert done() <= at_signal + 2 * 8 < 96, (at_signal, done())
+    time.sleep(7)  # one lease: the terminated workers' claims expire
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert done() == 96
+    verify = subprocess.run([lol, "verify", *population],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
