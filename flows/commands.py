@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.runtime import sigterm_exits
 from storage.errors import DomainError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,23 +47,6 @@ def use_api(api_url: str | None) -> None:
         os.environ["PREFECT_API_URL"] = api_url
     else:  # before prefect is imported in this process (flows.population is imported after this)
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_S)
-        exit_on_sigterm()
-
-
-def exit_on_sigterm() -> None:
-    """SIGTERM → SystemExit(143) in this (main) thread, so exit handlers run: Prefect stops its temporary API
-    server in one. With the default action the process died at once and left that server running, holding the
-    command's stdout open (a pipe reading the command never saw its end). Inside a flow Prefect's own handler
-    comes first (the flow ends as Crashed, its worker processes are terminated), then re-sends the signal here."""
-    import signal
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: signals cannot be set here
-        pass
 
 
 def run(manifest: str, overrides: list[str], store: str | None, api_url: str | None = None,
@@ -73,7 +57,8 @@ def run(manifest: str, overrides: list[str], store: str | None, api_url: str | N
     use_api(api_url)
     from flows.population import run_population
 
-    return run_population(manifest, overrides, store, limit, stages=stages, workers=workers)
+    with sigterm_exits():  # then Prefect's temporary server is stopped by its exit handler, not orphaned
+        return run_population(manifest, overrides, store, limit, stages=stages, workers=workers)
 
 
 def check_work_pool(name: str) -> None:

@@ -36,7 +36,9 @@ def run_units(units: Sequence[tuple[Any, ...]], unit: Callable[..., Any], worker
     the last unit left running, alone on its share of the cores, is a cheap one (None: in the given order).
 
     `unit` and `initializer` must be module-level functions (spawned workers import them). The first
-    failing unit cancels those not started and re-raises.
+    failing unit cancels those not started and re-raises (units running on finish and are kept). An interrupt —
+    KeyboardInterrupt, or SystemExit from SIGTERM (`pipeline.runtime.sigterm_exits`) — terminates the workers at
+    once: a unit's files are written when it ends, so a stopped unit leaves nothing `lol train` would keep.
     """
     workers = max(1, min(workers, len(units)))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -46,6 +48,9 @@ def run_units(units: Sequence[tuple[Any, ...]], unit: Callable[..., Any], worker
         try:
             for future in as_completed(futures):
                 finished(futures[future], future.result())
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # SIGTERM (as SystemExit) or Ctrl-C: stop now, not after the running units
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.terminate()
             pool.shutdown(cancel_futures=True)
             raise

@@ -92,3 +92,37 @@ def test_a_manifests_widened_search_reaches_the_rank_experiments_selection(run_c
     trials = results["tasks"]["clip_score.clip_score"]["predictors"]["glnet"]["selection"]["trials"]
     assert [t["candidate"]["model"].get("scale_free") for t in trials] == [None, True]
     assert trials[1]["candidate"]["model"]["spectral_filters"] == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_lol_train_and_its_unit_workers(tmp_path):
+    """SIGTERM to `lol train --workers 2` ends it and terminates its worker processes; before, the parent died and
+    the workers trained on, orphaned, until their units ended (a GL-net unit: an hour on tiny-arc)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    factors, rows = gl_population([2], 120, seed=1)
+    write_published(tmp_path / "store" / "published" / "tiny-shapes", factors, rows, NORM)
+    lol = str(Path(sys.executable).with_name("lol"))
+    train = subprocess.Popen([lol, "train", str(SHAPES), "learn.predictors=[mlp, glnet]", "learn.epochs=5000",
+                              "learn.tuning_budget=1", "learn.seeds=1", "--store", str(tmp_path / "store"), "--workers", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    deadline, workers = time.monotonic() + 120, []
+    while len(workers) < 2 and train.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        workers = [p for p in psutil.Process(train.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2, "the workers did not start within 2 min"
+    time.sleep(5)  # inside their units (5,000 epochs: minutes)
+    signalled = time.monotonic()
+    train.send_signal(signal.SIGTERM)
+    logs, _ = train.communicate(timeout=60)
+    assert train.returncode == 143 and time.monotonic() - signalled < 30, logs[-2000:]
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"worker processes still running after SIGTERM: {alive}"
+    assert not list((tmp_path / "store" / "learn" / "tiny-shapes" / "runs").glob("*.json"))  # no unit half-written

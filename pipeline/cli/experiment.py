@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.common import ManifestArg, OverridesArg, StoreOpt, load, out, units_progress
+from pipeline.runtime import sigterm_exits
 from storage import Store
 
 experiment_app = typer.Typer(help="LoL experiments beyond the main table: rank generalisation, transfer, speed.",
@@ -52,7 +53,7 @@ def experiment_ranks(
     published, learn_dir, settings = learn_target(load(manifest, overrides), Store(store, create=False))
     train, test = split_ranks(published_ranks(published), train_rank, test_rank)  # the defaults resolved: one folder per setting
     out_dir = Path(learn_dir) / "ranks" / setting_name(train, test, select_on_rank)
-    with units_progress(f"rank generalisation: train {train}, test {test}") as on_run:
+    with sigterm_exits(), units_progress(f"rank generalisation: train {train}, test {test}") as on_run:
         result = rank_generalisation(published, settings, out_dir, train, test, select_on_rank=select_on_rank,
                                      workers=workers, on_run=on_run)
     out.print(_shift_table(f"rank generalisation: train {result.train_ranks}, test {result.test_ranks}", result.tasks, ("seen", "unseen")))
@@ -78,7 +79,7 @@ def experiment_transfer(
     source_manifest, target_manifest = load(manifest, overrides), load(to, overrides)
     published_a, _, settings = learn_target(source_manifest, target)
     published_b, learn_b, _ = learn_target(target_manifest, target)
-    with units_progress(f"transfer: {source_manifest.population.name} → {target_manifest.population.name}") as on_run:
+    with sigterm_exits(), units_progress(f"transfer: {source_manifest.population.name} → {target_manifest.population.name}") as on_run:
         result = train_on_a_test_on_b(published_a, published_b, settings,
                                       Path(learn_b) / f"transfer-from-{source_manifest.population.name}", workers=workers,
                                       on_run=on_run)

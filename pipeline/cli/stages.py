@@ -171,12 +171,13 @@ def train_command(
                                                         "settings on the same published rows (kept by default).")] = False,
 ) -> int:
     """Train every predictor of the manifest's `learn` section on every target, over seeds."""
+    from pipeline.runtime import sigterm_exits
     from pipeline.stages import learn_target, train
 
     loaded = load(manifest, overrides)
     target = Store(store)
     published, out_dir, settings = learn_target(loaded, target)
-    with units_progress(f"training predictors on {loaded.population.name}") as on_run:
+    with sigterm_exits(), units_progress(f"training predictors on {loaded.population.name}") as on_run:  # SIGTERM stops the workers too
         written = train(loaded, target, workers=workers, resume=not fresh, on_run=on_run)
     out.print(f"trained {len(written)} predictor × task runs ({settings.seeds} seed(s) each) into {out_dir}/runs")
     return 0
