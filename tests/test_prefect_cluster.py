@@ -131,13 +131,16 @@ def test_deploy_trigger_complete_then_survive_a_killed_worker(server, random_sd,
         assert (tmp_path / "store-a" / "published" / "tiny-shapes" / "README.md").is_file()
 
         # 2. SIGKILL the worker (and its flow-run process) in the middle of a population.
-        params = population_parameters(random_sd, tmp_path / "store-b", count=4, steps=12)
-        params["overrides"].append("execution.cohort_size=2")  # two cohorts: the kill lands between them
+        # Four cohorts of two: the kill lands after the first commit, with three cohorts (≥ 3 s of training on
+        # a fast CPU) still to run. CI once saw two cohorts of 12 steps finish 0.6 s apart, inside one 1 s poll.
+        params = population_parameters(random_sd, tmp_path / "store-b", count=8, steps=24)
+        params["overrides"].append("execution.cohort_size=2")
         manifest = Manifest.from_yaml(SHAPES, overrides=params["overrides"])
         population = Store(params["store"]).population("tiny-shapes")
         jobs = list(expand(manifest))
         trigger(env, params)
-        wait_for(lambda: sum(population.record(j.job_id) is not None for j in jobs) >= 1, 420, "the first LoRA of the second run")
+        wait_for(lambda: any(population.record(j.job_id) is not None for j in jobs), 420, "the first LoRA of the second run",
+                 every_s=0.1)
         kill_tree(worker)
     finally:
         if worker.poll() is None:
