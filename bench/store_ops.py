@@ -1,18 +1,19 @@
 """Store operations at scale (issue #19 item 4): `lol status`, `lol verify`, `lol publish --no-push`
-on a population of N stored records, on a local disk and on a loopback S3 (moto's server).
+on a population of N stored records, on a local disk and on a loopback S3 (SeaweedFS's or moto's server).
 
 Writes a store of N committed, scored LoRAs of manifests/tiny-shapes.yaml (`count=N`): random
 factors in the tiny diffusion UNet's layout (to_q/to_v, rank 4), committed with sealed records and
 scores through the library as the finetune and score stages leave them (fsync is skipped while the
 fixture store is written: it is the reads that are measured). The S3 store is the same folder
-uploaded to a bucket of moto's server on loopback (tests/s3_server.py), byte for byte.
+uploaded to a bucket of an S3 server on loopback (tests/s3_server.py: SeaweedFS by default, a real
+S3 server written in Go; or moto, Python, whose own CPU dominates its figures), byte for byte.
 
 Each command then runs in a fresh process; its wall seconds, CPU seconds (user + system) and
 peak RSS (`os.wait4`'s ru_maxrss) are recorded. Stores are written and uploaded in child
 processes too, so the measuring process stays small (a forked child's peak RSS counts its
 parent's pages from before `exec`).
 
-    python -m bench.store_ops WORK_DIR --local 10000 100000 --s3 10000
+    python -m bench.store_ops WORK_DIR --local 10000 100000 --s3 10000 [--s3-server seaweedfs|moto]
         → bench/results/store-ops-<timestamp>.json
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -160,6 +162,7 @@ def run_command(command: str, store_url: str, count: int, env: dict[str, str], c
         args.append("--no-push")
     with tempfile.TemporaryFile("w+") as log:
         server_before = _cpu_s(server_pid)
+        load = os.getloadavg()[0]  # other work on the machine inflates the wall time
         started = time.perf_counter()
         child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONPATH": str(code)}, cwd=code)
         _, status, usage = os.wait4(child.pid, 0)
@@ -170,7 +173,7 @@ def run_command(command: str, store_url: str, count: int, env: dict[str, str], c
         tail = log.read()[-800:]
     return {"code": str(code), "command": f"lol {command}" + (" --no-push" if command == "publish" else ""), "exit_status": child.returncode,
             "wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "load_avg_1min_before": round(load, 2),
             **({"server_cpu_s": round(server_after - server_before, 2)} if server_after is not None else {}),
             "output_tail": tail}
 
@@ -192,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.store_ops", description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="folder for the stores (needs ~45 kB per record)")
     parser.add_argument("--local", type=int, nargs="*", default=[10_000, 100_000], help="record counts on a local disk")
-    parser.add_argument("--s3", type=int, nargs="*", default=[10_000], help="record counts on moto's S3 on loopback")
+    parser.add_argument("--s3", type=int, nargs="*", default=[10_000], help="record counts on an S3 server on loopback")
+    parser.add_argument("--s3-server", choices=("seaweedfs", "moto"), default="seaweedfs",
+                        help="the S3 server started for --s3 (tests/s3_server.py); ignored with --endpoint")
     parser.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS))
     parser.add_argument("--endpoint", help="an S3 server already running (e.g. `python tests/s3_server.py PORT_FILE "
-                        "--no-serialise`) instead of a fresh moto server: a store uploaded to it by an earlier run "
+                        "--no-serialise`) instead of a fresh server: a store uploaded to it by an earlier run "
                         "is reused (uploading 10,000 records to moto takes ~20 min)")
     parser.add_argument("--endpoint-pid", type=int, help="the process id of --endpoint's server, to record its CPU seconds")
     parser.add_argument("--code", type=Path, nargs="+", default=[ROOT], help="run the commands from these source "
@@ -231,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         results += measure("local", str(folder), count, args.commands, {}, seconds, args.code)
     if args.s3:
         sys.path.insert(0, str(ROOT / "tests"))
-        from s3_server import ACCESS, SERVER_PIDS, moto_s3_server
+        from s3_server import ACCESS, SERVER_PIDS, moto_s3_server, seaweedfs_s3_server
 
         with contextlib.ExitStack() as stack:
-            # no claims race here: requests served as they come
-            endpoint = args.endpoint or stack.enter_context(moto_s3_server(serialise=False))
+            # no claims race here: moto serves requests as they come
+            start = seaweedfs_s3_server if args.s3_server == "seaweedfs" else functools.partial(moto_s3_server, serialise=False)
+            endpoint = args.endpoint or stack.enter_context(start())
+            where = f"s3 ({'an existing server' if args.endpoint else args.s3_server}, loopback)"
             env = {**ACCESS, "FSSPEC_S3_ENDPOINT_URL": endpoint}
             for count in args.s3:
                 folder, seconds = store_of(count)
@@ -244,12 +251,12 @@ def main(argv: list[str] | None = None) -> int:
                 if uploaded is None:
                     uploaded = _in_child("--upload", str(folder), url, env=env)
                     print(f"uploaded {count} records to {url} in {uploaded:.0f} s", flush=True)
-                results += measure("s3 (moto, loopback)", url, count, args.commands, env, uploaded, args.code,
+                results += measure(where, url, count, args.commands, env, uploaded, args.code,
                                    args.endpoint_pid or SERVER_PIDS.get(endpoint))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"store-ops-{time.strftime('%Y%m%dT%H%M%S')}.json"
     command = " ".join(["python -m bench.store_ops", "WORK", "--local", *map(str, args.local), "--s3", *map(str, args.s3),
-                        "--commands", *args.commands])
+                        "--s3-server", args.s3_server, "--commands", *args.commands])
     out.write_text(json.dumps({"benchmark": "store-ops", "command": command, "label": args.label,
                                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                            "python": platform.python_version()},

@@ -86,6 +86,8 @@ async def _list_s3(fs: Any, folders: list[str], page_size: int, concurrency: int
         finally:
             for part in parts:
                 part.cancel()  # a no-op on those done; stops the rest if one failed
-        return {k[len(prefix):]: size for k, size in found.items() if len(k) > len(prefix)}
+        # A key ending in "/" is a folder marker, not a file: the S3 console's "Create folder" writes one, and
+        # SeaweedFS lists an emptied folder as one.
+        return {k[len(prefix):]: size for k, size in found.items() if len(k) > len(prefix) and not k.endswith("/")}
 
     return list(await asyncio.gather(*(one_folder(folder) for folder in folders)))

