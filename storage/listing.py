@@ -35,6 +35,13 @@ def list_objects(fs: Any, folders: list[str], page_size: int = PAGE_SIZE,
     return [_find(fs, folder) for folder in folders]
 
 
+def is_folder_marker(key: str, size: int) -> bool:
+    """An empty object whose key ends in "/" marks a folder, it is not a file: the S3 console's "Create
+    folder" writes one, and SeaweedFS lists an emptied folder as one. A "…/" key holding bytes is a
+    file (AWS S3 and moto store them), so it is listed, and `verify` reports it."""
+    return key.endswith("/") and size == 0
+
+
 def _is_s3(fs: Any) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     return "s3" in protocols and hasattr(fs, "_call_s3")
@@ -86,8 +93,6 @@ async def _list_s3(fs: Any, folders: list[str], page_size: int, concurrency: int
         finally:
             for part in parts:
                 part.cancel()  # a no-op on those done; stops the rest if one failed
-        # A key ending in "/" is a folder marker, not a file: the S3 console's "Create folder" writes one, and
-        # SeaweedFS lists an emptied folder as one.
-        return {k[len(prefix):]: size for k, size in found.items() if len(k) > len(prefix) and not k.endswith("/")}
+        return {k[len(prefix):]: size for k, size in found.items() if len(k) > len(prefix) and not is_folder_marker(k, size)}
 
     return list(await asyncio.gather(*(one_folder(folder) for folder in folders)))

@@ -43,7 +43,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.conditional import S3ConditionalWrites, object_claims
-from storage.listing import list_objects
+from storage.listing import is_folder_marker, list_objects
 from storage.locks import file_lock
 from storage.paths import TMP_MARK, StoreError, check_name, check_rel, sha256_bytes
 from storage.population import PopulationStore
@@ -325,8 +325,20 @@ class Store:
             elif os.path.isdir(path):
                 shutil.rmtree(path)  # does not follow the links it finds inside
             return
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        if not self.fs.exists(path):
+            return
+        folders = []
+        if self.is_s3:  # SeaweedFS keeps emptied folders (listed under their parents) until their markers are deleted
+            found = self.fs.find(path, withdirs=True, detail=True)
+            folders = [p for p, info in found.items() if info.get("type") == "directory"]
+            if self.fs._strip_protocol(path).rstrip("/") not in found:  # `path` is a folder, not one file
+                folders.append(path)
+        self.fs.rm(path, recursive=True)
+        if self.is_s3:
+            for folder in sorted(set(folders), key=lambda p: -p.count("/")):  # the deepest first
+                bucket, key, _ = self.fs.split_path(folder)
+                if key.strip("/"):
+                    self.fs.call_s3("delete_object", Bucket=bucket, Key=f"{key.strip('/')}/")  # absent: S3 answers 204
 
     def list_dir(self, rel: str) -> list[str]:
         """Names directly under `rel` (files and folders), sorted; [] if it does not exist."""
@@ -351,10 +363,9 @@ class Store:
             return sorted(found_local)
         found = self.fs.find(base, detail=True)
         prefix_len = len(self.fs._strip_protocol(base).rstrip("/")) + 1
-        # Folder markers ("…/" keys: the S3 console's "Create folder", SeaweedFS's emptied folders) are not files.
         return sorted(self.fs._strip_protocol(f)[prefix_len:] for f, info in found.items()
-                      if info.get("type") != "directory" and not str(info.get("Key", f)).endswith("/")
-                      and len(self.fs._strip_protocol(f)) >= prefix_len)
+                      if info.get("type") != "directory" and len(self.fs._strip_protocol(f)) >= prefix_len
+                      and not is_folder_marker(str(info.get("Key", f)), int(info.get("size") or 0)))
 
     def list_trees(self, *rels: str) -> list[dict[str, int]]:
         """For each folder `rel` of an object store, {path below it: size} of every object under it,

