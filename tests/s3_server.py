@@ -4,8 +4,8 @@ process; and the `s3_bucket` fixture: an `s3://` URL of a fresh bucket on each o
 the endpoint set for this process (fsspec's config) and for worker processes (`S3_ENV`).
 
 SeaweedFS is an S3 server written for production (Go): its conditional PutObject (`If-None-Match: *`,
-`If-Match: <ETag>`) is atomic, as AWS S3's and MinIO's are (no 8-way race of 300 let two writers
-through here), and it serves requests concurrently. moto (>= 5) honours the same conditions but
+`If-Match: <ETag>`) is atomic, as AWS S3's and MinIO's are (each of the 60 four-way races of
+`test_racing_claimers_on_one_job_exactly_one_wins` has one winner on it), and it serves requests concurrently. moto (>= 5) honours the same conditions but
 checks and then stores, in two steps: two requests handled at once could both pass the check (not
 seen in 200 four-way races here, but possible). Served one request at a time (the default), moto's
 conditional writes are atomic as S3's are, so the race tests test the claims, not moto;
