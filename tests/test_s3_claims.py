@@ -39,7 +39,7 @@ def test_the_server_honours_conditional_puts_as_s3_does(s3_store):
     assert writes.replace(path, b"4", first) is None, "a replace with a stale ETag went through"
     assert writes.replace(s3_store.path("absent"), b"5", first) is None
     assert writes.read(s3_store.path("absent")) is None
-    assert s3_store.list_files("probe") == [], "the probe's object is left"
+    assert s3_store.list_dir("probe") == [], "the probe's object is left"
 
 
 def test_claims_exclude_other_workers_until_expiry_and_renewals_keep_them(s3_store):
