@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -47,6 +49,12 @@ from storage import Store  # noqa: E402
 
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY_S = 10
+# While the Prefect API answers 429/5xx or cannot be reached (after its client's own retries), a unit or stage
+# is submitted again, pausing API_RETRY_FIRST_PAUSE_S doubling to API_RETRY_MAX_PAUSE_S, for up to
+# LOL_API_RETRY_S seconds (default API_RETRY_S).
+API_RETRY_S = 600.0
+API_RETRY_FIRST_PAUSE_S = 5.0
+API_RETRY_MAX_PAUSE_S = 60.0
 
 # Per-process caches: a worker sets a base (or scorer) up once and reuses it across tasks.
 _cache: dict[tuple, Any] = {}
@@ -240,7 +248,8 @@ def _run_units(task_fn, names: list[str], units: list, retries: int, workers: in
     other units go on, and the flow reports the failure for each job of that unit."""
     runners = [_retrying(task_fn, name, retries) for name in names]
     if workers == 1:
-        return [_outcome(lambda runner=runner, unit=unit: runner(*args, unit), retries) for runner, unit in zip(runners, units)]
+        return [_outcome(lambda runner=runner, unit=unit, name=name: with_api_retries(lambda: runner(*args, unit), name), retries)
+                for runner, unit, name in zip(runners, units, names)]
     from prefect.context import FlowRunContext
     from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -249,13 +258,69 @@ def _run_units(task_fn, names: list[str], units: list, retries: int, workers: in
         # threads would share one base model between jobs: never run jobs concurrently in-process
         raise ValueError(f"workers={workers} needs the flow to run with a ProcessPoolTaskRunner; "
                          "use run_population(..., workers=N) or `lol run --workers N`")
-    futures = [runner.submit(*args, unit) for runner, unit in zip(runners, units)]
-    return [_outcome(future.result, retries) for future in futures]
+    submitted = [[runner.submit(*args, unit)] for runner, unit in zip(runners, units)]  # all at once: the pool runs them
+
+    def result(runner, unit, first: list):
+        return first.pop().result() if first else runner.submit(*args, unit).result()  # a repeat is submitted anew
+
+    return [_outcome(lambda runner=runner, unit=unit, first=first, name=name:
+                     with_api_retries(lambda: result(runner, unit, first), name), retries)
+            for runner, unit, first, name in zip(runners, units, submitted, names)]
 
 
 def _retrying(task_fn, name: str, retries: int):
     """`task_fn` named `name`, retried `retries` times, DEFAULT_RETRY_DELAY_S apart (read now, so tests can shorten it)."""
     return task_fn.with_options(task_run_name=name, retries=retries, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
+
+
+def api_unavailable(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it arose from, is the Prefect API not taking a request — an answer
+    429 or 5xx (SQLite's write lock makes the server answer 503) or a connection that failed — rather
+    than the failure of the work itself."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, PrefectHTTPStatusError) and (current.response.status_code == 429
+                                                            or current.response.status_code >= 500):
+            return True
+        if isinstance(current, httpx.TransportError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def with_api_retries(call, what: str):
+    """call(), made again while it fails because the Prefect API is unavailable (`api_unavailable`), after
+    pauses of API_RETRY_FIRST_PAUSE_S doubling to API_RETRY_MAX_PAUSE_S, for up to LOL_API_RETRY_S
+    seconds; then its last error is raised. Every call given here may be repeated: the store decides
+    what is done, so a repeat only finishes what the failed call left (issue #19: on SQLite with 8
+    workers a 503 outlasted the client's retries and failed a whole flow run)."""
+    budget_s = float(os.environ.get("LOL_API_RETRY_S", API_RETRY_S))
+    deadline = time.monotonic() + budget_s
+    pause = API_RETRY_FIRST_PAUSE_S
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if not api_unavailable(exc) or left <= 0:
+                raise
+            _logger().warning("%s: the Prefect API is unavailable (%s: %s); again in %.0f s (%.0f s of "
+                              "LOL_API_RETRY_S left)", what, type(exc).__name__, str(exc).splitlines()[0][:160],
+                              min(pause, left), left)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, API_RETRY_MAX_PAUSE_S)
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # outside a flow or task run (MissingContextError)
+        return logging.getLogger(__name__)
 
 
 def _outcome(call, retries: int) -> tuple[Any, str | None]:
@@ -313,7 +378,8 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
 
     def retry(job: Job) -> JobOutcome:
         runner = _retrying(finetune_job, f"finetune-{job.job_id}", retries)
-        outcome, failure = _outcome(lambda: runner(manifest, overrides, store, job.index), retries)
+        outcome, failure = _outcome(lambda: with_api_retries(lambda: runner(manifest, overrides, store, job.index),
+                                                             f"finetune-{job.job_id}"), retries)
         return outcome or failed(failure)
 
     wait_s = busy_wait_s if busy_wait_s is not None else 3 * default_lease_s()
@@ -425,15 +491,17 @@ def run_population(manifest: str, overrides: list[str] | None = None, store: str
     runner = _task_runner(workers)
     finetune_flow = finetune_population if runner is None else finetune_population.with_options(task_runner=runner)
     score_flow = score_population if runner is None else score_population.with_options(task_runner=_task_runner(workers))
-    with _worker_environment(workers):
+    with _worker_environment(workers):  # each stage is a subflow, created through the API: repeated if it is down
         if "finetune" in chosen:
-            results["finetune"] = finetune_flow(manifest, overrides, store, limit, retries=retries, workers=workers)
+            results["finetune"] = with_api_retries(lambda: finetune_flow(manifest, overrides, store, limit, retries=retries,
+                                                                         workers=workers), "finetune stage")
         if "score" in chosen:
-            results["score"] = score_flow(manifest, overrides, store, limit, retries=retries, workers=workers)
+            results["score"] = with_api_retries(lambda: score_flow(manifest, overrides, store, limit, retries=retries,
+                                                                   workers=workers), "score stage")
     if "publish" in chosen:
-        results["publish"] = publish_population(manifest, overrides, store)
+        results["publish"] = with_api_retries(lambda: publish_population(manifest, overrides, store), "publish stage")
     if "learn" in chosen:
-        results["learn"] = learn_population(manifest, overrides, store, workers)
+        results["learn"] = with_api_retries(lambda: learn_population(manifest, overrides, store, workers), "learn stage")
     return results
 
 

@@ -141,7 +141,7 @@ def test_racing_claimers_on_one_job_exactly_one_wins(s3_bucket):  # noqa: F811
             populations = [store.population(f"{'expired' if expired else 'fresh'}-{round_}") for store in stores]
             if expired:
                 assert populations[0].claim("j", "dead-worker", lease_s=0.05)
-                time.sleep(0.06)
+                time.sleep(0.1)
             won = _race(populations, "j")
             assert len(won) == 1, f"{populations[0].name}: {len(won)} claimers won"
             assert populations[0].active_claims()["j"].worker == f"worker-{won[0]}"

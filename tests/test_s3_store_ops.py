@@ -4,10 +4,12 @@ what `status` and `verify` read from it agrees with each job's own files."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import fsspec
 import pytest
+from conftest import ROOT
 from job_specs import stored_spec
 from s3_server import s3_bucket  # noqa: F401  (the fixture)
 
@@ -85,6 +87,7 @@ def test_status_on_s3_from_the_listing_matches_each_jobs_files(s3_store, tmp_pat
     assert population.claim(claimed, "worker-a", lease_s=60) is not None
     assert population.claim(expired, "worker-b", lease_s=0.05) is not None
     s3_store.write_bytes(population.job_rel(leftover, "adapter", "adapter_model.safetensors"), b"partial")
+    time.sleep(0.1)  # past worker-b's lease: a fast server answers all of the above within 0.05 s
     report = population.status([done, failed, claimed, expired, leftover, "nofolder"])
     assert report.done == [done] and report.failed == {failed: "out of memory"} and report.damaged == {}
     assert report.claimed == {claimed: "worker-a"}
@@ -200,3 +203,26 @@ def test_a_scorer_reads_an_s3_adapter_from_this_processs_staging_folder_and_leav
         assert folder.is_relative_to(mine := staging.worker_dir())
         assert (folder / "adapter_model.safetensors").read_bytes() == b"weights"
     assert not folder.exists() and not mine.exists()
+
+
+def test_cli_verify_on_s3_lists_the_store_once(s3_bucket, run_cli, tmp_path, monkeypatch):  # noqa: F811
+    """`lol verify` on an object store lists the jobs and claims folders once (the listing names the
+    jobs too) and reports what the job-by-job check reports: an intact LoRA and a flipped byte."""
+    url = f"{s3_bucket}/{uuid.uuid4().hex[:12]}"
+    population = Store(url).population("tiny-shapes")
+    good, flipped = (stored_spec(population, tag) for tag in ("good", "flipped"))
+    for job in (good, flipped):
+        population.commit(job, staged_adapter(tmp_path, bytes(range(256))), {})
+    weights = population.job_rel(flipped, "adapter/adapter_model.safetensors")
+    population.store.write_bytes(weights, b"\x01" + population.store.read_bytes(weights)[1:])
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    for name in ("list_dir", "list_trees", "list_files"):
+        method = getattr(Store, name)
+        monkeypatch.setattr(Store, name, lambda self, *rels, _m=method, _n=name: calls.append((_n, rels)) or _m(self, *rels))
+    code, out, _ = run_cli("verify", ROOT / "manifests" / "tiny-shapes.yaml", "count=3", "--store", url)
+    assert code == 1 and "1 of 2 stored LoRAs verify; 1 problem(s)" in out and flipped in out, out
+    jobs = population.rel("jobs")
+    assert [rels for name, rels in calls if name == "list_trees"] == [(jobs, population.rel("claims"))], calls
+    assert ("list_dir", (jobs,)) not in calls, "the jobs folder was listed a second time"
+    # only the damaged job is listed again, path by path (the listing never decides damage alone)
+    assert {rel.split("/")[len(jobs.split("/"))] for name, rels in calls if name != "list_trees" for rel in rels} == {flipped}

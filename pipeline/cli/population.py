@@ -111,14 +111,16 @@ def verify(manifest: ManifestArg, overrides: OverridesArg = None, store: StoreOp
     """Re-hash every stored LoRA and its scores; list corrupt, missing, foreign, unsealed or stray files; exit 1 if any."""
     loaded = load(manifest, overrides)
     population = Store(store, create=False).population(loaded.population.name)
-    ids = population.job_ids()
     if reseal:
-        resealed = population.reseal(ids)
+        resealed = population.reseal(population.job_ids())
         out.print(f"resealed {sum(map(len, resealed.values()))} file(s) of {len(resealed)} job(s) written before seals existed")
+    # an object store is listed once, after any reseal: the listing names the jobs and spares per-job requests
+    listing = None if population.store.is_local else population.object_listing()
+    ids = population.job_ids() if listing is None else sorted(listing[0])
     problems, checked, scored = [], 0, {}
     with progress_bar() as progress:
         task = progress.add_task("verifying", total=len(ids))
-        for _job_id, found in population.verify(ids, scored=scored):
+        for _job_id, found in population.verify(ids, scored=scored, listing=listing):
             problems.extend(found)
             checked += 1
             progress.advance(task)

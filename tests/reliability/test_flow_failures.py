@@ -34,3 +34,104 @@ def test_a_failing_task_is_retried_a_bounded_number_of_times_and_the_flow_goes_o
     failed = {outcome: n for outcome, n in outcomes.items() if outcome != "trained"}
     assert outcomes["trained"] == 2 and list(failed.values()) == [1], outcomes
     assert next(iter(failed)).startswith("task failed after 3 attempt(s)") and "lost its GPU" in next(iter(failed))
+
+
+def _api_error(status: int, path: str = "/api/task_runs/"):
+    """The error Prefect's client raises once its own retries are spent on an answer `status`."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    request = httpx.Request("POST", f"http://127.0.0.1:4200{path}")
+    response = httpx.Response(status, request=request, json={"exception_message": "Service Unavailable"})
+    return PrefectHTTPStatusError.from_httpx_error(
+        httpx.HTTPStatusError(f"Server error '{status}' for url '{request.url}'", request=request, response=response))
+
+
+def test_api_unavailable_means_the_api_refused_or_was_unreachable_not_that_the_work_failed():
+    import httpx
+
+    from flows.population import api_unavailable
+
+    assert api_unavailable(_api_error(503)) and api_unavailable(_api_error(429)) and api_unavailable(_api_error(500))
+    assert not api_unavailable(_api_error(404)) and not api_unavailable(_api_error(409))
+    assert api_unavailable(httpx.ConnectError("refused", request=httpx.Request("GET", "http://127.0.0.1:4200/api/health")))
+    assert not api_unavailable(RuntimeError("non-finite loss")) and not api_unavailable(KeyboardInterrupt())
+    try:
+        try:
+            raise _api_error(503)
+        except Exception as inner:
+            raise RuntimeError("task run could not be created") from inner
+    except RuntimeError as outer:
+        assert api_unavailable(outer)  # found where it was raised from
+
+
+def test_with_api_retries_repeats_a_call_the_api_refused_for_at_most_its_budget(monkeypatch):
+    import flows.population as flows_module
+
+    monkeypatch.setattr(flows_module, "API_RETRY_FIRST_PAUSE_S", 0.01)
+    answers = [_api_error(503), _api_error(503), "done"]
+
+    def call():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert flows_module.with_api_retries(call, "a stage") == "done" and not answers
+    monkeypatch.setenv("LOL_API_RETRY_S", "0.05")
+    calls = []
+
+    def always_refused():
+        calls.append(1)
+        raise _api_error(503)
+
+    with pytest.raises(Exception, match="503"):
+        flows_module.with_api_retries(always_refused, "a stage")
+    assert 2 <= len(calls) <= 6  # 0.01, 0.02, then the rest of 0.05 s
+    failures = []
+
+    def fails():
+        failures.append(1)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        flows_module.with_api_retries(fails, "a stage")
+    assert failures == [1]  # the work's own failure is not repeated here (the task's retries are Prefect's)
+
+
+@pytest.mark.slow
+def test_a_stage_and_a_task_the_api_refused_run_again_and_every_job_is_trained(prefect_harness, random_sd, tmp_path,
+                                                                                monkeypatch):
+    """The failure of issue #19's 8-worker SQLite bench, at its two places: the API answers 503 to the
+    creation of the finetune stage's subflow (as it did there, POST /api/task_runs/ for the subflow's
+    tracking task run, after the client's own retries), and a cohort task fails on a 503 with no
+    Prefect retry left. Both are run again; every job is trained once and none is reported failed."""
+    from prefect.tasks import Task
+
+    import flows.population as flows_module
+
+    monkeypatch.setattr(flows_module, "API_RETRY_FIRST_PAUSE_S", 0.01)
+    overrides = smoke_overrides(random_sd, "count=3", "data.subsets.num_groups=3", "execution.cohort_size=1")
+    victim = next(expand(Manifest.from_yaml(SHAPES, overrides=overrides)))
+    refused_stages, refused_tasks, trained = [], [], []
+    real_create_run, real_run_jobs = Task.create_run, flows_module.run_jobs
+
+    async def create_run(self, *args, **kwargs):
+        if getattr(self, "_is_subflow_tracking_task", False) and self.name == "finetune_population" and not refused_stages:
+            refused_stages.append(self.name)
+            raise _api_error(503)
+        return await real_create_run(self, *args, **kwargs)
+
+    def run_jobs(population, jobs, *args):
+        if jobs[0].job_id == victim.job_id and not refused_tasks:
+            refused_tasks.append(victim.job_id)
+            raise _api_error(503, "/api/artifacts/")
+        trained.extend(job.job_id for job in jobs)
+        return real_run_jobs(population, jobs, *args)
+
+    monkeypatch.setattr(Task, "create_run", create_run)
+    monkeypatch.setattr(flows_module, "run_jobs", run_jobs)
+    results = flows_module.run_population(str(SHAPES), overrides, str(tmp_path / "store"), retries=0, stages=["finetune"])
+    assert refused_stages == ["finetune_population"] and refused_tasks == [victim.job_id]
+    assert results["finetune"] == {"trained": 3}, results
+    assert sorted(trained) == sorted({*trained}) and len(trained) == 3  # the refused task trained nothing
