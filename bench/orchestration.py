@@ -55,7 +55,9 @@ SERVERS = ("sqlite", "postgres")
 MODULES_ENV = "LOL_BENCH_TINY_MODULES"  # {module: [in, out]} of the tiny UNet's LoRA targets, set by the bench
 TRAINED_LOG_ENV = "LOL_BENCH_TRAINED_LOG"  # FixedTimeTrainer appends each job id it trains here (exactly-once check)
 FAILURE_PATTERNS = {"database is locked": r"database is locked", "traceback": r"^Traceback", "crashed": r"Crashed|CRASHED",
-                    "http 5xx": r"HTTP/1\.1\" 5\d\d|Server error '5\d\d"}
+                    "http 5xx": r"HTTP/1\.1\" 5\d\d|Server error '5\d\d",
+                    # flows.population.with_api_retries running a unit or stage again
+                    "api unavailable, run again": r"the Prefect API is unavailable"}
 
 
 # ---------------------------------------------------------------- the bench-only trainer
@@ -581,6 +583,8 @@ def bench_server(server: str, jobs: int, workers: int, cohort_sizes: Sequence[in
         os.environ[MODULES_ENV] = json.dumps(tiny_modules())  # children and workers inherit it
     arms: list[dict[str, Any]] = []
     out_dir.mkdir(parents=True, exist_ok=True)
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"orchestration-{server}-{jobs}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     for cohort_size in cohort_sizes:
         for kind in (["library"] if library else []) + [server]:

@@ -3,7 +3,9 @@
 Each flow is a thin composition of `pipeline` calls. One task per cohort of jobs (the jobs trained
 in the same passes, `pipeline.finetune.cohort`; one job when the manifest's cohort size is 1),
 tagged `gpu`, with retries (`DEFAULT_RETRIES`); a task still failing after them fails its jobs —
-reported by reason in the flow's outcomes — and the other tasks go on. Tasks receive the
+reported by reason in the flow's outcomes — and the other tasks go on. A task or stage that failed
+because the Prefect API refused it (429/5xx, as SQLite's write lock makes it answer) or could not be
+reached is run again for up to LOL_API_RETRY_S seconds (`with_api_retries`). Tasks receive the
 manifest path, overrides, store URL and job indices — never tensors. Storage decides what is done, so a rerun after a crash runs only
 what is missing (Prefect's result cache is not used for resumption). A worker process loads
 each base / scorer once and reuses it for every task it runs.
