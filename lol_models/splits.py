@@ -15,7 +15,7 @@ Shape legend: N LoRAs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -47,11 +47,12 @@ def _concat(parts: list[LoraDataset]) -> LoraDataset:
     )
 
 
-def protocol_splits(published: Mapping[str, LoraDataset]) -> dict[str, LoraDataset]:
-    """Pool the published splits and re-split by `group_split`: {"train", "validation", "test"}.
+def protocol_splits(published: Mapping[str, LoraDataset], needed: Sequence[str] = SPLITS) -> dict[str, LoraDataset]:
+    """Pool the published splits and re-split by `group_split`: {"train", "validation", "test"}, or
+    only the `needed` ones (a population built for testing alone holds no training groups).
 
     A published split whose rows all belong to one protocol split is used as it is (no copy).
-    Raises PulledDataError when a protocol split ends up empty (too few groups).
+    Raises PulledDataError when a needed protocol split ends up empty (too few groups).
     """
     parts: dict[str, list[LoraDataset]] = {name: [] for name in SPLITS}
     for dataset in published.values():
@@ -62,9 +63,9 @@ def protocol_splits(published: Mapping[str, LoraDataset]) -> dict[str, LoraDatas
                 parts[name].append(dataset)
             elif len(rows):
                 parts[name].append(subset(dataset, rows))
-    empty = [name for name, p in parts.items() if not p]
+    empty = [name for name in needed if not parts[name]]
     if empty:
         groups = len({g for d in published.values() for g in d.groups})
         raise PulledDataError(f"the protocol's group split leaves {empty} empty: {groups} group(s) are too few "
                               f"for fractions {PROTOCOL_FRACTIONS}; publish more groups")
-    return {name: _concat(p) for name, p in parts.items()}
+    return {name: _concat(parts[name]) for name in SPLITS if name in needed}

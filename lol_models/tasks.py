@@ -80,8 +80,9 @@ def tasks_of(dataset: LoraDataset, wanted: Sequence[str] = ()) -> list[Task]:
 SPLIT_MODES = ("protocol", "published")
 
 
-def load_splits(published: str | Path, split: str = "protocol") -> dict[str, LoraDataset]:
-    """train, validation and test of a published population.
+def load_splits(published: str | Path, split: str = "protocol",
+                needed: tuple[str, ...] = ("train", "validation", "test")) -> dict[str, LoraDataset]:
+    """train, validation and test of a published population (or only the `needed` ones).
 
     split: "protocol" (default) — every published row pooled and re-split by its group's name alone
     (`lol_models.splits.group_split`, the same split in every population sharing the group);
@@ -99,12 +100,12 @@ def load_splits(published: str | Path, split: str = "protocol") -> dict[str, Lor
     if split == "protocol":
         if not splits:
             raise PulledDataError(f"{published} holds none of the splits train, validation, test")
-        return protocol_splits(splits)
-    missing = [s for s in ("train", "validation", "test") if s not in splits]
+        return protocol_splits(splits, needed)
+    missing = [s for s in needed if s not in splits]
     if missing:
-        raise PulledDataError(f"{published} lacks split(s) {missing}; learning needs train, validation and test "
+        raise PulledDataError(f"{published} lacks split(s) {missing}; this needs {', '.join(needed)} "
                               "(set publish.splits in the manifest and publish again)")
-    return splits
+    return {name: splits[name] for name in needed}
 
 
 def labeled_for(dataset: LoraDataset, task: Task) -> LabeledLoras:

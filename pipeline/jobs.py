@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lol_models.split_rule import group_unit, split_at
 from pipeline.manifest import (
     Choice,
     ClassSubsets,
@@ -184,16 +185,49 @@ def planned_job_ids(manifest: Manifest, limit: int | None = None) -> list[str]:
     (`lol status` on 10,000 jobs)."""
     stop = manifest.count if limit is None else min(limit, manifest.count)
     fixed = _Fixed.of(manifest)
-    return [hashlib.sha256(canonical_json(spec_values(manifest, index, fixed)).encode()).hexdigest()[:JOB_ID_LENGTH]
-            for index in range(stop)]
+    values = (spec_values(manifest, index, fixed) for index in range(stop))
+    return [hashlib.sha256(canonical_json(v).encode()).hexdigest()[:JOB_ID_LENGTH] for v in values if _planned(manifest, v["data"])]
+
+
+def planned_count(manifest: Manifest, limit: int | None = None) -> int:
+    """How many jobs `expand(manifest, limit)` gives."""
+    stop = manifest.count if limit is None else min(limit, manifest.count)
+    return stop if manifest.execution.only_splits is None else len(planned_job_ids(manifest, limit))
 
 
 def expand(manifest: Manifest, limit: int | None = None) -> Iterator[Job]:
-    """Jobs 0..count-1 (or the first `limit` of them), in order."""
+    """Jobs 0..count-1 (or the first `limit` of them), in order; with `execution.only_splits`, only
+    those whose group falls in these published splits (indices and ids unchanged)."""
     stop = manifest.count if limit is None else min(limit, manifest.count)
     fixed = _Fixed.of(manifest)
     for index in range(stop):
-        yield job_at(manifest, index, fixed)
+        job = job_at(manifest, index, fixed)
+        if _planned(manifest, job.spec.data):
+            yield job
+
+
+def group_name(data: dict[str, Any]) -> str:
+    """The finetuning group of a job's data (`JobSpec.data`): no group ever appears in two splits."""
+    if data["kind"] == "identity_groups":
+        return f"group:{data['group']}"
+    if data["kind"] == "class_subsets":
+        return "classes:" + "|".join(sorted(data["classes"]))
+    if data["kind"] == "source_subsets":
+        return "sources:" + "|".join(sorted(data["sources"]))
+    raise ValueError(f"unknown data kind {data['kind']!r} (known: identity_groups, class_subsets, source_subsets)")
+
+
+def split_of(group: str, fractions: dict[str, float], seed: int | None) -> str:
+    """The published split of a group: u = the protocol's hash of the group name
+    (`lol_models.split_rule.group_unit`), or with a seed the seeded draw of (seed, group), cut at the
+    fractions. With no seed and the protocol's fractions this is exactly the split `lol train` uses."""
+    u = group_unit(group) if seed is None else unit_draw(seed, 0, f"split:{group}")
+    return split_at(u, fractions)
+
+
+def _planned(manifest: Manifest, data: dict[str, Any]) -> bool:
+    wanted = manifest.execution.only_splits
+    return wanted is None or split_of(group_name(data), dict(manifest.publish.splits), manifest.publish.split_seed) in wanted
 
 
 @dataclass(frozen=True)

@@ -567,6 +567,11 @@ class ExecutionSection(StrictModel):
                             "(max_cohort_size, reduced to what free memory holds). 1: one at a time.")
     max_cohort_size: int = Field(16, ge=1, le=MAX_COHORT, description=f"The largest cohort `auto` forms, 1..{MAX_COHORT:,}.")
     memory_fraction: float = Field(0.5, gt=0, le=1, description="Share of the free memory a cohort may fill.")
+    only_splits: list[Literal["train", "validation", "test"]] | None = Field(
+        None, min_length=1, description="Plan only the jobs whose finetuning group falls in these published splits "
+                                        "(publish.splits, publish.split_seed), e.g. [test] for a population that only tests "
+                                        "predictors trained on another (`lol experiment transfer`). Job ids and indices do not "
+                                        "change: a later run without it adds the other jobs.")
 
     @property
     def requested_cohort_size(self) -> int:
@@ -619,6 +624,11 @@ class Manifest(StrictModel):
         names = [s.name for s in self.scorers]
         if len(set(names)) != len(names):
             problems.append((("scorers",), f"each scorer may appear once, got {names}"))
+        for i, split in enumerate(self.execution.only_splits or []):
+            if not self.publish.splits.get(split):
+                shares = {name: share for name, share in self.publish.splits.items() if share}
+                problems.append((("execution", "only_splits", i), f"split {split!r} holds no group: publish.splits gives it "
+                                 f"no share (splits with a share: {', '.join(shares)})"))
         return problems
 
     # ------------------------------------------------------------ loading

@@ -59,9 +59,15 @@ from lol_models.published import (
     make_layout,
     module_factors,
 )
-from lol_models.split_rule import group_unit, split_at
 from pipeline.finetune.staging import scratch_dir, sweep
-from pipeline.jobs import Job, canonical_json, expand, planned_job_ids, unit_draw
+from pipeline.jobs import (
+    Job,
+    canonical_json,
+    expand,
+    group_name,
+    planned_job_ids,
+    split_of,
+)
 from pipeline.manifest import Manifest
 from pipeline.score import scorer_id
 from storage import DomainError, Store, StoreError
@@ -92,22 +98,10 @@ class PublishSummary:
 
 def group_key(job: Job) -> str:
     """The finetuning group of a job: no group ever appears in two splits."""
-    data = job.spec.data
-    if data["kind"] == "identity_groups":
-        return f"group:{data['group']}"
-    if data["kind"] == "class_subsets":
-        return "classes:" + "|".join(sorted(data["classes"]))
-    if data["kind"] == "source_subsets":
-        return "sources:" + "|".join(sorted(data["sources"]))
-    raise PublishError(f"job {job.job_id} has an unknown data kind {data['kind']!r}")
-
-
-def split_of(group: str, fractions: dict[str, float], seed: int | None) -> str:
-    """The published split of a group: u = the protocol's hash of the group name
-    (`lol_models.split_rule.group_unit`), or with a seed the seeded draw of (seed, group), cut at the
-    fractions. With no seed and the protocol's fractions this is exactly the split `lol train` uses."""
-    u = group_unit(group) if seed is None else unit_draw(seed, 0, f"split:{group}")
-    return split_at(u, fractions)
+    try:
+        return group_name(job.spec.data)
+    except ValueError as exc:
+        raise PublishError(f"job {job.job_id}: {exc}") from None
 
 
 # ---------------------------------------------------------------- weights

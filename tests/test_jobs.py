@@ -11,7 +11,15 @@ from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.jobs import expand, job_at, planned_job_ids, shard, spec_values, unit_draw
+from pipeline.jobs import (
+    expand,
+    job_at,
+    planned_count,
+    planned_job_ids,
+    shard,
+    spec_values,
+    unit_draw,
+)
 from pipeline.manifest import Manifest
 
 TINY = (ROOT / "manifests" / "tiny-shapes.yaml").read_text()
@@ -141,3 +149,29 @@ def test_lora_init_is_a_hyperparameter_only_where_set():
 
     with pytest.raises(ManifestError, match="lora_init"):
         manifest(**{"hyperparameters.lora_init": "kaiming"})
+
+
+@pytest.mark.parametrize("name", ["tiny-shapes", "tiny-arc", "tiny-shapes-membership"])
+def test_only_splits_plans_the_jobs_of_those_splits_as_publish_splits_them(name):
+    """`execution.only_splits` keeps each planned job's index and id, plans exactly the jobs whose
+    group publish puts in those splits, and the three splits together are the whole population."""
+    from pipeline.publish import group_key, split_of
+
+    text = (ROOT / "manifests" / f"{name}.yaml").read_text()
+    full = manifest(text, count=300)
+    split = {job.job_id: split_of(group_key(job), dict(full.publish.splits), full.publish.split_seed) for job in expand(full)}
+    parts = {}
+    for wanted in (["test"], ["train", "validation"]):
+        only = manifest(text, count=300, execution={"only_splits": wanted})
+        jobs = list(expand(only))
+        assert [j.job_id for j in jobs] == [j.job_id for j in expand(full) if split[j.job_id] in wanted]
+        assert all(job_at(full, j.index).job_id == j.job_id for j in jobs)
+        assert planned_job_ids(only) == [j.job_id for j in jobs] and planned_count(only) == len(jobs)
+        assert planned_job_ids(only, limit=50) == [j.job_id for j in jobs if j.index < 50]
+        parts[tuple(wanted)] = {j.job_id for j in jobs}
+    assert 0 < len(parts[("test",)]) < 150 and parts[("test",)] | parts[("train", "validation")] == set(split)
+
+
+def test_only_splits_naming_a_split_without_a_share_is_refused():
+    with pytest.raises(ValueError, match=r"only_splits.*'validation' holds no group.*train, test"):
+        manifest(execution={"only_splits": ["validation"]}, publish={"splits": {"train": 0.8, "test": 0.2}})

@@ -59,3 +59,18 @@ def test_populations_with_different_layers_are_refused(populations, tmp_path):
     other = write_published(tmp_path / "c", *gl_population([2], 10, seed=3, shapes={"block.0.to_q": (6, 9)}), NORM)
     with pytest.raises(PulledDataError, match="do not have .* layers.*different \\(n, m\\)|missing layers"):
         train_on_a_test_on_b(a, other, SETTINGS, tmp_path / "out", split="published")
+
+
+def test_b_published_with_only_its_protocol_test_groups_is_enough(populations, tmp_path):
+    """A population built with `execution.only_splits: [test]` (only the LoRAs a transfer test reads)
+    publishes a test split alone; under the protocol split that is B's whole test set."""
+    from lol_models.split_rule import group_split
+
+    a, _ = populations
+    factors, rows = gl_population([2], 150, seed=3)
+    kept = [i for i, row in enumerate(rows) if group_split(row["group"]) == "test"]
+    b = write_published(tmp_path / "b-test-only", [factors[i] for i in kept], [{**rows[i], "split": "test"} for i in kept], NORM)
+    result = train_on_a_test_on_b(a, b, SETTINGS, tmp_path / "out", model_configs=SMALL)
+    assert 10 <= result.rows["b_test"] == len(kept)
+    gl_b, _ = result.metric("clip_score.clip_score", "glnet", "b_test")
+    assert gl_b > 0.5, gl_b

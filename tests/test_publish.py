@@ -462,3 +462,21 @@ def test_a_publish_from_s3_writes_what_a_publish_from_a_local_disk_writes(popula
     assert remote.rows == local.rows and remote.excluded == local.excluded
     remote_shards = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{remote.folder}/data/*.parquet"))
     assert remote_shards == [p.rsplit("/", 1)[-1] for p in shards(local.folder)]
+
+
+def test_only_splits_publishes_the_planned_splits_alone(population, tmp_path):
+    """A manifest run with `execution.only_splits` plans, finetunes and publishes only the jobs of
+    those splits: the published dataset holds that split, every planned LoRA in it, nothing excluded."""
+    import shutil
+
+    from pipeline.jobs import expand
+    from pipeline.publish import group_key, split_of
+
+    store, manifest = population
+    copy = Store(str(shutil.copytree(store.local_path("."), tmp_path / "store", symlinks=True)))
+    splits = {job.job_id: split_of(group_key(job), dict(manifest.publish.splits), None) for job in expand(manifest)}
+    wanted = splits[next(iter(splits))]
+    only = Manifest.from_yaml(SHAPES, overrides=[*overrides_of(manifest), f"execution.only_splits=[{wanted}]"])
+    assert finetune_population(only, copy, DiffusionTrainer).trained == []  # all of them are done already
+    summary = publish_population(only, copy)
+    assert summary.rows == {wanted: sum(s == wanted for s in splits.values())} and summary.excluded == {}, summary

@@ -41,9 +41,10 @@ def finetune_command(
 
 
 def _run_finetune(loaded: Manifest, target: Store, limit: int | None = None, shard_spec: str | None = None):
+    from pipeline.jobs import planned_count
     from pipeline.stages import finetune
 
-    total = min(limit or loaded.count, loaded.count)
+    total = planned_count(loaded, limit)
     with progress_bar() as progress:
         task = progress.add_task(f"finetuning {loaded.population.name}", total=total)
         summary = finetune(loaded, target, limit=limit, shard_spec=shard_spec,
@@ -76,9 +77,10 @@ def score_command(
 
 
 def _run_score(loaded: Manifest, target: Store, only=None, limit=None, shard_spec=None):
+    from pipeline.jobs import planned_count
     from pipeline.stages import score
 
-    total = min(limit or loaded.count, loaded.count) * len(only or loaded.scorers)
+    total = planned_count(loaded, limit) * len(only or loaded.scorers)
     with progress_bar() as progress:
         task = progress.add_task(f"scoring {loaded.population.name}", total=total)
         summary = score(loaded, target, only=only, limit=limit, shard_spec=shard_spec,
