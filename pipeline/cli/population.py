@@ -36,6 +36,11 @@ def validate(manifest: ManifestArg, overrides: OverridesArg = None) -> int:
     loaded = load(manifest, overrides)
     out.print(f"[green]✓[/] {manifest}: population [bold]{loaded.population.name}[/] "
               f"({loaded.count} LoRAs of {loaded.base.ref}, {loaded.base.kind})")
+    if loaded.execution.only_splits:
+        from pipeline.jobs import planned_count
+
+        out.print(f"  planned: {planned_count(loaded)} of them, the jobs whose group falls in "
+                  f"{' / '.join(loaded.execution.only_splits)} (execution.only_splits)")
     return 0
 
 
