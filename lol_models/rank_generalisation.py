@@ -44,7 +44,7 @@ from lol_models.data import PulledDataError, read_rows, split_names
 from lol_models.shift import labeled, metric_of, shift_bars, shift_experiment
 from lol_models.tasks import LearnSettings, jsonable, load_splits, tasks_of
 
-__all__ = ["RankGeneralisation", "published_ranks", "rank_generalisation", "setting_name", "split_ranks"]
+__all__ = ["RankGeneralisation", "published_ranks", "rank_generalisation", "rank_sets", "setting_name", "split_ranks"]
 
 RESULTS_FILE = "rank_generalisation.json"
 FIGURE_FILE = "rank_generalisation.png"
@@ -133,7 +133,7 @@ def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir:
     if select_on_rank is not None and (select_on_rank not in train or len(train) < 2):
         raise PulledDataError(f"select_on_rank {select_on_rank} must be one of ≥ 2 training ranks {train}, "
                               "so configs train on the others and are scored on it")
-    index = _index(splits, train, test, select_on_rank)
+    index = rank_sets(splits, train, test, select_on_rank)
     rows = {name: len(idx) for name, (_, idx) in index.items()}
     lacking = {name: n for name, n in rows.items() if n < 2}
     if lacking:
@@ -162,8 +162,10 @@ def rank_generalisation(published: str | Path, settings: LearnSettings, out_dir:
     return outcome
 
 
-def _index(splits, train: list[int], test: list[int], select_on_rank: int | None) -> dict[str, tuple[Any, torch.Tensor]]:
-    """Set name → (split dataset, index Tensor of its rows)."""
+def rank_sets(splits, train: list[int], test: list[int], select_on_rank: int | None) -> dict[str, tuple[Any, torch.Tensor]]:
+    """Set name → (split dataset, index Tensor (n,) of its rows): train / validation (the training ranks),
+    seen / unseen (the test split at the training / test ranks), and with `select_on_rank` the
+    selection sets (train without that rank, validation at it)."""
     index = {
         "train": (splits["train"], _rows(splits["train"].ranks, train)),
         "validation": (splits["validation"], _rows(splits["validation"].ranks, train)),
@@ -184,7 +186,7 @@ def _load_sets(published: str | Path, split: str, targets: tuple[str, ...], trai
                select_on_rank: int | None) -> dict[str, dict[str, Any]]:
     """The experiment's sets, built in a worker process from the published folder."""
     splits = load_splits(published, split)
-    return _sets(tasks_of(splits["train"], targets), _index(splits, train, test, select_on_rank))
+    return _sets(tasks_of(splits["train"], targets), rank_sets(splits, train, test, select_on_rank))
 
 
 def _counts(splits) -> dict[str, dict[int, int]]:

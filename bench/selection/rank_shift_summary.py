@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from lol_models.rank_generalisation import _index
+from lol_models.rank_generalisation import rank_sets
 from lol_models.shift import labeled
 from lol_models.tasks import load_splits, tasks_of
 
@@ -25,7 +25,7 @@ from lol_models.tasks import load_splits, tasks_of
 def training_variance(published: str, record: dict) -> dict[str, float]:
     """Task → variance of its targets (mean over columns) on the rows the final runs trained on."""
     splits = load_splits(published, "protocol")
-    train, rows = _index(splits, record["train_ranks"], record["test_ranks"], None)["train"]
+    train, rows = rank_sets(splits, record["train_ranks"], record["test_ranks"], None)["train"]
     return {task.name: float(labeled(train, task, rows).targets.double().var(0, unbiased=False).mean())
             for task in tasks_of(splits["train"]) if task.kind == "regression"}
 
