@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import flow
 
 from bench.orchestration import FixedTimeTrainer
-from flows.population import finetune_population, with_api_retries
+from flows.population import finetune_population, run_stage
 from pipeline.stages import override_trainer
 
 
@@ -15,5 +15,4 @@ def bench_finetune(manifest: str, overrides: list[str], store: str, shard_spec: 
                    job_seconds: float = 0.05) -> dict[str, int]:
     """`finetune_population(manifest, overrides, store, shard_spec=…)` with every LoRA 'trained' in `job_seconds`."""
     with override_trainer("diffusion", lambda: FixedTimeTrainer(job_seconds)):
-        return with_api_retries(lambda: finetune_population(manifest, overrides, store, shard_spec=shard_spec),
-                                "finetune_population")
+        return run_stage("finetune_population", lambda: finetune_population(manifest, overrides, store, shard_spec=shard_spec))

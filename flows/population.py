@@ -5,7 +5,8 @@ in the same passes, `pipeline.finetune.cohort`; one job when the manifest's coho
 tagged `gpu`, with retries (`DEFAULT_RETRIES`); a task still failing after them fails its jobs —
 reported by reason in the flow's outcomes — and the other tasks go on. A task or stage that failed
 because the Prefect API refused it (429/5xx, as SQLite's write lock makes it answer) or could not be
-reached is run again for up to LOL_API_RETRY_S seconds (`with_api_retries`). Tasks receive the
+reached is run again while the API has been unavailable for less than LOL_API_RETRY_S seconds
+(flows/api_retries.py). Tasks receive the
 manifest path, overrides, store URL and job indices — never tensors. Storage decides what is done, so a rerun after a crash runs only
 what is missing (Prefect's result cache is not used for resumption). A worker process loads
 each base / scorer once and reuses it for every task it runs.
@@ -15,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import threading
-import time
 from collections import Counter
 from typing import Any
 
@@ -28,6 +27,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.task_runners import ProcessPoolTaskRunner  # noqa: E402
 
+from flows.api_retries import ApiOutage, TaskDidNotRun, with_api_retries  # noqa: E402
 from pipeline.finetune.runner import (  # noqa: E402
     JobOutcome,
     Outcome,
@@ -51,12 +51,10 @@ from storage import Store  # noqa: E402
 
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY_S = 10
-# While the Prefect API answers 429/5xx or cannot be reached (after its client's own retries), a unit or stage
-# is submitted again, pausing API_RETRY_FIRST_PAUSE_S doubling to API_RETRY_MAX_PAUSE_S, for up to
-# LOL_API_RETRY_S seconds (default API_RETRY_S).
-API_RETRY_S = 600.0
-API_RETRY_FIRST_PAUSE_S = 5.0
-API_RETRY_MAX_PAUSE_S = 60.0
+
+# How many times each stage flow's body has started in this process: a stage whose subflow the API refused
+# is run again only if its body never started (run_population).
+_stage_bodies: Counter = Counter()
 
 # Per-process caches: a worker sets a base (or scorer) up once and reuses it across tasks.
 _cache: dict[tuple, Any] = {}
@@ -247,10 +245,14 @@ def _run_units(task_fn, names: list[str], units: list, retries: int, workers: in
     """Run `task_fn(*args, unit)` for every unit (a job index, or a cohort's indices): in this process
     one by one, or submitted to the flow's process pool when `workers` > 1. Per unit, in unit order:
     (its result, None), or (None, reason) when its task still failed after `retries` retries — the
-    other units go on, and the flow reports the failure for each job of that unit."""
+    other units go on, and the flow reports the failure for each job of that unit. A unit the
+    orchestration failed (the API refused it, Prefect did not run it) is run again while the units'
+    shared outage clock allows (flows/api_retries.py)."""
     runners = [_retrying(task_fn, name, retries) for name in names]
+    outage = ApiOutage()
     if workers == 1:
-        return [_outcome(lambda runner=runner, unit=unit, name=name: with_api_retries(lambda: runner(*args, unit), name), retries)
+        return [_outcome(lambda runner=runner, unit=unit, name=name:
+                         with_api_retries(lambda: _ran(runner(*args, unit)), name, outage), retries)
                 for runner, unit, name in zip(runners, units, names)]
     from prefect.context import FlowRunContext
     from prefect.task_runners import ProcessPoolTaskRunner
@@ -263,11 +265,20 @@ def _run_units(task_fn, names: list[str], units: list, retries: int, workers: in
     submitted = [[runner.submit(*args, unit)] for runner, unit in zip(runners, units)]  # all at once: the pool runs them
 
     def result(runner, unit, first: list):
-        return first.pop().result() if first else runner.submit(*args, unit).result()  # a repeat is submitted anew
+        return _ran(first.pop().result() if first else runner.submit(*args, unit).result())  # a repeat is submitted anew
 
     return [_outcome(lambda runner=runner, unit=unit, first=first, name=name:
-                     with_api_retries(lambda: result(runner, unit, first), name), retries)
+                     with_api_retries(lambda: result(runner, unit, first), name, outage), retries)
             for runner, unit, first, name in zip(runners, units, submitted, names)]
+
+
+def _ran(result: Any) -> Any:
+    """A task's result; TaskDidNotRun when there is none. Every task here returns its jobs' outcomes, so a
+    task that returns None did not run: Prefect ended it without calling it."""
+    if result is None:
+        raise TaskDidNotRun("task did not run: Prefect ended it without a result (e.g. its concurrency slot "
+                            "could not be acquired)")
+    return result
 
 
 def _retrying(task_fn, name: str, retries: int):
@@ -275,71 +286,17 @@ def _retrying(task_fn, name: str, retries: int):
     return task_fn.with_options(task_run_name=name, retries=retries, retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
 
 
-def api_unavailable(exc: BaseException) -> bool:
-    """Whether `exc`, or an exception it arose from, is the Prefect API not taking a request — an answer
-    429 or 5xx (SQLite's write lock makes the server answer 503) or a connection that failed — rather
-    than the failure of the work itself."""
-    import httpx
-    from prefect.exceptions import PrefectHTTPStatusError
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, PrefectHTTPStatusError) and (current.response.status_code == 429
-                                                            or current.response.status_code >= 500):
-            return True
-        if isinstance(current, httpx.TransportError):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def with_api_retries(call, what: str):
-    """call(), made again while it fails because the Prefect API is unavailable (`api_unavailable`), after
-    pauses of API_RETRY_FIRST_PAUSE_S doubling to API_RETRY_MAX_PAUSE_S, for up to LOL_API_RETRY_S
-    seconds; then its last error is raised. Every call given here may be repeated: the store decides
-    what is done, so a repeat only finishes what the failed call left (issue #19: on SQLite with 8
-    workers a 503 outlasted the client's retries and failed a whole flow run)."""
-    budget_s = float(os.environ.get("LOL_API_RETRY_S", API_RETRY_S))
-    deadline = time.monotonic() + budget_s
-    pause = API_RETRY_FIRST_PAUSE_S
-    while True:
-        try:
-            return call()
-        except Exception as exc:
-            left = deadline - time.monotonic()
-            if not api_unavailable(exc) or left <= 0:
-                raise
-            _logger().warning("%s: the Prefect API is unavailable (%s: %s); again in %.0f s (%.0f s of "
-                              "LOL_API_RETRY_S left)", what, type(exc).__name__, str(exc).splitlines()[0][:160],
-                              min(pause, left), left)
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, API_RETRY_MAX_PAUSE_S)
-
-
-def _logger():
-    try:
-        return get_run_logger()
-    except Exception:  # outside a flow or task run (MissingContextError)
-        return logging.getLogger(__name__)
-
-
 def _outcome(call, retries: int) -> tuple[Any, str | None]:
-    """(call(), None), or (None, why) when the task failed after its retries (or its worker process died).
-
-    Every task here returns its jobs' outcomes, so a task that returns None did not run: Prefect ended it
-    without calling it (seen under load on SQLite: 'ConcurrencySlotAcquisitionWithLeaseService failed to
-    process item', the task 'Finished in state Pending()'). Its jobs count as failed, never as done, and
-    the next run takes them (bench/orchestration.py, issue #19)."""
+    """(call(), None), or (None, why) when the task failed after its retries (or its worker process died),
+    or the orchestration kept failing it (the API refused it, Prefect did not run it: the next run takes
+    its jobs; bench/orchestration.py, issue #19)."""
     try:
-        result = call()
+        return call(), None
+    except TaskDidNotRun as exc:
+        return None, str(exc)
     except Exception as exc:
         message = str(exc).splitlines()[0][:200] if str(exc) else ""
         return None, f"task failed after {retries + 1} attempt(s): {type(exc).__name__}: {message}".rstrip(": ")
-    if result is None:
-        return None, "task did not run: Prefect ended it without a result (e.g. its concurrency slot could not be acquired)"
-    return result, None
 
 
 def _jobs(loaded: Manifest, limit: int | None, shard_spec: str | None) -> list[Job]:
@@ -357,6 +314,7 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
     in `lol finetune`: a job claimed by another worker is waited for until it is done there or the
     claim expires (at most `busy_wait_s`, default three claim leases), then trained here.
     """
+    _stage_bodies["finetune_population"] += 1
     overrides = list(overrides or [])
     loaded, text = load_manifest(manifest, overrides)
     target = Store(store)
@@ -380,7 +338,7 @@ def finetune_population(manifest: str, overrides: list[str] | None = None, store
 
     def retry(job: Job) -> JobOutcome:
         runner = _retrying(finetune_job, f"finetune-{job.job_id}", retries)
-        outcome, failure = _outcome(lambda: with_api_retries(lambda: runner(manifest, overrides, store, job.index),
+        outcome, failure = _outcome(lambda: with_api_retries(lambda: _ran(runner(manifest, overrides, store, job.index)),
                                                              f"finetune-{job.job_id}"), retries)
         return outcome or failed(failure)
 
@@ -396,6 +354,7 @@ def score_population(manifest: str, overrides: list[str] | None = None, store: s
                      limit: int | None = None, shard_spec: str | None = None,
                      retries: int = DEFAULT_RETRIES, workers: int = 1) -> dict[str, int]:
     """Score every finetuned LoRA lacking a score, one task per cohort of jobs (`workers` local processes)."""
+    _stage_bodies["score_population"] += 1
     overrides = list(overrides or [])
     loaded, _ = load_manifest(manifest, overrides)
     population = Store(store).population(loaded.population.name)
@@ -439,6 +398,7 @@ def _label_table(loaded: Manifest, store: Store) -> str:
 @flow(name="publish_population")
 def publish_population(manifest: str, overrides: list[str] | None = None, store: str | None = None) -> dict[str, Any]:
     """Write the population as a Hugging Face dataset folder (pushed when a token is set)."""
+    _stage_bodies["publish_population"] += 1
     loaded, _ = load_manifest(manifest, list(overrides or []))
     summary = publish(loaded, Store(store))
     rows = "\n".join(f"| {name} | {count} |" for name, count in summary.rows.items())
@@ -460,6 +420,7 @@ def learn_population(manifest: str, overrides: list[str] | None = None, store: s
                      workers: int = 1) -> dict[str, Any]:
     """Train every predictor on every target of the published population (`workers` (predictor, target)
     units at once, in processes), evaluate, write the report."""
+    _stage_bodies["learn_population"] += 1
     overrides = list(overrides or [])
     loaded, _ = load_manifest(manifest, overrides)
     runs = train_predictors(manifest, overrides, store, workers)
@@ -493,18 +454,25 @@ def run_population(manifest: str, overrides: list[str] | None = None, store: str
     runner = _task_runner(workers)
     finetune_flow = finetune_population if runner is None else finetune_population.with_options(task_runner=runner)
     score_flow = score_population if runner is None else score_population.with_options(task_runner=_task_runner(workers))
-    with _worker_environment(workers):  # each stage is a subflow, created through the API: repeated if it is down
+    with _worker_environment(workers):
         if "finetune" in chosen:
-            results["finetune"] = with_api_retries(lambda: finetune_flow(manifest, overrides, store, limit, retries=retries,
-                                                                         workers=workers), "finetune stage")
+            results["finetune"] = run_stage("finetune_population", lambda: finetune_flow(manifest, overrides, store, limit,
+                                                                                     retries=retries, workers=workers))
         if "score" in chosen:
-            results["score"] = with_api_retries(lambda: score_flow(manifest, overrides, store, limit, retries=retries,
-                                                                   workers=workers), "score stage")
+            results["score"] = run_stage("score_population", lambda: score_flow(manifest, overrides, store, limit,
+                                                                            retries=retries, workers=workers))
     if "publish" in chosen:
-        results["publish"] = with_api_retries(lambda: publish_population(manifest, overrides, store), "publish stage")
+        results["publish"] = run_stage("publish_population", lambda: publish_population(manifest, overrides, store))
     if "learn" in chosen:
-        results["learn"] = with_api_retries(lambda: learn_population(manifest, overrides, store, workers), "learn stage")
+        results["learn"] = run_stage("learn_population", lambda: learn_population(manifest, overrides, store, workers))
     return results
+
+
+def run_stage(name: str, call):
+    """A stage's subflow, created through the API: run again if the API refused it before its body
+    started (a refusal after that fails the run as before; the next run finishes what is left)."""
+    before = _stage_bodies[name]
+    return with_api_retries(call, name, repeat_if=lambda: _stage_bodies[name] == before)
 
 
 def _slug(loaded: Manifest) -> str:

@@ -181,29 +181,39 @@ def job_at(manifest: Manifest, index: int, fixed: _Fixed | None = None) -> Job:
 
 
 def planned_job_ids(manifest: Manifest, limit: int | None = None) -> list[str]:
-    """The ids of jobs 0..count-1 (or the first `limit`), as `expand` would give them, without the models
-    (`lol status` on 10,000 jobs)."""
-    stop = manifest.count if limit is None else min(limit, manifest.count)
+    """The ids of the jobs `expand` gives, in order, without building the models (`lol status` on
+    10,000 jobs)."""
     fixed = _Fixed.of(manifest)
-    values = (spec_values(manifest, index, fixed) for index in range(stop))
-    return [hashlib.sha256(canonical_json(v).encode()).hexdigest()[:JOB_ID_LENGTH] for v in values if _planned(manifest, v["data"])]
+    return [hashlib.sha256(canonical_json(values).encode()).hexdigest()[:JOB_ID_LENGTH]
+            for _, values in _planned_values(manifest, limit, fixed)]
 
 
 def planned_count(manifest: Manifest, limit: int | None = None) -> int:
     """How many jobs `expand(manifest, limit)` gives."""
-    stop = manifest.count if limit is None else min(limit, manifest.count)
-    return stop if manifest.execution.only_splits is None else len(planned_job_ids(manifest, limit))
+    if manifest.execution.only_splits is None:
+        return manifest.count if limit is None else min(limit, manifest.count)
+    return len(planned_job_ids(manifest, limit))
 
 
 def expand(manifest: Manifest, limit: int | None = None) -> Iterator[Job]:
-    """Jobs 0..count-1 (or the first `limit` of them), in order; with `execution.only_splits`, only
-    those whose group falls in these published splits (indices and ids unchanged)."""
-    stop = manifest.count if limit is None else min(limit, manifest.count)
+    """Jobs 0..count-1 in order (the first `limit` of them); with `execution.only_splits`, only those whose
+    group falls in these published splits (the first `limit` such jobs), indices and ids unchanged."""
     fixed = _Fixed.of(manifest)
-    for index in range(stop):
-        job = job_at(manifest, index, fixed)
-        if _planned(manifest, job.spec.data):
-            yield job
+    for index, values in _planned_values(manifest, limit, fixed):
+        yield Job(population=manifest.population.name, index=index, spec=JobSpec(**values))
+
+
+def _planned_values(manifest: Manifest, limit: int | None, fixed: _Fixed) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index, spec values) of each planned job, in order."""
+    wanted = limit if limit is not None else manifest.count
+    given = 0
+    for index in range(manifest.count):
+        if given >= wanted:
+            return
+        values = spec_values(manifest, index, fixed)
+        if _planned(manifest, values["data"]):
+            given += 1
+            yield index, values
 
 
 def group_name(data: dict[str, Any]) -> str:

@@ -569,9 +569,10 @@ class ExecutionSection(StrictModel):
     memory_fraction: float = Field(0.5, gt=0, le=1, description="Share of the free memory a cohort may fill.")
     only_splits: list[Literal["train", "validation", "test"]] | None = Field(
         None, min_length=1, description="Plan only the jobs whose finetuning group falls in these published splits "
-                                        "(publish.splits, publish.split_seed), e.g. [test] for a population that only tests "
-                                        "predictors trained on another (`lol experiment transfer`). Job ids and indices do not "
-                                        "change: a later run without it adds the other jobs.")
+                                        "(publish.splits, publish.split_seed; with the defaults these are the LoL protocol's splits that "
+                                        "`lol train` and `lol experiment transfer` use), e.g. [test] for a population that only "
+                                        "tests predictors trained on another. Job ids and indices do not change (--limit N takes "
+                                        "the first N planned jobs): a later run without it adds the other jobs.")
 
     @property
     def requested_cohort_size(self) -> int:

@@ -21,7 +21,9 @@ def test_validate_ok(run_cli):
     assert code == 0 and "tiny-shapes" in out and "320 LoRAs" in out
     code, out, _ = run_cli("validate", TINY, "execution.only_splits=[test]")
     test_jobs = len(list(expand(Manifest.from_yaml(TINY, overrides=["execution.only_splits=[test]"]))))
-    assert code == 0 and 0 < test_jobs < 320 and f"planned: {test_jobs} of them" in out, out
+    assert code == 0 and 0 < test_jobs < 320 and f"planned: {test_jobs} of them" in out and "note:" not in out, out
+    code, out, _ = run_cli("validate", TINY, "execution.only_splits=[test]", "publish.split_seed=7")
+    assert code == 0 and "not the LoL protocol's" in out, out
 
 
 def test_validate_prints_one_line_whatever_the_path_length(run_cli, tmp_path):

@@ -167,7 +167,8 @@ def test_only_splits_plans_the_jobs_of_those_splits_as_publish_splits_them(name)
         assert [j.job_id for j in jobs] == [j.job_id for j in expand(full) if split[j.job_id] in wanted]
         assert all(job_at(full, j.index).job_id == j.job_id for j in jobs)
         assert planned_job_ids(only) == [j.job_id for j in jobs] and planned_count(only) == len(jobs)
-        assert planned_job_ids(only, limit=50) == [j.job_id for j in jobs if j.index < 50]
+        assert planned_job_ids(only, limit=20) == [j.job_id for j in jobs[:20]] == [j.job_id for j in expand(only, limit=20)]
+        assert planned_count(only, limit=20) == min(20, len(jobs))  # --limit N: the first N planned jobs
         parts[tuple(wanted)] = {j.job_id for j in jobs}
     assert 0 < len(parts[("test",)]) < 150 and parts[("test",)] | parts[("train", "validation")] == set(split)
 

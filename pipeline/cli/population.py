@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from lol_models.split_rule import PROTOCOL_FRACTIONS
 from pipeline.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_PROBLEMS,
@@ -41,6 +42,10 @@ def validate(manifest: ManifestArg, overrides: OverridesArg = None) -> int:
 
         out.print(f"  planned: {planned_count(loaded)} of them, the jobs whose group falls in "
                   f"{' / '.join(loaded.execution.only_splits)} (execution.only_splits)")
+        if loaded.publish.split_seed is not None or dict(loaded.publish.splits) != PROTOCOL_FRACTIONS:
+            out.print("  [yellow]note:[/] these are the manifest's published splits (publish.splits, publish.split_seed), "
+                      "not the LoL protocol's, so `lol train` and `lol experiment transfer`, which re-split by the "
+                      "protocol, will find some of these jobs in other splits")
     return 0
 
 
