@@ -61,7 +61,7 @@ FAILURE_PATTERNS = {"database is locked": r"database is locked", "traceback": r"
                     # flows.population.with_api_retries running a unit or stage again
                     "api unavailable, run again": r"the Prefect API is unavailable",
                     # the server's in-memory message queue overflowed: a task run or event it never records
-                    "events dropped by the server": re.escape(DROPPED_EVENTS_LOG)}
+                    "events dropped by the server": DROPPED_EVENTS_LOG}
 
 
 # ---------------------------------------------------------------- the bench-only trainer
@@ -294,6 +294,14 @@ class Cluster:
         except psutil.Error:
             return None
 
+    def event_settings(self) -> dict[str, Any]:
+        """How the running server records events, as it answers (`GET /admin/settings`): what reached it."""
+        import httpx
+
+        services = httpx.get(f"{self.api_url}/admin/settings", timeout=30).json()["server"]["services"]
+        return {"task_run_recorder": {k: services["task_run_recorder"][k] for k in ("batch_size", "flush_interval")},
+                "event_persister": {k: services["event_persister"][k] for k in ("batch_size", "flush_interval", "queue_max_size")}}
+
     def task_runs_recorded(self) -> int | None:
         """Task runs the server has written so far (it records them from the clients' events, asynchronously)."""
         import httpx
@@ -519,6 +527,7 @@ def run_prefect(work: Path, server: str, jobs: int, workers: int, cohort_size: i
     with contextlib.ExitStack() as stack:
         stack.callback(cluster.stop)
         server_s = cluster.start()
+        event_settings = cluster.event_settings()
         stack.enter_context(_client_of(cluster.api_url))
         triggered = time.time()
         with Sampler(store / "populations" / "tiny-shapes" / "jobs", cluster, every_s) as sampler:
@@ -546,7 +555,7 @@ def run_prefect(work: Path, server: str, jobs: int, workers: int, cohort_size: i
         tasks["recorded_when_flows_ended"] = next((s.get("task_runs") for s in reversed(sampler.samples)
                                                    if s["t"] <= flows_done - sampler.started), None)
         tasks["caught_up_s_after_flows_ended"] = round(drained - 20 - flows_done, 1)
-        result = {"arm": f"prefect-{server}", "server_env": cluster.server_env, "server_start_s": round(server_s, 2), "wall_s": round(wall, 2) if wall else None,
+        result = {"arm": f"prefect-{server}", "server_env": cluster.server_env, "server_event_settings": event_settings, "server_start_s": round(server_s, 2), "wall_s": round(wall, 2) if wall else None,
                   "total_s": round(time.time() - triggered, 2), "first_flow_start_after_trigger_s":
                   round(min(starts) - triggered, 2) if starts else None, "flow_runs": runs, "task_runs": tasks,
                   "timed_out": not all(r["state"] in terminal for r in runs), "samples": sampler.samples}
@@ -572,7 +581,8 @@ def summarise(result: dict[str, Any], jobs: int, workers: int, job_seconds: floa
     cpu = [s["server_cpu_s"] for s in result["samples"] if s.get("server_cpu_s") is not None]
     tasks = (result.get("task_runs") or {}).get("total")
     if len(cpu) > 1 and tasks:  # the server's CPU per task run it recorded (flow runs and heartbeats included)
-        out.update(server_cpu_s=round(cpu[-1] - cpu[0], 1), server_cpu_ms_per_task_run=round(1000 * (cpu[-1] - cpu[0]) / tasks, 1))
+        out.update(server_cpu_s=round(cpu[-1] - cpu[0], 1), server_cpu_ms_per_task_run=round(1000 * (cpu[-1] - cpu[0]) / tasks, 1),
+                   server_cpu_ms_per_job=round(1000 * (cpu[-1] - cpu[0]) / jobs, 1))
     recorded = [(s["t"], s["task_runs"]) for s in result["samples"] if s.get("task_runs")]
     if len(recorded) > 1 and recorded[-1][0] > recorded[0][0]:  # how fast the server wrote task runs, backlog included
         out["server_task_runs_recorded_per_s"] = round((recorded[-1][1] - recorded[0][1]) / (recorded[-1][0] - recorded[0][0]), 2)

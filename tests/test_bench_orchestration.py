@@ -75,18 +75,46 @@ def test_twenty_jobs_through_a_real_sqlite_server(tmp_path):
     assert [r["state"] for r in arm["flow_runs"]] == ["COMPLETED", "COMPLETED"]
     assert arm["task_runs"]["completed"] >= 20  # one task per job (+ none failed)
     assert arm["server_env"] == RECOMMENDED_SERVER_ENV  # batched task-run recording, as docker-compose.yml has it
+    # what the running server says it uses: the settings reached it
+    assert arm["server_event_settings"]["task_run_recorder"] == {"batch_size": 200, "flush_interval": 1.0}
+    assert arm["server_event_settings"]["event_persister"]["batch_size"] == 200
     assert all(log["events dropped by the server"] == 0 for log in arm["log_failures"].values())
     assert arm["summary"]["jobs_per_s"] > 0 and arm["summary"]["server_rss_mb_peak"] > 50
     assert json.loads(path.read_text())["arms"][0]["records"] == 20
 
 
 def test_the_servers_dropped_event_warning_is_counted_as_a_failure(tmp_path):
-    """The line Prefect's in-memory broker logs when a subscriber's queue is full (prefect 3.x) is counted."""
+    """Prefect's own in-memory broker, one subscriber with a full queue (10,000 events waiting): what it logs
+    for the events it drops is what the bench counts."""
+    import asyncio
+    import io
+    import logging
+
+    from prefect.server.utilities.messaging import memory
+
     from bench.orchestration import Cluster
 
-    line = ("08:12:01.123 | WARNING | prefect.server.utilities.messaging.memory - Subscription queue is full, dropping "
-            "message for topic='events' queue_size=10000 retry_queue_size=0\n")
-    (tmp_path / "server.log").write_text("08:12:00.001 | INFO    | prefect.server - started\n" + line * 3)
+    logged = io.StringIO()
+    handler = logging.StreamHandler(logged)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    memory.logger.addHandler(handler)
+
+    async def publish_past_a_full_queue() -> int:
+        topic = memory.Topic("lol-test-events")
+        subscription = topic.subscribe(dead_letter_queue_path=tmp_path / "dlq")
+        try:
+            for i in range(10_003):  # nobody reads: the queue fills at 10,000
+                await topic.publish(memory.MemoryMessage(b"{}", {"id": str(i)}))
+            return subscription._queue.qsize()
+        finally:
+            topic.unsubscribe(subscription)
+
+    try:
+        waiting = asyncio.run(publish_past_a_full_queue())
+    finally:
+        memory.logger.removeHandler(handler)
+    assert waiting == 10_000
+    (tmp_path / "server.log").write_text(logged.getvalue())
     counts = Cluster(tmp_path, "sqlite", 1, server_env={}).log_failures()
     assert counts["server"]["events dropped by the server"] == 3
 
