@@ -8,6 +8,11 @@ how often LoRA k was drawn), and every metric is computed on the weighted sample
 the B resamples — identical to computing it on the resampled rows (`tests/test_lol_bootstrap.py`
 checks that against scikit-learn and SciPy on explicit resamples, duplicates and ties included).
 
+*By group* (`groups=`): LoRAs of one group share their training data and often their labels, so they
+are not independent draws. A group resample draws G of the G test groups with replacement and counts
+each LoRA as often as its group was drawn (a cluster bootstrap); its intervals are the honest ones when
+test LoRAs come from few groups.
+
 *Paired*: the same B resamples score every predictor, so a difference (GL-net − baseline) is taken
 resample by resample and its CI reflects how the two predictors differ on the same test LoRAs.
 
@@ -29,7 +34,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["CI_LEVEL", "RESAMPLES", "bootstrap_table", "metric_samples", "resample_counts"]
+__all__ = ["CI_LEVEL", "RESAMPLES", "bootstrap_table", "group_resample_counts", "metric_samples", "resample_counts"]
 
 RESAMPLES = 2000
 CI_LEVEL = 0.95
@@ -41,6 +46,18 @@ def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.nda
         raise ValueError(f"a bootstrap needs at least 2 test LoRAs, got {n}")
     rng = np.random.default_rng(seed)
     return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+def group_resample_counts(groups: Sequence[str], resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """(B, N) float counts of a cluster bootstrap over the N items' `groups`: each resample draws G of the G
+    distinct groups (sorted by name) with replacement, and an item counts as often as its group was drawn.
+    With one item per group (names sorting as the items do) it is `resample_counts(N)` exactly."""
+    names, group_of = np.unique(np.asarray(list(groups), dtype=str), return_inverse=True)  # group_of (N,)
+    if names.size < 2:
+        raise ValueError(f"a group bootstrap needs at least 2 groups, got {names.size}")
+    rng = np.random.default_rng(seed)
+    drawn = rng.multinomial(names.size, np.full(names.size, 1.0 / names.size), size=resamples)  # (B, G)
+    return drawn[:, group_of].astype(np.float64)
 
 
 # ---- weighted metrics: y, p (N,) one column, w (B, N) → (B,) ------------------------------------
@@ -171,16 +188,19 @@ def _interval(samples: np.ndarray, point: float) -> dict[str, float | int]:
 
 def bootstrap_table(kind: str, y: np.ndarray, predictions: Mapping[str, np.ndarray], *, reference: str | None = None,
                     train_variance: Sequence[float] | None = None, resamples: int = RESAMPLES,
-                    seed: int = 0) -> dict[str, dict]:
+                    seed: int = 0, groups: Sequence[str] | None = None) -> dict[str, dict]:
     """CIs of every predictor's test metrics, and of `reference` − each other predictor, on paired resamples.
 
-    y (N, T); predictions: predictor → (S, N, T) (its seeds may differ in number). Returns
+    y (N, T); predictions: predictor → (S, N, T) (its seeds may differ in number); groups: the N LoRAs'
+    group names, to resample whole groups (None: resample LoRAs). Returns
     {"ci": {predictor: {metric: {value, low, high, undefined}}},
      "difference": {other: {metric: {value, low, high, undefined}}}  (reference − other; empty without reference),
-     "resamples", "seed", "level", "n"}.
+     "resamples", "seed", "level", "n", "unit" ("LoRA" or "group"), "groups" (distinct groups; None by LoRA)}.
     """
     y = np.asarray(y, dtype=np.float64)
-    w = resample_counts(y.shape[0], resamples, seed)
+    if groups is not None and len(groups) != y.shape[0]:
+        raise ValueError(f"groups name {len(groups)} LoRAs, the test set has {y.shape[0]}")
+    w = resample_counts(y.shape[0], resamples, seed) if groups is None else group_resample_counts(groups, resamples, seed)
     full = np.ones((1, y.shape[0]))
     points = {name: {k: float(v[0]) for k, v in metric_samples(kind, y, p, full, train_variance).items()}
               for name, p in predictions.items()}
@@ -194,4 +214,5 @@ def bootstrap_table(kind: str, y: np.ndarray, predictions: Mapping[str, np.ndarr
                                                   points[reference][k] - points[other][k])
                                      for k in samples[reference]}
     return {"ci": ci, "difference": difference, "reference": reference, "resamples": resamples, "seed": seed,
-            "level": CI_LEVEL, "n": int(y.shape[0])}
+            "level": CI_LEVEL, "n": int(y.shape[0]), "unit": "LoRA" if groups is None else "group",
+            "groups": None if groups is None else len(set(groups))}

@@ -115,6 +115,15 @@ def _score_task(name: str, entry: dict[str, Any], published: str | Path | None,
         record["ci"] = table["ci"][predictor]
     entry["bootstrap"] = {k: table[k] for k in ("resamples", "seed", "level", "n")}
     entry["difference"] = {"reference": table["reference"], "vs": table["difference"]}
+    entry["n_test_groups"] = len(set(test.groups))
+    if entry["n_test_groups"] >= 2:  # LoRAs of a group share data (and often labels): resample whole groups too
+        by_group = bootstrap_table(kind, y, predictions, reference=table["reference"],
+                                   train_variance=train_variance if kind == "regression" else None,
+                                   resamples=resamples, seed=seed, groups=test.groups)
+        for predictor, record in ok.items():
+            record["ci_by_group"] = by_group["ci"][predictor]
+        entry["difference_by_group"] = {"reference": by_group["reference"], "vs": by_group["difference"],
+                                        "groups": by_group["groups"]}
 
 
 def _cell(record: dict[str, Any], metric: str) -> str:
@@ -144,7 +153,8 @@ def results_markdown(tasks: dict[str, dict[str, Any]]) -> str:
                 lines.append(f"| {name} | {task['kind']} | {SHORT_NAMES[metric]} | " + " | ".join(cells) + " |")
     seeds = sorted({r.get("seeds") for t in tasks.values() for r in t["predictors"].values() if "seeds" in r})
     boot = next((t["bootstrap"] for t in tasks.values() if "bootstrap" in t), None)
-    sizes = ", ".join(f"{name} {t['n_test']}" for name, t in sorted(tasks.items()) if "n_test" in t)
+    sizes = ", ".join(f"{name} {t['n_test']}" + (f" from {t['n_test_groups']} groups" if t.get("n_test_groups") else "")
+                      for name, t in sorted(tasks.items()) if "n_test" in t)
     text = [f"Test metrics of each predictor's chosen config: mean ± std over {', '.join(map(str, seeds))} seed(s) "
             f"[paired bootstrap 95% CI of the seed mean over test LoRAs"
             + (f", {boot['resamples']} resamples, seed {boot['seed']}" if boot else "") + f"]. Test LoRAs: {sizes}.", "",
@@ -154,13 +164,24 @@ def results_markdown(tasks: dict[str, dict[str, Any]]) -> str:
         text += [f"Differences {REFERENCE} − each predictor (same resampled test LoRAs; * where the 95% CI excludes 0):", "",
                  "| task | metric | " + " | ".join(f"{REFERENCE} − {p}" for p in others) + " |",
                  "|---|---|" + "---|" * len(others)]
-        for name, task in sorted(tasks.items()):
-            vs = task.get("difference", {}).get("vs", {})
-            if not vs:
-                continue
-            for metric in TABLE_METRICS[task["kind"]]:
-                cells = [_diff_cell(vs.get(p, {}).get(metric)) for p in others]
-                if any(c != "n/a" for c in cells):
-                    text.append(f"| {name} | {SHORT_NAMES[metric]} | " + " | ".join(cells) + " |")
-        text.append("")
+        text += _difference_rows(tasks, others, "difference") + [""]
+    if any(t.get("difference_by_group", {}).get("reference") for t in tasks.values()):
+        text += ["The same differences, resampling whole test groups (LoRAs of one group share their training data and "
+                 "often their labels, so they are not independent draws; * where the 95% CI excludes 0):", "",
+                 "| task | metric | " + " | ".join(f"{REFERENCE} − {p}" for p in others) + " |",
+                 "|---|---|" + "---|" * len(others)]
+        text += _difference_rows(tasks, others, "difference_by_group") + [""]
     return "\n".join(text) + "\n"
+
+
+def _difference_rows(tasks: dict[str, dict[str, Any]], others: list[str], key: str) -> list[str]:
+    rows = []
+    for name, task in sorted(tasks.items()):
+        vs = task.get(key, {}).get("vs", {})
+        if not vs:
+            continue
+        for metric in TABLE_METRICS[task["kind"]]:
+            cells = [_diff_cell(vs.get(p, {}).get(metric)) for p in others]
+            if any(c != "n/a" for c in cells):
+                rows.append(f"| {name} | {SHORT_NAMES[metric]} | " + " | ".join(cells) + " |")
+    return rows

@@ -43,6 +43,25 @@ def keys(value, found: set[str] | None = None) -> set[str]:
     return found
 
 
+def test_train_holds_no_test_label_so_selection_cannot_reach_one(published, tmp_path, monkeypatch):
+    """`lol train`'s units see the test split's weights and ids, never its labels (dropped at load): a unit that
+    chose configs on the test labels — here, by passing them off as the validation set — fails."""
+    from lol_models import experiments
+    from lol_models.tasks import labeled_for
+
+    context = experiments._UnitContext.load(published, SETTINGS)
+    test = context.splits["test"]
+    assert test.labels == {} and len(test.job_ids) > 0 and test.weights.batch_size == len(test.job_ids)
+    assert context.splits["validation"].labels  # the other splits keep theirs
+
+    def validation_from_the_test_split(dataset, task):  # what a leak would do
+        return labeled_for(context.splits["test"] if dataset is context.splits["validation"] else dataset, task)
+
+    monkeypatch.setattr(experiments, "labeled_for", validation_from_the_test_split)
+    with pytest.raises(Exception, match="unknown target"):
+        experiments._train_unit(context, tmp_path, experiments.tasks_of(context.splits["train"], SETTINGS.targets)[0], "mlp")
+
+
 def test_train_reads_no_test_label_and_writes_no_test_metric(published, tmp_path, monkeypatch):
     real_targets = LoraDataset.targets
     touched = []
@@ -78,6 +97,10 @@ def test_train_reads_no_test_label_and_writes_no_test_metric(published, tmp_path
     results = evaluate(tmp_path)  # the test split, read once
     cell = results.tasks["attributes"]["predictors"]["glnet_paper"]
     assert set(cell["ci"]) == {"roc_auc", "accuracy"} and len(cell["per_seed"]) == SETTINGS.seeds
+    attributes = results.tasks["attributes"]  # and the same intervals resampling whole test groups (one LoRA each here)
+    assert attributes["n_test_groups"] == attributes["n_test"] == attributes["difference_by_group"]["groups"]
+    assert set(attributes["difference_by_group"]["vs"]) == {"mlp", "glnet_paper"} and set(cell["ci_by_group"]) == set(cell["ci"])
+    assert "resampling whole test groups" in (tmp_path / "results.md").read_text()
 
 
 def test_selection_takes_no_test_split():
