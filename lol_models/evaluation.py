@@ -107,6 +107,7 @@ def _score_task(name: str, entry: dict[str, Any], published: str | Path | None,
             run["test"] = _seed_metrics(kind, y, p, train_variance)
         record["mean"], record["std"] = mean_std([run["test"] for run in record["per_seed"]])
         record["test_predictions"] = preds[0].tolist()  # seed 0, for the report's scatter
+        record["test_predictions_all_seeds"] = preds.tolist()  # (S, N, T): later analyses need not retrain
         record["test_targets"] = y.tolist()
     table = bootstrap_table(kind, y, predictions, reference=REFERENCE if REFERENCE in predictions else None,
                             train_variance=train_variance if kind == "regression" else None,
