@@ -125,6 +125,21 @@ def test_predict_table_takes_folders_and_names_the_times(trained, run_cli, tmp_p
     assert mine["label_seconds"]["attributes"]["source"] == "median of 8 stored LoRAs"
 
 
+def test_stored_adapters_name_their_base_so_predict_refuses_a_lora_of_another(trained, run_cli, random_sd, tmp_path):
+    """peft leaves base_model_name_or_path empty for a diffusers UNet; the trainers name the manifest's base, so a
+    LoRA of another base with the same shapes (a continued base) is refused, not accepted with a note."""
+    store, published = trained
+    job_id = read_rows(published, "train", columns=["job_id"])[0]["job_id"]
+    config = json.loads((adapter_dir(store, job_id) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(random_sd)
+    assert not any("name no base" in note for note in predict_json(run_cli, store, "mlp", job_id)["notes"])
+    other = tmp_path / "of-a-continued-base"
+    shutil.copytree(adapter_dir(store, job_id), other)
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "sd-continued")}))
+    code, _, err = run_cli("predict", "mlp", other, "--store", store)
+    one_error_line(code, err, "sd-continued", "base")
+
+
 def _write_adapter(folder: Path, config: dict, tensors: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config))

@@ -49,8 +49,25 @@ def init_factors(model: nn.Module, config, seed: int) -> tuple[nn.Module, dict[s
     return peft_model.unload(), factors
 
 
-def save_adapter(model: nn.Module, config, factors: dict[str, LoraFactors], out_dir: Path) -> nn.Module:
-    """Write `factors` as the peft adapter folder `out_dir` (config + safetensors); returns the bare model."""
+def save_naming_base(peft_model, out_dir: Path | str, base: tuple[str, str | None] | None) -> None:
+    """`peft_model.save_pretrained(out_dir)`, its adapter_config.json naming `base` = (ref, revision) where peft
+    found no name: a diffusers UNet or a tiny-world model has no `name_or_path`, and `lol predict` checks an
+    adapter's base by that name. A name peft found (a hub model's id or path) is kept. The name is added to the
+    written config afterwards, as peft writes it (sorted keys, indent 2): named before saving, peft would look
+    the base up on the hub for its vocabulary size on every save."""
+    peft_model.save_pretrained(str(out_dir))
+    path = Path(out_dir) / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    if base is None or config.get("base_model_name_or_path"):
+        return
+    config["base_model_name_or_path"], config["revision"] = base[0], config.get("revision") or base[1]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def save_adapter(model: nn.Module, config, factors: dict[str, LoraFactors], out_dir: Path,
+                 base: tuple[str, str | None] | None = None) -> nn.Module:
+    """Write `factors` as the peft adapter folder `out_dir` (config + safetensors), naming `base` (ref, revision)
+    as `save_naming_base` does; returns the bare model."""
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, config)
@@ -62,7 +79,7 @@ def save_adapter(model: nn.Module, config, factors: dict[str, LoraFactors], out_
             for name, layer in layers.items():
                 layer.lora_A[ADAPTER_NAME].weight.copy_(factors[name].A)
                 layer.lora_B[ADAPTER_NAME].weight.copy_(factors[name].B)
-        peft_model.save_pretrained(str(out_dir))
+        save_naming_base(peft_model, out_dir, base)
     finally:
         model = peft_model.unload()
     return model

@@ -47,6 +47,7 @@ class LoraTrainer:
     def __init__(self, device: str | torch.device | None = None):
         self.device = runtime.compute_device(device)
         self.data_provenance: dict[str, Any] | None = None
+        self.base: tuple[str, str | None] | None = None  # (ref, revision) saved adapters name; set by `setup`
 
     # ------------------------------------------------------------------ hooks
 
@@ -143,7 +144,7 @@ class LoraTrainer:
                 outcomes[member.key] = member.failure
                 continue
             self.trained_model = save_adapter(self.trained_model, member.config, trained[member.key],
-                                              member.out_dir / "adapter").eval()
+                                              member.out_dir / "adapter", self.base).eval()
             outcomes[member.key] = {**self.member_metrics(member, seconds / len(members)),
                                     "cohort": {"size": len(tasks), "slot": member.slot, "seconds": round(seconds, 3)}}
         return outcomes

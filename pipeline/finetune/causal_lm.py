@@ -37,6 +37,7 @@ import torch
 
 from pipeline.bases import BaseModelError
 from pipeline.bases.loading import resolve_base
+from pipeline.cohort.peft_io import save_naming_base
 from pipeline.data.base import DataSourceError, QAExample
 from pipeline.data.qa import encode_documents, format_question, validate_example
 from pipeline.data.subsets import source_subset
@@ -291,6 +292,7 @@ class CausalLMTrainer(LoraTrainer):
 
     def setup(self, manifest: Manifest, store: Store) -> None:
         examples = self.load_examples(manifest)
+        self.base = (manifest.base.ref, manifest.base.revision)
         if not isinstance(examples[0], QAExample):
             raise DataSourceError(f"data source {manifest.data.source!r} holds {type(examples[0]).__name__}s; "
                                   "a causal LM finetunes on multiple-choice questions (e.g. source: qa)")
@@ -379,7 +381,7 @@ class CausalLMTrainer(LoraTrainer):
                     if steps >= total:
                         break
             seconds = time.perf_counter() - started
-            accelerator.unwrap_model(model).save_pretrained(out_dir / "adapter")
+            save_naming_base(accelerator.unwrap_model(model), out_dir / "adapter", self.base)
             accelerator.free_memory()
         finally:
             self.model = peft_model.unload().eval()  # the frozen base again, without LoRA layers

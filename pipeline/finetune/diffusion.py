@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.bases import BaseModelError
 from pipeline.bases.loading import load_diffusion_pipeline
+from pipeline.cohort.peft_io import save_naming_base
 from pipeline.data.base import DataSourceError
 from pipeline.finetune.base import LoraTrainer
 from pipeline.finetune.cohort import CohortTask, Member
@@ -49,6 +50,7 @@ class DiffusionTrainer(LoraTrainer):
 
     def setup(self, manifest: Manifest, store: Store) -> None:
         self.examples = self.load_examples(manifest)  # bad or missing data fails before the base loads
+        self.base = (manifest.base.ref, manifest.base.revision)
         self.use_pipeline(load_diffusion_pipeline(manifest.base.model_dump(), store), manifest.lora.target_modules)
 
     @property
@@ -146,7 +148,7 @@ class DiffusionTrainer(LoraTrainer):
                     optimizer.zero_grad()
                 losses.append(loss.item())
             seconds = time.perf_counter() - started
-            accelerator.unwrap_model(model).save_pretrained(out_dir / "adapter")
+            save_naming_base(accelerator.unwrap_model(model), out_dir / "adapter", self.base)
         finally:
             self.pipe.unet = peft_unet.unload()  # the frozen base UNet again, without LoRA layers
         return self._metrics(losses, steps, seconds, len(examples))
