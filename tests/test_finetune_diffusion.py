@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import ROOT, check_finetune_cli_resumes
@@ -45,6 +47,20 @@ def test_trains_peft_adapters_that_load_and_change_the_unet(random_sd, tmp_path)
         adapted = PeftModel.from_pretrained(unet, adapter_dir)
         after = adapted(x, t, text).sample
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("cohort_size", [1, 2])  # one job at a time (`run`) and a cohort (`train_cohort`)
+def test_saved_adapters_name_the_manifests_base(random_sd, tmp_path, cohort_size):
+    """peft leaves base_model_name_or_path empty for a diffusers UNet; both save paths name the manifest's base,
+    which `lol predict` checks (tests/test_predict_export.py)."""
+    store = Store(str(tmp_path / "store"))
+    summary = finetune_population(manifest(random_sd, "hyperparameters.steps=1"), store, DiffusionTrainer,
+                                  cohort_size=cohort_size)
+    assert len(summary.trained) == 2
+    for job_id in summary.trained:
+        folder = store.local_path(store.population("tiny-shapes").job_rel(job_id, "adapter"))
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(random_sd) and config["r"] == 4
 
 
 def test_missing_target_module_fails_before_training_and_lists_candidates(random_sd, tmp_path):

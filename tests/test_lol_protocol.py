@@ -101,6 +101,22 @@ def test_train_reads_no_test_label_and_writes_no_test_metric(published, tmp_path
     assert attributes["n_test_groups"] == attributes["n_test"] == attributes["difference_by_group"]["groups"]
     assert set(attributes["difference_by_group"]["vs"]) == {"mlp", "glnet_paper"} and set(cell["ci_by_group"]) == set(cell["ci"])
     assert "resampling whole test groups" in (tmp_path / "results.md").read_text()
+    assert len(cell["test_predictions_all_seeds"]) == SETTINGS.seeds  # later analyses need not retrain
+
+    from dataclasses import replace
+
+    from lol_models import evaluation
+
+    read_split = evaluation._test_split
+
+    def in_pairs(published_folder, split, cache):  # the same test LoRAs, two to a group
+        test = read_split(published_folder, split, cache)
+        return replace(test, groups=[f"pair-{k // 2}" for k in range(len(test.job_ids))])
+
+    monkeypatch.setattr(evaluation, "_test_split", in_pairs)
+    paired = evaluate(tmp_path).tasks["attributes"]
+    pairs = (paired["n_test"] + 1) // 2
+    assert paired["n_test_groups"] == paired["difference_by_group"]["groups"] == pairs < paired["n_test"]
 
 
 def test_selection_takes_no_test_split():
