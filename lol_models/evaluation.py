@@ -109,17 +109,16 @@ def _score_task(name: str, entry: dict[str, Any], published: str | Path | None,
         record["test_predictions"] = preds[0].tolist()  # seed 0, for the report's scatter
         record["test_predictions_all_seeds"] = preds.tolist()  # (S, N, T): later analyses need not retrain
         record["test_targets"] = y.tolist()
+    variance = train_variance if kind == "regression" else None
     table = bootstrap_table(kind, y, predictions, reference=REFERENCE if REFERENCE in predictions else None,
-                            train_variance=train_variance if kind == "regression" else None,
-                            resamples=resamples, seed=seed)
+                            train_variance=variance, resamples=resamples, seed=seed)
     for predictor, record in ok.items():
         record["ci"] = table["ci"][predictor]
     entry["bootstrap"] = {k: table[k] for k in ("resamples", "seed", "level", "n")}
     entry["difference"] = {"reference": table["reference"], "vs": table["difference"]}
     entry["n_test_groups"] = len(set(test.groups))
     if entry["n_test_groups"] >= 2:  # LoRAs of a group share data (and often labels): resample whole groups too
-        by_group = bootstrap_table(kind, y, predictions, reference=table["reference"],
-                                   train_variance=train_variance if kind == "regression" else None,
+        by_group = bootstrap_table(kind, y, predictions, reference=table["reference"], train_variance=variance,
                                    resamples=resamples, seed=seed, groups=test.groups)
         for predictor, record in ok.items():
             record["ci_by_group"] = by_group["ci"][predictor]

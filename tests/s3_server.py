@@ -46,6 +46,13 @@ class ServerFailed(RuntimeError):
     """An installed S3 server did not come up: an error of the test run, not a reason to skip."""
 
 
+def _write_whole(path: str, text: str) -> None:
+    """Write `text` to `path` so that a reader waiting for the file sees it whole (written aside, then renamed)."""
+    with open(f"{path}.tmp", "w") as handle:
+        handle.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
 def serve(port_file: str, serialise: bool = True) -> None:
     """Serve moto's S3 on a free loopback port, written to `port_file`, until killed."""
     from moto.moto_server.werkzeug_app import (
@@ -64,9 +71,7 @@ def serve(port_file: str, serialise: bool = True) -> None:
 
     server = make_server("127.0.0.1", 0, serialised_app if serialise else moto_app, threaded=True,
                          request_handler=MotoRequestHandler)
-    with open(f"{port_file}.tmp", "w") as handle:
-        handle.write(str(server.server_address[1]))
-    os.replace(f"{port_file}.tmp", port_file)
+    _write_whole(port_file, str(server.server_address[1]))
     server.serve_forever()
 
 
@@ -257,9 +262,7 @@ def serve_seaweedfs(port_file: str, data: str, timeout_s: float = 90) -> None:
                 raise SystemExit(f"SeaweedFS's S3 gateway did not start: {problem}")
             with open(f"{port_file}.pid", "w") as handle:  # `weed`'s own: benches record its CPU seconds
                 handle.write(str(child.pid))
-            with open(f"{port_file}.tmp", "w") as handle:
-                handle.write(endpoint)
-            os.replace(f"{port_file}.tmp", port_file)
+            _write_whole(port_file, endpoint)
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             child.wait()
         finally:

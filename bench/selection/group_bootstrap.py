@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lol_models.bootstrap import bootstrap_table
-
-REFERENCE = "glnet"
+from lol_models.evaluation import REFERENCE
 
 
 def groups_from_published(folder: str) -> dict[str, str]:

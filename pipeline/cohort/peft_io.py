@@ -56,9 +56,11 @@ def save_naming_base(peft_model, out_dir: Path | str, base: tuple[str, str | Non
     written config afterwards, as peft writes it (sorted keys, indent 2): named before saving, peft would look
     the base up on the hub for its vocabulary size on every save."""
     peft_model.save_pretrained(str(out_dir))
+    if base is None:
+        return
     path = Path(out_dir) / ADAPTER_CONFIG
     config = json.loads(path.read_text())
-    if base is None or config.get("base_model_name_or_path"):
+    if config.get("base_model_name_or_path"):
         return
     config["base_model_name_or_path"], config["revision"] = base[0], config.get("revision") or base[1]
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
